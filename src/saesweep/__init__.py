@@ -1,0 +1,19 @@
+"""saesweep: train sparse autoencoders on language-model activations and sweep them."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # keep `import saesweep` light; the heavy parts load on first use
+    if name in ("run", "run_pack", "RunResult"):
+        from . import experiment
+
+        return getattr(experiment, name)
+    if name in ("ExperimentConfig", "load_config", "parse_config", "ConfigError"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(name)
+
+
+__all__ = ["run", "run_pack", "RunResult", "ExperimentConfig", "load_config", "parse_config", "ConfigError", "__version__"]

@@ -1,0 +1,54 @@
+"""The interface between activation sources and the trainer."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+#: a function from raw activations ``[N, d]`` to their reconstruction ``[N, d]``
+Reconstructor = Callable[[Tensor], Tensor]
+
+
+def norm_scale(sample: Tensor) -> float:
+    """The factor s with E||s x||^2 = d over ``sample`` (DESIGN.md's normalisation)."""
+    mean_sq = sample.double().pow(2).sum(-1).mean().item()
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise ValueError("activations are all zero or not finite; cannot normalise")
+    return math.sqrt(sample.shape[-1] / mean_sq)
+
+
+class Activations:
+    """Training and held-out activations of one source, already normalised by ``scale``.
+
+    ``train_batches`` yields ``[batch_size, d_in]`` float32 CPU tensors in an order fixed by
+    ``seed``, starting at batch ``start`` (so a resumed run sees the same stream).
+    """
+
+    d_in: int
+    scale: float
+    #: unit ground-truth directions ``[n_features, d_in]`` when the source knows them
+    ground_truth: Optional[Tensor] = None
+
+    def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def eval_activations(self) -> Tensor:
+        """Held-out normalised activations ``[N, d_in]``."""
+        raise NotImplementedError
+
+    def mean(self) -> Tensor:
+        """Mean of a sample of normalised training activations (initial decoder bias)."""
+        raise NotImplementedError
+
+    def downstream_metrics(self, reconstructors: Sequence[Reconstructor]) -> list[dict[str, float]]:
+        """Spliced language-model metrics per reconstructor; empty dicts when not an LM source."""
+        return [{} for _ in reconstructors]
+
+    def describe(self) -> dict:
+        return {"d_in": self.d_in, "scale": self.scale}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,285 @@
+"""Experiment configuration: frozen pydantic models that reject unknown keys; YAML in and out.
+
+One :class:`ExperimentConfig` describes one trial: which SAE and its hyperparameters (flat,
+with the seed's names: ``sae_type``, ``lr``, ``dict_size_ratio``, ``sparsity_coeff`` and the
+architecture-specific ``initial_beta``, ``final_beta``, ``input_dependent_gates``,
+``aux_coeff``), where the activations come from (``source``), how to train (``train``) and
+evaluate (``eval``). Architecture-specific fields are contributed by the architectures in
+:mod:`saesweep.saes`; setting one that the chosen ``sae_type`` does not take is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
+
+from . import saes
+
+
+class ConfigError(ValueError):
+    """A bad config or flag. The message names the field and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class SyntheticSource(Strict):
+    """Sparse combinations of known ground-truth directions (a superposition benchmark).
+
+    Each token activates each of ``n_features`` random unit directions in R^d independently
+    with probability ``sparsity``, with a magnitude drawn uniformly from [0.5, 1.5]; the token
+    is their sum plus optional Gaussian noise. Nothing is downloaded; the ground truth lets the
+    evaluation report how many true features an SAE recovered.
+    """
+
+    kind: Literal["synthetic"] = "synthetic"
+    d_in: Annotated[int, Field(ge=2, description="activation dimension d")] = 64
+    n_features: Annotated[int, Field(ge=1, description="number of ground-truth features")] = 512
+    sparsity: Annotated[
+        float, Field(gt=0.0, le=1.0, description="probability that a feature is active on a token")
+    ] = 0.01
+    noise_std: Annotated[float, Field(ge=0.0)] = 0.0
+    seed: Annotated[int, Field(ge=0, description="seed of the ground-truth dictionary")] = 0
+
+
+class HFSource(Strict):
+    """Residual-stream activations of a Hugging Face causal LM on a text or token dataset."""
+
+    kind: Literal["hf"] = "hf"
+    model: str = Field("roneneldan/TinyStories-1M", description="hub name or local folder")
+    revision: Optional[str] = None
+    dataset: str = Field(
+        "roneneldan/TinyStories",
+        description="hub name, local folder, or .parquet/.jsonl/.json/.txt file(s) (comma-separated)",
+    )
+    split: str = "train"
+    eval_split: Optional[str] = Field(
+        "validation",
+        description="held-out split for evaluation; if absent, held-out rows come from the end of `split`",
+    )
+    text_column: str = "text"
+    context_length: Annotated[int, Field(ge=2)] = 128
+    hook: str = Field(
+        "blocks.4.hook_resid_pre",
+        description="blocks.L.hook_resid_pre (residual stream entering block L) or blocks.L.hook_resid_post",
+    )
+    prepend_bos: bool = True
+    lm_batch_size: PosInt = 32
+    lm_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("hook")
+    @classmethod
+    def _check_hook(cls, hook: str) -> str:
+        if not HOOK_RE.match(hook):
+            raise ValueError(
+                f"{hook!r} is not a known hook point; use blocks.L.hook_resid_pre "
+                "or blocks.L.hook_resid_post with L a block index"
+            )
+        return hook
+
+    @property
+    def layer(self) -> int:
+        """Index of the block whose *input* is hooked (resid_post of L = resid_pre of L+1)."""
+        m = HOOK_RE.match(self.hook)
+        assert m is not None
+        return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
+
+
+def _source_kind(v: Any) -> str:
+    """``kind`` selects the source; it may be left out for the synthetic default."""
+    return v.get("kind", "synthetic") if isinstance(v, dict) else getattr(v, "kind", "synthetic")
+
+
+Source = Annotated[
+    Union[Annotated[SyntheticSource, Tag("synthetic")], Annotated[HFSource, Tag("hf")]],
+    Discriminator(_source_kind, custom_error_type="source_kind", custom_error_message="source.kind must be 'synthetic' or 'hf'"),
+]
+
+
+class TrainConfig(Strict):
+    """Optimisation: Adam with linear lr warm-up then cosine/linear decay to min_lr_factor."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    tokens: Annotated[int, Field(ge=1, description="training tokens")] = 2_000_000
+    batch_size: PosInt = 4096
+    lr_warmup_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.01
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_factor: Fraction = 0.1
+    grad_clip: Optional[Annotated[float, Field(gt=0.0)]] = 1.0
+    sparsity_warmup_frac: Fraction = 0.05
+    adam_beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    adam_beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the SAE step (bfloat16 = autocast; weights stay fp32)"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    log_every: PosInt = 50
+
+    @property
+    def steps(self) -> int:
+        return max(1, -(-self.tokens // self.batch_size))
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation."""
+
+    tokens: Annotated[int, Field(ge=1, description="held-out activations for reconstruction metrics")] = 65_536
+    ce_tokens: Annotated[
+        int, Field(ge=0, description="held-out LM tokens for the spliced CE/KL metrics (hf sources)")
+    ] = 16_384
+    batch_size: PosInt = 4096
+
+
+class _ExperimentBase(Strict):
+    name: Optional[str] = None
+    sae_type: str = "relu"
+    lr: Annotated[float, Field(gt=0.0, description="Adam learning rate")] = 3e-4
+    dict_size_ratio: Annotated[float, Field(gt=0.0, description="dictionary size / d_in")] = 16.0
+    sparsity_coeff: Annotated[float, Field(ge=0.0, description="weight of the sparsity penalty")] = 0.03
+    source: Source = Field(default_factory=SyntheticSource)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("runs", description="folder that receives the run folder <output_dir>/<trial_id>")
+    cache_dir: Optional[str] = Field(None, description="activation cache folder (default: $SAESWEEP_CACHE or ~/.cache/saesweep)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        sae_type = data.get("sae_type", "relu")
+        if sae_type not in saes.REGISTRY:
+            raise ValueError(f"sae_type {sae_type!r} is not one of: {', '.join(saes.names())}")
+        own = saes.get(sae_type).hyperparams
+        data = dict(data)
+        for key in ARCH_FIELDS:
+            if key not in own:
+                if data.get(key) is not None:
+                    allowed = ", ".join(own) or "none"
+                    raise ValueError(
+                        f"field {key!r} does not apply to sae_type {sae_type!r} (its own fields: {allowed})"
+                    )
+            elif data.get(key) is None and not own[key].optional:
+                data[key] = own[key].default
+        return data
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def sae_hparams(self) -> dict[str, Any]:
+        """The hyperparameters the SAE module takes, with the trainer's ones."""
+        own = saes.get(self.sae_type).hyperparams
+        return {"sparsity_coeff": self.sparsity_coeff, **{k: getattr(self, k) for k in own}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict without the fields that do not apply to this sae_type."""
+        d = self.model_dump(mode="json")
+        own = saes.get(self.sae_type).hyperparams
+        for key in ARCH_FIELDS:
+            if key not in own:
+                d.pop(key, None)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the experiment's result: everything but names, paths, device, logging."""
+        d = self.to_dict()
+        for key in ("name", "output_dir", "cache_dir"):
+            d.pop(key, None)
+        for key in ("device", "log_every"):
+            d["train"].pop(key, None)
+        d["eval"].pop("batch_size", None)
+        if d["source"].get("kind") == "hf":
+            d["source"].pop("lm_batch_size", None)
+        return d
+
+    @property
+    def trial_id(self) -> str:
+        """Stable id from the resolved config: ``<sae_type>-<10 hex digits>``."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return f"{self.sae_type}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.trial_id
+
+    def with_updates(self, **updates: Any) -> "ExperimentConfig":
+        """A validated copy with (dotted) fields replaced: ``with_updates(**{"train.tokens": 1000})``."""
+        d = self.to_dict()
+        for key, value in updates.items():
+            set_dotted(d, key, value)
+        return parse_config(d)
+
+
+def _arch_field(hp: saes.HyperParam) -> tuple[Any, Any]:
+    return (Optional[hp.type], Field(None, description=hp.help))
+
+
+ARCH_FIELDS: dict[str, saes.HyperParam] = saes.all_hyperparams()
+
+ExperimentConfig = create_model(  # type: ignore[call-overload]
+    "ExperimentConfig",
+    __base__=_ExperimentBase,
+    __doc__="One experiment (trial): SAE, hyperparameters, activation source, training, evaluation.",
+    **{k: _arch_field(hp) for k, hp in ARCH_FIELDS.items()},
+)
+
+
+# ------------------------------------------------------------------------ parsing
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field: ``train.lr: Input should be greater than 0``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("synthetic", "hf")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        field = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        lines.append(f"{field}: {msg}" if field else msg)
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, *, where: str = "config") -> "ExperimentConfig":
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_config(path: str | Path) -> "ExperimentConfig":
+    return parse_config(read_yaml(path), where=str(path))

@@ -1,0 +1,88 @@
+"""Saving trained SAEs in the folder layout SAELens loads, and loading them back.
+
+A folder holds ``sae_weights.safetensors`` and ``cfg.json``. Weights take raw (un-normalised)
+activations: the normalisation scale is folded in (see ``PackedSAE.member_state``). ReLU and
+gated SAEs use SAELens's ``standard`` and ``gated`` architectures and load with
+``sae_lens.SAE.load_from_disk``; the hard-concrete types use the same layout under their own
+architecture names and load with :func:`load_sae` here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, saes
+from .config import ExperimentConfig
+from .io import atomic_save_tensors, atomic_write_json
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def saelens_cfg(sae: saes.PackedSAE, i: int, config: ExperimentConfig) -> dict[str, Any]:
+    src = config.source
+    meta: dict[str, Any] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "saesweep_version": __version__,
+        "trial_id": config.trial_id,
+        "sae_type": config.sae_type,
+        "hyperparameters": {"lr": config.lr, "dict_size_ratio": config.dict_size_ratio, **config.sae_hparams},
+    }
+    if src.kind == "hf":
+        meta.update(
+            model_name=src.model,
+            hook_name=src.hook,
+            hook_head_index=None,
+            context_size=src.context_length,
+            prepend_bos=src.prepend_bos,
+            dataset_path=src.dataset,
+        )
+    else:
+        meta.update(model_name=None, hook_name=None, dataset_path=f"synthetic:{src.model_dump_json()}")
+    return {
+        "architecture": type(sae).saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **sae.saelens_extra_cfg(i),
+        "metadata": meta,
+    }
+
+
+def export_member(sae: saes.PackedSAE, i: int, config: ExperimentConfig, scale: float, folder: Path) -> None:
+    """Write member ``i`` to ``folder`` (atomically, weights before cfg.json)."""
+    folder = Path(folder)
+    atomic_save_tensors(folder / WEIGHTS_FILE, sae.member_state(i, scale))
+    atomic_write_json(folder / CFG_FILE, saelens_cfg(sae, i, config))
+
+
+_ARCH_TO_TYPE = {cls.saelens_architecture: name for name, cls in saes.REGISTRY.items()}
+
+
+def load_sae(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
+    """Load an exported SAE (any saesweep type) as a one-member pack taking raw activations."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    sae_type = cfg.get("metadata", {}).get("sae_type") or _ARCH_TO_TYPE[cfg["architecture"]]
+    cls = saes.get(sae_type)
+    hp = {k: v for k, v in cfg.get("metadata", {}).get("hyperparameters", {}).items() if k != "lr"}
+    if "input_dependent_gates" in cfg:
+        hp["input_dependent_gates"] = cfg["input_dependent_gates"]
+    sae = cls(cfg["d_in"], cfg["d_sae"], [hp], [0], device=device)
+    state = load_file(str(folder / WEIGHTS_FILE), device=device)
+    with torch.no_grad():
+        for name, p in sae.named_parameters(recurse=False):
+            p.copy_(state[name].unsqueeze(0))
+    return sae

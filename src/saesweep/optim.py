@@ -1,0 +1,90 @@
+"""Adam and gradient clipping for stacked (packed) parameters, one learning rate per member.
+
+``torch.optim.Adam`` takes one learning rate per parameter tensor; a pack stacks many SAEs in
+one tensor, each with its own learning rate, so the update is written here. It is the same
+arithmetic as ``torch.optim.Adam`` (no weight decay, no amsgrad), checked against it in the
+tests, applied with a per-member step size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _per_member(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+class PackedAdam:
+    def __init__(
+        self,
+        params: Iterable[tuple[str, nn.Parameter]],
+        lr: Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.params = dict(params)
+        self.lr = lr.detach().clone().float()
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.steps = 0
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def step(self, lr_factor: float = 1.0) -> None:
+        self.steps += 1
+        bc1 = 1 - self.beta1**self.steps
+        bc2_sqrt = math.sqrt(1 - self.beta2**self.steps)
+        step_size = self.lr * (lr_factor / bc1)
+        for k, p in self.params.items():
+            if p.grad is None:
+                continue
+            g = p.grad
+            m, v = self.exp_avg[k], self.exp_avg_sq[k]
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.sub_(m.div(denom).mul_(_per_member(step_size.to(p.device), p)))
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def rebind(self, params: Iterable[tuple[str, nn.Parameter]], keep: Sequence[int]) -> None:
+        """Follow a pack that dropped members: new parameter objects, state rows ``keep``."""
+        idx = torch.tensor(list(keep), dtype=torch.long)
+        self.params = dict(params)
+        self.lr = self.lr.index_select(0, idx)
+        for store in (self.exp_avg, self.exp_avg_sq):
+            for k in list(store):
+                store[k] = store[k].index_select(0, idx.to(store[k].device))
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"adam.m.{k}": v for k, v in self.exp_avg.items()}
+        out.update({f"adam.v.{k}": v for k, v in self.exp_avg_sq.items()})
+        out["adam.lr"] = self.lr
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], steps: int) -> None:
+        self.steps = steps
+        self.lr = tensors["adam.lr"].clone()
+        for k in self.params:
+            self.exp_avg[k] = tensors[f"adam.m.{k}"].to(self.params[k].device).clone()
+            self.exp_avg_sq[k] = tensors[f"adam.v.{k}"].to(self.params[k].device).clone()
+
+
+@torch.no_grad()
+def clip_grad_norm_per_member(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """``clip_grad_norm_`` applied to each member separately; returns the norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = sum(g.pow(2).flatten(1).sum(1) for g in grads)
+    norms = sq.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(_per_member(coef, g))
+    return norms

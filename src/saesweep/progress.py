@@ -1,0 +1,63 @@
+"""Progress bars that show on a terminal and stay quiet otherwise (logs, CI, pipes)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Iterator, Optional
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Quiet:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def set(self, **fields: Any) -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, progress, task, tokens_per_step: int) -> None:
+        self.p, self.task, self.k = progress, task, tokens_per_step
+
+    def advance(self, n: int = 1) -> None:
+        if n:
+            self.p.advance(self.task, n)
+            done = int(self.p.tasks[0].completed) * self.k
+            self.p.update(self.task, tok=_si(done))
+
+    def set(self, **fields: Any) -> None:
+        self.p.update(self.task, **{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in fields.items()})
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, *, enabled: Optional[bool] = None, tokens_per_step: int = 1) -> Iterator[Any]:
+    """A bar over ``total`` steps showing tokens, loss and L0; a no-op when not on a terminal."""
+    if enabled is None:
+        enabled = is_terminal()
+    if not enabled:
+        yield _Quiet()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tok]} tok  loss {task.fields[loss]}  L0 {task.fields[l0]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as p:
+        task = p.add_task(description, total=total, tok="0", loss="-", l0="-")
+        yield _Bar(p, task, tokens_per_step)

@@ -1,0 +1,204 @@
+"""What every SAE architecture shares.
+
+An SAE module here holds ``n`` SAEs of one architecture and one shape (a *pack*): every
+parameter has a leading member axis, so ``W_enc`` is ``[n, d_in, d_sae]``. A single SAE is
+a pack of one, which keeps one code path for plain runs and packed sweeps. Members never
+interact: each has its own parameters, hyperparameters, random generator and loss, and the
+total loss is the plain sum of the members' losses, so each member's gradient is exactly the
+gradient of its own loss.
+
+Parameter names and layouts follow SAELens (``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is
+``[d_sae, d_in]``, ``b_dec`` is subtracted from the input) so that exported weights load
+there unchanged. Decoder rows (DESIGN.md's "columns" of W_dec as a map R^m -> R^d) are kept
+at unit norm by :meth:`PackedSAE.normalize_decoder` after every optimiser step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class HyperParam:
+    """A hyperparameter that only some architectures take (``aux_coeff``, ``initial_beta``...)."""
+
+    type: type
+    default: Any
+    help: str
+    optional: bool = False  # None is a meaningful value (e.g. "no annealing")
+
+
+@dataclass
+class Losses:
+    """Per-member loss terms of one step, each a tensor of shape ``[n]``."""
+
+    total: Tensor
+    mse: Tensor
+    sparsity: Tensor  # the penalty P (per token, summed over features), before its coefficient
+    aux: Tensor
+    l0: Tensor  # mean number of non-zero codes per token (training codes)
+
+
+def mse_per_member(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over tokens and dimensions of (x - x_hat)^2; x is ``[B, d]``, x_hat ``[n, B, d]``."""
+    return (x_hat - x).pow(2).mean(dim=(-2, -1))
+
+
+class PackedSAE(nn.Module):
+    """Base class: ``n`` SAEs with stacked parameters. Subclasses implement the math."""
+
+    #: registry name, the config's ``sae_type``
+    name: ClassVar[str]
+    #: SAELens ``architecture`` written to cfg.json
+    saelens_architecture: ClassVar[str]
+    #: hyperparameters this architecture takes beyond lr/dict_size_ratio/sparsity_coeff
+    hyperparams: ClassVar[dict[str, HyperParam]] = {}
+    #: parameters that multiply the (normalised) input: scaled by s when folding normalisation
+    encoder_weights: ClassVar[tuple[str, ...]] = ("W_enc",)
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        members: Sequence[Mapping[str, Any]],
+        seeds: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        if len(members) != len(seeds) or not members:
+            raise ValueError("need one seed per member and at least one member")
+        self.d_in, self.d_sae, self.n = d_in, d_sae, len(members)
+        self.device_ = torch.device(device)
+        self.hp = [dict(m) for m in members]
+        # per-member generators: initialisation and (for hard-concrete gates) sampling noise.
+        self.generators = [torch.Generator(device=self.device_).manual_seed(int(s)) for s in seeds]
+        self.register_buffer("sparsity_coeff", self._member_tensor("sparsity_coeff"))
+        self._init_parameters()
+        self.normalize_decoder()
+
+    # ----------------------------------------------------------------- construction helpers
+    def _member_tensor(self, key: str, default: float = 0.0) -> Tensor:
+        vals = [float(default if m.get(key) is None else m[key]) for m in self.hp]
+        return torch.tensor(vals, dtype=torch.float32, device=self.device_)
+
+    def _randn(self, *shape: int) -> Tensor:
+        """One independent draw per member from its own generator, stacked: ``[n, *shape]``."""
+        return torch.stack(
+            [torch.randn(*shape, generator=g, device=self.device_) for g in self.generators]
+        )
+
+    def _param(self, name: str, value: Tensor) -> None:
+        self.register_parameter(name, nn.Parameter(value.contiguous()))
+
+    def _init_decoder_and_encoder(self, *enc_names: str) -> None:
+        """W_dec: random unit rows; each named encoder weight starts as W_dec transposed, scaled
+        by d_in / d_sae so that the first reconstructions are about the size of the input
+        rather than d_sae / d_in times too large."""
+        w_dec = self._randn(self.d_sae, self.d_in)
+        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+        self._param("W_dec", w_dec)
+        enc_scale = min(1.0, self.d_in / self.d_sae)
+        for name in enc_names:
+            self._param(name, w_dec.transpose(1, 2) * enc_scale)
+        self._param("b_dec", torch.zeros(self.n, self.d_in, device=self.device_))
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(self.n, *shape, device=self.device_)
+
+    def _init_parameters(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------- the math
+    def encode(self, x: Tensor, *, train: bool = False, progress: float = 1.0) -> Tensor:
+        """Codes ``f`` of shape ``[n, B, d_sae]`` for inputs ``x`` of shape ``[B, d_in]``."""
+        return self._forward(x, train=train, progress=progress)[0]
+
+    def decode(self, f: Tensor) -> Tensor:
+        return torch.matmul(f, self.W_dec) + self.b_dec[:, None, :]
+
+    def centered(self, x: Tensor) -> Tensor:
+        """x - b_dec for every member: ``[n, B, d_in]``."""
+        return x - self.b_dec[:, None, :]
+
+    def _forward(
+        self, x: Tensor, *, train: bool, progress: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (codes f, penalty P per member [n], aux loss per member [n])."""
+        raise NotImplementedError
+
+    def losses(self, x: Tensor, *, progress: float = 0.0, sparsity_scale: float = 1.0) -> Losses:
+        """Training losses: ``MSE + sparsity_coeff * P / d + aux`` per member.
+
+        ``progress`` in [0, 1] drives schedules owned by the architecture (beta annealing);
+        ``sparsity_scale`` is the trainer's sparsity warm-up factor.
+        """
+        f, penalty, aux = self._forward(x, train=True, progress=progress)
+        x_hat = self.decode(f)
+        mse = mse_per_member(x, x_hat)
+        total = mse + (self.sparsity_coeff * sparsity_scale) * penalty / self.d_in + aux
+        with torch.no_grad():
+            l0 = (f != 0).float().sum(-1).mean(-1)
+        return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0)
+
+    # ---------------------------------------------------------------- maintenance
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def init_b_dec(self, mean: Tensor) -> None:
+        """Start every member's decoder bias at the data mean (``[d_in]``)."""
+        self.b_dec.copy_(mean.to(self.b_dec).expand_as(self.b_dec))
+
+    def extra_state_tensors(self) -> dict[str, Tensor]:
+        """Per-member buffers that a checkpoint must carry besides parameters."""
+        return {}
+
+    @torch.no_grad()
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the listed members (used to drop a diverged member from a pack)."""
+        idx = torch.tensor(list(keep), dtype=torch.long, device=self.device_)
+        for name, p in list(self.named_parameters(recurse=False)):
+            grad = None if p.grad is None else p.grad.index_select(0, idx)
+            self._param(name, p.detach().index_select(0, idx))
+            getattr(self, name).grad = grad
+        for name, b in list(self.named_buffers(recurse=False)):
+            setattr(self, name, b.index_select(0, idx))
+        self.generators = [self.generators[i] for i in keep]
+        self.hp = [self.hp[i] for i in keep]
+        self.n = len(keep)
+
+    def member(self, i: int) -> "PackedSAE":
+        """A one-member view of member ``i`` for inference (shares storage, no gradients)."""
+        view = copy.copy(self)
+        view._parameters = {k: nn.Parameter(p.detach()[i : i + 1], requires_grad=False) for k, p in self._parameters.items()}
+        view._buffers = {k: b[i : i + 1] for k, b in self._buffers.items()}
+        view.generators, view.hp, view.n = [self.generators[i]], [self.hp[i]], 1
+        return view
+
+    # -------------------------------------------------------------------- export
+    @torch.no_grad()
+    def member_state(self, i: int, scale: float = 1.0) -> dict[str, Tensor]:
+        """Member ``i``'s parameters for raw (un-normalised) inputs.
+
+        Training sees ``x_n = s * x``. Encoder weights times ``s`` and ``b_dec / s`` give the
+        same codes on raw ``x``; ``W_dec / s`` and ``b_dec / s`` give ``x_hat_n / s``.
+        """
+        out: dict[str, Tensor] = {}
+        for name, p in self.named_parameters(recurse=False):
+            t = p[i].detach().float().clone()
+            if name in self.encoder_weights:
+                t = t * scale
+            elif name in ("W_dec", "b_dec"):
+                t = t / scale
+            out[name] = t.contiguous()
+        return out
+
+    def saelens_extra_cfg(self, i: int) -> dict[str, Any]:
+        """Architecture-specific entries for cfg.json (hard-concrete constants, ...)."""
+        return {}

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A fast synthetic experiment writing under tmp_path."""
+    from saesweep.config import ExperimentConfig
+
+    def make(**kw):
+        base = dict(
+            sae_type="relu", lr=3e-3, dict_size_ratio=4, sparsity_coeff=0.1,
+            source={"kind": "synthetic", "d_in": 16, "n_features": 32, "sparsity": 0.05},
+            train={"tokens": 100_000, "batch_size": 512, "log_every": 10},
+            eval={"tokens": 4096}, output_dir=str(tmp_path / "runs"),
+        )
+        for k, v in kw.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+        return ExperimentConfig(**base)
+
+    return make

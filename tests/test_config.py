@@ -1,0 +1,55 @@
+"""Configs: frozen, unknown keys rejected, architecture fields checked, stable ids."""
+
+import pytest
+
+from saesweep.config import ConfigError, ExperimentConfig, load_config, parse_config
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"lr": -1}, "lr"),
+        ({"lr": "fast"}, "lr"),
+        ({"colour": "red"}, "colour"),
+        ({"train": {"steps": 10}}, "train.steps"),
+        ({"sae_type": "relu", "aux_coeff": 0.1}, "aux_coeff"),
+        ({"sae_type": "gated", "initial_beta": 0.1}, "initial_beta"),
+        ({"sae_type": "topk"}, "sae_type"),
+        ({"source": {"kind": "hf", "hook": "blocks.2.attn_out"}}, "source.hook"),
+        ({"source": {"kind": "mystery"}}, "source"),
+        ({"train": {"lr_decay": "exponential"}}, "train.lr_decay"),
+        ({"sparsity_coeff": float("nan")}, "sparsity_coeff"),
+        ({"dict_size_ratio": 0}, "dict_size_ratio"),
+    ],
+)
+def test_bad_configs_name_the_field(bad, field):
+    with pytest.raises(ConfigError) as e:
+        parse_config(bad)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg
+
+
+def test_architecture_defaults_and_roundtrip(tmp_path):
+    c = ExperimentConfig(sae_type="gated_hard_concrete", lr=1e-3)
+    assert c.aux_coeff == 0.03125 and c.initial_beta == 0.5 and c.final_beta is None
+    assert "input_dependent_gates" not in c.to_dict()
+    p = tmp_path / "c.yaml"
+    p.write_text(c.to_yaml())
+    assert load_config(p) == c
+    with pytest.raises(Exception):
+        c.lr = 1.0  # frozen
+
+
+def test_trial_id_is_stable_and_ignores_paths_and_device():
+    a = ExperimentConfig(sae_type="relu", lr=1e-3)
+    b = ExperimentConfig(sae_type="relu", lr=1e-3, output_dir="elsewhere", name="x", train={"device": "cpu"})
+    c = ExperimentConfig(sae_type="relu", lr=3e-4)
+    assert a.trial_id == b.trial_id != c.trial_id
+    assert a.trial_id.startswith("relu-")
+
+
+def test_malformed_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(p)

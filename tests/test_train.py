@@ -1,0 +1,118 @@
+"""Training: recovery of known features, packs equal single runs, divergence, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import saesweep
+from saesweep import saes
+from saesweep.activations import open_source
+from saesweep.train import lr_factor, pack_key, sparsity_factor, train_pack
+
+
+def test_relu_recovers_true_features(tiny_cfg):
+    # easy: 24 true features in 16 dimensions, ~1 active per token, 64 latents
+    cfg = tiny_cfg(sparsity_coeff=1.0, source={"n_features": 24, "sparsity": 0.04}, train={"tokens": 400_000})
+    r = saesweep.run(cfg)
+    assert r.ok
+    assert r.metrics["frac_recovered"] >= 0.9
+    assert r.metrics["mmcs"] > 0.95 and r.metrics["fvu"] < 0.1
+
+
+@pytest.mark.parametrize("sae_type", ["hard_concrete", "gated", "gated_hard_concrete"])
+def test_every_type_trains_to_a_sensible_fvu(tiny_cfg, sae_type):
+    r = saesweep.run(tiny_cfg(sae_type=sae_type, train={"tokens": 200_000}))
+    assert r.ok, r.reason
+    m = r.metrics
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+    assert m["fvu"] < 0.5 and 0 < m["l0"] < 64
+    log = [json.loads(line) for line in (r.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_run_folder_contents(tiny_cfg):
+    r = saesweep.run(tiny_cfg())
+    names = {p.name for p in r.run_dir.iterdir()}
+    assert {"config.yaml", "metrics.json", "train_log.jsonl", "sae_weights.safetensors", "cfg.json"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    rec = json.loads((r.run_dir / "metrics.json").read_text())
+    for k in ("mse", "fvu", "explained_variance", "l0", "l1", "dead_fraction", "mmcs", "frac_recovered", "tokens_per_s", "train_time_s", "device"):
+        assert k in rec["metrics"], k
+    assert saesweep.load_config(r.run_dir / "config.yaml") == r.config
+
+
+def test_deterministic_for_a_seed(tiny_cfg):
+    a = saesweep.run(tiny_cfg())
+    b = saesweep.run(tiny_cfg())
+    assert a.metrics["fvu"] == b.metrics["fvu"] and a.metrics["l0"] == b.metrics["l0"]
+    c = saesweep.run(tiny_cfg(train={"seed": 1}))
+    assert c.metrics["fvu"] != a.metrics["fvu"]
+
+
+@pytest.mark.parametrize("sae_type", ["relu", "hard_concrete"])
+def test_pack_members_match_their_single_runs(tiny_cfg, sae_type):
+    cfgs = [tiny_cfg(sae_type=sae_type, lr=lr, sparsity_coeff=s, train={"tokens": 30_000})
+            for lr, s in [(1e-3, 0.1), (3e-3, 0.3), (1e-2, 0.03)]]
+    assert len({pack_key(c) for c in cfgs}) == 1
+    data = open_source(cfgs[0])
+    pack = train_pack(cfgs, data, show_progress=False)
+    for i, c in enumerate(cfgs):
+        single = train_pack([c], data, show_progress=False)
+        for name, p in single.sae.named_parameters():
+            torch.testing.assert_close(getattr(pack.sae, name)[i], p[0], rtol=2e-4, atol=2e-5, msg=name)
+        assert pack.members[i].log[-1]["loss"] == pytest.approx(single.members[0].log[-1]["loss"], rel=1e-4)
+
+
+def test_a_diverging_member_is_stopped_and_the_others_untouched(tiny_cfg):
+    ok1, bad, ok2 = (tiny_cfg(lr=lr, train={"tokens": 20_000, "grad_clip": None}) for lr in (1e-3, 1e30, 3e-3))
+    data = open_source(ok1)
+    pack = train_pack([ok1, bad, ok2], data, show_progress=False)
+    assert pack.members[1].status == "diverged" and "step" in pack.members[1].reason
+    assert [m.status for m in (pack.members[0], pack.members[2])] == ["complete", "complete"]
+    assert pack.alive == [0, 2]
+    alone = train_pack([ok2], data, show_progress=False)
+    torch.testing.assert_close(pack.sae.W_enc[1], alone.sae.W_enc[0], rtol=2e-4, atol=2e-5)
+    results = saesweep.run_pack([ok1, bad, ok2], data=data)
+    assert [r.status for r in results] == ["complete", "failed", "complete"]
+    assert (results[1].run_dir / "failure.json").exists() and not (results[1].run_dir / "metrics.json").exists()
+
+
+def test_checkpoint_resume_equals_uninterrupted(tiny_cfg, tmp_path):
+    cfgs = [tiny_cfg(sae_type="hard_concrete", lr=lr, train={"tokens": 40_000}) for lr in (1e-3, 3e-3)]
+    data = open_source(cfgs[0])
+    full = train_pack(cfgs, data, show_progress=False)
+    ckpt = tmp_path / "pack.safetensors"
+    calls = {"n": 0}
+
+    def stop_after_30():
+        calls["n"] += 1
+        return calls["n"] > 30
+
+    part = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after_30)
+    assert part.steps == 30 and all(m.status == "running" for m in part.members) and ckpt.exists()
+    # resume a subset: member 1 alone continues from the shared checkpoint
+    resumed = train_pack(cfgs[1:], data, show_progress=False, checkpoint=ckpt)
+    assert resumed.resumed_from == 30 and resumed.members[0].status == "complete"
+    for name, p in resumed.sae.named_parameters():
+        torch.testing.assert_close(p[0], getattr(full.sae, name)[1], rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["step"] for r in resumed.members[0].log] == [r["step"] for r in full.members[1].log]
+
+
+def test_schedules():
+    class T:
+        lr_warmup_frac, lr_decay, min_lr_factor, sparsity_warmup_frac = 0.1, "cosine", 0.1, 0.5
+
+    assert lr_factor(0, 100, T) == pytest.approx(0.1)
+    assert lr_factor(9, 100, T) == pytest.approx(1.0)
+    assert lr_factor(10, 100, T) == pytest.approx(1.0)
+    assert lr_factor(100, 100, T) == pytest.approx(0.1)
+    T.lr_decay = "linear"
+    assert lr_factor(55, 100, T) == pytest.approx(1 - 0.9 * 0.5)
+    assert sparsity_factor(0, 100, T) == pytest.approx(1 / 50) and sparsity_factor(60, 100, T) == 1.0
+
+
+def test_bfloat16_trains(tiny_cfg):
+    r = saesweep.run(tiny_cfg(train={"dtype": "bfloat16", "tokens": 200_000}))
+    assert r.ok and r.metrics["fvu"] < 0.3 and r.metrics["dtype"] == "bfloat16"
