@@ -27,3 +27,6 @@ def tiny_cfg(tmp_path):
         return ExperimentConfig(**base)
 
     return make
+
+
+from fixtures_lm import *  # noqa: E402,F401,F403  (tiny LM, corpus and stories260K fixtures)

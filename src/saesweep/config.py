@@ -256,6 +256,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         field = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        if field and msg.startswith(field):  # the message already names the field
+            field = ""
         lines.append(f"{field}: {msg}" if field else msg)
     return "; ".join(lines)
 

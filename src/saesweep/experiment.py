@@ -29,6 +29,7 @@ from .train import check_pack, resolve_device, train_pack
 
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
+INTERRUPTED = "interrupted before the end of training (checkpointed)"
 ConfigLike = Union[ExperimentConfig, dict, str, Path]
 
 
@@ -76,6 +77,7 @@ def run_pack(
     checkpoint_every_s: float = 300.0,
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     data: Optional[Activations] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[RunResult]:
     """Train a pack of compatible configs together; one result per config, in order."""
     configs = [as_config(c) for c in configs]
@@ -87,7 +89,7 @@ def run_pack(
     t_data = time.perf_counter() - t_start
     res = train_pack(
         configs, data, device=dev, show_progress=show_progress,
-        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, on_log=on_log,
+        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, on_log=on_log, should_stop=should_stop,
     )
     t_eval = time.perf_counter()
     metrics = evaluate(res.sae, data, configs[0].eval.batch_size) if res.alive else []
@@ -114,6 +116,7 @@ def run_pack(
             m = {**metrics[row_of[i]], **common}
             bad = first_nonfinite(m)
             if bad is None:
+                (out / FAILURE_FILE).unlink(missing_ok=True)
                 export_member(res.sae, row_of[i], cfg, data.scale, out)
                 record = {"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "metrics": m,
                           "source": data.describe(), "saesweep_version": __version__, "host": platform.node()}
@@ -121,7 +124,7 @@ def run_pack(
                 results.append(RunResult(cfg.trial_id, "complete", out, cfg, m))
                 continue
             member.status, member.reason = "diverged", f"diverged: metric {bad} is not finite after training"
-        reason = member.reason or "stopped before the end of training"
+        reason = member.reason or INTERRUPTED
         atomic_write_json(out / FAILURE_FILE, {"trial_id": cfg.trial_id, "reason": reason})
         results.append(RunResult(cfg.trial_id, "failed", out, cfg, {}, reason))
     return results

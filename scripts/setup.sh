@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv and install saesweep into it (editable).
+#   bash scripts/setup.sh          # the package with every optional integration
+#   bash scripts/setup.sh --test   # ... plus the test tools (pytest, sae-lens)
+# Machines without an NVIDIA GPU get the CPU build of torch (constraints/cpu.txt); machines
+# with one keep pip's default CUDA build. Elsewhere than this project's machines, a CPU-only
+# install may need PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+extras="all"
+[ "${1:-}" = "--test" ] && extras="all,test,bench"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+
+constraints=()
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "NVIDIA GPU found: installing the CUDA build of torch"
+else
+  echo "no NVIDIA GPU: installing the CPU build of torch (constraints/cpu.txt)"
+  constraints=(-c constraints/cpu.txt)
+fi
+.venv/bin/python -m pip install -q "${constraints[@]}" -e ".[${extras}]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/saesweep --version

@@ -1,0 +1,406 @@
+"""Sweep subcommands: grid, generate, run, sweep, worker, status, results, devices, cache.
+
+All of them expand the one sweep spec (grid.py) and run through the one engine (engine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .cli import EXIT_OK, EXIT_USAGE, command, flag, parse_overrides
+from .config import ConfigError, ExperimentConfig, load_config
+
+PREVIEW = 5
+
+
+def csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def spec_flags(p: argparse.ArgumentParser, *, types: bool = True) -> None:
+    flag(p, "spec", help="sweep spec YAML (default: ./saesweep.yaml if present, else the seed's grids)")
+    if types:
+        flag(p, "sae_types", type=csv_list, help="comma-separated SAE types (default: all in the spec)")
+    flag(p, "limit", type=positive_int, help="only the first N experiments")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a base config field for every trial, e.g. --set train.tokens=200000")
+
+
+def run_flags(p: argparse.ArgumentParser) -> None:
+    flag(p, "max_parallel", type=positive_int, help="worker processes (default 1, or one per device)")
+    flag(p, "devices", help="auto | cuda:0,cuda:1,cpu | cpu:0,cpu:1 (default from the spec: auto)")
+    flag(p, "policy", choices=["dynamic", "round_robin"], help="dynamic queue (default) or round-robin")
+    flag(p, "pack_size", type=positive_int, help="most trials trained together (1 = no packing)")
+    flag(p, "dry_run", action="store_true", help="print what would run and touch nothing")
+    flag(p, "show_devices", action="store_true", help="list the devices found and exit")
+    flag(p, "name", help="sweep name (default: the spec's)")
+    flag(p, "storage", help="journal file, postgresql://... (default: <output_dir>/<name>/sweep.journal)")
+    flag(p, "output_dir", help="where sweeps keep their results (default: runs)")
+
+
+def spec_from_args(args: argparse.Namespace, **extra: Any):
+    from .grid import load_spec
+
+    overrides: dict[str, Any] = {
+        "sae_types": getattr(args, "sae_types", None),
+        "limit": getattr(args, "limit", None),
+        "name": getattr(args, "name", None),
+        "storage": getattr(args, "storage", None),
+        "output_dir": getattr(args, "output_dir", None),
+        "execution.max_parallel": getattr(args, "max_parallel", None),
+        "execution.devices": getattr(args, "devices", None),
+        "execution.policy": getattr(args, "policy", None),
+        "execution.pack_size": getattr(args, "pack_size", None),
+        **extra,
+    }
+    for k, v in parse_overrides(getattr(args, "set", [])).items():
+        overrides[f"base.{k}"] = v
+    return load_spec(getattr(args, "spec", None), **overrides)
+
+
+def describe_params(cfg: ExperimentConfig, fields: Sequence[str]) -> str:
+    return " ".join(f"{f}={getattr(cfg, f)}" for f in fields if getattr(cfg, f, None) is not None)
+
+
+# --------------------------------------------------------------------------- grid
+def _grid_args(p):
+    spec_flags(p)
+    flag(p, "format", choices=["table", "json"], default="table")
+
+
+@command("grid", "show the sweep's grids and how many experiments they make")(_grid_args)
+def cmd_grid(args) -> int:
+    import json
+
+    spec = spec_from_args(args)
+    rows = [(t, spec.grids[t], spec.grid_size(t)) for t in spec.sae_types]
+    if args.format == "json":
+        print(json.dumps({t: {"params": {k: v if isinstance(v, list) else v.model_dump() for k, v in g.items()}, "count": n}
+                          for t, g, n in rows}, indent=2))
+        return EXIT_OK
+    total = 0
+    for t, grid, n in rows:
+        dims = " x ".join(str(len(v)) for v in grid.values())
+        print(f"{t}: {dims} = {n} experiments")
+        for k, v in grid.items():
+            print(f"    {k}: {v if isinstance(v, list) else v.model_dump()}")
+        total += n
+    print(f"Grand total: {total} experiments" + (f" (limit {spec.limit})" if spec.limit else ""))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------- generate
+def _generate_args(p):
+    flag(p, "output_dir", required=True, help="folder that receives one YAML per experiment")
+    spec_flags(p)
+
+
+@command("generate", "write one readable config YAML per experiment (approach 1)")(_generate_args)
+def cmd_generate(args) -> int:
+    from .grid import expand, swept_params
+    from .io import atomic_write_text
+
+    spec = spec_from_args(args)
+    configs = expand(spec)
+    out = Path(args.output_dir)
+    written = 0
+    for i, cfg in enumerate(configs):
+        cfg = cfg.with_updates(output_dir="runs")  # `saesweep run` decides where results go
+        path = out / f"{cfg.trial_id}.yaml"
+        header = (f"# saesweep experiment {i + 1}/{len(configs)} of sweep '{spec.name}'\n"
+                  f"# swept: {describe_params(cfg, list(swept_params(spec, cfg)))}\n")
+        if not path.exists():
+            atomic_write_text(path, header + cfg.to_yaml())
+            written += 1
+    counts = _by_type(configs)
+    print(f"Wrote {written} configs to {out} ({len(configs) - written} already there): {counts}")
+    print(f"Run them with: saesweep run --config_dir {out}")
+    return EXIT_OK
+
+
+def _by_type(configs: Sequence[ExperimentConfig]) -> str:
+    from collections import Counter
+
+    c = Counter(cfg.sae_type for cfg in configs)
+    return ", ".join(f"{t}: {n}" for t, n in c.items())
+
+
+# ---------------------------------------------------------------------- run / sweep
+def _run_args(p):
+    flag(p, "config_dir", required=True, help="folder of experiment YAMLs (from `saesweep generate`)")
+    flag(p, "filter", help="only configs of this SAE type (or whose file name contains this text)")
+    run_flags(p)
+
+
+def read_config_dir(config_dir: str, filt: Optional[str]) -> list[ExperimentConfig]:
+    from . import saes
+
+    d = Path(config_dir)
+    if not d.is_dir():
+        raise ConfigError(f"--config_dir {config_dir}: not a folder")
+    files = sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
+    if filt:
+        if filt in saes.REGISTRY:
+            files = [f for f in files if _type_of(f) == filt]
+        else:
+            files = [f for f in files if filt in f.name]
+    configs = [load_config(f) for f in files]  # every file is checked before anything runs
+    if filt in saes.REGISTRY:
+        configs = [c for c in configs if c.sae_type == filt]
+    if not configs:
+        raise ConfigError(f"--config_dir {config_dir}: no configs" + (f" matching --filter {filt}" if filt else ""))
+    return configs
+
+
+def _type_of(path: Path) -> str:
+    import yaml
+
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("sae_type", "relu")
+    except Exception:
+        return ""  # load_config reports the problem
+
+
+@command("run", "run a folder of config YAMLs through the sweep engine, skipping finished ones")(_run_args)
+def cmd_run(args) -> int:
+    configs = read_config_dir(args.config_dir, args.filter)
+    name = args.name or Path(args.config_dir).resolve().name
+    spec = spec_from_args(args, name=name)
+    if getattr(args, "limit", None):
+        configs = configs[: args.limit]
+    configs = [c.with_updates(output_dir=str(spec.trials_dir)) for c in configs]
+    return execute(args, spec, configs, from_files=True)
+
+
+def _sweep_args(p):
+    spec_flags(p)
+    run_flags(p)
+    flag(p, "config_dir", help="run a folder of config YAMLs instead of the spec's grids")
+    flag(p, "filter", help="with --config_dir: only this SAE type (or file names containing this text)")
+
+
+@command("sweep", "run the sweep in memory: expand the grids and train (approach 3)")(_sweep_args)
+def cmd_sweep(args) -> int:
+    from .grid import expand
+
+    if args.config_dir:
+        return cmd_run(args)
+    spec = spec_from_args(args)
+    return execute(args, spec, expand(spec) if spec.search.method == "grid" else None)
+
+
+def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
+    """Shared by run / sweep: dry run, or queue the trials and run the workers."""
+    from .scheduler import distribution_lines, worker_slots
+
+    if getattr(args, "show_devices", False):
+        return cmd_devices(args)
+    slots = worker_slots(spec.execution.devices, getattr(args, "max_parallel", None) or spec.execution.max_parallel)
+    if args.dry_run:
+        return dry_run(spec, configs, slots)
+    from .engine import open_sweep, queue_trials
+    from .scheduler import print_worker_table, run_workers
+
+    t0 = time.perf_counter()
+    store = open_sweep(spec)
+    if configs is not None:
+        added = queue_trials(store, spec, configs, from_files=from_files)
+        ids = {c.trial_id for c in configs}
+        done = sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete")
+        print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new, "
+              f"{done} already complete  [{spec.sweep_dir}]")
+    print(f"Using devices: {[s.name for s in slots]}")
+    outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
+    c = outcome.counts
+    print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
+          f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
+    print_worker_table(outcome.workers)
+    for r in store.records():
+        if r.state == "failed":
+            print(f"  failed {r.trial_id} after {r.attempts} attempt(s): {r.reason}")
+    if outcome.aborted:
+        print(f"stopped: {outcome.aborted}", file=sys.stderr)
+    if outcome.interrupted:
+        print("interrupted: finished trials are recorded; run the same command again to resume", file=sys.stderr)
+    return outcome.exit_code
+
+
+def dry_run(spec, configs, slots) -> int:
+    from .grid import swept_params
+    from .scheduler import distribution_lines
+
+    if configs is None:
+        print(f"Would run a {spec.search.method} search: {spec.search.n_trials} trials per type over {spec.sae_types}")
+        return EXIT_OK
+    print(f"Would run {len(configs)} experiments ({_by_type(configs)}) in sweep '{spec.name}'")
+    print(f"  storage: {spec.storage_url}   results: {spec.trials_dir}")
+    for i, cfg in enumerate(configs[:PREVIEW]):
+        fields = list(swept_params(spec, cfg)) if cfg.sae_type in spec.grids else ["lr", "dict_size_ratio", "sparsity_coeff"]
+        print(f"  {i + 1}. {cfg.trial_id}  {describe_params(cfg, fields)}")
+    if len(configs) > PREVIEW:
+        print(f"  ... and {len(configs) - PREVIEW} more")
+    print(f"Using devices: {[s.name for s in slots]}")
+    if len(slots) > 1 or spec.execution.policy == "round_robin":
+        assignment = {c.trial_id: slots[i % len(slots)].name for i, c in enumerate(configs)}
+        label = "round-robin" if spec.execution.policy == "round_robin" else "dynamic queue, initial round-robin estimate"
+        print(f"({label})")
+        for line in distribution_lines(assignment, slots):
+            print(line)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------- worker
+def _worker_args(p):
+    flag(p, "storage", required=True, help="the sweep's storage URL (postgresql://... or a journal path)")
+    flag(p, "sweep", required=True, help="sweep name")
+    flag(p, "devices", default="auto", help="devices of this host for workers (default auto)")
+    flag(p, "max_parallel", type=positive_int, help="worker processes on this host")
+    flag(p, "policy", choices=["dynamic", "round_robin"], default="dynamic")
+
+
+@command("worker", "join a sweep from this host: claim and run its trials")(_worker_args)
+def cmd_worker(args) -> int:
+    from .grid import ExecutionSpec
+    from .scheduler import print_worker_table, run_workers, worker_slots
+    from .store import SweepStore, redact
+
+    slots = worker_slots(args.devices, args.max_parallel)
+    store = SweepStore(args.storage, args.sweep, create=False)
+    execution = ExecutionSpec.model_validate(store.info.get("spec", {}).get("execution", {}))
+    print(f"Worker for sweep '{args.sweep}' on {redact(args.storage)}; devices {[s.name for s in slots]}")
+    outcome = run_workers(store, execution, slots, policy=args.policy)
+    print_worker_table(outcome.workers)
+    return outcome.exit_code
+
+
+# ------------------------------------------------------------------ status / results
+def _sweep_ref_args(p):
+    p.add_argument("sweep", help="sweep name (under --output_dir), sweep folder, or name with --storage")
+    flag(p, "storage", help="storage URL (default: the sweep folder's journal)")
+    flag(p, "output_dir", default="runs", help="where sweeps keep their results (default: runs)")
+
+
+def open_existing(args):
+    """(store, sweep folder) for a sweep named on the command line."""
+    from .store import SweepStore
+
+    ref = Path(args.sweep)
+    if args.storage:
+        store = SweepStore(args.storage, args.sweep, create=False)
+        return store, Path(args.output_dir) / args.sweep
+    for folder in (ref, Path(args.output_dir) / args.sweep):
+        journal = folder / "sweep.journal"
+        if journal.exists():
+            import optuna
+
+            from .store import open_storage
+
+            names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(journal))[2])]
+            name = folder.name if folder.name in names else (names[0] if names else folder.name)
+            return SweepStore(str(journal), name, create=False), folder
+    raise ConfigError(f"sweep {args.sweep!r}: no sweep folder with a sweep.journal at {ref} or {Path(args.output_dir) / args.sweep}; "
+                      "give --storage for a database")
+
+
+@command("status", "summarise a sweep's progress")(_sweep_ref_args)
+def cmd_status(args) -> int:
+    from collections import Counter, defaultdict
+
+    store, folder = open_existing(args)
+    recs = store.records()
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        by_type[r.sae_type][r.state] += 1
+    total = Counter(r.state for r in recs)
+    print(f"Sweep '{store.name}' ({len(recs)} trials)  [{folder}]")
+    print(f"  {'type':<22}{'complete':>9}{'running':>9}{'waiting':>9}{'failed':>8}")
+    for t, c in by_type.items():
+        print(f"  {t:<22}{c['complete']:>9}{c['running']:>9}{c['waiting']:>9}{c['failed']:>8}")
+    print(f"  {'all':<22}{total['complete']:>9}{total['running']:>9}{total['waiting']:>9}{total['failed']:>8}")
+    durations = [r.duration_s for r in recs if r.state == "complete" and r.duration_s]
+    left = total["waiting"] + total["running"]
+    if durations and left:
+        print(f"  mean trial time {sum(durations) / len(durations):.1f}s; about {left * sum(durations) / len(durations):.0f}s of work left")
+    for r in recs:
+        if r.state == "failed":
+            print(f"  failed {r.trial_id} ({r.attempts} attempts): {r.reason}")
+    from .scheduler import per_slot_totals, print_worker_table
+
+    print_worker_table(per_slot_totals(store))
+    return EXIT_OK
+
+
+def _results_args(p):
+    _sweep_ref_args(p)
+    flag(p, "output", help="file path without extension (default: <sweep folder>/results)")
+
+
+@command("results", "export every trial's params and metrics as CSV and Parquet")(_results_args)
+def cmd_results(args) -> int:
+    from .results import results_table, write_table
+
+    store, folder = open_existing(args)
+    df = results_table(store)
+    paths = write_table(df, Path(args.output) if args.output else folder / "results")
+    print(f"{len(df)} trials -> " + ", ".join(str(p) for p in paths))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------- devices / cache
+def _devices_args(p):
+    pass
+
+
+@command("devices", "list the devices saesweep can use")(_devices_args)
+def cmd_devices(args) -> int:
+    from .devices import detect
+
+    for d in detect():
+        print(d.line())
+    return EXIT_OK
+
+
+def _cache_args(p):
+    p.add_argument("action", choices=["ls", "rm", "verify"])
+    p.add_argument("keys", nargs="*", help="entries to remove or verify (default for verify: all)")
+    flag(p, "all", action="store_true", help="with rm: remove every entry")
+    flag(p, "cache_dir", help="cache folder (default: $SAESWEEP_CACHE or ~/.cache/saesweep)")
+
+
+@command("cache", "list, verify or remove cached activations")(_cache_args)
+def cmd_cache(args) -> int:
+    from .activations import cache
+
+    root = cache.cache_root(args.cache_dir)
+    if args.action == "ls":
+        entries = cache.list_entries(root)
+        if not entries:
+            print(f"no cached activations in {root}")
+        for e in entries:
+            print(f"{e['key']}  {e['model']}  {e['hook']}  {e['dataset']}  {e['tokens']:,} tokens  "
+                  f"{e['size_bytes'] / 2**20:.1f} MiB")
+        return EXIT_OK
+    if args.action == "rm":
+        if not args.keys and not args.all:
+            raise ConfigError("cache rm: name the keys to remove, or --all")
+        removed = cache.remove_entries(root, "all" if args.all else args.keys)
+        print(f"removed {len(removed)} entries from {root}")
+        return EXIT_OK
+    bad = [e["key"] for e in cache.list_entries(root) if (not args.keys or e["key"] in args.keys)
+           and not cache.verify_entry(root / "activations" / e["key"])]
+    print("all entries verify" if not bad else f"corrupt: {', '.join(bad)}")
+    return EXIT_OK if not bad else 1

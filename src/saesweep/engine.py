@@ -1,0 +1,230 @@
+"""The sweep engine: a worker claims packs of trials from the store, trains them, records results.
+
+Every front end ends here: config-file runs, the in-memory sweep, the bash script, device
+schedulers (a device worker is a worker pinned to a device) and workers on other hosts.
+
+A worker loops: reap expired leases, claim a pack of compatible waiting trials, train it with
+``run_pack`` while a heartbeat thread renews the leases, then record each member as complete or
+failed (failed attempts are retried up to ``max_retries`` unless they diverged). It stops when
+the sweep has no waiting and no running trials, when told to stop, or after
+``max_consecutive_failures`` failures in a row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .config import ExperimentConfig
+from .experiment import INTERRUPTED
+from .grid import ExecutionSpec, SweepSpec
+from .store import Claim, SweepStore, new_worker_id
+
+
+class SweepAborted(RuntimeError):
+    """Too many failures in a row: the sweep stops with a clear message."""
+
+
+@dataclass
+class WorkerStats:
+    worker: str
+    device: str
+    trials_done: int = 0
+    trials_failed: int = 0
+    packs: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+    lost_leases: int = 0
+    aborted: Optional[str] = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.busy_s if self.busy_s else 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(tokens_per_s=self.tokens_per_s, busy_fraction=self.busy_fraction)
+        return d
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store: SweepStore, claims: list[Claim], worker: str, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.store, self.claims, self.worker, self.every_s = store, claims, worker, every_s
+        self.stop_event = threading.Event()
+        self.lost: set[int] = set()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.every_s):
+            live = [c for c in self.claims if c.trial_pk not in self.lost]
+            try:
+                for c in self.store.heartbeat(live, self.worker):
+                    self.lost.add(c.trial_pk)
+            except Exception:  # a transient storage error: try again at the next beat
+                pass
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def objectives_of(store: SweepStore) -> list[str]:
+    return list(store.info.get("objectives", ["fvu"]))
+
+
+class Worker:
+    """Claims and runs packs until the sweep is done (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: SweepStore,
+        execution: ExecutionSpec,
+        *,
+        device: str = "cpu",
+        slot: str = "",
+        show_progress: Optional[bool] = False,
+        stop: Optional[threading.Event] = None,
+        poll_s: float = 2.0,
+        on_result: Optional[Callable[[Claim, Any], None]] = None,
+        tracker: Any = None,
+        accept: Optional[Callable[[Any], bool]] = None,
+        share: int = 1,
+    ) -> None:
+        self.store, self.ex = store, execution
+        self.device = device
+        self.worker_id = new_worker_id(slot or device)
+        self.show_progress = show_progress
+        self.stop = stop or threading.Event()
+        self.poll_s = poll_s
+        self.on_result = on_result
+        self.tracker = tracker
+        self.accept = accept
+        self.share = max(1, share)  # workers sharing the queue: a pack takes at most its share of a group
+        self.stats = WorkerStats(self.worker_id, device)
+        self.objectives = objectives_of(store)
+        self.checkpoint_dir = Path(store.info.get("checkpoint_dir", "runs/.checkpoints"))
+
+    # --------------------------------------------------------------------- loop
+    def run(self) -> WorkerStats:
+        t0 = time.perf_counter()
+        consecutive = 0
+        try:
+            while not self.stop.is_set():
+                self.store.reap_expired(self.ex.lease_s, self.ex.max_retries)
+                claims = self.store.claim(self.worker_id, self.ex.pack_size, accept=self.accept, share=self.share)
+                if not claims:
+                    if not self._more_may_come():
+                        break
+                    self.stop.wait(self.poll_s)  # others are running: wait, maybe reclaim later
+                    continue
+                ok, failed = self.run_claims(claims)
+                consecutive = 0 if ok else consecutive + failed
+                if consecutive >= self.ex.max_consecutive_failures:
+                    msg = (f"{consecutive} trials failed in a row on {self.worker_id}; stopping this worker "
+                           f"(last reason: {self._last_reason})")
+                    self.stats.aborted = msg
+                    raise SweepAborted(msg)
+        finally:
+            self.stats.wall_s = time.perf_counter() - t0
+        return self.stats
+
+    _last_reason: str = ""
+
+    def _more_may_come(self) -> bool:
+        """Trials this worker could still get: waiting ones, or running ones whose lease may expire."""
+        from .store import RUNNING, WAITING
+
+        return any(self.accept is None or self.accept(t) for t in self.store.trials([WAITING, RUNNING]))
+
+    def run_claims(self, claims: list[Claim]) -> tuple[int, int]:
+        """Train one pack; returns (trials completed, trials failed)."""
+        from .experiment import run_pack
+
+        configs = [c.config for c in claims]
+        beat = _Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
+        beat.start()
+        t0 = time.perf_counter()
+        ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
+        try:
+            results = run_pack(configs, device=self.device, show_progress=self.show_progress,
+                               checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
+                               on_log=self.tracker.log if self.tracker else None, should_stop=self.stop.is_set)
+        except Exception as e:  # the whole pack failed: every member is retried
+            beat.stop()
+            reason = f"{type(e).__name__}: {e}".strip()
+            self._last_reason = reason
+            for c in claims:
+                self.store.fail(c, reason, retry=True, max_retries=self.ex.max_retries,
+                                extra={"traceback": traceback.format_exc()[-4000:], "worker": self.worker_id})
+            self.stats.trials_failed += len(claims)
+            return 0, len(claims)
+        finally:
+            beat.stop()
+            self.stats.busy_s += time.perf_counter() - t0
+        self.stats.packs += 1
+        done = failed = 0
+        for c, r in zip(claims, results):
+            extra = {"run_dir": str(Path(r.run_dir).resolve()), "worker": self.worker_id, "device": r.metrics.get("device", self.device)}
+            if c.trial_pk in beat.lost:
+                self.stats.lost_leases += 1
+                continue
+            if r.ok:
+                if self.store.complete(c, r.metrics, objectives=self.objectives, extra=extra):
+                    done += 1
+                    self.stats.tokens += int(r.metrics.get("tokens", 0))
+                else:
+                    self.stats.lost_leases += 1
+            elif r.reason == INTERRUPTED:  # stopped on request: back in the queue, the attempt not counted
+                self.store.fail(c, r.reason, retry=True, max_retries=self.ex.max_retries, extra=extra, same_attempt=True)
+            else:
+                self._last_reason = r.reason or "failed"
+                self.store.fail(c, r.reason or "failed", retry=False, extra=extra)  # divergence is not retried
+                failed += 1
+            if self.tracker is not None:
+                self.tracker.finish(c, r)
+            if self.on_result is not None:
+                self.on_result(c, r)
+        if all(r.ok for r in results):
+            ckpt.unlink(missing_ok=True)
+        self.stats.trials_done += done
+        self.stats.trials_failed += failed
+        return done, failed
+
+
+def _pack_file(claims: Sequence[Claim]) -> str:
+    import hashlib
+
+    return hashlib.sha1(",".join(sorted(c.trial_id for c in claims)).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------- sweep set-up
+def open_sweep(spec: SweepSpec) -> SweepStore:
+    """Open (or create) the sweep's store, recording the spec the first time."""
+    store = SweepStore(spec.storage_url, spec.name, directions=spec.search.directions)
+    info = store.info
+    if "spec" not in info:
+        store.set_info(objectives=spec.search.objectives, spec=spec.model_dump(mode="json"),
+                       checkpoint_dir=str(spec.sweep_dir / "checkpoints"), created=time.time())
+    elif info["spec"].get("execution") != spec.execution.model_dump(mode="json"):
+        store.set_info(spec={**info["spec"], "execution": spec.execution.model_dump(mode="json")})
+    return store
+
+
+def queue_trials(store: SweepStore, spec: SweepSpec, configs: Sequence[ExperimentConfig], *, from_files: bool = False) -> int:
+    """Queue ``configs`` (idempotent: trial ids the sweep already holds are kept as they are)."""
+    from .search import grid_spaces, inferred_spaces
+
+    params, spaces = inferred_spaces(configs) if from_files else grid_spaces(spec, configs)
+    return store.add_trials(configs, params, spaces)

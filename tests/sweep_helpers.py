@@ -1,0 +1,45 @@
+"""Small sweeps for tests: a spec file with a tiny base config, and ways to run workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = {
+    "source": {"kind": "synthetic", "d_in": 8, "n_features": 16, "sparsity": 0.1},
+    "train": {"tokens": 2048, "batch_size": 1024, "log_every": 1},
+    "eval": {"tokens": 512},
+}
+
+
+def write_spec(folder: Path, **fields) -> Path:
+    spec = {"base": TINY_BASE, **fields}
+    path = Path(folder) / "saesweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def saesweep(*args, cwd: Path, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "saesweep", *map(str, args)], cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"saesweep {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start_worker(storage: str, sweep: str, cwd: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "saesweep.worker_main", "--storage", storage, "--sweep", sweep,
+                             "--device", "cpu", "--threads", "1", *extra], cwd=cwd, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
