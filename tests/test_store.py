@@ -188,7 +188,7 @@ def test_expired_lease_is_reaped_once_and_zombie_result_discarded(tmp_path):
     assert other.reap_expired(lease_s=0.01) == [claim.trial_id]
     assert other.reap_expired(lease_s=0.01) == []  # already reaped: nothing happens twice
     assert store.complete(claim, {"fvu": 0.1}, objectives=["fvu"]) is False  # the zombie's late result
-    assert store.counts() == {"waiting": 1, "running": 0, "complete": 0, "failed": 0}
+    assert store.counts() == {"waiting": 1, "running": 0, "complete": 0, "failed": 0, "pruned": 0}
 
 
 def test_bad_storage_urls():

@@ -128,7 +128,7 @@ def _load_commands() -> None:
     """Import the modules that register further subcommands."""
     import importlib
 
-    for mod in ("cli_sweep",):
+    for mod in ("cli_sweep", "cli_report", "cli_launch"):
         try:
             importlib.import_module(f"saesweep.{mod}")
         except ModuleNotFoundError as e:

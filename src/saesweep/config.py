@@ -154,6 +154,9 @@ class _ExperimentBase(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs", description="folder that receives the run folder <output_dir>/<trial_id>")
     cache_dir: Optional[str] = Field(None, description="activation cache folder (default: $SAESWEEP_CACHE or ~/.cache/saesweep)")
+    cache_mode: Literal["build", "wait"] = Field(
+        "build", description="when the activations are not cached: build them here, or wait for another host to"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -198,7 +201,7 @@ class _ExperimentBase(Strict):
     def identity(self) -> dict[str, Any]:
         """What defines the experiment's result: everything but names, paths, device, logging."""
         d = self.to_dict()
-        for key in ("name", "output_dir", "cache_dir"):
+        for key in ("name", "output_dir", "cache_dir", "cache_mode"):
             d.pop(key, None)
         for key in ("device", "log_every"):
             d["train"].pop(key, None)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 from .config import ExperimentConfig
 from .experiment import INTERRUPTED
 from .grid import ExecutionSpec, SweepSpec
-from .store import Claim, SweepStore, new_worker_id
+from .store import Claim, SweepStore, new_worker_id, redact
 
 
 class SweepAborted(RuntimeError):
@@ -80,10 +80,6 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
-def objectives_of(store: SweepStore) -> list[str]:
-    return list(store.info.get("objectives", ["fvu"]))
-
-
 class Worker:
     """Claims and runs packs until the sweep is done (see the module docstring)."""
 
@@ -112,9 +108,16 @@ class Worker:
         self.tracker = tracker
         self.accept = accept
         self.share = max(1, share)  # workers sharing the queue: a pack takes at most its share of a group
+        self.slot = slot or device
         self.stats = WorkerStats(self.worker_id, device)
-        self.objectives = objectives_of(store)
-        self.checkpoint_dir = Path(store.info.get("checkpoint_dir", "runs/.checkpoints"))
+        info = store.info
+        self.objectives = list(info.get("objectives", ["fvu"]))
+        self.checkpoint_dir = Path(info.get("checkpoint_dir", "runs/.checkpoints"))
+        self.spec = SweepSpec.model_validate(info["spec"]) if "spec" in info else None
+        if self.tracker is None and self.spec is not None:
+            from .tracking import make_tracker
+
+            self.tracker = make_tracker(self.spec, store)
 
     # --------------------------------------------------------------------- loop
     def run(self) -> WorkerStats:
@@ -123,7 +126,11 @@ class Worker:
         try:
             while not self.stop.is_set():
                 self.store.reap_expired(self.ex.lease_s, self.ex.max_retries)
-                claims = self.store.claim(self.worker_id, self.ex.pack_size, accept=self.accept, share=self.share)
+                claims = self.store.claim(self.worker_id, self.ex.pack_size, accept=self._accepts, share=self.share)
+                if not claims and self.spec is not None and self.spec.search.method != "grid":
+                    from .search import ask_trials
+
+                    claims = ask_trials(self.store, self.spec, self.worker_id, self.ex.pack_size)
                 if not claims:
                     if not self._more_may_come():
                         break
@@ -142,11 +149,16 @@ class Worker:
 
     _last_reason: str = ""
 
+    def _accepts(self, t) -> bool:
+        if self.slot in t.user_attrs.get("avoid", ()):  # ran out of memory here before
+            return False
+        return self.accept is None or self.accept(t)
+
     def _more_may_come(self) -> bool:
         """Trials this worker could still get: waiting ones, or running ones whose lease may expire."""
         from .store import RUNNING, WAITING
 
-        return any(self.accept is None or self.accept(t) for t in self.store.trials([WAITING, RUNNING]))
+        return any(self._accepts(t) for t in self.store.trials([WAITING, RUNNING]))
 
     def run_claims(self, claims: list[Claim]) -> tuple[int, int]:
         """Train one pack; returns (trials completed, trials failed)."""
@@ -157,22 +169,31 @@ class Worker:
         beat.start()
         t0 = time.perf_counter()
         ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
+        should_prune = None
+        if self.spec is not None and self.spec.search.pruner != "none":
+            from .search import pruning_callback
+
+            should_prune = pruning_callback(self.store, self.spec, claims)
         try:
             results = run_pack(configs, device=self.device, show_progress=self.show_progress,
                                checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
-                               on_log=self.tracker.log if self.tracker else None, should_stop=self.stop.is_set)
-        except Exception as e:  # the whole pack failed: every member is retried
+                               on_log=self.tracker.log if self.tracker else None, should_stop=self.stop.is_set,
+                               should_prune=should_prune)
+        except Exception as e:
             beat.stop()
+            self.stats.busy_s += time.perf_counter() - t0
+            if _is_oom(e):
+                return self._out_of_memory(claims)
             reason = f"{type(e).__name__}: {e}".strip()
             self._last_reason = reason
-            for c in claims:
+            for c in claims:  # the whole pack failed: every member is retried
                 self.store.fail(c, reason, retry=True, max_retries=self.ex.max_retries,
                                 extra={"traceback": traceback.format_exc()[-4000:], "worker": self.worker_id})
             self.stats.trials_failed += len(claims)
             return 0, len(claims)
         finally:
             beat.stop()
-            self.stats.busy_s += time.perf_counter() - t0
+        self.stats.busy_s += time.perf_counter() - t0
         self.stats.packs += 1
         done = failed = 0
         for c, r in zip(claims, results):
@@ -186,6 +207,8 @@ class Worker:
                     self.stats.tokens += int(r.metrics.get("tokens", 0))
                 else:
                     self.stats.lost_leases += 1
+            elif r.status == "pruned":
+                self.store.prune(c, r.reason or "pruned", r.metrics.get("last_log"))
             elif r.reason == INTERRUPTED:  # stopped on request: back in the queue, the attempt not counted
                 self.store.fail(c, r.reason, retry=True, max_retries=self.ex.max_retries, extra=extra, same_attempt=True)
             else:
@@ -203,6 +226,39 @@ class Worker:
         return done, failed
 
 
+    def _out_of_memory(self, claims: list[Claim]) -> tuple[int, int]:
+        """Split a pack that ran out of device memory; a single trial is retried on another slot."""
+        _free_device_memory()
+        if len(claims) > 1:
+            half = len(claims) // 2
+            for c in claims[half:]:  # back to the queue, attempt not counted
+                self.store.fail(c, f"out of memory in a pack of {len(claims)} on {self.slot}: pack split",
+                                retry=True, same_attempt=True)
+            return self.run_claims(claims[:half])
+        c = claims[0]
+        self._last_reason = f"out of memory on {self.slot}"
+        self.store.fail(c, self._last_reason, retry=True, max_retries=self.ex.max_retries, avoid_slot=self.slot)
+        self.stats.trials_failed += 1
+        return 0, 1
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or "out of memory" in str(e).lower()
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _pack_file(claims: Sequence[Claim]) -> str:
     import hashlib
 
@@ -213,12 +269,15 @@ def _pack_file(claims: Sequence[Claim]) -> str:
 def open_sweep(spec: SweepSpec) -> SweepStore:
     """Open (or create) the sweep's store, recording the spec the first time."""
     store = SweepStore(spec.storage_url, spec.name, directions=spec.search.directions)
+    stored = spec.model_dump(mode="json")
+    if stored.get("storage"):
+        stored["storage"] = redact(stored["storage"])  # never keep a password in the sweep
     info = store.info
     if "spec" not in info:
-        store.set_info(objectives=spec.search.objectives, spec=spec.model_dump(mode="json"),
-                       checkpoint_dir=str(spec.sweep_dir / "checkpoints"), created=time.time())
-    elif info["spec"].get("execution") != spec.execution.model_dump(mode="json"):
-        store.set_info(spec={**info["spec"], "execution": spec.execution.model_dump(mode="json")})
+        store.set_info(objectives=spec.search.objectives, spec=stored,
+                       checkpoint_dir=str(spec.sweep_dir.resolve() / "checkpoints"), created=time.time())
+    elif {k: info["spec"].get(k) for k in ("execution", "tracking", "search")} != {k: stored[k] for k in ("execution", "tracking", "search")}:
+        store.set_info(spec={**info["spec"], **{k: stored[k] for k in ("execution", "tracking", "search")}})
     return store
 
 

@@ -36,7 +36,7 @@ ConfigLike = Union[ExperimentConfig, dict, str, Path]
 @dataclass
 class RunResult:
     trial_id: str
-    status: str  # "complete" or "failed"
+    status: str  # "complete", "failed" or "pruned"
     run_dir: Path
     config: ExperimentConfig
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +78,7 @@ def run_pack(
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     data: Optional[Activations] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
 ) -> list[RunResult]:
     """Train a pack of compatible configs together; one result per config, in order."""
     configs = [as_config(c) for c in configs]
@@ -90,6 +91,7 @@ def run_pack(
     res = train_pack(
         configs, data, device=dev, show_progress=show_progress,
         checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, on_log=on_log, should_stop=should_stop,
+        should_prune=should_prune,
     )
     t_eval = time.perf_counter()
     metrics = evaluate(res.sae, data, configs[0].eval.batch_size) if res.alive else []
@@ -126,5 +128,6 @@ def run_pack(
             member.status, member.reason = "diverged", f"diverged: metric {bad} is not finite after training"
         reason = member.reason or INTERRUPTED
         atomic_write_json(out / FAILURE_FILE, {"trial_id": cfg.trial_id, "reason": reason})
-        results.append(RunResult(cfg.trial_id, "failed", out, cfg, {}, reason))
+        status = "pruned" if member.status == "pruned" else "failed"
+        results.append(RunResult(cfg.trial_id, status, out, cfg, {"last_log": member.log[-1]} if member.log else {}, reason))
     return results

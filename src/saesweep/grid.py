@@ -116,6 +116,17 @@ class ExecutionSpec(Strict):
     checkpoint_every_s: Annotated[float, Field(gt=0)] = 120.0
 
 
+class TrackingSpec(Strict):
+    """Experiment tracking. W&B is used when ``wandb`` is true: online with credentials,
+    offline otherwise (``WANDB_MODE`` is respected); never required."""
+
+    wandb: bool = False
+    project: str = "saesweep"
+    entity: Optional[str] = None
+    group: Optional[str] = Field(None, description="W&B group (default: the sweep name)")
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
 class SweepSpec(Strict):
     """A sweep: a base experiment, per-type grids, the search method, storage and execution."""
 
@@ -128,6 +139,7 @@ class SweepSpec(Strict):
     output_dir: str = "runs"
     limit: Optional[Annotated[int, Field(gt=0)]] = None
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("grids")
     @classmethod

@@ -6,7 +6,7 @@ so Optuna's importance evaluators and dashboard see the real search space.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
@@ -51,3 +51,17 @@ def inferred_spaces(configs: Sequence[ExperimentConfig]) -> tuple[list[dict], li
 
 def _order(v: Any):
     return (str(type(v)), v)
+
+
+# ------------------------------------------------------------ sampled search (issue 6)
+def ask_trials(store, spec: SweepSpec, worker: str, max_n: int) -> list:
+    """New RUNNING trials sampled by the spec's sampler (random/TPE), within the budget.
+
+    Returns claims owned by ``worker``; empty once the budget is spent.
+    """
+    raise NotImplementedError("random/tpe search is not implemented yet")
+
+
+def pruning_callback(store, spec: SweepSpec, claims: Sequence) -> Callable[[ExperimentConfig, dict], bool]:
+    """A ``should_prune(config, log_record)`` for the trainer, backed by the spec's Optuna pruner."""
+    raise NotImplementedError("pruning is not implemented yet")

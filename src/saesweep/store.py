@@ -49,7 +49,8 @@ from .io import file_lock
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-WAITING, RUNNING, COMPLETE, FAIL = TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL
+WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
+                                            TrialState.FAIL, TrialState.PRUNED)
 LEASE_ATTR = "saesweep:heartbeat"
 
 
@@ -214,7 +215,8 @@ class SweepStore:
                 added += 1
             return added
 
-    def _create_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int) -> None:
+    def _create_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int,
+                        avoid: Sequence[str] = ()) -> None:
         from .train import pack_key
 
         trial = optuna.trial.create_trial(
@@ -227,6 +229,7 @@ class SweepStore:
                 "pack_key": pack_key(cfg),
                 "attempt": attempt,
                 "config": cfg.to_dict(),
+                **({"avoid": list(avoid)} if avoid else {}),
             },
         )
         self.study.add_trial(trial)
@@ -293,7 +296,7 @@ class SweepStore:
         return self.storage.get_trial(claim.trial_pk).state == COMPLETE
 
     def fail(self, claim: Claim, reason: str, *, retry: bool, max_retries: int = 2, extra: Optional[dict] = None,
-             same_attempt: bool = False) -> tuple[bool, bool]:
+             same_attempt: bool = False, avoid_slot: Optional[str] = None) -> tuple[bool, bool]:
         """Mark the attempt failed; queue the next attempt when ``retry`` and attempts remain.
 
         Returns (this call recorded the failure, a retry was queued).
@@ -310,9 +313,21 @@ class SweepStore:
         if retry and (same_attempt or claim.attempt <= max_retries):
             t = self.storage.get_trial(claim.trial_pk)
             attempt = claim.attempt if same_attempt else claim.attempt + 1
-            self._create_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt)
+            avoid = list(t.user_attrs.get("avoid", [])) + ([avoid_slot] if avoid_slot else [])
+            self._create_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid)
             return True, True
         return True, False
+
+    def prune(self, claim: Claim, reason: str, last: Optional[dict] = None) -> bool:
+        """Record a trial stopped early by the pruner (a finished outcome, not a failure)."""
+        try:
+            self.storage.set_trial_user_attr(claim.trial_pk, "reason", reason)
+            if last:
+                self.storage.set_trial_user_attr(claim.trial_pk, "last_log", _jsonable(last))
+            self.storage.set_trial_state_values(claim.trial_pk, PRUNED)
+        except UpdateFinishedTrialError:
+            return False
+        return True
 
     def reap_expired(self, lease_s: float, max_retries: int = 2) -> list[str]:
         """Fail and re-queue RUNNING trials whose lease expired; returns their trial ids."""
@@ -336,11 +351,12 @@ class SweepStore:
             by_id.setdefault(t.user_attrs.get("trial_id", f"#{t.number}"), []).append(t)
         out = []
         for tid, attempts in by_id.items():
-            done = [t for t in attempts if t.state == COMPLETE]
+            done = [t for t in attempts if t.state in (COMPLETE, PRUNED)]
             running = [t for t in attempts if t.state == RUNNING]
             waiting = [t for t in attempts if t.state == WAITING]
             last = (done or running or waiting or attempts)[-1]
-            state = "complete" if done else "running" if running else "waiting" if waiting else "failed"
+            state = ("complete" if done[-1].state == COMPLETE else "pruned") if done else \
+                "running" if running else "waiting" if waiting else "failed"
             ua = last.user_attrs
             out.append(
                 TrialRecord(
@@ -350,7 +366,8 @@ class SweepStore:
                     attempts=sum(1 for t in attempts if t.state != WAITING),
                     params=dict(last.params),
                     metrics=dict(ua.get("metrics", {})),
-                    reason=None if done else attempts[-1].user_attrs.get("reason") if attempts[-1].state == FAIL else None,
+                    reason=(done[-1].user_attrs.get("reason") if done else
+                            attempts[-1].user_attrs.get("reason") if attempts[-1].state == FAIL else None),
                     run_dir=ua.get("run_dir"),
                     worker=ua.get("worker"),
                     device=ua.get("device"),
@@ -361,7 +378,7 @@ class SweepStore:
         return out
 
     def counts(self) -> dict[str, int]:
-        c = {"waiting": 0, "running": 0, "complete": 0, "failed": 0}
+        c = {"waiting": 0, "running": 0, "complete": 0, "failed": 0, "pruned": 0}
         for r in self.records():
             c[r.state] += 1
         return c

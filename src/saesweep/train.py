@@ -67,7 +67,7 @@ def sparsity_factor(step: int, total: int, cfg) -> float:
 @dataclass
 class Member:
     config: ExperimentConfig
-    status: str = "running"  # running | complete | diverged
+    status: str = "running"  # running | complete | diverged | pruned
     reason: Optional[str] = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -128,6 +128,7 @@ def train_pack(
     checkpoint_every_s: float = 300.0,
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
 ) -> PackResult:
     """Train every config of a pack on ``data``; see the module docstring."""
     check_pack(configs)
@@ -180,6 +181,10 @@ def train_pack(
                 _log(step, tc, losses, alive, members, opt, total, on_log)
                 r = members[alive[0]].log[-1]
                 bar.set(loss=r["loss"], l0=r["l0"])
+                if should_prune is not None and step < total - 1:
+                    alive = _prune(should_prune, step, sae, opt, members, alive)
+                    if not alive:
+                        break
             bar.advance(1)
             if checkpoint is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
                 _save_checkpoint(checkpoint, step + 1, sae, opt, members, alive)
@@ -194,6 +199,23 @@ def train_pack(
         if done:
             members[i].status = "complete"
     return PackResult(sae, members, alive, steps=step, tokens=(step - start) * tc.batch_size, wall_s=wall, resumed_from=start)
+
+
+def _prune(should_prune, step, sae, opt, members, alive) -> list[int]:
+    """Stop the members the pruner rejects (Optuna median/ASHA on intermediate values)."""
+    keep = []
+    for row, i in enumerate(alive):
+        m = members[i]
+        if should_prune(m.config, m.log[-1]):
+            m.status, m.reason = "pruned", f"pruned at step {step}"
+        else:
+            keep.append(row)
+    if len(keep) < len(alive):
+        if keep:
+            sae.select(keep)
+            opt.rebind(sae.named_parameters(), keep)
+        alive = [alive[r] for r in keep]
+    return alive
 
 
 def _select_losses(losses, keep):
