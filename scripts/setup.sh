@@ -22,4 +22,7 @@ else
   constraints=(-c constraints/cpu.txt)
 fi
 .venv/bin/python -m pip install -q "${constraints[@]}" -e ".[${extras}]" 2>&1 | grep -v "is ignored" || true
+# W&B's sweep-config schema and validator (what `wandb[sweeps]` adds). Its metadata pins
+# numpy<2, which would downgrade numpy under torch; the parts saesweep uses work with numpy 2.
+.venv/bin/python -m pip install -q --no-deps "sweeps>=0.2" 2>&1 | grep -v "is ignored" || true
 .venv/bin/saesweep --version

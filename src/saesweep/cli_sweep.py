@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 from .cli import EXIT_OK, EXIT_USAGE, command, flag, parse_overrides
 from .config import ConfigError, ExperimentConfig, load_config
+from .store import redact
 
 PREVIEW = 5
 
@@ -41,15 +42,21 @@ def spec_flags(p: argparse.ArgumentParser, *, types: bool = True) -> None:
 
 
 def run_flags(p: argparse.ArgumentParser) -> None:
-    flag(p, "max_parallel", type=positive_int, help="worker processes (default 1, or one per device)")
-    flag(p, "devices", help="auto | cuda:0,cuda:1,cpu | cpu:0,cpu:1 (default from the spec: auto)")
-    flag(p, "policy", choices=["dynamic", "round_robin"], help="dynamic queue (default) or round-robin")
+    flag(p, "max_parallel", type=positive_int,
+         help="worker processes (default: one per device, up to 2 per GPU when the largest pack fits twice)")
+    flag(p, "devices", help="auto | cuda:0,cuda:1,cpu | cpu:0,cpu:1 | cpu:0=4,cpu:1=4 (K=T: T threads); "
+                            "default from the spec: auto = every GPU, else MPS, else the CPU")
+    flag(p, "policy", choices=["dynamic", "round_robin"],
+         help="dynamic: each device pulls the next pack when free (default); round_robin: trials dealt to devices up front")
     flag(p, "pack_size", type=positive_int, help="most trials trained together (1 = no packing)")
-    flag(p, "dry_run", action="store_true", help="print what would run and touch nothing")
+    flag(p, "dry_run", action="store_true", help="print what would run and where, and touch nothing")
     flag(p, "show_devices", action="store_true", help="list the devices found and exit")
     flag(p, "name", help="sweep name (default: the spec's)")
     flag(p, "storage", help="journal file, postgresql://... (default: <output_dir>/<name>/sweep.journal)")
     flag(p, "output_dir", help="where sweeps keep their results (default: runs)")
+    flag(p, "wandb", action="store_true", default=None,
+         help="log every trial to W&B (online when logged in, else offline; WANDB_MODE wins)")
+    flag(p, "wandb_project", help="W&B project (default: the spec's tracking.project)")
 
 
 def spec_from_args(args: argparse.Namespace, **extra: Any):
@@ -65,6 +72,8 @@ def spec_from_args(args: argparse.Namespace, **extra: Any):
         "execution.devices": getattr(args, "devices", None),
         "execution.policy": getattr(args, "policy", None),
         "execution.pack_size": getattr(args, "pack_size", None),
+        "tracking.wandb": True if getattr(args, "wandb", None) else None,
+        "tracking.project": getattr(args, "wandb_project", None),
         **extra,
     }
     for k, v in parse_overrides(getattr(args, "set", [])).items():
@@ -205,13 +214,18 @@ def cmd_sweep(args) -> int:
 
 def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
     """Shared by run / sweep: dry run, or queue the trials and run the workers."""
-    from .scheduler import distribution_lines, worker_slots
+    from .devices import detect, detection_lines
+    from .scheduler import device_names, plan_lines, plan_workers
 
     if getattr(args, "show_devices", False):
         return cmd_devices(args)
-    slots = worker_slots(spec.execution.devices, getattr(args, "max_parallel", None) or spec.execution.max_parallel)
+    # an explicit --max_parallel (or execution.max_parallel in the spec file) fixes the worker count
+    mp = spec.execution.max_parallel if "max_parallel" in spec.execution.model_fields_set else None
+    # free memory is shown only by a dry run: asking torch for it would hold a CUDA context in this process
+    found = detect(with_free=bool(args.dry_run))
+    slots = plan_workers(spec.execution.devices, mp, configs, spec.execution, found=found)
     if args.dry_run:
-        return dry_run(spec, configs, slots)
+        return dry_run(spec, configs, slots, found)
     from .engine import open_sweep, queue_trials
     from .scheduler import print_worker_table, run_workers
 
@@ -223,7 +237,12 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
         done = sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete")
         print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new, "
               f"{done} already complete  [{spec.sweep_dir}]")
-    print(f"Using devices: {[s.name for s in slots]}")
+    for line in detection_lines(found):
+        print(line)
+    print(f"\nUsing devices: {device_names(slots)}  (policy {spec.execution.policy})")
+    for line in plan_lines(slots, spec.execution.pack_size):
+        print(line)
+    sys.stdout.flush()
     outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
     c = outcome.counts
     print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
@@ -239,33 +258,47 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     return outcome.exit_code
 
 
-def dry_run(spec, configs, slots) -> int:
+def dry_run(spec, configs, slots, found=None) -> int:
+    from .devices import detection_lines
     from .grid import swept_params
-    from .scheduler import distribution_lines
+    from .scheduler import deal, device_names, distribution_lines, plan_lines
 
     if configs is None:
         print(f"Would run a {spec.search.method} search: {spec.search.n_trials} trials per type over {spec.sae_types}")
+    else:
+        print(f"Would run {len(configs)} experiments ({_by_type(configs)}) in sweep '{spec.name}'")
+        print(f"  storage: {redact(spec.storage_url)}   results: {spec.trials_dir}")
+        for i, cfg in enumerate(configs[:PREVIEW]):
+            fields = list(swept_params(spec, cfg)) if cfg.sae_type in spec.grids else ["lr", "dict_size_ratio", "sparsity_coeff"]
+            print(f"  {i + 1}. {cfg.trial_id}  {describe_params(cfg, fields)}")
+        if len(configs) > PREVIEW:
+            print(f"  ... and {len(configs) - PREVIEW} more")
+    print()
+    for line in detection_lines(found):
+        print(line)
+    print(f"\nUsing devices: {device_names(slots)}")
+    for line in plan_lines(slots, spec.execution.pack_size):
+        print(line)
+    if configs is None:
         return EXIT_OK
-    print(f"Would run {len(configs)} experiments ({_by_type(configs)}) in sweep '{spec.name}'")
-    print(f"  storage: {spec.storage_url}   results: {spec.trials_dir}")
-    for i, cfg in enumerate(configs[:PREVIEW]):
-        fields = list(swept_params(spec, cfg)) if cfg.sae_type in spec.grids else ["lr", "dict_size_ratio", "sparsity_coeff"]
-        print(f"  {i + 1}. {cfg.trial_id}  {describe_params(cfg, fields)}")
-    if len(configs) > PREVIEW:
-        print(f"  ... and {len(configs) - PREVIEW} more")
-    print(f"Using devices: {[s.name for s in slots]}")
-    if len(slots) > 1 or spec.execution.policy == "round_robin":
-        assignment = {c.trial_id: slots[i % len(slots)].name for i, c in enumerate(configs)}
-        label = "round-robin" if spec.execution.policy == "round_robin" else "dynamic queue, initial round-robin estimate"
-        print(f"({label})")
-        for line in distribution_lines(assignment, slots):
-            print(line)
+    ids = [c.trial_id for c in configs]
+    if spec.execution.policy == "round_robin":
+        assignment = deal(ids, slots)
+        print("(round-robin: each device runs exactly these)")
+    else:  # dynamic: an estimate, one share per worker; faster devices will take more
+        by_slot = {s.name: s.base for s in slots}
+        assignment = {tid: by_slot[name] for tid, name in zip(ids, [slots[i % len(slots)].name for i in range(len(ids))])}
+        print("(dynamic queue: an even estimate; faster devices will take more)")
+    for line in distribution_lines(assignment, slots):
+        print(line)
     return EXIT_OK
 
 
 # ------------------------------------------------------------------------- worker
 def _worker_args(p):
-    flag(p, "storage", required=True, help="the sweep's storage URL (postgresql://... or a journal path)")
+    flag(p, "storage", required=True,
+         help="the sweep's storage: postgresql://USER@HOST/DB (password from ~/.pgpass or PGPASSWORD, or in the URL) "
+              "or a journal path")
     flag(p, "sweep", required=True, help="sweep name")
     flag(p, "devices", default="auto", help="devices of this host for workers (default auto)")
     flag(p, "max_parallel", type=positive_int, help="worker processes on this host")
@@ -274,14 +307,33 @@ def _worker_args(p):
 
 @command("worker", "join a sweep from this host: claim and run its trials")(_worker_args)
 def cmd_worker(args) -> int:
+    from .config import parse_config
+    from .devices import detect, detection_lines
     from .grid import ExecutionSpec
-    from .scheduler import print_worker_table, run_workers, worker_slots
-    from .store import SweepStore, redact
+    from .scheduler import device_names, plan_lines, plan_workers, print_worker_table, run_workers
+    from .store import WAITING, SweepStore, password_to_env
 
-    slots = worker_slots(args.devices, args.max_parallel)
+    # a password in the URL moves to PGPASSWORD (read by libpq): the worker processes then get
+    # the URL without it on their command lines, which every user of the host can read
+    args.storage = password_to_env(args.storage)
+    found = detect(with_free=False)
+    parse_devices_first = plan_workers(args.devices, args.max_parallel, None, None, found=found)  # bad --devices: exit 2 now
     store = SweepStore(args.storage, args.sweep, create=False)
     execution = ExecutionSpec.model_validate(store.info.get("spec", {}).get("execution", {}))
-    print(f"Worker for sweep '{args.sweep}' on {redact(args.storage)}; devices {[s.name for s in slots]}")
+    configs = []
+    for t in store.trials([WAITING]):
+        try:
+            configs.append(parse_config(t.user_attrs["config"]))
+        except Exception:
+            pass
+    slots = plan_workers(args.devices, args.max_parallel, configs, execution, found=found) if configs else parse_devices_first
+    print(f"Worker for sweep '{args.sweep}' on {redact(args.storage)}")
+    for line in detection_lines(found):
+        print(line)
+    print(f"\nUsing devices: {device_names(slots)}  (policy {args.policy})")
+    for line in plan_lines(slots, execution.pack_size):
+        print(line)
+    sys.stdout.flush()
     outcome = run_workers(store, execution, slots, policy=args.policy)
     print_worker_table(outcome.workers)
     return outcome.exit_code
@@ -367,24 +419,54 @@ def _devices_args(p):
 
 @command("devices", "list the devices saesweep can use")(_devices_args)
 def cmd_devices(args) -> int:
-    from .devices import detect
+    from .devices import detect, parse_devices
 
-    for d in detect():
+    found = detect()
+    for d in found:
         print(d.line())
+    print(f"\n--devices auto uses: {[s.name for s in parse_devices('auto', found)]}")
     return EXIT_OK
 
 
 def _cache_args(p):
-    p.add_argument("action", choices=["ls", "rm", "verify"])
+    p.add_argument("action", choices=["ls", "rm", "verify", "warm"],
+                   help="ls | rm KEYS | verify [KEYS] | warm: build the entries a sweep (--spec) or a config (--config) needs")
     p.add_argument("keys", nargs="*", help="entries to remove or verify (default for verify: all)")
     flag(p, "all", action="store_true", help="with rm: remove every entry")
-    flag(p, "cache_dir", help="cache folder (default: $SAESWEEP_CACHE or ~/.cache/saesweep)")
+    flag(p, "cache_dir", help="cache folder (default: the configs' cache_dir, else $SAESWEEP_CACHE or ~/.cache/saesweep)")
+    spec_flags(p)
+    flag(p, "config", help="with warm: an experiment config YAML instead of a sweep spec")
+    flag(p, "device", default="auto", help="with warm: device of the language model (default auto)")
 
 
-@command("cache", "list, verify or remove cached activations")(_cache_args)
+@command("cache", "list, verify, remove or warm (build ahead) cached activations")(_cache_args)
 def cmd_cache(args) -> int:
     from .activations import cache
 
+    if args.action == "warm":  # build every entry the trials need, here and now (hosts with cache_mode: wait only read)
+        from .train import resolve_device
+
+        if args.config:
+            configs = [load_config(args.config)]
+            updates = parse_overrides(args.set)
+            if updates:
+                configs = [configs[0].with_updates(**updates)]
+        else:
+            from .grid import expand
+
+            spec = spec_from_args(args)
+            configs = [spec.base_config(t) for t in spec.sae_types] if spec.search.method != "grid" else expand(spec)
+        if args.cache_dir:
+            configs = [c.with_updates(cache_dir=str(args.cache_dir)) for c in configs]
+        hf_configs = [c for c in configs if c.source.kind == "hf"]
+        if not hf_configs:
+            print("nothing to warm: these trials use synthetic activations, which are not cached")
+            return EXIT_OK
+        for e in cache.warm(hf_configs, device=resolve_device(args.device), progress=None):
+            what = "built" if e["built"] else "already cached"
+            print(f"{e['key']}  {what}: {e['model']}  {e['hook']}  {e['dataset']}  {e['tokens']:,} tokens  "
+                  f"({e['seconds']}s)  -> {e['path']}")
+        return EXIT_OK
     root = cache.cache_root(args.cache_dir)
     if args.action == "ls":
         entries = cache.list_entries(root)

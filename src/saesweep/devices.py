@@ -1,59 +1,97 @@
-"""Device detection and device specs.
+"""Device detection, device specs and the memory estimate that plans workers per GPU.
 
 Detection lists each CUDA GPU (name, total and free memory; through NVML when
-``nvidia-ml-py`` is installed, else through torch), Apple MPS, and the CPU (cores, RAM).
+``nvidia-ml-py`` is installed and the driver answers, else through torch), Apple MPS, and the
+CPU (cores, RAM). GPUs are numbered as ``nvidia-smi`` numbers them (PCI bus order), within
+``CUDA_VISIBLE_DEVICES`` when it is set; a worker for ``cuda:N`` is handed that GPU alone
+through ``CUDA_VISIBLE_DEVICES=<its UUID>``, so the numbering cannot shift under it.
 
-A device spec is ``auto`` or a comma-separated list of slots:
+A device spec is ``auto`` or a comma-separated list of:
 
-* ``cuda:N`` -- GPU N (a worker process sees only it, through ``CUDA_VISIBLE_DEVICES``);
+* ``auto`` -- every usable GPU (else MPS, else the CPU); ``auto,cpu`` adds the CPU;
+* ``cuda:N`` (or ``cuda`` = ``cuda:0``) -- GPU N;
 * ``mps`` -- the Apple GPU;
 * ``cpu`` -- the CPU with all its cores;
 * ``cpu:K`` -- CPU slot K: the cores are shared out among the CPU slots;
 * ``cpu:K=T`` -- CPU slot K with T threads.
 
-``auto`` means every GPU if there is one (else MPS, else the CPU).
+:func:`estimate_pack_bytes` gives the device memory a pack of ``n`` trials needs (parameters,
+gradients, Adam moments, optimiser temporaries, the ``[n, batch, d_sae]`` activations of the
+forward and backward pass, the batch, evaluation); the scheduler uses it to decide how many
+workers a GPU gets and how large a pack may be there. Nothing polls free memory to decide.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from .config import ConfigError
+
+GB = 2**30
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str  # cuda:0 | mps | cpu
     kind: str  # cuda | mps | cpu
-    label: str
-    total_bytes: Optional[int] = None
+    label: str  # GPU or CPU model
+    total_bytes: Optional[int] = None  # GPU memory, or RAM for the CPU
     free_bytes: Optional[int] = None
     cores: Optional[int] = None
+    uuid: Optional[str] = None  # GPU-...
+    index: Optional[str] = None  # the GPU's entry in this process's CUDA_VISIBLE_DEVICES, or its index
+    problem: Optional[str] = None  # why this device cannot be used here (None: usable)
+    #: the environment that shows a worker this GPU alone (CUDA_VISIBLE_DEVICES, maybe CUDA_DEVICE_ORDER)
+    select: Optional[dict] = field(default=None, hash=False, compare=False)
 
     def line(self) -> str:
+        """One line in the seed's style: ``Found CUDA device: cuda:0 (24.0GB) - NVIDIA RTX 4090``."""
+        note = f" [not usable: {self.problem}]" if self.problem else ""
         if self.kind == "cuda":
-            return f"Found CUDA device: {self.name} ({(self.total_bytes or 0) / 2**30:.1f}GB) - {self.label}"
+            free = f", {self.free_bytes / GB:.1f}GB free" if self.free_bytes is not None else ""
+            return f"Found CUDA device: {self.name} ({(self.total_bytes or 0) / GB:.1f}GB{free}) - {self.label}{note}"
         if self.kind == "mps":
-            return f"Found MPS device: {self.name} - {self.label}"
-        ram = f", {(self.total_bytes or 0) / 2**30:.1f}GB RAM" if self.total_bytes else ""
-        return f"Found CPU device ({self.cores} cores{ram}) - {self.label}"
+            mem = f" ({self.total_bytes / GB:.1f}GB)" if self.total_bytes else ""
+            return f"Found MPS device: {self.name}{mem} - {self.label}{note}"
+        ram = f", {self.total_bytes / GB:.1f}GB RAM" if self.total_bytes else ""
+        free = f", {self.free_bytes / GB:.1f}GB free" if self.free_bytes is not None else ""
+        return f"Found CPU device ({self.cores} cores{ram}{free}) - {self.label}"
+
+    def short(self) -> str:
+        """``cuda:0 (NVIDIA RTX 4090, 24.0GB)`` -- for error messages."""
+        if self.kind == "cpu":
+            return f"cpu ({self.cores} cores)"
+        mem = f", {self.total_bytes / GB:.1f}GB" if self.total_bytes else ""
+        bad = f", not usable: {self.problem}" if self.problem else ""
+        return f"{self.name} ({self.label}{mem}{bad})"
 
 
 @dataclass(frozen=True)
 class Slot:
     """Where one worker runs."""
 
-    name: str  # as the user wrote it: cuda:1, cpu:0, cpu
+    name: str  # cuda:1, cuda:1#1 (a second worker on cuda:1), cpu:0, cpu, mps
     device: str  # what the worker passes to torch (cuda:0 inside its CUDA_VISIBLE_DEVICES)
-    kind: str
-    threads: Optional[int] = None
-    env: dict = field(default_factory=dict, hash=False)
-    total_bytes: Optional[int] = None
+    kind: str  # cuda | mps | cpu
+    threads: Optional[int] = None  # torch / OpenMP threads of the worker
+    env: dict = field(default_factory=dict, hash=False, compare=False)
+    total_bytes: Optional[int] = None  # the device's memory
+    max_pack: Optional[int] = None  # most trials in one pack on this slot (None: the sweep's pack_size)
+    pack_bytes: Optional[int] = None  # estimated memory of the largest pack this slot will run
+
+    @property
+    def base(self) -> str:
+        """The device this slot is on: ``cuda:1`` for ``cuda:1#1``."""
+        return self.name.split("#")[0]
 
 
+# ---------------------------------------------------------------------- detection
 def _cpu_info() -> DeviceInfo:
     import platform
 
@@ -62,49 +100,132 @@ def _cpu_info() -> DeviceInfo:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = None
+    free = None
     label = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                label = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    label = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
         pass
-    return DeviceInfo("cpu", "cpu", label, total_bytes=ram, cores=cores)
+    return DeviceInfo("cpu", "cpu", label, total_bytes=ram, free_bytes=free, cores=cores)
 
 
-def _cuda_infos() -> list[DeviceInfo]:
-    out: list[DeviceInfo] = []
+def _visible() -> Optional[list[str]]:
+    v = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if v is None:
+        return None
+    out = []
+    for item in v.split(","):
+        item = item.strip()
+        if not item or item.startswith("-"):  # CUDA stops at the first invalid entry
+            break
+        out.append(item)
+    return out
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _nvml_infos() -> Optional[list[DeviceInfo]]:
+    """GPUs through NVML, or None when NVML cannot say (not installed, no driver, MIG entries)."""
     try:
         import pynvml  # nvidia-ml-py
-
+    except ImportError:
+        return None
+    try:
         pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else range(pynvml.nvmlDeviceGetCount())
-        for rank, idx in enumerate(indices):
-            h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+    except Exception:
+        return None
+    try:
+        visible = _visible()
+        handles = []
+        if visible is None:
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handles.append((str(i), pynvml.nvmlDeviceGetHandleByIndex(i)))
+        else:
+            for item in visible:
+                if item.isdigit():
+                    handles.append((item, pynvml.nvmlDeviceGetHandleByIndex(int(item))))
+                elif item.startswith("GPU-"):
+                    handles.append((item, pynvml.nvmlDeviceGetHandleByUUID(item)))
+                else:  # MIG-... and other forms: let torch enumerate them
+                    return None
+        out = []
+        for rank, (index, h) in enumerate(handles):
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
-            out.append(DeviceInfo(f"cuda:{rank}", "cuda", name, int(mem.total), int(mem.free)))
+            try:
+                uuid = _text(pynvml.nvmlDeviceGetUUID(h))
+            except Exception:
+                uuid = None
+            # a UUID names the GPU whatever the enumeration order; an NVML index is nvidia-smi's (PCI) order
+            select = {"CUDA_VISIBLE_DEVICES": uuid} if uuid else {"CUDA_VISIBLE_DEVICES": index,
+                                                                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+            out.append(DeviceInfo(f"cuda:{rank}", "cuda", _text(pynvml.nvmlDeviceGetName(h)), int(mem.total),
+                                  int(mem.free), uuid=uuid, index=index, select=select))
         return out
     except Exception:
-        pass
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _torch_cuda_infos(with_free: bool) -> list[DeviceInfo]:
+    """GPUs through torch. ``with_free`` asks each GPU for its free memory, which creates a CUDA
+    context there; the scheduler's parent process does not ask, so it holds no GPU memory."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return []
+        out = []
+        visible = _visible()
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            try:
-                free, total = torch.cuda.mem_get_info(i)
-            except Exception:
-                free, total = None, props.total_memory
-            out.append(DeviceInfo(f"cuda:{i}", "cuda", props.name, int(total), free))
+            free = total = None
+            if with_free:
+                try:
+                    free, total = torch.cuda.mem_get_info(i)
+                except Exception:
+                    pass
+            uuid = getattr(props, "uuid", None)  # torch's _CUuuid prints as the bare hex UUID
+            uuid = None if uuid is None else str(uuid)
+            if uuid and not uuid.startswith(("GPU-", "MIG-")):
+                uuid = "GPU-" + uuid
+            if visible is not None and i < len(visible):  # the entry that names it here (an index, GPU-..., MIG-...)
+                index = visible[i]
+                select = {"CUDA_VISIBLE_DEVICES": index}
+            else:  # torch's own numbering; the worker inherits CUDA_DEVICE_ORDER, so an index means the same GPU
+                index = str(i)
+                select = {"CUDA_VISIBLE_DEVICES": uuid or index}
+            out.append(DeviceInfo(f"cuda:{i}", "cuda", props.name, int(total or props.total_memory),
+                                  None if free is None else int(free), uuid=uuid, index=index, select=select))
+        return out
     except Exception:
         return []
-    return out
+
+
+def _torch_cuda_built() -> Optional[str]:
+    """Why this process's torch cannot drive an NVIDIA GPU (None: it can)."""
+    try:
+        import torch
+
+        if not torch.backends.cuda.is_built():
+            return f"torch {torch.__version__} was built without CUDA"
+    except Exception as e:  # pragma: no cover - torch always imports here
+        return f"torch cannot be imported ({e})"
+    return None
 
 
 def _mps_info() -> Optional[DeviceInfo]:
@@ -112,15 +233,27 @@ def _mps_info() -> Optional[DeviceInfo]:
         import torch
 
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return DeviceInfo("mps", "mps", "Apple Metal (MPS)")
+            total = None
+            try:
+                total = int(torch.mps.recommended_max_memory())
+            except Exception:
+                pass
+            return DeviceInfo("mps", "mps", "Apple Metal (MPS)", total_bytes=total)
     except Exception:
         pass
     return None
 
 
-def detect() -> list[DeviceInfo]:
-    """Every device on this machine: GPUs first, then MPS, then the CPU."""
-    devs = _cuda_infos()
+def detect(with_free: bool = True) -> list[DeviceInfo]:
+    """Every device of this machine: GPUs first, then MPS, then the CPU."""
+    gpus = _nvml_infos()
+    if gpus is None:
+        gpus = _torch_cuda_infos(with_free)
+    elif gpus:
+        problem = _torch_cuda_built()
+        if problem:
+            gpus = [replace(g, problem=problem) for g in gpus]
+    devs = list(gpus)
     mps = _mps_info()
     if mps:
         devs.append(mps)
@@ -128,63 +261,189 @@ def detect() -> list[DeviceInfo]:
     return devs
 
 
-_SLOT = re.compile(r"^(cuda:(\d+)|cuda|mps|cpu(?::(\d+))?(?:=(\d+))?)$")
+def detection_lines(found: Optional[Sequence[DeviceInfo]] = None) -> list[str]:
+    return [d.line() for d in (detect() if found is None else found)]
 
 
-def parse_devices(spec: str, found: Optional[list[DeviceInfo]] = None) -> list[Slot]:
-    """Slots for a device spec; an unknown or absent device is a ConfigError listing what exists."""
-    found = detect() if found is None else found
-    names = [d.name for d in found]
+# ----------------------------------------------------------------------- device specs
+_ITEM = re.compile(r"^(?:auto|cuda(?::(\d+))?|mps|cpu(?::(\d+))?(?:=(\d+))?)$")
+SPEC_FORMS = "auto, cuda:N, mps, cpu, cpu:K or cpu:K=T (K a slot number, T its threads)"
+
+
+def _found(found: Sequence[DeviceInfo]) -> str:
+    return ", ".join(d.short() for d in found)
+
+
+def parse_devices(spec: Optional[str], found: Optional[Sequence[DeviceInfo]] = None) -> list[Slot]:
+    """One slot per listed device; an unknown, absent or unusable device is a ConfigError that
+    lists the devices found (the CLI turns it into exit code 2 before anything starts)."""
+    found = list(detect(with_free=False) if found is None else found)
     cpu = next(d for d in found if d.kind == "cpu")
-    spec = (spec or "auto").strip()
-    if spec == "auto":
-        gpus = [d for d in found if d.kind in ("cuda", "mps")]
-        items = [d.name for d in gpus] or ["cpu"]
-    else:
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not items:
-        raise ConfigError(f"--devices {spec!r}: empty; devices found: {', '.join(names)}")
-    slots: list[Slot] = []
-    cpu_items = [s for s in items if s.startswith("cpu")]
+    spec = "auto" if spec is None else spec.strip()
+    items = [s.strip() for s in spec.split(",")]
+    if not spec or any(not s for s in items):
+        raise ConfigError(f"--devices {spec!r}: empty entry; use {SPEC_FORMS}; devices found: {_found(found)}")
+    expanded: list[str] = []
     for item in items:
-        m = _SLOT.match(item)
-        if not m:
-            raise ConfigError(f"--devices: {item!r} is not a device; use auto, cuda:N, mps, cpu, cpu:K or cpu:K=T (found: {', '.join(names)})")
-        if item.startswith("cuda"):
-            name = item if ":" in item else "cuda:0"
-            info = next((d for d in found if d.name == name), None)
-            if info is None:
-                raise ConfigError(f"--devices: {name} is not available; devices found: {', '.join(names)}")
-            idx = name.split(":")[1]
-            phys = _physical_index(int(idx))
-            slots.append(Slot(name, "cuda:0", "cuda", env={"CUDA_VISIBLE_DEVICES": phys}, total_bytes=info.total_bytes))
-        elif item == "mps":
-            if "mps" not in names:
-                raise ConfigError(f"--devices: mps is not available; devices found: {', '.join(names)}")
-            slots.append(Slot("mps", "mps", "mps"))
+        if not _ITEM.match(item):
+            raise ConfigError(f"--devices: {item!r} is not a device; use {SPEC_FORMS}; devices found: {_found(found)}")
+        if item == "auto":
+            gpus = [d.name for d in found if d.kind in ("cuda", "mps") and not d.problem]
+            cpu_listed = any(s.startswith("cpu") for s in items)
+            expanded += gpus or ([] if cpu_listed else ["cpu"])
         else:
-            threads = int(m.group(4)) if m.group(4) else max(1, (cpu.cores or 1) // len(cpu_items))
+            expanded.append("cuda:0" if item == "cuda" else item)
+    cpu_items = [s for s in expanded if s.startswith("cpu")]
+    if "cpu" in [s.split("=")[0] for s in cpu_items] and len(cpu_items) > 1:
+        raise ConfigError(f"--devices {spec!r}: give the CPU either as cpu or as slots cpu:0,cpu:1,...; not both")
+    slots: list[Slot] = []
+    for item in expanded:
+        m = _ITEM.match(item)
+        if item.startswith("cuda"):
+            info = next((d for d in found if d.name == item), None)
+            if info is None:
+                raise ConfigError(f"--devices: {item} is not on this machine; devices found: {_found(found)}")
+            if info.problem:
+                raise ConfigError(f"--devices: {item} cannot be used: {info.problem}; devices found: {_found(found)}")
+            env = dict(info.select or {"CUDA_VISIBLE_DEVICES": info.uuid or info.index or item.split(":")[1]})
+            slots.append(Slot(item, "cuda:0", "cuda", env=env, total_bytes=info.total_bytes))
+        elif item == "mps":
+            info = next((d for d in found if d.kind == "mps"), None)
+            if info is None:
+                raise ConfigError(f"--devices: mps is not on this machine; devices found: {_found(found)}")
+            slots.append(Slot("mps", "mps", "mps", total_bytes=info.total_bytes))
+        else:
+            threads = int(m.group(3)) if m.group(3) else max(1, (cpu.cores or 1) // len(cpu_items))
             if threads < 1:
                 raise ConfigError(f"--devices: {item!r} needs at least 1 thread")
-            slots.append(Slot(item.split("=")[0], "cpu", "cpu", threads=threads, env={"CUDA_VISIBLE_DEVICES": ""}, total_bytes=cpu.total_bytes))
+            slots.append(Slot(item.split("=")[0], "cpu", "cpu", threads=threads, env={"CUDA_VISIBLE_DEVICES": ""},
+                              total_bytes=cpu.total_bytes))
     seen = [s.name for s in slots]
-    dup = {n for n in seen if seen.count(n) > 1}
+    dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
-        raise ConfigError(f"--devices: {', '.join(sorted(dup))} listed twice; to run several workers on a CPU use cpu:0,cpu:1")
+        raise ConfigError(f"--devices: {', '.join(dup)} listed twice; to run several workers on a CPU use cpu:0,cpu:1")
     return slots
 
 
-def _physical_index(rank: int) -> str:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        ids = [v.strip() for v in visible.split(",")]
-        if rank < len(ids):
-            return ids[rank]
-    return str(rank)
-
-
-def cpu_slots(n: int, found: Optional[list[DeviceInfo]] = None) -> list[Slot]:
+def cpu_slots(n: int, found: Optional[Sequence[DeviceInfo]] = None) -> list[Slot]:
     """``n`` CPU slots sharing the cores (what ``--max_parallel N`` means on a CPU)."""
     if n <= 1:
         return parse_devices("cpu", found)
     return parse_devices(",".join(f"cpu:{i}" for i in range(n)), found)
+
+
+# --------------------------------------------------------------------- memory estimate
+FLOAT = 4  # bytes: parameters, optimiser state and activations are float32
+#: live ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, by SAE
+#: type, for the largest way the trainer computes a step: the autograd reference (forward
+#: tensors kept for the backward pass plus the gradients being formed). Measured on the CPU
+#: (tests/test_devices.py::test_memory_estimate_bounds_the_measured_peak): relu 3.3, gated 7,
+#: hard_concrete 8, gated_hard_concrete 10; the fused step stacked over the whole batch (the GPU
+#: plan) 2.5, 4.7, 7.7, 7.7; the CPU's chunked plan less. Two more for allocator slack.
+TRAIN_WIDE = {"relu": 5, "gated": 9, "hard_concrete": 10, "gated_hard_concrete": 12}
+#: the same for evaluation (codes, masks, their sums); measured at most 4, 4, 6, 4
+EVAL_WIDE = {"relu": 6, "gated": 6, "hard_concrete": 8, "gated_hard_concrete": 6}
+#: ``[n, batch, d_in]`` tensors per member (centred input, reconstruction, their difference and grads)
+NARROW = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _param_poly(sae_type: str, hparams_json: str) -> tuple[float, float, float, float]:
+    """Parameters per member as ``a*d*m + b*m + c*d + e`` (d = d_in, m = d_sae), found by
+    building small SAEs of the type on the CPU (so a new architecture needs no table entry)."""
+    import numpy as np
+    import torch
+
+    from . import saes
+
+    cls = saes.get(sae_type)
+    hp = json.loads(hparams_json)
+    rows, counts = [], []
+    for d, m in ((2, 3), (2, 5), (4, 3), (4, 5), (3, 7)):
+        with torch.device("cpu"):
+            sae = cls(d, m, [hp], [0], device="cpu")
+        counts.append(sum(p.numel() for p in sae.parameters()) + sum(b.numel() for b in sae.buffers()))
+        rows.append([d * m, m, d, 1])
+    coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(counts, float), rcond=None)
+    return tuple(float(round(c)) for c in coef)  # type: ignore[return-value]
+
+
+def param_count(cfg, d_in: int, d_sae: int) -> int:
+    """Parameters (and per-member buffers) of one member of ``cfg``'s SAE."""
+    a, b, c, e = _param_poly(cfg.sae_type, json.dumps(cfg.sae_hparams, sort_keys=True, default=str))
+    return int(a * d_in * d_sae + b * d_sae + c * d_in + e)
+
+
+@functools.lru_cache(maxsize=32)
+def _hf_shape(source_json: str) -> Optional[tuple[int, int, int]]:
+    """(d_model, layers, vocabulary) of an HF source's model from its config.json when it is on
+    this machine (a local folder, or the Hugging Face cache: planning never downloads)."""
+    try:
+        from transformers import AutoConfig
+
+        from .activations.hf import is_local_model, num_layers
+
+        src = json.loads(source_json)
+        name = src["model"]
+        path = str(Path(name).expanduser()) if is_local_model(name) else name
+        kw = {"revision": src["revision"]} if src.get("revision") else {}
+        conf = AutoConfig.from_pretrained(path, local_files_only=True, **kw)
+        d = getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None) or getattr(conf, "d_model", None)
+        return int(d), int(num_layers(conf)), int(getattr(conf, "vocab_size", 0) or 0)
+    except Exception:
+        return None
+
+
+def source_width(cfg) -> Optional[int]:
+    """d_in of ``cfg``'s activations without loading them (None when it cannot be known here)."""
+    if cfg.source.kind == "synthetic":
+        return cfg.source.d_in
+    shape = _hf_shape(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True))
+    return shape[0] if shape else None
+
+
+def _lm_bytes(cfg) -> int:
+    """The language model a worker puts on its device for the spliced CE/KL metrics, and its logits."""
+    if cfg.source.kind != "hf" or not cfg.eval.ce_tokens:
+        return 0
+    shape = _hf_shape(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True))
+    if not shape:
+        return 0
+    d, layers, vocab = shape
+    weight = 2 if cfg.source.lm_dtype == "bfloat16" else FLOAT
+    params = 12 * layers * d * d + 2 * vocab * d
+    logits = 3 * cfg.source.lm_batch_size * cfg.source.context_length * vocab * FLOAT
+    return params * weight + logits
+
+
+def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int]:
+    """Device memory (bytes) to train and evaluate a pack of ``n`` trials shaped like ``cfg``;
+    None when the activation width is unknown (an HF model whose config cannot be read here).
+
+    parameters + gradients + two Adam moments (4 x P per member), optimiser and gradient-clipping
+    temporaries (2 x the largest parameter), plus the larger of: the training step's
+    activations (``TRAIN_WIDE`` tensors of ``[n, batch, d_sae]`` and ``NARROW`` of
+    ``[n, batch, d_in]``, the batch itself) and evaluation's (``EVAL_WIDE`` of
+    ``[n, eval_batch, d_sae]``, the fired-feature masks, the dictionary-recovery cosines).
+    """
+    d = d_in or source_width(cfg)
+    if not d:
+        return None
+    m = max(1, int(round(d * cfg.dict_size_ratio)))
+    n = max(1, int(n))
+    p = param_count(cfg, d, m)
+    state = 4 * n * p + 2 * n * d * m
+    b, be = cfg.train.batch_size, cfg.eval.batch_size
+    train = n * b * (TRAIN_WIDE.get(cfg.sae_type, 12) * m + NARROW * d) + 2 * b * d
+    recovery = 2 * cfg.source.n_features * m if cfg.source.kind == "synthetic" else 0
+    evals = n * be * (EVAL_WIDE.get(cfg.sae_type, 6) * m + NARROW * d) + 2 * be * d + n * m + recovery
+    return FLOAT * (state + max(train, evals)) + _lm_bytes(cfg)
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GB", GB), ("MB", 2**20), ("KB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{int(n)}B"

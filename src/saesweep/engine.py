@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import ExperimentConfig
-from .experiment import INTERRUPTED
+from .experiment import INTERRUPTED, RunResult
 from .grid import ExecutionSpec, SweepSpec
 from .store import Claim, SweepStore, new_worker_id, redact
 
@@ -65,6 +66,7 @@ class _Heartbeat(threading.Thread):
         self.store, self.claims, self.worker, self.every_s = store, claims, worker, every_s
         self.stop_event = threading.Event()
         self.lost: set[int] = set()
+        self.all_lost = threading.Event()  # every lease was taken away: training on is wasted
 
     def run(self) -> None:
         while not self.stop_event.wait(self.every_s):
@@ -74,10 +76,49 @@ class _Heartbeat(threading.Thread):
                     self.lost.add(c.trial_pk)
             except Exception:  # a transient storage error: try again at the next beat
                 pass
+            if len(self.lost) == len(self.claims):
+                self.all_lost.set()
 
     def stop(self) -> None:
         self.stop_event.set()
         self.join(timeout=10)
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    try:
+        from sqlalchemy.exc import DBAPIError, OperationalError
+    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
+        return False
+    return isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+
+
+class _RetryingStore:
+    """The store, with every call retried through lost database connections (backing off from
+    1 s to 15 s) for up to ``give_up_s``: a network blip must not kill a worker. Trials it held
+    meanwhile are protected by their leases, like those of a dead worker."""
+
+    def __init__(self, store: SweepStore, give_up_s: float) -> None:
+        self._store, self._give_up_s = store, give_up_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            deadline, wait = time.monotonic() + self._give_up_s, 1.0
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if not _is_connection_error(e) or time.monotonic() + wait > deadline:
+                        raise
+                    print(f"saesweep worker: database unreachable ({type(e).__name__}); retrying in {wait:.0f}s",
+                          file=sys.stderr)
+                    time.sleep(wait)
+                    wait = min(15.0, wait * 2)
+
+        return call
 
 
 class Worker:
@@ -97,8 +138,11 @@ class Worker:
         tracker: Any = None,
         accept: Optional[Callable[[Any], bool]] = None,
         share: int = 1,
+        max_pack: Optional[int] = None,
     ) -> None:
-        self.store, self.ex = store, execution
+        if max_pack is not None and max_pack < execution.pack_size:  # this slot's device fits no larger pack
+            execution = execution.model_copy(update={"pack_size": max(1, int(max_pack))})
+        self.store, self.ex = _RetryingStore(store, execution.lease_s), execution
         self.device = device
         self.worker_id = new_worker_id(slot or device)
         self.show_progress = show_progress
@@ -177,7 +221,8 @@ class Worker:
         try:
             results = run_pack(configs, device=self.device, show_progress=self.show_progress,
                                checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
-                               on_log=self.tracker.log if self.tracker else None, should_stop=self.stop.is_set,
+                               on_log=self.tracker.log if self.tracker else None,
+                               should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
                                should_prune=should_prune)
         except Exception as e:
             beat.stop()
@@ -188,7 +233,9 @@ class Worker:
             self._last_reason = reason
             for c in claims:  # the whole pack failed: every member is retried
                 self.store.fail(c, reason, retry=True, max_retries=self.ex.max_retries,
-                                extra={"traceback": traceback.format_exc()[-4000:], "worker": self.worker_id})
+                                extra={"traceback": traceback.format_exc()[-4000:], "worker": self.worker_id,
+                                       "slot": self.slot})
+                self._track_finish(c, RunResult(c.trial_id, "failed", c.config.run_dir, c.config, {}, reason))
             self.stats.trials_failed += len(claims)
             return 0, len(claims)
         finally:
@@ -197,9 +244,11 @@ class Worker:
         self.stats.packs += 1
         done = failed = 0
         for c, r in zip(claims, results):
-            extra = {"run_dir": str(Path(r.run_dir).resolve()), "worker": self.worker_id, "device": r.metrics.get("device", self.device)}
-            if c.trial_pk in beat.lost:
+            extra = {"run_dir": str(Path(r.run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
+                     "device": r.metrics.get("device", self.device)}
+            if c.trial_pk in beat.lost:  # reaped by another worker: our result is not recorded
                 self.stats.lost_leases += 1
+                self._track_finish(c, r)
                 continue
             if r.ok:
                 if self.store.complete(c, r.metrics, objectives=self.objectives, extra=extra):
@@ -215,8 +264,7 @@ class Worker:
                 self._last_reason = r.reason or "failed"
                 self.store.fail(c, r.reason or "failed", retry=False, extra=extra)  # divergence is not retried
                 failed += 1
-            if self.tracker is not None:
-                self.tracker.finish(c, r)
+            self._track_finish(c, r)
             if self.on_result is not None:
                 self.on_result(c, r)
         if all(r.ok for r in results):
@@ -226,19 +274,53 @@ class Worker:
         return done, failed
 
 
+    def _track_finish(self, claim: Claim, result: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(claim, result)
+
     def _out_of_memory(self, claims: list[Claim]) -> tuple[int, int]:
-        """Split a pack that ran out of device memory; a single trial is retried on another slot."""
+        """The device ran out of memory on this pack (called from ``run_claims``' handler).
+
+        First the failed attempt's tensors are released: the traceback's frames still hold
+        them, so they are cleared before the allocator cache is emptied. A pack is split: its
+        second half goes back to the queue (the attempt not counted), this worker lowers its own
+        pack size to the half and trains the first half. A single trial goes back to the queue
+        marked to avoid this slot, the attempt not counted, while another slot of the sweep may
+        take it; when every slot has run out of memory on it, it fails.
+        """
+        import sys
+
+        exc = sys.exc_info()[1]
+        if exc is not None and exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        del exc
         _free_device_memory()
         if len(claims) > 1:
             half = len(claims) // 2
+            if half < self.ex.pack_size:
+                self.ex = self.ex.model_copy(update={"pack_size": half})
             for c in claims[half:]:  # back to the queue, attempt not counted
                 self.store.fail(c, f"out of memory in a pack of {len(claims)} on {self.slot}: pack split",
-                                retry=True, same_attempt=True)
+                                retry=True, same_attempt=True, extra={"worker": self.worker_id})
             return self.run_claims(claims[:half])
         c = claims[0]
-        self._last_reason = f"out of memory on {self.slot}"
-        self.store.fail(c, self._last_reason, retry=True, max_retries=self.ex.max_retries, avoid_slot=self.slot)
+        t = self.store.storage.get_trial(c.trial_pk)
+        avoided = set(t.user_attrs.get("avoid", ())) | {self.slot}
+        slots = set(self.store.info.get("slots") or ())
+        others = slots - avoided
         self.stats.trials_failed += 1
+        if others:
+            self._last_reason = f"out of memory on {self.slot}; retried on another slot"
+            self.store.fail(c, self._last_reason, retry=True, same_attempt=True, avoid_slot=self.slot,
+                            extra={"worker": self.worker_id})
+            return 0, 0  # not a failure of the trial: it runs elsewhere
+        if slots:
+            self._last_reason = f"out of memory on every slot ({', '.join(sorted(avoided))})"
+            self.store.fail(c, self._last_reason, retry=False, extra={"worker": self.worker_id})
+            return 0, 1
+        self._last_reason = f"out of memory on {self.slot}"  # slots unknown: an ordinary retry, elsewhere
+        self.store.fail(c, self._last_reason, retry=True, max_retries=self.ex.max_retries, avoid_slot=self.slot,
+                        extra={"worker": self.worker_id})
         return 0, 1
 
 

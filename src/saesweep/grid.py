@@ -97,6 +97,12 @@ class SearchSpec(Strict):
             raise ValueError(f"search.method {self.method!r} needs search.n_trials")
         return self
 
+    @model_validator(mode="after")
+    def _pruning(self) -> "SearchSpec":
+        if self.pruner != "none" and len(self.objectives) > 1:
+            raise ValueError("search.pruner works with one objective; set pruner: none for multi-objective search")
+        return self
+
     @property
     def directions(self) -> list[str]:
         return [METRIC_DIRECTIONS[m] for m in self.objectives]

@@ -54,13 +54,98 @@ WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNI
 LEASE_ATTR = "saesweep:heartbeat"
 
 
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?pass(?:word|wd)=)[^&#]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs and reports)."""
-    return re.sub(r"(?<=://)([^:/@]+):([^@/]*)@", r"\1:***@", url)
+    """The URL with any password replaced by ``***`` (safe for logs, reports and exceptions).
+
+    The user-info part ends at the *last* ``@`` of the URL, so a password containing ``/``,
+    ``?``, ``:`` or an unencoded ``@`` is hidden whole (an ``@`` in a query value can make it
+    hide more than the password, never less); ``password=`` / ``sslpassword=`` query
+    parameters are hidden too. Text without ``://`` (a journal path) is returned unchanged.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        user = rest[: rest.index(":")]
+        rest = f"{user}:***{rest[at:]}"
+    return _QUERY_SECRET.sub(r"\1***", f"{scheme}://{rest}")
+
+
+PASSWORD_ENV = "PGPASSWORD"
+
+
+def _pg_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgresql+", "postgres://"))
+
+
+def split_password(url: str) -> tuple[str, Optional[str]]:
+    """``(url without its password, the password or None)`` for a PostgreSQL URL.
+
+    The password is taken as SQLAlchemy reads it (percent-decoded), from the user info or a
+    ``password=`` query parameter. Other URLs and paths come back unchanged.
+    """
+    if not _pg_url(url):
+        return url, None
+    from sqlalchemy.engine import URL, make_url
+
+    try:
+        u = make_url("postgresql://" + url[len("postgres://"):] if url.startswith("postgres://") else url)
+    except Exception:
+        raise ConfigError(f"--storage {redact(url)}: not a valid PostgreSQL URL") from None
+    query = dict(u.query)
+    password = u.password
+    if password is None:
+        for k in ("password", "PASSWORD"):
+            if k in query:
+                password = query.pop(k)
+    else:
+        query.pop("password", None)
+    if isinstance(password, (tuple, list)):
+        password = password[0]
+    if password is None:
+        return url, None
+    bare = URL.create(u.drivername, username=u.username, password=None, host=u.host, port=u.port,
+                      database=u.database, query=query)
+    return bare.render_as_string(hide_password=False), str(password)
+
+
+def password_to_env(url: str, env: Optional[dict] = None) -> str:
+    """The URL without its password, which goes into ``env`` (default: this process's
+    environment) as ``PGPASSWORD``, where libpq finds it; the URL itself is then safe on
+    command lines (visible to every user in ``ps``) and in job files."""
+    bare, password = split_password(url)
+    if password is not None:
+        (os.environ if env is None else env)[PASSWORD_ENV] = password
+    return bare
 
 
 def describe_storage(url: str) -> str:
+    """How to name the storage in messages: the redacted URL (a journal: its path)."""
     return redact(url)
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (an error message, say) with ``url`` redacted and its password, in every
+    spelling (as written, decoded, encoded), replaced by ``***``."""
+    from urllib.parse import quote, unquote
+
+    if not url or "://" not in url:
+        return text
+    out = text.replace(url, redact(url))
+    rest = url.split("://", 1)[1]
+    secrets = [m.group(0).split("=", 1)[1] for m in _QUERY_SECRET.finditer(url)]
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        secrets.append(rest[rest.index(":") + 1 : at])
+    for secret in secrets:
+        for form in sorted({secret, unquote(secret), quote(unquote(secret), safe="")}, key=len, reverse=True):
+            if form:
+                out = out.replace(form, "***")
+    return out
 
 
 def host_id() -> str:
@@ -102,7 +187,18 @@ class TrialRecord:
 
 
 class SweepLock:
-    """A sweep-wide mutex for rare multi-step updates (populating, budgeted sampling)."""
+    """A sweep-wide mutex for rare multi-step updates (populating, budgeted sampling).
+
+    Journal / SQLite: an ``flock`` beside the file. PostgreSQL: ``pg_advisory_xact_lock`` held
+    by a transaction on its own connection for as long as the block runs. A holder that
+    vanishes releases it when the server drops its session: a dead host or a cut network
+    within about half a minute (TCP keepalives and ``tcp_user_timeout``, see
+    :func:`open_storage`); a process that hangs with its connection open after
+    ``LOCK_IDLE_S`` (``idle_in_transaction_session_timeout``). Waiting for the lock has no
+    statement timeout: a long populate (minutes for a large grid over a slow link) is waited for.
+    """
+
+    LOCK_IDLE_S = 1800
 
     def __init__(self, store: "SweepStore") -> None:
         self.store = store
@@ -119,12 +215,98 @@ class SweepLock:
             from sqlalchemy import text
 
             with engine.connect() as conn, conn.begin():
-                # a lock holder that vanishes is cut off by the server after 60 s idle
-                conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '60s'"))
+                conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{int(self.LOCK_IDLE_S)}s'"))
+                conn.execute(text("SET LOCAL statement_timeout = 0"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
                 yield
         else:  # in-memory
             yield
+
+
+#: libpq settings of every PostgreSQL connection (a key given in the URL's query wins):
+#: connecting gives up after 10 s; an idle connection to a vanished server is detected by TCP
+#: keepalives in about 25 s, and a request whose data goes unacknowledged (a cut network)
+#: fails after ``tcp_user_timeout`` (libpq 12 or later), so a worker never hangs on a dead
+#: connection.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+    "application_name": "saesweep",
+}
+#: the server side of each session, set when it opens (one by one: a setting this server does
+#: not know, an older PostgreSQL's, is skipped): the server drops the session of a vanished
+#: client as fast (its row and advisory locks go with it), no statement runs for more than five
+#: minutes, and a session idle inside a transaction is ended after one.
+PG_SESSION_SETTINGS = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+    "statement_timeout": 300_000,
+    "idle_in_transaction_session_timeout": 60_000,
+}
+
+
+def _libpq_version(driver: str) -> int:
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            return int(psycopg.pq.version())
+        import psycopg2.extensions
+
+        return int(psycopg2.extensions.libpq_version())
+    except Exception:
+        return 0
+
+
+def pg_engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for a PostgreSQL ``url`` (see PG_CONNECT_ARGS).
+
+    ``pool_pre_ping`` replaces connections that died while idle in the pool (a server restart,
+    a network cut) before they are used. The connection settings are libpq's, so they are
+    given only for the psycopg / psycopg2 drivers; a setting named in the URL's query (for
+    example ``?connect_timeout=30``) is left to the URL.
+    """
+    from sqlalchemy.engine import make_url
+
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 8, "pool_timeout": 60,
+                              "pool_recycle": 1800}
+    try:
+        u = make_url(url)
+        driver = u.get_driver_name()
+    except Exception:
+        return kwargs
+    if driver not in ("psycopg", "psycopg2"):
+        return kwargs
+    args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in u.query}
+    if _libpq_version(driver) < 120000:
+        args.pop("tcp_user_timeout", None)
+    kwargs["connect_args"] = args
+    return kwargs
+
+
+def _session_settings(engine) -> None:
+    """Apply PG_SESSION_SETTINGS to every new connection of ``engine``."""
+    from sqlalchemy import event
+
+    def apply(dbapi_conn, record) -> None:
+        for name, value in PG_SESSION_SETTINGS.items():
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(f"SET {name} = {int(value)}")
+                dbapi_conn.commit()
+            except Exception:  # unknown to this server, or refused by a pooler in front of it
+                dbapi_conn.rollback()
+            finally:
+                cur.close()
+
+    event.listen(engine, "connect", apply)
+    engine.dispose()  # connections opened while Optuna set the storage up have none of it
 
 
 def open_storage(url: str):
@@ -133,11 +315,15 @@ def open_storage(url: str):
         if url.startswith("postgres://"):
             url = "postgresql://" + url[len("postgres://"):]
         try:
-            return "postgresql", None, optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, "pool_size": 2})
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=pg_engine_kwargs(url))
+            _session_settings(storage.engine)
+            return "postgresql", None, storage
         except ImportError as e:
-            raise ConfigError(f"--storage {redact(url)}: PostgreSQL needs psycopg (pip install 'saesweep[postgres]'): {e}") from None
+            raise ConfigError(f"--storage {redact(url)}: PostgreSQL needs psycopg (pip install 'saesweep[postgres]'): "
+                              f"{redact_text(str(e), url)}") from None
         except Exception as e:  # sqlalchemy.exc.OperationalError and friends
-            raise ConfigError(f"--storage {redact(url)}: cannot connect ({str(e).splitlines()[0][:200]})") from None
+            first = redact_text(str(e), url).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--storage {redact(url)}: cannot connect ({first})") from None
     if url.startswith("sqlite:///"):
         return "sqlite", Path(url[len("sqlite:///"):]), optuna.storages.RDBStorage(url)
     if url == ":memory:":
@@ -183,8 +369,41 @@ class SweepStore:
     def rdb_engine(self):
         return self.storage.engine
 
+    #: how often the offset to the database server's clock is measured again
+    CLOCK_RESYNC_S = 30.0
+
     def now(self) -> float:
-        return time.time()
+        """Seconds since the epoch on the sweep's clock, which every lease is measured on.
+
+        PostgreSQL: the database server's clock, so heartbeats written on one host and the
+        reaper on another agree whatever their own clocks say. It is read with one query every
+        ``CLOCK_RESYNC_S`` and carried forward on this host's monotonic clock in between (a
+        jump of the wall clock here changes nothing); if the server cannot be asked, the last
+        reading is carried forward. Other backends (one host, or a shared journal): this host's
+        ``time.time()``, so hosts sharing a journal need synchronised clocks (NTP).
+        """
+        if self.kind != "postgresql":
+            return time.time()
+        anchor = getattr(self, "_clock", None)
+        mono = time.monotonic()
+        if anchor is None or mono - anchor[1] > self.CLOCK_RESYNC_S:
+            try:
+                anchor = self._server_clock()
+                self._clock = anchor
+            except Exception:
+                if anchor is None:
+                    raise
+        return anchor[0] + (time.monotonic() - anchor[1])
+
+    def _server_clock(self) -> tuple[float, float]:
+        """(server epoch seconds, this host's monotonic time at the same instant)."""
+        from sqlalchemy import text
+
+        with self.rdb_engine().connect() as conn:
+            t0 = time.monotonic()
+            server = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar())
+            t1 = time.monotonic()
+        return server, (t0 + t1) / 2
 
     def trials(self, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self._study_id, deepcopy=False, states=tuple(states) if states else None)
@@ -332,15 +551,26 @@ class SweepStore:
     def reap_expired(self, lease_s: float, max_retries: int = 2) -> list[str]:
         """Fail and re-queue RUNNING trials whose lease expired; returns their trial ids."""
         now, reaped = self.now(), []
+        # A claim writes its first heartbeat (on the sweep's clock) at once. A RUNNING trial
+        # without one was claimed by a worker that died in between: its lease is counted from
+        # when this process first saw it so, never from Optuna's datetime_start (the claiming
+        # host's local wall clock, in its own time zone).
+        unbeaten = getattr(self, "_unbeaten", {})
+        seen: dict[int, float] = {}
         for t in self.trials([RUNNING]):
             beat = t.system_attrs.get(LEASE_ATTR)
-            last = beat["t"] if isinstance(beat, dict) else (t.datetime_start.timestamp() if t.datetime_start else now)
+            if isinstance(beat, dict) and isinstance(beat.get("t"), (int, float)):
+                last = float(beat["t"])
+            else:
+                last = seen[t._trial_id] = unbeaten.get(t._trial_id, now)
             if now - last > lease_s:
                 who = beat.get("worker") if isinstance(beat, dict) else "?"
                 ok, _ = self.fail(self._claim_of(t), f"lease expired: no heartbeat from {who} for {now - last:.0f}s",
                                   retry=True, max_retries=max_retries)
                 if ok:
                     reaped.append(t.user_attrs["trial_id"])
+                seen.pop(t._trial_id, None)
+        self._unbeaten = seen
         return reaped
 
     # ------------------------------------------------------------------ reading

@@ -1,4 +1,4 @@
-"""On-disk activation cache: the LM runs once per key; every trial and process shares the result.
+"""On-disk activation cache: the LM runs once per key; every trial, process and host shares the result.
 
 Layout under the root (``cfg.cache_dir``, else ``$SAESWEEP_CACHE``, else ``~/.cache/saesweep``)::
 
@@ -7,7 +7,8 @@ Layout under the root (``cfg.cache_dir``, else ``$SAESWEEP_CACHE``, else ``~/.ca
     activations/<key>/heldout.npy       float32 [tokens, d] held-out activations
     activations/<key>/heldout_ids.npy   int64 [rows, context_length] held-out token ids
     activations/<key>.lock              flock held by the one process that builds the entry
-    activations/.tmp-<key>-*            a build in progress, or killed: never read
+    activations/.tmp-<key>-<host>-<pid>-*  a build in progress (or killed): never read
+    activations/.old-<key>-<time>-*     an entry replaced by a larger one, kept an hour for its readers
     datasets/                           Arrow copies of local data files (``datasets``' cache)
 
 The key hashes what determines the activations (model identity, hook layer, dataset, splits,
@@ -20,6 +21,20 @@ An entry is built in a temp folder beside its target, manifest last, then rename
 under ``io.file_lock(activations/<key>.lock)``: concurrent first users wait for the one
 builder and then read. Activations are written shard by shard and read through
 ``np.load(mmap_mode="r")``, so memory stays bounded whatever the token count.
+
+Sharing one cache folder between hosts (a shared filesystem; ``cache_mode`` in the config):
+
+* ``build`` (default): a host that finds no entry builds it. Readers never need a lock: an
+  entry appears whole, by one rename of a complete folder. The lock makes one host build
+  while the others wait, where ``flock`` works across hosts (local disks, NFSv4 and NFSv3
+  with lockd, CephFS, Lustre mounted with ``flock``, GPFS). Where it does not (NFS mounted
+  ``nolock`` / ``local_lock=all``, Lustre ``localflock``), correctness still holds, only the
+  work is not shared: each host builds its own temp folder (named by host and pid, and never
+  removed by another host while its builder may live), the first rename wins and the others
+  discard theirs and read the winner's; no entry is replaced by one that is not larger.
+* ``wait``: never builds. Polls for a complete entry with the rows it needs (``SAESWEEP_CACHE_WAIT_S``,
+  default two hours, then a clear error); for hosts that only read a cache that one host fills
+  (``saesweep cache warm``), which needs no lock at all.
 """
 
 from __future__ import annotations
@@ -47,6 +62,11 @@ FORMAT = 1
 SHARD_BYTES = 64 * 2**20
 NORM_TOKENS = 2**20  # the normalisation statistics use at most this many leading training tokens
 _SMALL_FILE = 2**20  # files up to this size are fingerprinted by content, larger ones by size + mtime
+STALE_S = 3600.0  # a temp folder of another host untouched this long belongs to a dead build
+OLD_GRACE_S = 3600.0  # a replaced entry is kept this long for the processes still reading it
+WAIT_S = 7200.0  # cache_mode wait: how long to wait for an entry (env SAESWEEP_CACHE_WAIT_S)
+WAIT_POLL_S = 5.0  # and how often to look (env SAESWEEP_CACHE_WAIT_POLL_S)
+MODES = ("build", "wait")
 
 
 # ----------------------------------------------------------------------------- keys
@@ -299,13 +319,13 @@ def _build(
     device: Any,
     progress: Optional[bool],
     shard_bytes: int,
-) -> dict:
-    """Compute an entry in a temp folder and rename it into place; returns its manifest."""
+) -> tuple[dict, bool]:
+    """Compute an entry in a temp folder and rename it into place; ``(manifest, ours)`` (see _publish)."""
     from .hf import ActivationProducer, tokens_per_row
 
     adir = root / "activations"
     final = adir / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=adir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_host()}-{os.getpid()}-", dir=adir))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     t0 = time.time()
     try:
@@ -363,17 +383,36 @@ def _build(
             "saesweep_version": _version(),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
-        trash = None
-        if final.exists():
-            trash = adir / f".old-{key}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-        os.rename(tmp, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return manifest
+        return _publish(tmp, adir, key, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, adir: Path, key: str, manifest: dict) -> tuple[dict, bool]:
+    """Rename the built folder into place; ``(manifest in place, whether it is ours)``.
+
+    With the key's lock held nobody else publishes. Without it (a shared filesystem whose
+    locks do not reach other hosts) another host may have published meanwhile: an entry at
+    least as large as ours is kept and ours discarded; a smaller one is moved aside (kept for
+    its readers, see OLD_GRACE_S) and ours put in its place.
+    """
+    final = adir / key
+    rows, held = manifest["train"]["rows"], manifest["heldout"]["rows"]
+    for _ in range(10):
+        there = read_manifest(final)
+        if there is not None and there["train"]["rows"] >= rows and there["heldout"]["rows"] >= held:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return there, False
+        if final.exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, adir / f".old-{key}-{int(time.time())}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(tmp, final)
+            return manifest, True
+        except OSError:  # ENOTEMPTY / EEXIST: another host's entry landed between the two renames
+            time.sleep(0.05)
+    raise RuntimeError(f"activation cache {adir}: could not publish entry {key} (other hosts keep replacing it)")
 
 
 def _advancing(rows: Iterable[np.ndarray], advance: Callable[[int], None]) -> Iterator[np.ndarray]:
@@ -382,10 +421,118 @@ def _advancing(rows: Iterable[np.ndarray], advance: Callable[[int], None]) -> It
         advance(1)
 
 
+def _host() -> str:
+    """This host's name as used in temp folder names (letters, digits and dots only)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = 0.0
+    with contextlib.suppress(OSError):
+        newest = path.stat().st_mtime
+        for f in path.iterdir():
+            with contextlib.suppress(OSError):
+                newest = max(newest, f.stat().st_mtime)
+    return newest
+
+
+def _builder(tmp_name: str) -> Optional[tuple[str, int]]:
+    """(host, pid) of the build that owns a ``.tmp-<key>-<host>-<pid>-*`` folder."""
+    parts = tmp_name.split("-")
+    if len(parts) >= 5 and parts[3].isdigit():
+        return parts[2], int(parts[3])
+    return None
+
+
+def _tmp_is_dead(path: Path) -> bool:
+    """A temp folder whose build cannot be running: this host's with its process gone, or
+    (whoever's) untouched for STALE_S."""
+    owner = _builder(path.name)
+    if owner is not None and owner[0] == _host() and not _pid_alive(owner[1]):
+        return True
+    return time.time() - _newest_mtime(path) > STALE_S
+
+
 def _clear_stale(adir: Path, key: str) -> None:
-    """Remove temp folders of ``key`` left by killed builds (call with the key's lock held)."""
-    for p in itertools.chain(adir.glob(f".tmp-{key}-*"), adir.glob(f".old-{key}-*")):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove what killed builds of ``key`` left, and replaced entries past their grace period
+    (call with the key's lock held; safe without it too: a live build is never removed)."""
+    for p in adir.glob(f".tmp-{key}-*"):
+        if _tmp_is_dead(p):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in adir.glob(f".old-{key}-*"):
+        parts = p.name.split("-")
+        stamp = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else 0
+        if time.time() - stamp > OLD_GRACE_S:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _builds_in_progress(adir: Path, key: str) -> list[str]:
+    out = []
+    for p in adir.glob(f".tmp-{key}-*"):
+        owner = _builder(p.name)
+        if not _tmp_is_dead(p):
+            out.append(f"{owner[0]} (pid {owner[1]})" if owner else p.name)
+    return out
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(f"${name}: expected a number of seconds, got {os.environ.get(name)!r}") from None
+
+
+def wait_for_entry(source: HFSource, root: Path, train_rows: int, heldout_rows: int, *,
+                   timeout_s: Optional[float] = None, poll_s: Optional[float] = None,
+                   echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> CacheEntry:
+    """``cache_mode: wait``: the entry once some other process has built it; never builds.
+
+    Raises :class:`ConfigError` after ``timeout_s`` (default ``$SAESWEEP_CACHE_WAIT_S`` or
+    WAIT_S) with what is there and how to fill the cache.
+    """
+    key = entry_key(source)
+    adir = Path(root) / "activations"
+    timeout_s = _env_float("SAESWEEP_CACHE_WAIT_S", WAIT_S) if timeout_s is None else timeout_s
+    poll_s = _env_float("SAESWEEP_CACHE_WAIT_POLL_S", WAIT_POLL_S) if poll_s is None else poll_s
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while True:
+        entry = _try_open(adir / key, train_rows, heldout_rows)
+        if entry is not None:
+            return entry
+        if time.monotonic() >= deadline:
+            break
+        if not told:
+            builders = _builds_in_progress(adir, key) if adir.is_dir() else []
+            echo(f"cache_mode wait: waiting up to {timeout_s:g}s for activation cache entry {key} in {adir}"
+                 + (f" (being built by {', '.join(builders)})" if builders else ""))
+            told = True
+        time.sleep(max(0.01, min(poll_s, deadline - time.monotonic())))
+    there = read_manifest(adir / key)
+    if there is not None:
+        have = f"it holds {there['train']['rows']} training and {there['heldout']['rows']} held-out rows; " \
+               f"{train_rows} and {heldout_rows} are needed"
+    else:
+        builders = _builds_in_progress(adir, key) if adir.is_dir() else []
+        have = f"a build is in progress on {', '.join(builders)}" if builders else "nobody is building it"
+    raise ConfigError(
+        f"cache_mode wait: activation cache entry {key} ({source.model} {source.hook} on {source.dataset}) not ready in "
+        f"{adir} after {timeout_s:g}s: {have}. Fill it on one host with `saesweep cache warm --spec SPEC` "
+        f"(or `--config CONFIG`), or set cache_mode: build; $SAESWEEP_CACHE_WAIT_S sets the wait"
+    )
 
 
 def open_entry(
@@ -397,19 +544,36 @@ def open_entry(
     device: Any = "cpu",
     progress: Optional[bool] = None,
     shard_bytes: Optional[int] = None,
+    mode: str = "build",
 ) -> CacheEntry:
     """The entry for ``source`` with at least the given training and held-out token rows.
 
-    Reads an existing entry without locking; otherwise takes the key's lock, looks again, and
-    builds (growing an existing smaller entry to the larger of both requests).
+    Reads an existing entry without locking. Otherwise, with ``mode="build"``, takes the key's
+    lock, looks again, and builds (growing an existing smaller entry to the larger of both
+    requests); with ``mode="wait"``, waits for another process to build it (:func:`wait_for_entry`).
     """
+    if mode not in MODES:
+        raise ConfigError(f"cache_mode: {mode!r} is not one of {', '.join(MODES)}")
     key = entry_key(source)
     adir = Path(root) / "activations"
     adir.mkdir(parents=True, exist_ok=True)
     entry = _try_open(adir / key, train_rows, heldout_rows)
     if entry is not None:
         return entry
-    with file_lock(adir / f"{key}.lock"):
+    if mode == "wait":
+        return wait_for_entry(source, root, train_rows, heldout_rows)
+    lock = adir / f"{key}.lock"
+    try:
+        held = file_lock(lock, timeout=0)
+        held.__enter__()
+    except TimeoutError:
+        builders = _builds_in_progress(adir, key)
+        if progress is not False:
+            print(f"activation cache: waiting for {', '.join(builders) or 'another process'} to build entry {key}",
+                  file=sys.stderr, flush=True)
+        held = file_lock(lock)
+        held.__enter__()
+    try:
         entry = _try_open(adir / key, train_rows, heldout_rows)
         if entry is not None:
             return entry
@@ -418,9 +582,36 @@ def open_entry(
         if old is not None:
             train_rows = max(train_rows, old["train"]["rows"])
             heldout_rows = max(heldout_rows, old["heldout"]["rows"])
-        manifest = _build(source, Path(root), key, train_rows, heldout_rows, old,
-                          device=device, progress=progress, shard_bytes=shard_bytes or SHARD_BYTES)
-        return CacheEntry(adir / key, manifest, built=True)
+        manifest, ours = _build(source, Path(root), key, train_rows, heldout_rows, old,
+                                device=device, progress=progress, shard_bytes=shard_bytes or SHARD_BYTES)
+        return CacheEntry(adir / key, manifest, built=ours)
+    finally:
+        held.__exit__(None, None, None)
+
+
+def warm(configs: Sequence[Any], *, device: Any = "cpu", progress: Optional[bool] = None) -> list[dict]:
+    """Build (or find) every entry the configs' hf sources need, each with the largest request
+    among them, so that hosts with ``cache_mode: wait`` only read. Returns one dict per entry."""
+    from .hf import check_source, needed_rows
+
+    groups: dict[tuple[str, str], list] = {}
+    for cfg in configs:
+        if getattr(cfg.source, "kind", None) != "hf":
+            continue
+        check_source(cfg.source)
+        train_rows, heldout_rows = needed_rows(cfg)
+        root = cache_root(cfg.cache_dir)
+        g = groups.setdefault((str(root), entry_key(cfg.source)), [cfg.source, 0, 0])
+        g[1], g[2] = max(g[1], train_rows), max(g[2], heldout_rows)
+    out = []
+    for (root, key), (source, train_rows, heldout_rows) in groups.items():
+        t0 = time.perf_counter()
+        entry = open_entry(source, Path(root), train_rows, heldout_rows, device=device, progress=progress)
+        out.append({"key": key, "root": root, "built": entry.built, "tokens": entry.train_tokens,
+                    "model": source.model, "hook": source.hook, "dataset": source.dataset,
+                    "seconds": round(time.perf_counter() - t0, 1), "path": str(entry.path)})
+        entry.close()
+    return out
 
 
 # ----------------------------------------------------------------------------- CLI helpers
@@ -491,6 +682,8 @@ def remove_entries(root: Optional[str | os.PathLike], keys_or_all: Union[str, bo
         for p in adir.iterdir():
             if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
                 key = p.name.split("-")[1]
+                if p.name.startswith(".tmp-") and _builder(p.name) is not None and not _tmp_is_dead(p):
+                    continue  # a build that may be running (on another host, where the lock may not reach)
                 with contextlib.suppress(TimeoutError), file_lock(adir / f"{key}.lock", timeout=0):
                     shutil.rmtree(p, ignore_errors=True)
     return keys

@@ -674,7 +674,8 @@ def needed_rows(cfg: ExperimentConfig) -> tuple[int, int]:
 def open_hf(
     cfg: ExperimentConfig, device: str | torch.device = "cpu", *, progress: Optional[bool] = None
 ) -> HFActivations:
-    """Activations for ``cfg`` (an hf source), building the cache entry first when needed."""
+    """Activations for ``cfg`` (an hf source): the cache entry, built first when needed (``cache_mode:
+    build``) or waited for until another process has built it (``cache_mode: wait``)."""
     from . import cache
 
     if not isinstance(cfg.source, HFSource):
@@ -682,6 +683,7 @@ def open_hf(
     check_source(cfg.source)
     train_rows, heldout_rows = needed_rows(cfg)
     entry = cache.open_entry(
-        cfg.source, cache.cache_root(cfg.cache_dir), train_rows, heldout_rows, device=device, progress=progress
+        cfg.source, cache.cache_root(cfg.cache_dir), train_rows, heldout_rows, device=device, progress=progress,
+        mode=cfg.cache_mode,
     )
     return HFActivations(cfg, entry, device)
