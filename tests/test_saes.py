@@ -70,7 +70,8 @@ def test_gated_loss_by_hand():
 
 
 def test_gated_aux_term_leaves_decoder_gradient_untouched():
-    x = torch.randn(16, 2)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))  # seeded: an unlucky draw
+    # can leave b_gate's gradient unchanged by aux (every open gate exactly reconstructed)
     grads = []
     for aux in (0.0, 10.0):
         sae = gated_example(aux_coeff=aux)
@@ -84,7 +85,7 @@ def test_gated_aux_term_leaves_decoder_gradient_untouched():
 
 
 def test_gated_hard_concrete_aux_leaves_decoder_gradient_untouched():
-    x = torch.randn(16, 4)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     grads = []
     for aux in (0.0, 10.0):
         sae = make("gated_hard_concrete", 4, 8, sparsity_coeff=0.1, aux_coeff=aux, initial_beta=0.5)

@@ -25,32 +25,43 @@ from torch import Tensor
 
 from .activations.base import Activations
 from .saes import PackedSAE
+from .saes.kernels import plan_for
 
 RECOVERED_COSINE = 0.9
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae: PackedSAE, x_eval: Tensor, batch_size: int = 4096) -> list[dict[str, float]]:
-    n, dev = sae.n, sae.device_
+    """Pooled reconstruction metrics of every member on ``x_eval`` (normalised, ``[N, d]``).
+
+    Members are evaluated one at a time on CPU, all together elsewhere, over token chunks
+    sized like the training step's (:func:`~saesweep.saes.kernels.plan_for`), so the codes of
+    a chunk stay in cache; memory is one ``[chunk, m]`` code tensor whatever the pack size.
+    Per chunk the codes are reduced with cheap passes: after decoding, |f| in place, its
+    column sums (L1, and which features fired), then sign in place and a sum (L0). Chunk
+    sums are accumulated in float64.
+    """
+    n, dev, m = sae.n, sae.device_, sae.d_sae
+    plan = plan_for(dev, n, m, batch_size)
+    chunk = min(batch_size, plan.chunk or batch_size)
     sse = torch.zeros(n, dtype=torch.float64, device=dev)
     l1 = torch.zeros(n, dtype=torch.float64, device=dev)
     nnz = torch.zeros(n, dtype=torch.float64, device=dev)
-    fired = torch.zeros(n, sae.d_sae, dtype=torch.bool, device=dev)
-    sum_x = torch.zeros(x_eval.shape[1], dtype=torch.float64, device=dev)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for start in range(0, x_eval.shape[0], batch_size):
-        x = x_eval[start : start + batch_size].to(dev, torch.float32)
-        f = sae.encode(x, train=False)
-        x_hat = sae.decode(f)
-        sse += (x_hat - x).double().pow(2).sum(dim=(1, 2))
-        l1 += f.abs().double().sum(dim=(1, 2))
-        active = f != 0
-        nnz += active.double().sum(dim=(1, 2))
-        fired |= active.any(dim=1)
-        sum_x += x.double().sum(0)
-        sum_sq += x.double().pow(2).sum()
+    fired = torch.zeros(n, m, dtype=torch.bool, device=dev)
+    groups = [slice(i, i + 1) for i in range(n)] if plan.mode == "loop" else [slice(0, n)]
+    for g in groups:
+        view = sae.member(g.start) if g.stop - g.start == 1 else sae
+        for start in range(0, x_eval.shape[0], chunk):
+            x = x_eval[start : start + chunk].to(dev, torch.float32)
+            f = view.encode(x, train=False)  # [k, t, m]
+            sse[g] += (view.decode(f) - x).pow(2).sum(dim=(1, 2)).double()
+            col = f.abs_().sum(1)  # [k, m]
+            l1[g] += col.sum(-1).double()
+            fired[g] |= col > 0
+            nnz[g] += f.sign_().sum(dim=(1, 2)).double()
+    x64 = x_eval.to(dev, torch.float64)
     N, d = x_eval.shape
-    sst = sum_sq - sum_x.pow(2).sum() / N
+    sst = x64.pow(2).sum() - x64.sum(0).pow(2).sum() / N
     out = []
     for i in range(n):
         fvu = float(sse[i] / sst) if sst > 0 else math.nan

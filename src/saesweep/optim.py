@@ -4,6 +4,11 @@
 one tensor, each with its own learning rate, so the update is written here. It is the same
 arithmetic as ``torch.optim.Adam`` (no weight decay, no amsgrad), checked against it in the
 tests, applied with a per-member step size.
+
+Where PyTorch has its fused Adam kernel (``torch._fused_adam_``: CPU and CUDA, float32
+parameters) the update is one pass over each member's tensors (one call per member, since a
+call takes one learning rate); elsewhere it falls back to the same arithmetic in plain tensor
+ops (nine passes).
 """
 
 from __future__ import annotations
@@ -34,10 +39,14 @@ class PackedAdam:
         self.steps = 0
         self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.use_fused = _fused_adam_available(self.params.values())
 
     @torch.no_grad()
     def step(self, lr_factor: float = 1.0) -> None:
         self.steps += 1
+        if self.use_fused:
+            self._fused_step(lr_factor)
+            return
         bc1 = 1 - self.beta1**self.steps
         bc2_sqrt = math.sqrt(1 - self.beta2**self.steps)
         step_size = self.lr * (lr_factor / bc1)
@@ -50,6 +59,24 @@ class PackedAdam:
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
             p.sub_(m.div(denom).mul_(_per_member(step_size.to(p.device), p)))
+
+    def _fused_step(self, lr_factor: float) -> None:
+        names = [k for k, p in self.params.items() if p.grad is not None]
+        if not names:
+            return
+        dev = self.params[names[0]].device
+        step = torch.tensor(float(self.steps), device=dev)  # the kernel reads it (already counted)
+        for i, lr in enumerate((self.lr * lr_factor).tolist()):
+            torch._fused_adam_(
+                [self.params[k][i] for k in names],
+                [self.params[k].grad[i] for k in names],
+                [self.exp_avg[k][i] for k in names],
+                [self.exp_avg_sq[k][i] for k in names],
+                [],
+                [step] * len(names),
+                lr=lr, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
+                amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+            )
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -78,11 +105,21 @@ class PackedAdam:
             self.exp_avg_sq[k] = tensors[f"adam.v.{k}"].to(self.params[k].device).clone()
 
 
+def _fused_adam_available(params) -> bool:
+    params = list(params)
+    return (
+        hasattr(torch, "_fused_adam_")
+        and bool(params)
+        and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+        and len({p.device for p in params}) == 1
+    )
+
+
 @torch.no_grad()
 def clip_grad_norm_per_member(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
     """``clip_grad_norm_`` applied to each member separately; returns the norms before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    sq = sum(g.pow(2).flatten(1).sum(1) for g in grads)
+    sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads)
     norms = sq.sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:

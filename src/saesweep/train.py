@@ -10,14 +10,24 @@ A member whose loss stops being finite is stopped and reported as diverged; the 
 untouched. With ``checkpoint`` set, the full training state (weights, Adam moments, step,
 generators, logs) is saved atomically every ``checkpoint_every_s`` seconds, and a later call
 with the same members (or a subset) resumes from it.
+
+Speed (measured in benchmarks/, see benchmarks/README.md): each step is the architectures'
+fused step (:meth:`~saesweep.saes.PackedSAE.train_step`: hand-written gradients, bias folding,
+token chunks, reused buffers), members one at a time on CPU and stacked on GPUs
+(:func:`~saesweep.saes.kernels.plan_for`), then per-member clipping, PyTorch's fused Adam
+kernel (one call per member) and the decoder renormalisation. ``train.dtype: bfloat16`` runs
+the products and elementwise passes in bfloat16. Importing this module also tunes glibc's
+allocator (:func:`tune_allocator`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import hashlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +42,38 @@ from .config import ExperimentConfig
 from .io import atomic_save_tensors
 from .optim import PackedAdam, clip_grad_norm_per_member
 from .progress import progress_bar
+from .saes.kernels import plan_for
+
+#: glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS every step (glibc).
+
+    glibc serves big blocks (the ``[B, m]`` intermediates of a step) with fresh ``mmap`` calls
+    and unmaps them on free, so every step pays page faults on tens of MB; with mmap disabled
+    and no trimming, freed blocks are reused. Memory stays bounded by the peak working set (it
+    is just not given back). Skipped when any ``MALLOC_*`` tuning variable is already set,
+    when ``SAESWEEP_MALLOC_TUNE=0``, or when the C library is not glibc. Returns whether it
+    applied.
+    """
+    if os.environ.get("SAESWEEP_MALLOC_TUNE", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+ALLOCATOR_TUNED = tune_allocator()
 
 #: fields a member may set on its own; everything else must match across a pack
 PER_MEMBER_FIELDS = ("lr", "sparsity_coeff", "aux_coeff", "initial_beta", "final_beta")
@@ -112,12 +154,6 @@ def build_sae(configs: Sequence[ExperimentConfig], d_in: int, device: torch.devi
     return cls(d_in, d_sae, [c.sae_hparams for c in configs], [c.train.seed for c in configs], device=device)
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_pack(
     configs: Sequence[ExperimentConfig],
     data: Activations,
@@ -148,6 +184,7 @@ def train_pack(
         opt = PackedAdam(sae.named_parameters(), torch.tensor([c.lr for c in configs]), (tc.adam_beta1, tc.adam_beta2))
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
+    plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
     t0 = time.perf_counter()
     last_ckpt = t0
     non_blocking = device.type == "cuda"
@@ -159,25 +196,23 @@ def train_pack(
                 break
             x = next(batches).to(device, non_blocking=non_blocking)
             progress = step / max(1, total - 1)
-            with _autocast(device, tc.dtype):
-                losses = sae.losses(x, progress=progress, sparsity_scale=sparsity_factor(step, total, tc))
-            finite = torch.isfinite(losses.total.detach())
-            if bool(finite.all()):
-                losses.total.sum().backward()
-            else:  # stop the diverged members; the others take this step as usual
-                losses.total[finite].sum().backward()
+            logging = step % tc.log_every == 0 or step == total - 1
+            losses = sae.train_step(x, progress=progress, sparsity_scale=sparsity_factor(step, total, tc),
+                                    plan=plan, dtype=tc.dtype, stats=logging)
+            finite = torch.isfinite(losses.total)
+            if not bool(finite.all()):  # stop the diverged members; the others take this step as usual
                 keep = _drop_diverged(finite, losses, step, sae, opt, members, alive)
                 alive = [alive[i] for i in keep]
                 if not keep:
                     break
                 losses = _select_losses(losses, keep)
+                plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
             if tc.grad_clip is not None:
                 clip_grad_norm_per_member(sae.parameters(), tc.grad_clip)
             opt.step(lr_factor(step, total, tc))
-            opt.zero_grad()
             sae.normalize_decoder()
 
-            if step % tc.log_every == 0 or step == total - 1:
+            if logging:
                 _log(step, tc, losses, alive, members, opt, total, on_log)
                 r = members[alive[0]].log[-1]
                 bar.set(loss=r["loss"], l0=r["l0"])
@@ -185,6 +220,7 @@ def train_pack(
                     alive = _prune(should_prune, step, sae, opt, members, alive)
                     if not alive:
                         break
+                    plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
             bar.advance(1)
             if checkpoint is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
                 _save_checkpoint(checkpoint, step + 1, sae, opt, members, alive)
@@ -220,7 +256,8 @@ def _prune(should_prune, step, sae, opt, members, alive) -> list[int]:
 
 def _select_losses(losses, keep):
     idx = torch.tensor(keep, device=losses.total.device)
-    return type(losses)(**{k: getattr(losses, k).detach().index_select(0, idx) for k in ("total", "mse", "sparsity", "aux", "l0")})
+    return type(losses)(**{k: None if getattr(losses, k) is None else getattr(losses, k).detach().index_select(0, idx)
+                           for k in ("total", "mse", "sparsity", "aux", "l0")})
 
 
 def _drop_diverged(finite: Tensor, losses, step, sae, opt, members, alive) -> list[int]:
@@ -260,6 +297,9 @@ def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive
     tensors.update(opt.state_tensors())
     for row, g in enumerate(sae.generators):
         tensors[f"gen.{row}"] = g.get_state()
+    for row, streams in enumerate(sae.noise):
+        for j, g in enumerate(streams):
+            tensors[f"noise.{row}.{j}"] = g.get_state()
     meta = {
         "step": step,
         "adam_steps": opt.steps,
@@ -291,6 +331,10 @@ def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
     sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}, strict=True)
     for row, g in enumerate(sae.generators):
         g.set_state(tensors[f"gen.{row}"].cpu())
+    for row, streams in enumerate(sae.noise):  # absent in checkpoints written before noise streams
+        for j, g in enumerate(streams):
+            if f"noise.{row}.{j}" in tensors:
+                g.set_state(tensors[f"noise.{row}.{j}"].cpu())
     opt = PackedAdam(sae.named_parameters(), tensors["adam.lr"], (tc.adam_beta1, tc.adam_beta2))
     opt.load_state_tensors(tensors, meta["adam_steps"])
     rows, alive = [], []

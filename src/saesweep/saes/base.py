@@ -11,16 +11,26 @@ Parameter names and layouts follow SAELens (``W_enc`` is ``[d_in, d_sae]``, ``W_
 ``[d_sae, d_in]``, ``b_dec`` is subtracted from the input) so that exported weights load
 there unchanged. Decoder rows (DESIGN.md's "columns" of W_dec as a map R^m -> R^d) are kept
 at unit norm by :meth:`PackedSAE.normalize_decoder` after every optimiser step.
+
+Two implementations of a training step compute the same numbers: :meth:`PackedSAE.losses`
+(the math as written in DESIGN.md, differentiated by autograd: the reference, and the
+fallback for an architecture that brings no fused step) and :meth:`PackedSAE._fused_rows`
+(hand-written gradients, see :mod:`.kernels`), which the trainer uses through
+:meth:`PackedSAE.train_step`. tests/test_fastpath.py checks that they agree for every
+architecture, in loop and stacked mode, chunked or not, fp32 and bf16.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+import contextlib
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .kernels import StepPlan, Workspace, compute_dtype, noise_streams
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class Losses:
     mse: Tensor
     sparsity: Tensor  # the penalty P (per token, summed over features), before its coefficient
     aux: Tensor
-    l0: Tensor  # mean number of non-zero codes per token (training codes)
+    l0: Optional[Tensor]  # mean number of non-zero codes per token (training codes); None when not asked
 
 
 def mse_per_member(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -60,6 +70,8 @@ class PackedSAE(nn.Module):
     hyperparams: ClassVar[dict[str, HyperParam]] = {}
     #: parameters that multiply the (normalised) input: scaled by s when folding normalisation
     encoder_weights: ClassVar[tuple[str, ...]] = ("W_enc",)
+    #: whether the architecture implements :meth:`_fused_rows` (else the autograd step is used)
+    fused: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -75,8 +87,11 @@ class PackedSAE(nn.Module):
         self.d_in, self.d_sae, self.n = d_in, d_sae, len(members)
         self.device_ = torch.device(device)
         self.hp = [dict(m) for m in members]
-        # per-member generators: initialisation and (for hard-concrete gates) sampling noise.
+        self.ws = Workspace()  # buffers of the fused step, reused from step to step
+        # per-member generators: initialisation, and training noise (hard-concrete gates; see
+        # kernels.NOISE_STREAMS: several streams per member, drawn in parallel)
         self.generators = [torch.Generator(device=self.device_).manual_seed(int(s)) for s in seeds]
+        self.noise = [noise_streams(int(s), self.device_) for s in seeds]
         self.register_buffer("sparsity_coeff", self._member_tensor("sparsity_coeff"))
         self._init_parameters()
         self.normalize_decoder()
@@ -145,6 +160,88 @@ class PackedSAE(nn.Module):
             l0 = (f != 0).float().sum(-1).mean(-1)
         return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0)
 
+    # ------------------------------------------------------------------ training step
+    def train_step(
+        self,
+        x: Tensor,
+        *,
+        progress: float = 0.0,
+        sparsity_scale: float = 1.0,
+        plan: StepPlan = StepPlan(),
+        dtype: str = "float32",
+        stats: bool = True,
+    ) -> Losses:
+        """Every member's training losses (detached), with their gradients written into ``.grad``.
+
+        ``plan`` picks the fused or the autograd computation, loop or stacked members and the
+        token chunk (see :func:`.kernels.plan_for`); ``dtype`` "bfloat16" computes the products
+        and the big elementwise passes in bfloat16 (parameters, gradients and loss sums stay
+        float32); ``stats`` asks for ``l0`` (one more pass, so only on logging steps). A member
+        whose loss is not finite gets meaningless gradients; the caller drops it.
+        """
+        if plan.kernel == "autograd" or not self.fused:
+            return self._autograd_step(x, progress, sparsity_scale, dtype)
+        for p in self.parameters():
+            if p.grad is None or p.grad.shape != p.shape:
+                p.grad = torch.zeros_like(p)
+        cdt = compute_dtype(dtype)
+        out = torch.zeros(4, self.n, dtype=torch.float32, device=x.device)  # mse, P, aux, l0
+        groups = [slice(i, i + 1) for i in range(self.n)] if plan.mode == "loop" else [slice(0, self.n)]
+        with torch.no_grad():
+            for rows in groups:
+                self._fused_rows(x, rows, plan.chunk, cdt, float(progress), float(sparsity_scale), stats, out[:, rows])
+        mse, penalty, aux, l0 = out
+        total = mse + (self.sparsity_coeff * sparsity_scale) * penalty / self.d_in + aux
+        return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0 if stats else None)
+
+    def _autograd_step(self, x: Tensor, progress: float, sparsity_scale: float, dtype: str) -> Losses:
+        """The reference step: :meth:`losses` under autocast, then autograd."""
+        for p in self.parameters():
+            p.grad = None
+        ctx = (torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+               else contextlib.nullcontext())
+        with ctx:
+            losses = self.losses(x, progress=progress, sparsity_scale=sparsity_scale)
+        finite = torch.isfinite(losses.total.detach())
+        losses.total[finite].sum().backward()  # a non-finite member must not poison the others
+        return Losses(**{k: getattr(losses, k).detach() for k in ("total", "mse", "sparsity", "aux", "l0")})
+
+    def _fused_rows(
+        self, x: Tensor, rows: slice, chunk: Optional[int], cdt: torch.dtype, progress: float,
+        sparsity_scale: float, stats: bool, out: Tensor,
+    ) -> None:
+        """Gradients of members ``rows`` into ``.grad[rows]``; ``out[:, j]`` = (mse, P, aux, l0)
+        of member ``rows.start + j``. Implemented by the architectures that set ``fused``."""
+        raise NotImplementedError
+
+    def _ws(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return self.ws.get(name, shape, dtype, self.W_dec.device)
+
+    def _centered_ones(self, x: Tensor, b_dec: Tensor, cdt: torch.dtype) -> Tensor:
+        """``[k, B, d + 1]``: x - b_dec of each member with a column of ones (bias folding)."""
+        k, (B, d) = b_dec.shape[0], x.shape
+        xa = self._ws("xa", (k, B, d + 1), cdt)
+        torch.sub(x, b_dec[:, None, :], out=xa[..., :d])
+        xa[..., d] = 1
+        return xa
+
+    def _weight_with_bias(self, name: str, w: Tensor, b: Tensor, cdt: torch.dtype) -> Tensor:
+        """``[k, d + 1, m]``: an encoder weight with its bias as the last row."""
+        k, d, m = w.shape
+        wa = self._ws(name, (k, d + 1, m), cdt)
+        wa[:, :d].copy_(w)
+        wa[:, d].copy_(b)
+        return wa
+
+    def _decoder_with_ones(self, w_dec: Tensor, cdt: torch.dtype) -> Tensor:
+        """``[k, m, d + 1]``: W_dec with a column of ones (decode also returns sum_i f_i; the
+        transposed product adds the last input column to every feature's gradient)."""
+        k, m, d = w_dec.shape
+        wda = self._ws("Wda", (k, m, d + 1), cdt)
+        wda[..., :d].copy_(w_dec)
+        wda[..., d] = 1
+        return wda
+
     # ---------------------------------------------------------------- maintenance
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -170,15 +267,18 @@ class PackedSAE(nn.Module):
         for name, b in list(self.named_buffers(recurse=False)):
             setattr(self, name, b.index_select(0, idx))
         self.generators = [self.generators[i] for i in keep]
+        self.noise = [self.noise[i] for i in keep]
         self.hp = [self.hp[i] for i in keep]
         self.n = len(keep)
+        self.ws.clear()
 
     def member(self, i: int) -> "PackedSAE":
         """A one-member view of member ``i`` for inference (shares storage, no gradients)."""
         view = copy.copy(self)
         view._parameters = {k: nn.Parameter(p.detach()[i : i + 1], requires_grad=False) for k, p in self._parameters.items()}
         view._buffers = {k: b[i : i + 1] for k, b in self._buffers.items()}
-        view.generators, view.hp, view.n = [self.generators[i]], [self.hp[i]], 1
+        view.generators, view.noise, view.hp, view.n = [self.generators[i]], [self.noise[i]], [self.hp[i]], 1
+        view.ws = Workspace()
         return view
 
     # -------------------------------------------------------------------- export

@@ -9,11 +9,16 @@ auxiliary term trains the gate path and never the decoder.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from . import register
 from .base import HyperParam, PackedSAE, mse_per_member
+from .kernels import bmm, bmm_acc, chunks
+
+threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 AUX_PARAM = {
     "aux_coeff": HyperParam(
@@ -42,12 +47,45 @@ class GatedEncoder:
         recon = torch.matmul(gate_codes, self.W_dec.detach()) + self.b_dec.detach()[:, None, :]
         return self.aux_coeff * mse_per_member(x, recon)
 
+    def _gated_setup(self, x: Tensor, rows: slice, cdt: torch.dtype):
+        """Per-step operands of the fused gated encoder: x - b_dec with ones, [W_enc; b_gate],
+        [W_dec | 1], exp(r_mag) and b_mag - b_gate exp(r_mag) (so f_mag = ReLU(pi exp(r) + c))."""
+        W_enc, b_gate, b_mag, r_mag, b_dec = (
+            p.detach()[rows] for p in (self.W_enc, self.b_gate, self.b_mag, self.r_mag, self.b_dec))
+        xa = self._centered_ones(x, b_dec, cdt)
+        wea = self._weight_with_bias("Wea", W_enc, b_gate, cdt)
+        wda = self._decoder_with_ones(self.W_dec.detach()[rows], cdt)
+        er = torch.exp(r_mag)
+        c_mag = b_mag - b_gate * er
+        return xa, wea, wda, er, c_mag
+
+    def _gated_grads(self, rows: slice, g_wea: Tensor, g_wdt: Tensor, db_mag: Tensor, er: Tensor,
+                     sum_e: Tensor, db_gate: Optional[Tensor] = None) -> None:
+        """Parameter gradients from the accumulated sums of a gated step.
+
+        ``g_wea = xa^T g_xenc`` (last row: sum_t g_xenc), ``g_wdt = e^T f``, ``db_mag = sum_t g_mag``
+        where g_mag = dL/d(mag pre-activation) and g_xenc = g_pi + g_mag exp(r). ``db_gate`` =
+        sum_t g_pi when summed directly (bf16: the difference below would cancel badly).
+        dL/dr = sum_t g_mag (x_enc exp(r)) = sum_t g_mag (mag_pre - b_mag), and where g_mag is not
+        zero mag_pre = f, so sum_t g_mag mag_pre = sum_t (e W_dec^T) f = rowdot(f^T e, W_dec).
+        """
+        d = self.d_in
+        W_enc, W_dec, b_mag = (p.detach()[rows] for p in (self.W_enc, self.W_dec, self.b_mag))
+        sum_gx = g_wea[:, d]
+        self.W_enc.grad[rows].copy_(g_wea[:, :d])
+        self.b_mag.grad[rows].copy_(db_mag)
+        self.b_gate.grad[rows].copy_(sum_gx - er * db_mag if db_gate is None else db_gate)
+        self.r_mag.grad[rows].copy_((g_wdt * W_dec.transpose(1, 2)).sum(1) - b_mag * db_mag)
+        self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
+        self.b_dec.grad[rows].copy_(sum_e - torch.bmm(W_enc, sum_gx[..., None])[..., 0])
+
 
 @register
 class GatedSAE(GatedEncoder, PackedSAE):
     name = "gated"
     saelens_architecture = "gated"
     hyperparams = AUX_PARAM
+    fused = True
 
     def _init_parameters(self) -> None:
         self._init_gated()
@@ -59,3 +97,75 @@ class GatedSAE(GatedEncoder, PackedSAE):
             return f, x.new_zeros(self.n), x.new_zeros(self.n)
         relu_gate = torch.relu(pi_gate)
         return f, relu_gate.sum(-1).mean(-1), self.aux_loss(x, relu_gate)
+
+    def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
+        """With e = 2 (x_hat - x) / (B d), e_aux = aux_coeff 2 (r_aux - x) / (B d), kappa = c s / (d B):
+
+        g_mag = 1[f > 0] (e W_dec^T) (f > 0 iff pi > 0 and f_mag > 0);
+        g_pi = 1[pi > 0] (e_aux W_dec^T + kappa) (penalty and aux both go through ReLU(pi));
+        g_xenc = g_pi + g_mag exp(r_mag); dW_enc = xc^T g_xenc; the rest in :meth:`_gated_grads`.
+        """
+        k = rows.stop - rows.start
+        B, d = x.shape
+        m, f32 = self.d_sae, torch.float32
+        xa, wea, wda, er, c_mag = self._gated_setup(x, rows, cdt)
+        wdt = wda.transpose(1, 2)
+        er_c, c_c = er[:, None, :].to(cdt), c_mag[:, None, :].to(cdt)
+        T = chunk or B
+        pi = self._ws("pi", (k, T, m), cdt)
+        f = self._ws("f", (k, T, m), cdt)
+        h = self._ws("h", (k, T, m), cdt)  # ReLU(pi), then g_mag
+        ga = self._ws("ga", (k, T, m), cdt)  # e_aux W_dec^T + kappa, then g_pi, then g_xenc
+        r = self._ws("r", (k, T, d + 1), cdt)
+        ra = self._ws("ra", (k, T, d + 1), cdt)
+        e = self._ws("e", (k, T, d), cdt)
+        ea = self._ws("ea", (k, T, d + 1), cdt)
+        ea[..., d] = (self.sparsity_coeff[rows] * (sparsity_scale / (d * B)))[:, None]
+        g_wea = self._ws("gWea", (k, d + 1, m), f32)
+        g_wdt = self._ws("gWdT", (k, d, m), f32)
+        mixed = cdt != f32
+        tmp_e = self._ws("tmp_e", (k, d + 1, m), cdt) if mixed else None
+        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        two_s = 2.0 / (B * d)
+        aux_c = self.aux_coeff[rows]
+        sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
+        sum_diff = x.new_zeros(k, d)
+        db_mag = x.new_zeros(k, m)
+        db_gate = x.new_zeros(k, m) if mixed else None
+        offset = self.b_dec.detach()[rows][:, None, :]
+        for i, (s0, s1) in enumerate(chunks(B, chunk)):
+            t = s1 - s0
+            PI, F, H, GA, R, RA, E, EA = (b[:, :t] for b in (pi, f, h, ga, r, ra, e, ea))
+            xs = xa[:, s0:s1]
+            bmm(xs, wea, PI)  # pi = x_enc + b_gate
+            torch.addcmul(c_c, PI, er_c, out=F).clamp_min_(0)  # f_mag
+            threshold_backward(F, PI, 0.0, grad_input=F)  # f = 1[pi > 0] f_mag
+            torch.clamp_min(PI, 0, out=H)  # ReLU(pi)
+            bmm(F, wda, R)
+            bmm(H, wda, RA)  # [aux recon - b_dec | sum_i ReLU(pi)_i]
+            xt = x[s0:s1]
+            diff = torch.add(R[..., :d], offset).sub_(xt)
+            diff_a = torch.add(RA[..., :d], offset).sub_(xt)
+            sse += diff.square().sum((1, 2))
+            sse_aux += diff_a.square().sum((1, 2))
+            sum_diff += diff.sum(1)
+            penalty += RA[..., d].sum(1, dtype=f32)
+            torch.mul(diff, two_s, out=E)
+            torch.mul(diff_a, (aux_c * two_s)[:, None, None], out=EA[..., :d])
+            bmm(E, wdt[:, :d], H)  # e W_dec^T
+            threshold_backward(H, F, 0.0, grad_input=H)  # g_mag
+            db_mag += H.sum(1, dtype=f32)
+            bmm(EA, wdt, GA)  # e_aux W_dec^T + kappa
+            threshold_backward(GA, PI, 0.0, grad_input=GA)  # g_pi
+            if mixed:
+                db_gate += GA.sum(1, dtype=f32)
+            GA.addcmul_(H, er_c)  # g_xenc
+            if stats:
+                nnz += torch.count_nonzero(F, dim=(1, 2))
+            bmm_acc(g_wea, xs.transpose(1, 2), GA, i == 0, tmp_e)
+            bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
+        self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
+        out[0] = sse / (B * d)
+        out[1] = penalty / B
+        out[2] = aux_c * sse_aux / (B * d)
+        out[3] = nnz / B

@@ -5,12 +5,20 @@ SAE); ``aux = aux_coeff * MSE(x, W_dec^sg z + b_dec^sg)``.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import Tensor
 
 from . import register
 from .base import PackedSAE
 from .gated import AUX_PARAM, GatedEncoder
-from .hard_concrete import BETA_PARAMS, HardConcreteGates, expected_l0, gates
+from .hard_concrete import (
+    BETA_PARAMS, GAMMA, ZETA, HardConcreteGates, expected_l0, fused_gate_backward, fused_gates, fused_penalty, gates,
+)
+from .kernels import bmm, bmm_acc, chunks
+
+threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 @register
@@ -18,6 +26,7 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     name = "gated_hard_concrete"
     saelens_architecture = "gated_hard_concrete"
     hyperparams = {**AUX_PARAM, **BETA_PARAMS}
+    fused = True
 
     def _init_parameters(self) -> None:
         self._init_beta()
@@ -26,7 +35,79 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
         pi_gate, f_mag = self.gate_and_magnitude(x)
         beta = self.beta(progress)
-        z = gates(pi_gate, beta, self.generators, train)
+        z = gates(pi_gate, beta, self.noise, train)
         if not train:
             return z * f_mag, x.new_zeros(self.n), x.new_zeros(self.n)
         return z * f_mag, expected_l0(pi_gate, beta), self.aux_loss(x, z)
+
+    def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
+        """With e = 2 (x_hat - x) / (B d), e_aux = aux_coeff 2 (z W_dec + b_dec - x) / (B d):
+        g_z = f_mag (e W_dec^T) + e_aux W_dec^T; g_mag = 1[f_mag > 0] z (e W_dec^T);
+        g_pi = g_z dz/dpi + kappa p (1 - p); g_xenc = g_pi + g_mag exp(r_mag)."""
+        k = rows.stop - rows.start
+        B, d = x.shape
+        m, f32 = self.d_sae, torch.float32
+        xa, wea, wda, er, c_mag = self._gated_setup(x, rows, cdt)
+        wdt = wda.transpose(1, 2)[:, :d]
+        er_c, c_c = er[:, None, :].to(cdt), c_mag[:, None, :].to(cdt)
+        beta = self.beta(progress)[rows]
+        inv_beta, slope = (1 / beta)[:, None, None], ((ZETA - GAMMA) / beta)[:, None, None]
+        kappa = self.sparsity_coeff[rows] * (sparsity_scale / (d * B))
+        T = chunk or B
+        pi, fm, z, f, g1, g2 = (self._ws(n, (k, T, m), cdt) for n in ("pi", "fm", "z", "f", "g1", "g2"))
+        u = self._ws("u", (k, T, m), f32)
+        r = self._ws("r", (k, T, d + 1), cdt)
+        ra = self._ws("ra", (k, T, d + 1), cdt)
+        e = self._ws("e", (k, T, d), cdt)
+        ea = self._ws("ea", (k, T, d), cdt)
+        g_wea = self._ws("gWea", (k, d + 1, m), f32)
+        g_wdt = self._ws("gWdT", (k, d, m), f32)
+        mixed = cdt != f32
+        tmp_e = self._ws("tmp_e", (k, d + 1, m), cdt) if mixed else None
+        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        two_s = 2.0 / (B * d)
+        aux_c = self.aux_coeff[rows]
+        sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
+        sum_diff = x.new_zeros(k, d)
+        db_mag = x.new_zeros(k, m)
+        db_gate = x.new_zeros(k, m) if mixed else None  # see GatedEncoder._gated_grads
+        gens = self.noise[rows]
+        offset = self.b_dec.detach()[rows][:, None, :]
+        for i, (s0, s1) in enumerate(chunks(B, chunk)):
+            t = s1 - s0
+            PI, FM, Z, F, G1, G2, U, R, RA, E, EA = (b[:, :t] for b in (pi, fm, z, f, g1, g2, u, r, ra, e, ea))
+            xs = xa[:, s0:s1]
+            bmm(xs, wea, PI)  # pi = x_enc + b_gate
+            torch.addcmul(c_c, PI, er_c, out=FM).clamp_min_(0)  # f_mag
+            fused_gates(U, Z, PI, inv_beta, gens, s0)
+            torch.mul(Z, FM, out=F)
+            bmm(F, wda, R)
+            bmm(Z, wda, RA)
+            xt = x[s0:s1]
+            diff = torch.add(R[..., :d], offset).sub_(xt)
+            diff_a = torch.add(RA[..., :d], offset).sub_(xt)
+            sse += diff.square().sum((1, 2))
+            sse_aux += diff_a.square().sum((1, 2))
+            sum_diff += diff.sum(1)
+            torch.mul(diff, two_s, out=E)
+            torch.mul(diff_a, (aux_c * two_s)[:, None, None], out=EA)
+            bmm(E, wdt, G1)  # g_f
+            bmm(EA, wdt, G2)  # dL_aux/dz
+            G2.addcmul_(G1, FM)  # g_z
+            G1.mul_(Z)
+            threshold_backward(G1, FM, 0.0, grad_input=G1)  # g_mag
+            db_mag += G1.sum(1, dtype=f32)
+            fused_gate_backward(G2, U, Z, slope)
+            penalty += fused_penalty(G2, U, PI, beta, kappa)  # G2 = g_pi
+            if mixed:
+                db_gate += G2.sum(1, dtype=f32)
+            G2.addcmul_(G1, er_c)  # g_xenc
+            if stats:
+                nnz += torch.count_nonzero(F, dim=(1, 2))
+            bmm_acc(g_wea, xs.transpose(1, 2), G2, i == 0, tmp_e)
+            bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
+        self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
+        out[0] = sse / (B * d)
+        out[1] = penalty / B
+        out[2] = aux_c * sse_aux / (B * d)
+        out[3] = nnz / B

@@ -18,13 +18,17 @@ over training. The gate functions here are shared with the gated hard-concrete S
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import register
 from .base import HyperParam, PackedSAE
+from .kernels import bmm, bmm_acc, chunks, draw_uniform
+
+threshold_backward = torch.ops.aten.threshold_backward.grad_input
+hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input
 
 GAMMA, ZETA, EPS = -0.1, 1.1, 1e-6
 LOG_RATIO = math.log(-GAMMA / ZETA)  # log(-gamma / zeta) < 0
@@ -42,15 +46,17 @@ def beta_at(initial: Tensor, final: Tensor, progress: float) -> Tensor:
     return initial * (final / initial) ** progress
 
 
-def sample_gates(log_alpha: Tensor, beta: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """Stochastic training gates ``z`` (shape of ``log_alpha``, ``[n, B, m]``), one generator per member."""
+def _streams(g) -> Sequence[torch.Generator]:
+    return [g] if isinstance(g, torch.Generator) else g
+
+
+def sample_gates(log_alpha: Tensor, beta: Tensor, generators: Sequence) -> Tensor:
+    """Stochastic training gates ``z`` (shape of ``log_alpha``, ``[n, B, m]``); ``generators[i]``
+    is member i's noise: a generator or a list of streams (see :func:`.kernels.draw_uniform`)."""
     n = log_alpha.shape[0]
-    u = torch.stack(
-        [
-            torch.rand(log_alpha.shape[1:], generator=generators[i], device=log_alpha.device)
-            for i in range(n)
-        ]
-    ).mul_(1 - 2 * EPS).add_(EPS)
+    u = torch.empty(log_alpha.shape, device=log_alpha.device)
+    draw_uniform(list(u), [_streams(generators[i]) for i in range(n)])
+    u.mul_(1 - 2 * EPS).add_(EPS)
     logistic = torch.log(u) - torch.log1p(-u)
     s = torch.sigmoid((logistic + log_alpha) / beta[:, None, None])
     return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
@@ -68,6 +74,41 @@ def expected_l0(log_alpha: Tensor, beta: Tensor) -> Tensor:
     """Per-member penalty: sum over features of P(z != 0), mean over tokens -> ``[n]``."""
     p = torch.sigmoid(log_alpha - beta[:, None, None] * LOG_RATIO)
     return p.sum(-1).mean(-1)
+
+
+def fused_gates(U: Tensor, Z: Tensor, log_alpha: Tensor, inv_beta: Tensor, streams: Sequence, row0: int) -> None:
+    """Training gates of a chunk (batch rows ``row0 ..``), in place: ``U`` (float32 ``[k, t, m]``)
+    ends as s, ``Z`` as z.
+
+    ``u`` is drawn from each member's noise streams exactly as :func:`sample_gates` draws it for
+    the same rows, then mapped to (eps, 1 - eps); ``log u - log(1 - u)`` is computed as
+    ``logit(u)`` (one pass).
+    """
+    draw_uniform(list(U), [_streams(g) for g in streams], row0)
+    torch.add(U.new_tensor(EPS), U, alpha=1 - 2 * EPS, out=U)
+    U.logit_().add_(log_alpha).mul_(inv_beta).sigmoid_()
+    torch.add(U.new_tensor(GAMMA), U, alpha=ZETA - GAMMA, out=Z).clamp_(0.0, 1.0)
+
+
+def fused_gate_backward(G: Tensor, U: Tensor, Z: Tensor, slope: Tensor) -> None:
+    """``G`` (dL/dz) becomes dL/dlog_alpha through the sampled gate; ``U`` (s) is overwritten.
+
+    dz/ds = (zeta - gamma) where the clamp is inactive; ds/dlog_alpha = s (1 - s) / beta;
+    ``slope`` = (zeta - gamma) / beta per member.
+    """
+    hardtanh_backward(G, Z, 0.0, 1.0, grad_input=G)
+    U.addcmul_(U, U, value=-1.0)
+    G.mul_(U).mul_(slope)
+
+
+def fused_penalty(G: Tensor, U: Tensor, log_alpha: Tensor, beta: Tensor, kappa: Tensor) -> Tensor:
+    """Adds kappa * dp/dlog_alpha to ``G`` with p = sigmoid(log_alpha - beta log(-gamma/zeta));
+    returns sum p per member (``U`` is used as scratch)."""
+    torch.sub(log_alpha, (beta * LOG_RATIO)[:, None, None], out=U).sigmoid_()
+    total = U.sum((1, 2))
+    U.addcmul_(U, U, value=-1.0)
+    G.addcmul_(U, kappa[:, None, None])
+    return total
 
 
 class HardConcreteGates:
@@ -99,6 +140,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     name = "hard_concrete"
     saelens_architecture = "hard_concrete"
     encoder_weights = ("W_gate", "W_mag")
+    fused = True
     hyperparams = {
         **BETA_PARAMS,
         "input_dependent_gates": HyperParam(
@@ -131,8 +173,107 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         beta = self.beta(progress)
         log_alpha = self.log_alpha_of(xc)
         f_mag = torch.relu(torch.matmul(xc, self.W_mag) + self.b_mag[:, None, :])
-        z = gates(log_alpha, beta, self.generators, train)
+        z = gates(log_alpha, beta, self.noise, train)
         return z * f_mag, expected_l0(log_alpha, beta), x.new_zeros(self.n)
 
     def saelens_extra_cfg(self, i: int) -> dict:
         return {**super().saelens_extra_cfg(i), "input_dependent_gates": self.input_dependent}
+
+    def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
+        """With e = 2 (x_hat - x) / (B d): g_f = e W_dec^T; g_mag = 1[f_mag > 0] z g_f;
+        g_z = f_mag g_f; g_logalpha = g_z dz/dlog_alpha + kappa p (1 - p). Input-dependent gate
+        and magnitude encoders are one product with [W_gate | W_mag] (and one for their
+        gradients); shared logits sum their gradient over tokens."""
+        k = rows.stop - rows.start
+        B, d = x.shape
+        m, f32 = self.d_sae, torch.float32
+        dep = self.input_dependent
+        W_mag, b_mag, W_dec, b_dec = (p.detach()[rows] for p in (self.W_mag, self.b_mag, self.W_dec, self.b_dec))
+        xa = self._centered_ones(x, b_dec, cdt)
+        if dep:
+            W_gate, b_gate = self.W_gate.detach()[rows], self.b_gate.detach()[rows]
+            width = 2 * m
+            wcat = self._ws("Wcat", (k, d + 1, width), cdt)
+            wcat[:, :d, :m].copy_(W_gate)
+            wcat[:, d, :m].copy_(b_gate)
+            wcat[:, :d, m:].copy_(W_mag)
+            wcat[:, d, m:].copy_(b_mag)
+        else:
+            width = m
+            wcat = self._weight_with_bias("Wcat", W_mag, b_mag, cdt)
+            shared = self.log_alpha.detach()[rows]
+        wda = self._decoder_with_ones(W_dec, cdt)
+        wdt = wda.transpose(1, 2)[:, :d]
+        beta = self.beta(progress)[rows]
+        inv_beta, slope = (1 / beta)[:, None, None], ((ZETA - GAMMA) / beta)[:, None, None]
+        kappa = self.sparsity_coeff[rows] * (sparsity_scale / (d * B))
+        T = chunk or B
+        o = self._ws("o", (k, T, width), cdt)  # [log_alpha | mag pre-activation], then f_mag
+        go = self._ws("go", (k, T, width), cdt)  # [dL/dlog_alpha | dL/dmag]
+        gl = go if dep else self._ws("gl", (k, T, m), cdt)
+        u = self._ws("u", (k, T, m), f32)
+        z = self._ws("z", (k, T, m), cdt)
+        f = self._ws("f", (k, T, m), cdt)
+        r = self._ws("r", (k, T, d + 1), cdt)
+        e = self._ws("e", (k, T, d), cdt)
+        g_wcat = self._ws("gWcat", (k, d + 1, width), f32)
+        g_wdt = self._ws("gWdT", (k, d, m), f32)
+        mixed = cdt != f32
+        tmp_e = self._ws("tmp_e", (k, d + 1, width), cdt) if mixed else None
+        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        two_s = 2.0 / (B * d)
+        sse, penalty, nnz = (x.new_zeros(k) for _ in range(3))
+        sum_diff = x.new_zeros(k, d)
+        g_shared = x.new_zeros(k, m)
+        gens = self.noise[rows]
+        offset = b_dec[:, None, :]
+        for i, (s0, s1) in enumerate(chunks(B, chunk)):
+            t = s1 - s0
+            O, GO, U, Z, F, R, E = (b[:, :t] for b in (o, go, u, z, f, r, e))
+            if dep:
+                LA, FM, GL, GM = O[..., :m], O[..., m:], GO[..., :m], GO[..., m:]
+            else:
+                LA, FM, GL, GM = shared[:, None, :], O, gl[:, :t], GO
+            xs = xa[:, s0:s1]
+            bmm(xs, wcat, O)
+            FM.clamp_min_(0)
+            fused_gates(U, Z, LA, inv_beta, gens, s0)
+            torch.mul(Z, FM, out=F)
+            bmm(F, wda, R)
+            diff = torch.add(R[..., :d], offset).sub_(x[s0:s1])
+            sse += diff.square().sum((1, 2))
+            sum_diff += diff.sum(1)
+            torch.mul(diff, two_s, out=E)
+            bmm(E, wdt, GM)  # g_f
+            torch.mul(GM, FM, out=GL)  # g_z
+            GM.mul_(Z)
+            threshold_backward(GM, FM, 0.0, grad_input=GM)  # g_mag
+            fused_gate_backward(GL, U, Z, slope)
+            if dep:
+                penalty += fused_penalty(GL, U, LA, beta, kappa)
+            else:
+                g_shared += GL.sum(1, dtype=f32)
+            if stats:
+                nnz += torch.count_nonzero(F, dim=(1, 2))
+            bmm_acc(g_wcat, xs.transpose(1, 2), GO, i == 0, tmp_e)
+            bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
+        g_bdec = sum_diff.mul_(two_s)
+        if dep:
+            self.W_gate.grad[rows].copy_(g_wcat[:, :d, :m])
+            self.b_gate.grad[rows].copy_(g_wcat[:, d, :m])
+            self.W_mag.grad[rows].copy_(g_wcat[:, :d, m:])
+            self.b_mag.grad[rows].copy_(g_wcat[:, d, m:])
+            g_bdec -= torch.bmm(W_gate, g_wcat[:, d, :m, None])[..., 0]
+        else:
+            p = torch.sigmoid(shared - (beta * LOG_RATIO)[:, None])
+            penalty = p.sum(-1) * B
+            scale = self.sparsity_coeff[rows] * (sparsity_scale / d)
+            self.log_alpha.grad[rows].copy_(g_shared.addcmul_(p * (1 - p), scale[:, None]))
+            self.W_mag.grad[rows].copy_(g_wcat[:, :d])
+            self.b_mag.grad[rows].copy_(g_wcat[:, d])
+        g_bdec -= torch.bmm(W_mag, self.b_mag.grad[rows][..., None])[..., 0]
+        self.b_dec.grad[rows].copy_(g_bdec)
+        self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
+        out[0] = sse / (B * d)
+        out[1] = penalty / B
+        out[3] = nnz / B

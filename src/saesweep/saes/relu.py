@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from . import register
 from .base import PackedSAE
+from .kernels import bmm, bmm_acc, chunks
+
+threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 @register
 class ReLUSAE(PackedSAE):
     name = "relu"
     saelens_architecture = "standard"
+    fused = True
 
     def _init_parameters(self) -> None:
         self._init_decoder_and_encoder("W_enc")
@@ -22,3 +28,62 @@ class ReLUSAE(PackedSAE):
         f = torch.relu(torch.matmul(self.centered(x), self.W_enc) + self.b_enc[:, None, :])
         penalty = f.sum(-1).mean(-1)  # f >= 0, so |f| = f
         return f, penalty, penalty.new_zeros(self.n)
+
+    def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
+        """Per token, with e = dL/dx_hat = 2 (x_hat - x) / (B d) and kappa = c s / (d B):
+
+        g_pre = 1[f > 0] (e W_dec^T + kappa); dW_enc = xc^T g_pre; db_enc = sum_t g_pre;
+        dW_dec = f^T e; db_dec = sum_t e - W_enc db_enc (b_dec also centres the input).
+        Two elementwise passes over [chunk, m] (ReLU, its mask); the rest are five products.
+        """
+        k = rows.stop - rows.start
+        B, d = x.shape
+        m, f32 = self.d_sae, torch.float32
+        W_enc, b_enc, W_dec, b_dec = (p.detach()[rows] for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec))
+        xa = self._centered_ones(x, b_dec, cdt)  # [k, B, d+1]
+        wea = self._weight_with_bias("Wea", W_enc, b_enc, cdt)  # [k, d+1, m]
+        wda = self._decoder_with_ones(W_dec, cdt)  # [k, m, d+1]
+        T = chunk or B
+        pre = self._ws("pre", (k, T, m), cdt)
+        g = self._ws("g", (k, T, m), cdt)
+        r = self._ws("r", (k, T, d + 1), cdt)
+        ea = self._ws("ea", (k, T, d + 1), cdt)
+        # last column of e: kappa, so that e_aug @ [W_dec^T; 1] = e W_dec^T + kappa
+        ea[..., d] = (self.sparsity_coeff[rows] * (sparsity_scale / (d * B)))[:, None]
+        g_wea = self._ws("gWea", (k, d + 1, m), f32)
+        g_wdt = self._ws("gWdT", (k, d, m), f32)
+        mixed = cdt != f32
+        tmp_e = self._ws("tmp_e", (k, d + 1, m), cdt) if mixed else None
+        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        two_s = 2.0 / (B * d)
+        sse = x.new_zeros(k)
+        l1 = x.new_zeros(k)
+        nnz = x.new_zeros(k)
+        sum_diff = x.new_zeros(k, d)
+        offset = b_dec[:, None, :]
+        for i, (s0, s1) in enumerate(chunks(B, chunk)):
+            t = s1 - s0
+            P, G, R, E = pre[:, :t], g[:, :t], r[:, :t], ea[:, :t]
+            xs = xa[:, s0:s1]
+            bmm(xs, wea, P)
+            P.clamp_min_(0)  # f = ReLU(pre), in place
+            bmm(P, wda, R)  # [x_hat - b_dec | sum_i f_i]
+            diff = torch.add(R[..., :d], offset).sub_(x[s0:s1])  # x_hat - x, float32
+            sse += diff.square().sum((1, 2))
+            sum_diff += diff.sum(1)
+            l1 += R[..., d].sum(1, dtype=f32)
+            torch.mul(diff, two_s, out=E[..., :d])
+            bmm(E, wda.transpose(1, 2), G)  # e W_dec^T + kappa
+            threshold_backward(G, P, 0.0, grad_input=G)  # g_pre
+            if stats:
+                nnz += torch.count_nonzero(P, dim=(1, 2))
+            bmm_acc(g_wea, xs.transpose(1, 2), G, i == 0, tmp_e)
+            bmm_acc(g_wdt, E[..., :d].transpose(1, 2), P, i == 0, tmp_d)
+        db_enc = g_wea[:, d]
+        self.W_enc.grad[rows].copy_(g_wea[:, :d])
+        self.b_enc.grad[rows].copy_(db_enc)
+        self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
+        self.b_dec.grad[rows].copy_(sum_diff.mul_(two_s).sub_(torch.bmm(W_enc, db_enc[..., None])[..., 0]))
+        out[0] = sse / (B * d)
+        out[1] = l1 / B
+        out[3] = nnz / B
