@@ -2,6 +2,7 @@
 # Create .venv and install saesweep into it (editable).
 #   bash scripts/setup.sh          # the package with every optional integration
 #   bash scripts/setup.sh --test   # ... plus the test tools (pytest, sae-lens)
+#   bash scripts/setup.sh --bench  # ... plus the benchmark peer (sae-lens)
 # Machines without an NVIDIA GPU get the CPU build of torch (constraints/cpu.txt); machines
 # with one keep pip's default CUDA build. Elsewhere than this project's machines, a CPU-only
 # install may need PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -9,7 +10,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 extras="all"
-[ "${1:-}" = "--test" ] && extras="all,test,bench"
+case "${1:-}" in
+  --test) extras="all,test,bench" ;;
+  --bench) extras="all,bench" ;;
+  "") ;;
+  *) echo "setup.sh: unknown option ${1}; use --test, --bench or nothing" >&2; exit 2 ;;
+esac
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true

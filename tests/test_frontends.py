@@ -118,6 +118,7 @@ def test_approach_3_dynamic_runner(here):
         (["run", "--config_dir", "nowhere"], "--config_dir"),
         (["status", "nosuchsweep"], "nosuchsweep"),
         (["sweep", "--policy", "random"], "--policy"),
+        (["sweep", "--storage", "sqlite:///s.db", "--devices", "cpu:0,cpu:1"], "SQLite"),
     ],
 )
 def test_bad_flags_exit_2_and_write_nothing(here, args, needle):

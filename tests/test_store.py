@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +14,7 @@ from pg import postgres_server, postgres_url  # noqa: F401  (fixtures)
 from saesweep.config import ConfigError
 from saesweep.engine import open_sweep, queue_trials
 from saesweep.grid import expand, parse_spec
-from saesweep.store import COMPLETE, SweepStore, redact
+from saesweep.store import SweepStore, redact
 from sweep_helpers import TINY_BASE, saesweep, start_worker, write_spec
 
 

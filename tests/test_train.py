@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import saesweep
-from saesweep import saes
 from saesweep.activations import open_source
-from saesweep.train import lr_factor, pack_key, sparsity_factor, train_pack
+from saesweep.metrics import dictionary_recovery
+from saesweep.train import build_sae, lr_factor, pack_key, sparsity_factor, train_pack
 
 
 def test_relu_recovers_true_features(tiny_cfg):
@@ -116,3 +116,13 @@ def test_schedules():
 def test_bfloat16_trains(tiny_cfg):
     r = saesweep.run(tiny_cfg(train={"dtype": "bfloat16", "tokens": 200_000}))
     assert r.ok and r.metrics["fvu"] < 0.3 and r.metrics["dtype"] == "bfloat16"
+
+
+def test_recovery_comes_from_training_not_from_the_initialisation(tiny_cfg):
+    # the ground-truth dictionary and the SAE's decoder are both seeded by 0 here: they must
+    # still be different draws, or frac_recovered is 1 before a single step
+    cfg = tiny_cfg(source={"n_features": 24, "sparsity": 0.04})
+    data = open_source(cfg)
+    sae = build_sae([cfg], data.d_in, torch.device("cpu"))
+
+    assert dictionary_recovery(sae, data.ground_truth)[0]["frac_recovered"] < 0.2

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import EXIT_OK, command, flag
+from .cli import EXIT_OK, command, count_int, flag, positive_int
 from .config import ConfigError
 
 
@@ -24,23 +24,6 @@ def _minutes(value: str) -> int:
         n = d * 1440 + h * 60 + mi + (1 if s else 0)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 minute, got {value!r}")
-    return n
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
-
-
-def _positive(value: str) -> int:
-    n = _count(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
 
 
@@ -64,17 +47,17 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     flag(p, "sweep", help="sweep name (default with --spec: the spec's name)")
     spec_flags(p)
     g = p.add_argument_group("job array")
-    flag(g, "array", type=_positive, default=1, help="tasks in the job array (default 1); each is one allocation")
-    flag(g, "max_concurrent", type=_positive, help="most tasks running at once (sbatch --array=...%%K)")
+    flag(g, "array", type=positive_int, default=1, help="tasks in the job array (default 1); each is one allocation")
+    flag(g, "max_concurrent", type=positive_int, help="most tasks running at once (sbatch --array=...%%K)")
     flag(g, "partition", help="Slurm partition")
-    flag(g, "gpus_per_task", type=_count, default=0, help="GPUs per task (default 0); the task runs one worker per GPU")
-    flag(g, "cpus_per_task", type=_positive, help="CPU cores per task")
+    flag(g, "gpus_per_task", type=count_int, default=0, help="GPUs per task (default 0); the task runs one worker per GPU")
+    flag(g, "cpus_per_task", type=positive_int, help="CPU cores per task")
     flag(g, "mem", help="memory per task: 32G, 500M, or GB as a number")
     flag(g, "time", type=_minutes, default=24 * 60,
          help="time limit per task: minutes, or [D-]HH:MM[:SS] (default 24:00:00); a task out of time checkpoints "
               "its packs and is requeued")
     flag(g, "devices", default="auto", help="devices for the workers inside a task (default auto: the task's GPUs)")
-    flag(g, "max_parallel", type=_positive, help="worker processes per task (default: one per device)")
+    flag(g, "max_parallel", type=positive_int, help="worker processes per task (default: one per device)")
     flag(g, "folder", help="folder for job files and logs; %%j is the job id (default slurm_logs/<sweep>/%%j)")
     flag(g, "job_name", help="job name (default saesweep-<sweep>)")
     flag(g, "account", help="Slurm account")
@@ -84,9 +67,9 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
          help="shell line run in the job before the workers, e.g. 'module load cuda' (repeatable)")
     flag(g, "slurm_arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
          help="any other sbatch option, e.g. --slurm_arg gres=gpu:a100:2 (repeatable)")
-    flag(g, "signal_delay_s", type=_positive, default=120,
+    flag(g, "signal_delay_s", type=positive_int, default=120,
          help="seconds before the time limit at which Slurm signals the task to checkpoint (default 120)")
-    flag(g, "max_requeues", type=_count, default=10, help="time-outs after which a task is not requeued (default 10)")
+    flag(g, "max_requeues", type=count_int, default=10, help="time-outs after which a task is not requeued (default 10)")
     flag(p, "dry_run", action="store_true", help="print the submitit parameters and sbatch script; submit nothing")
     flag(p, "wait", action="store_true", help="wait for the tasks to end and report them")
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .cli import EXIT_OK, EXIT_USAGE, command, flag, parse_overrides
+from .cli import EXIT_OK, command, flag, parse_overrides, positive_int
 from .config import ConfigError, ExperimentConfig, load_config
 from .store import redact
 
@@ -20,16 +20,6 @@ PREVIEW = 5
 
 def csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def spec_flags(p: argparse.ArgumentParser, *, types: bool = True) -> None:
@@ -224,6 +214,12 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     # free memory is shown only by a dry run: asking torch for it would hold a CUDA context in this process
     found = detect(with_free=bool(args.dry_run))
     slots = plan_workers(spec.execution.devices, mp, configs, spec.execution, found=found)
+    if len(slots) > 1 and str(spec.storage_url).startswith("sqlite:"):
+        raise ConfigError(
+            f"--storage {redact(spec.storage_url)}: SQLite cannot serve {len(slots)} concurrent workers safely "
+            "(claims can be duplicated); use a journal file path (the default) or postgresql://..., "
+            "or run one worker (--max_parallel 1)"
+        )
     if args.dry_run:
         return dry_run(spec, configs, slots, found)
     from .engine import open_sweep, queue_trials
@@ -251,6 +247,7 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     for r in store.records():
         if r.state == "failed":
             print(f"  failed {r.trial_id} after {r.attempts} attempt(s): {r.reason}")
+    _print_frontier(store, spec.sweep_dir)
     if outcome.aborted:
         print(f"stopped: {outcome.aborted}", file=sys.stderr)
     if outcome.interrupted:
@@ -393,7 +390,17 @@ def cmd_status(args) -> int:
     from .scheduler import per_slot_totals, print_worker_table
 
     print_worker_table(per_slot_totals(store))
+    _print_frontier(store, folder)
     return EXIT_OK
+
+
+def _print_frontier(store, folder) -> None:
+    from .results import frontier_lines, results_table
+
+    lines = frontier_lines(results_table(store))
+    if lines:
+        print("\n".join(lines))
+        print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")
 
 
 def _results_args(p):

@@ -12,14 +12,11 @@ the sweep has no waiting and no running trials, when told to stop, or after
 
 from __future__ import annotations
 
-import math
-import os
-import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
-
 from . import __version__
 from .activations import Activations, open_source
 from .config import ConfigError, ExperimentConfig, load_config, parse_config

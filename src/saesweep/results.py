@@ -34,3 +34,29 @@ def write_table(df: pd.DataFrame, stem: Path) -> list[Path]:
     df.to_parquet(buf, index=False)
     parquet = atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
     return [csv, parquet]
+
+
+def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
+    """A few points of each SAE type's L0-FVU Pareto frontier, for the end of a sweep.
+
+    The full frontier (and the plots) are in ``saesweep report``; this is the glance a
+    researcher wants when the sweep ends: how sparse, how faithful, with which settings.
+    """
+    from .report import frontier_ids
+
+    fronts = frontier_ids(df, "l0", "fvu", by_type=True)
+    if not fronts:
+        return []
+    by_id = df.set_index("trial_id")
+    params = [p for p in PARAM_ORDER if p in df and df[p].nunique(dropna=True) > 1]
+    extra = [k for k in ("ce_recovered", "frac_recovered") if k in df and df[k].notna().any()]
+    out = ["L0-FVU frontier per type (a few points; `saesweep report` draws them all):"]
+    for t, ids in fronts.items():
+        pick = ids if len(ids) <= max_rows else [ids[round(i * (len(ids) - 1) / (max_rows - 1))] for i in range(max_rows)]
+        out.append(f"  {t}: {len(ids)} of {int((df['sae_type'] == t).sum())} trials on the frontier")
+        for tid in pick:
+            r = by_id.loc[tid]
+            cols = [f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"] + [f"{k} {r[k]:.3f}" for k in extra]
+            cols += [f"{p}={r[p]:g}" if isinstance(r[p], float) else f"{p}={r[p]}" for p in params if pd.notna(r[p])]
+            out.append("    " + "  ".join(cols))
+    return out

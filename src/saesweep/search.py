@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 import zlib
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 

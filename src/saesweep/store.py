@@ -420,8 +420,6 @@ class SweepStore:
     def add_trials(self, configs: Sequence[ExperimentConfig], params: Sequence[dict[str, Any]],
                    spaces: Optional[Sequence[dict[str, BaseDistribution]]] = None) -> int:
         """Queue the configs whose trial id the sweep does not hold yet; returns how many were added."""
-        from .train import pack_key
-
         with self.lock():
             known = {t.user_attrs.get("trial_id") for t in self.trials()}
             added = 0

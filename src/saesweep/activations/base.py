@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 #: a function from raw activations ``[N, d]`` to their reconstruction ``[N, d]``

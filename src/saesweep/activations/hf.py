@@ -164,13 +164,33 @@ def load_tokenizer(source: HFSource) -> Any:
         ) from None
 
 
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Hide the datasets/transformers progress bars (split generation, weight loading) while
+    loading: saesweep shows its own bar for the work that takes time, the activation build."""
+    import datasets
+    from transformers.utils import logging as tf_logging
+
+    ds_on, tf_on = datasets.utils.logging.is_progress_bar_enabled(), tf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if ds_on:
+            datasets.enable_progress_bars()
+        if tf_on:
+            tf_logging.enable_progress_bar()
+
+
 def load_lm(source: HFSource, device: str | torch.device = "cpu", *, tokenizer: bool = True) -> tuple[nn.Module, Any]:
     """``(model, tokenizer or None)``: the causal LM in eval mode on ``device`` in ``source.lm_dtype``."""
     from transformers import AutoModelForCausalLM
 
     kw = {"revision": source.revision} if source.revision else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(_model_path(source), dtype=getattr(torch, source.lm_dtype), **kw)
+        with quiet_hf():
+            model = AutoModelForCausalLM.from_pretrained(_model_path(source), dtype=getattr(torch, source.lm_dtype), **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"source.model: cannot load {source.model!r} ({e})") from None
     model.eval().requires_grad_(False).to(device)
@@ -403,7 +423,8 @@ def token_rows(
     document; only the documents needed are read and tokenised.
     """
     config = config if config is not None else check_source(source)
-    train_data, heldout_data, heldout_from = _open_splits(source, datasets_cache, streaming)
+    with quiet_hf():
+        train_data, heldout_data, heldout_from = _open_splits(source, datasets_cache, streaming)
     train = _Docs(train_data, source, f"split {source.split!r} of {source.dataset}")
     heldout = _Docs(heldout_data, source, heldout_from) if heldout_data is not None else None
     tokenizer = load_tokenizer(source) if train.is_text or (heldout is not None and heldout.is_text) else None

@@ -16,13 +16,17 @@ from ..config import SyntheticSource
 from .base import Activations, norm_scale
 
 _EVAL_STREAM = 2**31 - 1  # the held-out stream's seed; training seeds are smaller
+#: offset of the ground-truth dictionary's generator seed: a dictionary drawn with the bare
+#: ``seed`` would equal the decoder initialisation of an SAE trained with the same seed (both
+#: are rows of ``randn(., d)``), so every feature would count as "recovered" before training.
+_DICTIONARY_STREAM = 0x5EED_D1C7
 
 
 class SyntheticActivations(Activations):
     def __init__(self, cfg: SyntheticSource, eval_tokens: int, norm_sample: int = 32_768) -> None:
         self.cfg = cfg
         self.d_in = cfg.d_in
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed + _DICTIONARY_STREAM)
         dirs = torch.randn(cfg.n_features, cfg.d_in, generator=g)
         self.ground_truth = dirs / dirs.norm(dim=-1, keepdim=True)
         self.eval_tokens = eval_tokens

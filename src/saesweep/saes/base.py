@@ -217,6 +217,27 @@ class PackedSAE(nn.Module):
     def _ws(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return self.ws.get(name, shape, dtype, self.W_dec.device)
 
+    def _grad_accumulators(self, k: int, d: int, enc_width: int, cdt: torch.dtype):
+        """``(g_enc [k, d + 1, enc_width], g_dec^T [k, d, m], tmp_e, tmp_d)``: float32 gradient
+        sums over the token chunks, and (in bf16 only) the scratch products they are added from."""
+        f32, m = torch.float32, self.d_sae
+        g_enc = self._ws("gWenc", (k, d + 1, enc_width), f32)
+        g_dec = self._ws("gWdT", (k, d, m), f32)
+        mixed = cdt != f32
+        tmp_e = self._ws("tmp_e", (k, d + 1, enc_width), cdt) if mixed else None
+        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        return g_enc, g_dec, tmp_e, tmp_d
+
+    @staticmethod
+    def _write_stats(out: Tensor, B: int, d: int, sse: Tensor, penalty: Tensor, nnz: Tensor,
+                     aux: Optional[Tensor] = None) -> None:
+        """Per-token means into ``out`` = (mse, P, aux, l0) from the sums over a batch of B."""
+        out[0] = sse / (B * d)
+        out[1] = penalty / B
+        if aux is not None:
+            out[2] = aux / (B * d)
+        out[3] = nnz / B
+
     def _centered_ones(self, x: Tensor, b_dec: Tensor, cdt: torch.dtype) -> Tensor:
         """``[k, B, d + 1]``: x - b_dec of each member with a column of ones (bias folding)."""
         k, (B, d) = b_dec.shape[0], x.shape

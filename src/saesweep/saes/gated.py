@@ -59,6 +59,21 @@ class GatedEncoder:
         c_mag = b_mag - b_gate * er
         return xa, wea, wda, er, c_mag
 
+    @staticmethod
+    def _chunk_errors(R: Tensor, RA: Tensor, offset: Tensor, xt: Tensor, two_s: float, aux_c: Tensor,
+                      E: Tensor, EA: Tensor, sse: Tensor, sse_aux: Tensor, sum_diff: Tensor) -> None:
+        """From a chunk's decodes ``R`` (the SAE's) and ``RA`` (the aux path's), both without
+        b_dec: E = dL/dx_hat, EA = dL_aux/dr_aux, and the running sums of squared errors and of
+        x_hat - x (for b_dec's gradient)."""
+        d = xt.shape[-1]
+        diff = torch.add(R[..., :d], offset).sub_(xt)
+        diff_a = torch.add(RA[..., :d], offset).sub_(xt)
+        sse += diff.square().sum((1, 2))
+        sse_aux += diff_a.square().sum((1, 2))
+        sum_diff += diff.sum(1)
+        torch.mul(diff, two_s, out=E)
+        torch.mul(diff_a, (aux_c * two_s)[:, None, None], out=EA)
+
     def _gated_grads(self, rows: slice, g_wea: Tensor, g_wdt: Tensor, db_mag: Tensor, er: Tensor,
                      sum_e: Tensor, db_gate: Optional[Tensor] = None) -> None:
         """Parameter gradients from the accumulated sums of a gated step.
@@ -121,11 +136,8 @@ class GatedSAE(GatedEncoder, PackedSAE):
         e = self._ws("e", (k, T, d), cdt)
         ea = self._ws("ea", (k, T, d + 1), cdt)
         ea[..., d] = (self.sparsity_coeff[rows] * (sparsity_scale / (d * B)))[:, None]
-        g_wea = self._ws("gWea", (k, d + 1, m), f32)
-        g_wdt = self._ws("gWdT", (k, d, m), f32)
+        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
         mixed = cdt != f32
-        tmp_e = self._ws("tmp_e", (k, d + 1, m), cdt) if mixed else None
-        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
         two_s = 2.0 / (B * d)
         aux_c = self.aux_coeff[rows]
         sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
@@ -143,15 +155,8 @@ class GatedSAE(GatedEncoder, PackedSAE):
             torch.clamp_min(PI, 0, out=H)  # ReLU(pi)
             bmm(F, wda, R)
             bmm(H, wda, RA)  # [aux recon - b_dec | sum_i ReLU(pi)_i]
-            xt = x[s0:s1]
-            diff = torch.add(R[..., :d], offset).sub_(xt)
-            diff_a = torch.add(RA[..., :d], offset).sub_(xt)
-            sse += diff.square().sum((1, 2))
-            sse_aux += diff_a.square().sum((1, 2))
-            sum_diff += diff.sum(1)
+            self._chunk_errors(R, RA, offset, x[s0:s1], two_s, aux_c, E, EA[..., :d], sse, sse_aux, sum_diff)
             penalty += RA[..., d].sum(1, dtype=f32)
-            torch.mul(diff, two_s, out=E)
-            torch.mul(diff_a, (aux_c * two_s)[:, None, None], out=EA[..., :d])
             bmm(E, wdt[:, :d], H)  # e W_dec^T
             threshold_backward(H, F, 0.0, grad_input=H)  # g_mag
             db_mag += H.sum(1, dtype=f32)
@@ -165,7 +170,4 @@ class GatedSAE(GatedEncoder, PackedSAE):
             bmm_acc(g_wea, xs.transpose(1, 2), GA, i == 0, tmp_e)
             bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
         self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
-        out[0] = sse / (B * d)
-        out[1] = penalty / B
-        out[2] = aux_c * sse_aux / (B * d)
-        out[3] = nnz / B
+        self._write_stats(out, B, d, sse, penalty, nnz, aux=aux_c * sse_aux)

@@ -60,11 +60,8 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         ra = self._ws("ra", (k, T, d + 1), cdt)
         e = self._ws("e", (k, T, d), cdt)
         ea = self._ws("ea", (k, T, d), cdt)
-        g_wea = self._ws("gWea", (k, d + 1, m), f32)
-        g_wdt = self._ws("gWdT", (k, d, m), f32)
+        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
         mixed = cdt != f32
-        tmp_e = self._ws("tmp_e", (k, d + 1, m), cdt) if mixed else None
-        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
         two_s = 2.0 / (B * d)
         aux_c = self.aux_coeff[rows]
         sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
@@ -83,14 +80,7 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
             torch.mul(Z, FM, out=F)
             bmm(F, wda, R)
             bmm(Z, wda, RA)
-            xt = x[s0:s1]
-            diff = torch.add(R[..., :d], offset).sub_(xt)
-            diff_a = torch.add(RA[..., :d], offset).sub_(xt)
-            sse += diff.square().sum((1, 2))
-            sse_aux += diff_a.square().sum((1, 2))
-            sum_diff += diff.sum(1)
-            torch.mul(diff, two_s, out=E)
-            torch.mul(diff_a, (aux_c * two_s)[:, None, None], out=EA)
+            self._chunk_errors(R, RA, offset, x[s0:s1], two_s, aux_c, E, EA, sse, sse_aux, sum_diff)
             bmm(E, wdt, G1)  # g_f
             bmm(EA, wdt, G2)  # dL_aux/dz
             G2.addcmul_(G1, FM)  # g_z
@@ -107,7 +97,4 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
             bmm_acc(g_wea, xs.transpose(1, 2), G2, i == 0, tmp_e)
             bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
         self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
-        out[0] = sse / (B * d)
-        out[1] = penalty / B
-        out[2] = aux_c * sse_aux / (B * d)
-        out[3] = nnz / B
+        self._write_stats(out, B, d, sse, penalty, nnz, aux=aux_c * sse_aux)

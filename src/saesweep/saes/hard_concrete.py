@@ -216,11 +216,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         f = self._ws("f", (k, T, m), cdt)
         r = self._ws("r", (k, T, d + 1), cdt)
         e = self._ws("e", (k, T, d), cdt)
-        g_wcat = self._ws("gWcat", (k, d + 1, width), f32)
-        g_wdt = self._ws("gWdT", (k, d, m), f32)
-        mixed = cdt != f32
-        tmp_e = self._ws("tmp_e", (k, d + 1, width), cdt) if mixed else None
-        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        g_wcat, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, width, cdt)
         two_s = 2.0 / (B * d)
         sse, penalty, nnz = (x.new_zeros(k) for _ in range(3))
         sum_diff = x.new_zeros(k, d)
@@ -274,6 +270,4 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         g_bdec -= torch.bmm(W_mag, self.b_mag.grad[rows][..., None])[..., 0]
         self.b_dec.grad[rows].copy_(g_bdec)
         self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
-        out[0] = sse / (B * d)
-        out[1] = penalty / B
-        out[3] = nnz / B
+        self._write_stats(out, B, d, sse, penalty, nnz)

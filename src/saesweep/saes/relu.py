@@ -50,11 +50,7 @@ class ReLUSAE(PackedSAE):
         ea = self._ws("ea", (k, T, d + 1), cdt)
         # last column of e: kappa, so that e_aug @ [W_dec^T; 1] = e W_dec^T + kappa
         ea[..., d] = (self.sparsity_coeff[rows] * (sparsity_scale / (d * B)))[:, None]
-        g_wea = self._ws("gWea", (k, d + 1, m), f32)
-        g_wdt = self._ws("gWdT", (k, d, m), f32)
-        mixed = cdt != f32
-        tmp_e = self._ws("tmp_e", (k, d + 1, m), cdt) if mixed else None
-        tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
+        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
         two_s = 2.0 / (B * d)
         sse = x.new_zeros(k)
         l1 = x.new_zeros(k)
@@ -84,6 +80,4 @@ class ReLUSAE(PackedSAE):
         self.b_enc.grad[rows].copy_(db_enc)
         self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
         self.b_dec.grad[rows].copy_(sum_diff.mul_(two_s).sub_(torch.bmm(W_enc, db_enc[..., None])[..., 0]))
-        out[0] = sse / (B * d)
-        out[1] = l1 / B
-        out[3] = nnz / B
+        self._write_stats(out, B, d, sse, l1, nnz)
