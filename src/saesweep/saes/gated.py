@@ -60,6 +60,14 @@ class GatedEncoder:
         return xa, wea, wda, er, c_mag
 
     @staticmethod
+    def _gated_sums(x: Tensor, k: int, m: int, cdt: torch.dtype) -> tuple:
+        """Zeroed running sums of a gated step: sse, sse_aux, penalty, nnz ``[k]``; sum_diff
+        ``[k, d]``; db_mag ``[k, m]``; db_gate ``[k, m]`` in bf16 only (see :meth:`_gated_grads`)."""
+        sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
+        db_gate = x.new_zeros(k, m) if cdt != torch.float32 else None
+        return sse, sse_aux, penalty, nnz, x.new_zeros(k, x.shape[1]), x.new_zeros(k, m), db_gate
+
+    @staticmethod
     def _chunk_errors(R: Tensor, RA: Tensor, offset: Tensor, xt: Tensor, two_s: float, aux_c: Tensor,
                       E: Tensor, EA: Tensor, sse: Tensor, sse_aux: Tensor, sum_diff: Tensor) -> None:
         """From a chunk's decodes ``R`` (the SAE's) and ``RA`` (the aux path's), both without
@@ -73,6 +81,21 @@ class GatedEncoder:
         sum_diff += diff.sum(1)
         torch.mul(diff, two_s, out=E)
         torch.mul(diff_a, (aux_c * two_s)[:, None, None], out=EA)
+
+    @staticmethod
+    def _chunk_grads(first: bool, xs: Tensor, g_pi: Tensor, g_mag: Tensor, F: Tensor, E: Tensor, er_c: Tensor,
+                     acc: tuple, db_gate: Optional[Tensor], nnz: Tensor, stats: bool) -> None:
+        """A chunk's share of the encoder and decoder gradients: g_xenc = g_pi + g_mag exp(r_mag)
+        (written over ``g_pi``) into ``acc`` = (g_wea, g_wdt, tmp_e, tmp_d); in bf16 also b_gate's
+        own sum (``db_gate``); the chunk's non-zero codes into ``nnz`` when ``stats``."""
+        g_wea, g_wdt, tmp_e, tmp_d = acc
+        if db_gate is not None:
+            db_gate += g_pi.sum(1, dtype=torch.float32)
+        g_pi.addcmul_(g_mag, er_c)  # g_xenc
+        if stats:
+            nnz += torch.count_nonzero(F, dim=(1, 2))
+        bmm_acc(g_wea, xs.transpose(1, 2), g_pi, first, tmp_e)
+        bmm_acc(g_wdt, E.transpose(1, 2), F, first, tmp_d)
 
     def _gated_grads(self, rows: slice, g_wea: Tensor, g_wdt: Tensor, db_mag: Tensor, er: Tensor,
                      sum_e: Tensor, db_gate: Optional[Tensor] = None) -> None:
@@ -136,14 +159,10 @@ class GatedSAE(GatedEncoder, PackedSAE):
         e = self._ws("e", (k, T, d), cdt)
         ea = self._ws("ea", (k, T, d + 1), cdt)
         ea[..., d] = (self.sparsity_coeff[rows] * (sparsity_scale / (d * B)))[:, None]
-        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
-        mixed = cdt != f32
+        acc = g_wea, g_wdt, _, _ = self._grad_accumulators(k, d, m, cdt)
         two_s = 2.0 / (B * d)
         aux_c = self.aux_coeff[rows]
-        sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
-        sum_diff = x.new_zeros(k, d)
-        db_mag = x.new_zeros(k, m)
-        db_gate = x.new_zeros(k, m) if mixed else None
+        sse, sse_aux, penalty, nnz, sum_diff, db_mag, db_gate = self._gated_sums(x, k, m, cdt)
         offset = self.b_dec.detach()[rows][:, None, :]
         for i, (s0, s1) in enumerate(chunks(B, chunk)):
             t = s1 - s0
@@ -162,12 +181,6 @@ class GatedSAE(GatedEncoder, PackedSAE):
             db_mag += H.sum(1, dtype=f32)
             bmm(EA, wdt, GA)  # e_aux W_dec^T + kappa
             threshold_backward(GA, PI, 0.0, grad_input=GA)  # g_pi
-            if mixed:
-                db_gate += GA.sum(1, dtype=f32)
-            GA.addcmul_(H, er_c)  # g_xenc
-            if stats:
-                nnz += torch.count_nonzero(F, dim=(1, 2))
-            bmm_acc(g_wea, xs.transpose(1, 2), GA, i == 0, tmp_e)
-            bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
+            self._chunk_grads(i == 0, xs, GA, H, F, E, er_c, acc, db_gate, nnz, stats)
         self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
         self._write_stats(out, B, d, sse, penalty, nnz, aux=aux_c * sse_aux)

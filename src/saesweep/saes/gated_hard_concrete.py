@@ -16,7 +16,7 @@ from .gated import AUX_PARAM, GatedEncoder
 from .hard_concrete import (
     BETA_PARAMS, GAMMA, ZETA, HardConcreteGates, expected_l0, fused_gate_backward, fused_gates, fused_penalty, gates,
 )
-from .kernels import bmm, bmm_acc, chunks
+from .kernels import bmm, chunks
 
 threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
@@ -60,14 +60,10 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         ra = self._ws("ra", (k, T, d + 1), cdt)
         e = self._ws("e", (k, T, d), cdt)
         ea = self._ws("ea", (k, T, d), cdt)
-        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
-        mixed = cdt != f32
+        acc = g_wea, g_wdt, _, _ = self._grad_accumulators(k, d, m, cdt)
         two_s = 2.0 / (B * d)
         aux_c = self.aux_coeff[rows]
-        sse, sse_aux, penalty, nnz = (x.new_zeros(k) for _ in range(4))
-        sum_diff = x.new_zeros(k, d)
-        db_mag = x.new_zeros(k, m)
-        db_gate = x.new_zeros(k, m) if mixed else None  # see GatedEncoder._gated_grads
+        sse, sse_aux, penalty, nnz, sum_diff, db_mag, db_gate = self._gated_sums(x, k, m, cdt)
         gens = self.noise[rows]
         offset = self.b_dec.detach()[rows][:, None, :]
         for i, (s0, s1) in enumerate(chunks(B, chunk)):
@@ -89,12 +85,6 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
             db_mag += G1.sum(1, dtype=f32)
             fused_gate_backward(G2, U, Z, slope)
             penalty += fused_penalty(G2, U, PI, beta, kappa)  # G2 = g_pi
-            if mixed:
-                db_gate += G2.sum(1, dtype=f32)
-            G2.addcmul_(G1, er_c)  # g_xenc
-            if stats:
-                nnz += torch.count_nonzero(F, dim=(1, 2))
-            bmm_acc(g_wea, xs.transpose(1, 2), G2, i == 0, tmp_e)
-            bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
+            self._chunk_grads(i == 0, xs, G2, G1, F, E, er_c, acc, db_gate, nnz, stats)
         self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
         self._write_stats(out, B, d, sse, penalty, nnz, aux=aux_c * sse_aux)
