@@ -129,7 +129,8 @@ def cmd_launch(args) -> int:
             print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new")
         else:
             print(f"Sweep '{spec.name}': a {spec.search.method} search; the workers sample its trials")
-    store = SweepStore(storage, sweep, create=False)  # it exists, and this host reaches it
+    else:
+        store = SweepStore(storage, sweep, create=False)  # it exists, and this host reaches it
     c = store.counts()
     print(f"Sweep '{sweep}' on {redact(storage)}: {c['waiting']} waiting, {c['running']} running, "
           f"{c['complete']} complete, {c['failed']} failed")
@@ -143,6 +144,6 @@ def cmd_launch(args) -> int:
     if not args.wait:
         return EXIT_OK
     code = wait_for(jobs)
-    c = SweepStore(storage, sweep, create=False).counts()
+    c = store.counts()
     print(f"Sweep '{sweep}': {c['complete']} complete, {c['failed']} failed, {c['waiting']} waiting, {c['running']} running")
     return code

@@ -7,21 +7,19 @@ import sys
 from pathlib import Path
 
 from .cli import EXIT_OK, command, flag, parse_overrides
+from .cli_sweep import _sweep_ref_args
 from .config import ConfigError
+from .importance import EVALUATORS
 
 
-def _sweep_ref(p) -> None:
-    from .cli_sweep import _sweep_ref_args
-
-    _sweep_ref_args(p)
 
 
 # ------------------------------------------------------------------------ report
 def _report_args(p) -> None:
-    _sweep_ref(p)
+    _sweep_ref_args(p)
     flag(p, "out", help="folder for report.html and the PNGs (default: <sweep folder>/report)")
     flag(p, "metric", help="metric for hyperparameter importance (default: the sweep's first objective)")
-    flag(p, "evaluator", default="auto", choices=["auto", "ped-anova", "fanova", "mdi"],
+    flag(p, "evaluator", default="auto", choices=EVALUATORS,
          help="importance evaluator (default auto: fanova with scikit-learn, else ped-anova)")
 
 
@@ -46,9 +44,9 @@ def cmd_report(args) -> int:
 
 # -------------------------------------------------------------------- importance
 def _importance_args(p) -> None:
-    _sweep_ref(p)
+    _sweep_ref_args(p)
     flag(p, "metric", help="metric to explain (default: the sweep's first objective)")
-    flag(p, "evaluator", default="auto", choices=["auto", "ped-anova", "fanova", "mdi"])
+    flag(p, "evaluator", default="auto", choices=EVALUATORS)
     flag(p, "output", help="also write the JSON to this file")
 
 
@@ -68,7 +66,7 @@ def cmd_importance(args) -> int:
 
 # --------------------------------------------------------------------- dashboard
 def _dashboard_args(p) -> None:
-    _sweep_ref(p)
+    _sweep_ref_args(p)
     flag(p, "host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     flag(p, "port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
 

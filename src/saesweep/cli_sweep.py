@@ -204,8 +204,8 @@ def cmd_sweep(args) -> int:
 
 def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
     """Shared by run / sweep: dry run, or queue the trials and run the workers."""
-    from .devices import detect, detection_lines
-    from .scheduler import device_names, plan_lines, plan_workers
+    from .devices import detect
+    from .scheduler import plan_workers
 
     if getattr(args, "show_devices", False):
         return cmd_devices(args)
@@ -233,21 +233,15 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
         done = sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete")
         print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new, "
               f"{done} already complete  [{spec.sweep_dir}]")
-    for line in detection_lines(found):
-        print(line)
-    print(f"\nUsing devices: {device_names(slots)}  (policy {spec.execution.policy})")
-    for line in plan_lines(slots, spec.execution.pack_size):
-        print(line)
-    sys.stdout.flush()
+    print_plan(found, slots, spec.execution.pack_size, spec.execution.policy)
     outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
     c = outcome.counts
     print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
           f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
     print_worker_table(outcome.workers)
-    for r in store.records():
-        if r.state == "failed":
-            print(f"  failed {r.trial_id} after {r.attempts} attempt(s): {r.reason}")
-    _print_frontier(store, spec.sweep_dir)
+    recs = store.records()
+    _print_failed(recs)
+    _print_frontier(recs, spec.sweep_dir)
     if outcome.aborted:
         print(f"stopped: {outcome.aborted}", file=sys.stderr)
     if outcome.interrupted:
@@ -255,10 +249,22 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     return outcome.exit_code
 
 
-def dry_run(spec, configs, slots, found=None) -> int:
+def print_plan(found, slots, pack_size: int, policy: Optional[str] = None) -> None:
+    """The devices found, the ones used (and the policy), and the worker plan."""
     from .devices import detection_lines
+    from .scheduler import device_names, plan_lines
+
+    for line in detection_lines(found):
+        print(line)
+    print(f"\nUsing devices: {device_names(slots)}" + (f"  (policy {policy})" if policy else ""))
+    for line in plan_lines(slots, pack_size):
+        print(line)
+    sys.stdout.flush()
+
+
+def dry_run(spec, configs, slots, found=None) -> int:
     from .grid import swept_params
-    from .scheduler import deal, device_names, distribution_lines, plan_lines
+    from .scheduler import deal, distribution_lines
 
     if configs is None:
         print(f"Would run a {spec.search.method} search: {spec.search.n_trials} trials per type over {spec.sae_types}")
@@ -271,11 +277,7 @@ def dry_run(spec, configs, slots, found=None) -> int:
         if len(configs) > PREVIEW:
             print(f"  ... and {len(configs) - PREVIEW} more")
     print()
-    for line in detection_lines(found):
-        print(line)
-    print(f"\nUsing devices: {device_names(slots)}")
-    for line in plan_lines(slots, spec.execution.pack_size):
-        print(line)
+    print_plan(found, slots, spec.execution.pack_size)
     if configs is None:
         return EXIT_OK
     ids = [c.trial_id for c in configs]
@@ -305,9 +307,9 @@ def _worker_args(p):
 @command("worker", "join a sweep from this host: claim and run its trials")(_worker_args)
 def cmd_worker(args) -> int:
     from .config import parse_config
-    from .devices import detect, detection_lines
+    from .devices import detect
     from .grid import ExecutionSpec
-    from .scheduler import device_names, plan_lines, plan_workers, print_worker_table, run_workers
+    from .scheduler import plan_workers, print_worker_table, run_workers
     from .store import WAITING, SweepStore, password_to_env
 
     # a password in the URL moves to PGPASSWORD (read by libpq): the worker processes then get
@@ -325,12 +327,7 @@ def cmd_worker(args) -> int:
             pass
     slots = plan_workers(args.devices, args.max_parallel, configs, execution, found=found) if configs else parse_devices_first
     print(f"Worker for sweep '{args.sweep}' on {redact(args.storage)}")
-    for line in detection_lines(found):
-        print(line)
-    print(f"\nUsing devices: {device_names(slots)}  (policy {args.policy})")
-    for line in plan_lines(slots, execution.pack_size):
-        print(line)
-    sys.stdout.flush()
+    print_plan(found, slots, execution.pack_size, args.policy)
     outcome = run_workers(store, execution, slots, policy=args.policy)
     print_worker_table(outcome.workers)
     return outcome.exit_code
@@ -384,20 +381,24 @@ def cmd_status(args) -> int:
     left = total["waiting"] + total["running"]
     if durations and left:
         print(f"  mean trial time {sum(durations) / len(durations):.1f}s; about {left * sum(durations) / len(durations):.0f}s of work left")
-    for r in recs:
-        if r.state == "failed":
-            print(f"  failed {r.trial_id} ({r.attempts} attempts): {r.reason}")
+    _print_failed(recs)
     from .scheduler import per_slot_totals, print_worker_table
 
     print_worker_table(per_slot_totals(store))
-    _print_frontier(store, folder)
+    _print_frontier(recs, folder)
     return EXIT_OK
 
 
-def _print_frontier(store, folder) -> None:
+def _print_failed(recs) -> None:
+    for r in recs:
+        if r.state == "failed":
+            print(f"  failed {r.trial_id} after {r.attempts} attempt(s): {r.reason}")
+
+
+def _print_frontier(recs, folder) -> None:
     from .results import frontier_lines, results_table
 
-    lines = frontier_lines(results_table(store))
+    lines = frontier_lines(results_table(recs))
     if lines:
         print("\n".join(lines))
         print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")

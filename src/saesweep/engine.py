@@ -12,6 +12,7 @@ the sweep has no waiting and no running trials, when told to stop, or after
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -131,8 +132,6 @@ class Worker:
         show_progress: Optional[bool] = False,
         stop: Optional[threading.Event] = None,
         poll_s: float = 2.0,
-        on_result: Optional[Callable[[Claim, Any], None]] = None,
-        tracker: Any = None,
         accept: Optional[Callable[[Any], bool]] = None,
         share: int = 1,
         max_pack: Optional[int] = None,
@@ -141,21 +140,22 @@ class Worker:
             execution = execution.model_copy(update={"pack_size": max(1, int(max_pack))})
         self.store, self.ex = _RetryingStore(store, execution.lease_s), execution
         self.device = device
-        self.worker_id = new_worker_id(slot or device)
         self.show_progress = show_progress
         self.stop = stop or threading.Event()
         self.poll_s = poll_s
-        self.on_result = on_result
-        self.tracker = tracker
         self.accept = accept
         self.share = max(1, share)  # workers sharing the queue: a pack takes at most its share of a group
         self.slot = slot or device
+        self.worker_id = new_worker_id(self.slot)
+        self._data: Any = None  # the activations of the last pack, and what they were opened for
+        self._data_key: Optional[str] = None
         self.stats = WorkerStats(self.worker_id, device)
         info = store.info
         self.objectives = list(info.get("objectives", ["fvu"]))
         self.checkpoint_dir = Path(info.get("checkpoint_dir", "runs/.checkpoints"))
         self.spec = SweepSpec.model_validate(info["spec"]) if "spec" in info else None
-        if self.tracker is None and self.spec is not None:
+        self.tracker = None
+        if self.spec is not None:
             from .tracking import make_tracker
 
             self.tracker = make_tracker(self.spec, store)
@@ -185,6 +185,7 @@ class Worker:
                     self.stats.aborted = msg
                     raise SweepAborted(msg)
         finally:
+            self._drop_data()
             self.stats.wall_s = time.perf_counter() - t0
         return self.stats
 
@@ -216,7 +217,7 @@ class Worker:
 
             should_prune = pruning_callback(self.store, self.spec, claims)
         try:
-            results = run_pack(configs, device=self.device, show_progress=self.show_progress,
+            results = run_pack(configs, device=self.device, show_progress=self.show_progress, data=self._data_for(configs[0]),
                                checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
                                on_log=self.tracker.log if self.tracker else None,
                                should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
@@ -262,14 +263,33 @@ class Worker:
                 self.store.fail(c, r.reason or "failed", retry=False, extra=extra)  # divergence is not retried
                 failed += 1
             self._track_finish(c, r)
-            if self.on_result is not None:
-                self.on_result(c, r)
         if all(r.ok for r in results):
             ckpt.unlink(missing_ok=True)
         self.stats.trials_done += done
         self.stats.trials_failed += failed
         return done, failed
 
+
+    def _data_for(self, cfg: ExperimentConfig) -> Any:
+        """The activations ``cfg`` trains and evaluates on, kept from one pack to the next: a
+        sweep's packs mostly share them, so the cache entry, the held-out set and the LM for the
+        CE metrics are opened once per worker instead of once per pack."""
+        from .activations import open_source
+        from .train import resolve_device
+
+        dev = resolve_device(self.device or cfg.train.device)
+        key = json.dumps([cfg.source.model_dump(mode="json"), cfg.cache_dir, cfg.cache_mode, cfg.train.tokens,
+                          cfg.eval.model_dump(mode="json"), str(dev)], sort_keys=True)
+        if key != self._data_key:
+            self._drop_data()
+            self._data = open_source(cfg, device=dev)
+            self._data_key = key
+        return self._data
+
+    def _drop_data(self) -> None:
+        data, self._data, self._data_key = self._data, None, None
+        if data is not None:
+            data.close()
 
     def _track_finish(self, claim: Claim, result: Any) -> None:
         if self.tracker is not None:
@@ -285,8 +305,7 @@ class Worker:
         marked to avoid this slot, the attempt not counted, while another slot of the sweep may
         take it; when every slot has run out of memory on it, it fails.
         """
-        import sys
-
+        self._drop_data()  # its tensors (an LM for the CE metrics) may hold device memory too
         exc = sys.exc_info()[1]
         if exc is not None and exc.__traceback__ is not None:
             traceback.clear_frames(exc.__traceback__)

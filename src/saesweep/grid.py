@@ -31,6 +31,9 @@ SEED_GRIDS: dict[str, dict[str, list]] = {
     "gated_hard_concrete": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1], "initial_beta": [0.1, 0.5, 1.0]},
 }
 SWEEPABLE = ("lr", "dict_size_ratio", "sparsity_coeff", *ARCH_FIELDS)
+#: the swept fields in the order tables show them
+PARAM_ORDER = ("lr", "dict_size_ratio", "sparsity_coeff", "aux_coeff", "initial_beta", "final_beta", "input_dependent_gates")
+assert set(PARAM_ORDER) == set(SWEEPABLE)
 
 #: metrics a search can optimise, with their direction
 METRIC_DIRECTIONS = {

@@ -453,7 +453,7 @@ def _frontier_table(df, f: dict, colors) -> str:
 
 
 def _param_cols(df) -> list[str]:
-    from .results import PARAM_ORDER
+    from .grid import PARAM_ORDER
 
     return [c for c in PARAM_ORDER if c in df]
 

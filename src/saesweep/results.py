@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
 from .io import atomic_write_bytes, atomic_write_text
-from .store import SweepStore
+from .grid import PARAM_ORDER
+from .store import SweepStore, TrialRecord
 
-PARAM_ORDER = ("lr", "dict_size_ratio", "sparsity_coeff", "aux_coeff", "initial_beta", "final_beta", "input_dependent_gates")
 
 
-def results_table(store: SweepStore) -> pd.DataFrame:
+def results_table(store: SweepStore | Sequence[TrialRecord]) -> pd.DataFrame:
+    """One row per trial of ``store`` (or of records already read from it)."""
     rows = []
-    for r in store.records():
+    for r in store.records() if isinstance(store, SweepStore) else store:
         row = {"trial_id": r.trial_id, "sae_type": r.sae_type, "state": r.state, "attempts": r.attempts}
         row.update({k: r.params.get(k) for k in PARAM_ORDER})
         row.update({k: v for k, v in r.params.items() if k not in PARAM_ORDER})

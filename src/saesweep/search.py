@@ -40,9 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from .config import ConfigError, ExperimentConfig
-from .grid import Range, SweepSpec, swept_params
-
-VARIED_FIELDS = ("lr", "dict_size_ratio", "sparsity_coeff", "aux_coeff", "initial_beta", "final_beta", "input_dependent_gates")
+from .grid import PARAM_ORDER, Range, SweepSpec, swept_params
 
 
 def distribution(space: Any) -> BaseDistribution:
@@ -64,7 +62,7 @@ def inferred_spaces(configs: Sequence[ExperimentConfig]) -> tuple[list[dict], li
     """(params, distributions) for configs from files: the values seen per type and field."""
     seen: dict[tuple[str, str], list] = {}
     for cfg in configs:
-        for f in VARIED_FIELDS:
+        for f in PARAM_ORDER:
             v = getattr(cfg, f, None)
             if v is not None:
                 vals = seen.setdefault((cfg.sae_type, f), [])
@@ -72,7 +70,7 @@ def inferred_spaces(configs: Sequence[ExperimentConfig]) -> tuple[list[dict], li
                     vals.append(v)
     params, spaces = [], []
     for cfg in configs:
-        p = {f: getattr(cfg, f) for f in VARIED_FIELDS if getattr(cfg, f, None) is not None}
+        p = {f: getattr(cfg, f) for f in PARAM_ORDER if getattr(cfg, f, None) is not None}
         params.append(p)
         spaces.append({f: CategoricalDistribution(sorted(seen[(cfg.sae_type, f)], key=_order)) for f in p})
     return params, spaces
@@ -375,6 +373,3 @@ class _Pruning:
                 except Exception:
                     pass
 
-
-def _last(values: dict) -> float:
-    return float(values[max(values)])

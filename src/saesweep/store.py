@@ -123,11 +123,6 @@ def password_to_env(url: str, env: Optional[dict] = None) -> str:
     return bare
 
 
-def describe_storage(url: str) -> str:
-    """How to name the storage in messages: the redacted URL (a journal: its path)."""
-    return redact(url)
-
-
 def redact_text(text: str, url: str) -> str:
     """``text`` (an error message, say) with ``url`` redacted and its password, in every
     spelling (as written, decoded, encoded), replaced by ``***``."""
@@ -525,10 +520,10 @@ class SweepStore:
             self.storage.set_trial_state_values(claim.trial_pk, FAIL)
         except UpdateFinishedTrialError:
             return False, False
-        if self.storage.get_trial(claim.trial_pk).state != FAIL:
+        t = self.storage.get_trial(claim.trial_pk)
+        if t.state != FAIL:  # a journal accepts the transition even when another worker's result won
             return False, False
         if retry and (same_attempt or claim.attempt <= max_retries):
-            t = self.storage.get_trial(claim.trial_pk)
             attempt = claim.attempt if same_attempt else claim.attempt + 1
             avoid = list(t.user_attrs.get("avoid", [])) + ([avoid_slot] if avoid_slot else [])
             self._create_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid)

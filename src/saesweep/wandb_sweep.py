@@ -226,7 +226,8 @@ def setup(spec: SweepSpec, sae_type: str, *, spec_path: Optional[str] = None, ov
     project = spec.tracking.project
     scope = (["-e", spec.tracking.entity] if spec.tracking.entity else []) + ["-p", project]
     mode = resolve_mode(spec.tracking.mode)
-    can_create = has_credentials() and mode == "online"
+    logged_in = has_credentials()
+    can_create = logged_in and mode == "online"
     if create is None:
         create = can_create
     if create:
@@ -243,10 +244,10 @@ def setup(spec: SweepSpec, sae_type: str, *, spec_path: Optional[str] = None, ov
             echo(f"  wandb agent {path}")
             return out
     else:
-        why = ("not logged in to W&B (no WANDB_API_KEY, no netrc entry)" if not has_credentials()
+        why = ("not logged in to W&B (no WANDB_API_KEY, no netrc entry)" if not logged_in
                else f"W&B mode is {mode}" if mode != "online" else "--no_create")
         echo(f"Sweep not created ({why}). To create and run it:")
-        if not has_credentials():
+        if not logged_in:
             echo("  wandb login")
     echo(f"  wandb sweep {' '.join(scope)} {_display(yaml_path)}")
     echo(f"  wandb agent {(spec.tracking.entity + '/') if spec.tracking.entity else '<entity>/'}{project}/<sweep_id>"

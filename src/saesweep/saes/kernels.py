@@ -126,11 +126,6 @@ def bmm_acc(acc: Tensor, a: Tensor, b: Tensor, first: bool, tmp: Optional[Tensor
         acc.baddbmm_(a, b)
 
 
-def per_member(v: Tensor, dims: int) -> Tensor:
-    """A ``[k]`` tensor shaped to broadcast against ``[k, ...]`` with ``dims`` trailing axes."""
-    return v.view(-1, *([1] * dims))
-
-
 def chunks(batch: int, chunk: Optional[int]):
     """``(start, stop)`` token ranges of a batch."""
     step = chunk or batch

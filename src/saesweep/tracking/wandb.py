@@ -91,7 +91,6 @@ class WandbTracker:
         self.runs: dict[str, Any] = {}  # trial id -> open wandb Run
         self.last_step: dict[str, int] = {}
         self.broken: Optional[str] = None
-        self.finished: list[str] = []  # run folders of finished runs (for callers and tests)
         self._lock = threading.Lock()
         atexit.register(self.close)
 
@@ -185,10 +184,7 @@ class WandbTracker:
             if tag:
                 run.tags = tuple(run.tags or ()) + (tag,)
             run.summary.update(summary)
-            folder = os.path.dirname(run.dir) if getattr(run, "dir", None) else None
             run.finish(exit_code=exit_code)
-            if folder:
-                self.finished.append(folder)
         except Exception as e:
             self._fail("wandb.finish", e)
 
