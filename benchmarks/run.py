@@ -425,7 +425,7 @@ def sweep_section(tokens: int, quick: bool, a_trials: int, a_fused_trials: int, 
         results = [r for u in units for r in u]
         v = {"wall_s": wall + build_s, "build_s": build_s, **summarize(units),
              "build_tokens": manifest["train"]["tokens"] + manifest["heldout"]["tokens"]}
-        v["metrics"] = {r.config.trial_id: {k: r.metrics.get(k) for k in ("fvu", "l0", "ce_recovered", "dead_fraction")}
+        v["metrics"] = {r.config.trial_id: {k: r.metrics.get(k) for k in ("fvu", "l0", "ce_loss_score", "dead_fraction")}
                         for r in results if r.ok}
         v["order"] = [r.config.trial_id for r in results]
         variants[name] = v
@@ -460,7 +460,7 @@ def bf16_agreement(c: dict, d: dict, dicts: list[dict]) -> dict:
         if f32 in c["metrics"] and bf in d["metrics"]:
             pairs.append((c["metrics"][f32], d["metrics"][bf]))
     out = {"pairs": len(pairs)}
-    for k in ("fvu", "l0", "ce_recovered"):
+    for k in ("fvu", "l0", "ce_loss_score"):
         rel = [abs(b[k] - a[k]) / max(abs(a[k]), 1e-12) for a, b in pairs if a.get(k) is not None and b.get(k) is not None]
         if rel:
             out[k] = {"median_rel": statistics.median(rel), "max_rel": max(rel),
@@ -635,7 +635,7 @@ def report(res: dict) -> str:
             lines.append(f"  target (d) >= 10x (a): {'MET' if sw['speedup_vs_a']['d_packed_bf16'] >= 10 else 'not met'}"
                          f"; best saesweep variant {max(sw['speedup_vs_a'][k] for k in ('b_sequential_cache', 'c_packed', 'd_packed_bf16')):.1f}x")
             ag = sw["bf16_agreement"]
-            for k in ("fvu", "l0", "ce_recovered"):
+            for k in ("fvu", "l0", "ce_loss_score"):
                 if k in ag:
                     lines.append(f"  bf16 vs fp32 {k}: median rel diff {100 * ag[k]['median_rel']:.2f}%, max "
                                  f"{100 * ag[k]['max_rel']:.2f}%, within 2%: {100 * ag[k]['within_2pct']:.0f}% of {ag['pairs']} pairs")

@@ -31,7 +31,7 @@ def test_bad_configs_name_the_field(bad, field):
 
 def test_architecture_defaults_and_roundtrip(tmp_path):
     c = ExperimentConfig(sae_type="gated_hard_concrete", lr=1e-3)
-    assert c.aux_coeff == 0.03125 and c.initial_beta == 0.5 and c.final_beta is None
+    assert c.aux_coeff == 1.0 and c.initial_beta == 0.5 and c.final_beta is None  # aux 1 as in the paper
     assert "input_dependent_gates" not in c.to_dict()
     p = tmp_path / "c.yaml"
     p.write_text(c.to_yaml())

@@ -93,7 +93,7 @@ def test_other_architectures(tiny_other_lm, tiny_tokens_parquet, make_cfg):
     for layer in (0, 1):
         torch.testing.assert_close(hf.HookedLM(model, layer).capture(ids), full.hidden_states[layer], rtol=0, atol=0)
     out, _ = hf.spliced_metrics(hf.HookedLM(model, 2), ids.numpy(), [lambda x: x.clone(), torch.zeros_like],
-                                prepend_bos=True, batch_rows=8)
+                                batch_rows=8)
     assert out[0]["kl"] == pytest.approx(0, abs=1e-6) and out[0]["ce_sae"] == out[0]["ce_clean"]
     assert out[1]["ce_sae"] == out[1]["ce_zero"]
     acts = hf.open_hf(make_cfg(tiny_other_lm, tiny_tokens_parquet, hook="blocks.1.hook_resid_post"))
@@ -201,12 +201,12 @@ def test_save_to_disk_folder_and_no_bos(tmp_path, tiny_lm, tiny_docs):
 def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
     x = torch.from_numpy(acts.entry.train_activations(0, acts.n_train)) * acts.scale
-    assert x.pow(2).sum(-1).mean().item() == pytest.approx(acts.d_in, rel=1e-4)
+    assert x.pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-4)  # unit mean squared norm
     torch.testing.assert_close(acts.mean(), x.mean(0), rtol=1e-4, atol=1e-5)
     batch = next(acts.train_batches(64, seed=0))
     assert batch.shape == (64, 32) and batch.dtype == torch.float32
     ev = acts.eval_activations()
-    assert ev.shape == (300, 32) and 0.5 * 32 < ev.pow(2).sum(-1).mean() < 2 * 32
+    assert ev.shape == (300, 32) and 0.5 < ev.pow(2).sum(-1).mean() < 2
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_post"])
@@ -215,10 +215,11 @@ def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, h
     noisy = lambda x: x + 0.3 * torch.randn_like(x)  # noqa: E731
     ident, zero, noise = acts.downstream_metrics([lambda x: x.clone(), torch.zeros_like, noisy])
     assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == pytest.approx(0, abs=1e-6)
-    assert ident["ce_recovered"] == 1.0
-    assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_recovered"] == 0.0 and zero["kl"] > 0
+    assert ident["ce_loss_score"] == 1.0 and ident["kl_div_score"] == pytest.approx(1.0)
+    assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_score"] == 0.0 and zero["kl"] > 0
+    assert zero["kl"] == pytest.approx(zero["kl_zero"]) and zero["kl_div_score"] == pytest.approx(0, abs=1e-6)
     assert noise["kl"] > 0 and all(math.isfinite(v) for v in noise.values())
-    assert set(ident) == {"ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl"}
+    assert set(ident) == {"ce_clean", "ce_sae", "ce_zero", "ce_loss_score", "kl", "kl_zero", "kl_div_score"}
     assert ident["ce_clean"] == zero["ce_clean"] == noise["ce_clean"]
     # a second evaluation reuses the zero-ablated baseline and agrees
     again = acts.downstream_metrics([lambda x: x.clone()])[0]
@@ -237,8 +238,10 @@ def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
     seen = []
     acts.downstream_metrics([lambda x: seen.append(x.clone()) or x])
-    # one row, BOS left out: 15 raw residuals of the first held-out row
-    np.testing.assert_allclose(seen[0].numpy(), acts.entry.heldout_activations(15), rtol=1e-5, atol=1e-5)
+    # one row, every position spliced (SAELens's convention): the BOS residual, then the 15
+    # raw residuals of the first held-out row that the cache holds
+    assert seen[0].shape == (16, 32)
+    np.testing.assert_allclose(seen[0][1:].numpy(), acts.entry.heldout_activations(15), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -275,6 +278,6 @@ def test_stories260k_end_to_end(stories260k, make_cfg):
     clean, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
     assert all(math.isfinite(v) for v in {**clean, **zero}.values())
     assert clean["ce_clean"] < clean["ce_zero"] and clean["ce_clean"] < 3.0
-    assert clean["ce_recovered"] == 1.0 and zero["ce_recovered"] == 0.0
+    assert clean["ce_loss_score"] == 1.0 and zero["ce_loss_score"] == 0.0
     manifest = json.loads((acts.entry.path / "manifest.json").read_text())
     assert manifest["source"]["hook"] == "blocks.2.hook_resid_pre"

@@ -22,7 +22,7 @@ from sweep_helpers import env, saesweep, write_spec
 LR = CategoricalDistribution([1e-3, 3e-3, 1e-2])
 SC = CategoricalDistribution([0.01, 0.03, 0.1, 0.3, 1.0])
 
-# (trial id, sae_type, l0, fvu, ce_recovered); the frontier is worked out by hand below
+# (trial id, sae_type, l0, fvu, ce_loss_score); the frontier is worked out by hand below
 POINTS = [
     ("relu-A", "relu", 10, 0.30, 0.70),
     ("relu-B", "relu", 20, 0.10, 0.90),
@@ -54,7 +54,7 @@ def handmade(tmp_path) -> SweepStore:
     store = SweepStore(str(tmp_path / "hand" / "sweep.journal"), "hand", directions=["minimize"])
     store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
     for i, (tid, t, l0, fvu, ce) in enumerate(POINTS):
-        add(store, tid, t, {"l0": l0, "fvu": fvu, "ce_recovered": ce, "tokens_per_s": 1000.0 * (i + 1)},
+        add(store, tid, t, {"l0": l0, "fvu": fvu, "ce_loss_score": ce, "tokens_per_s": 1000.0 * (i + 1)},
             device="cuda:0" if i % 2 else "cuda:1")
     add(store, "relu-failed", "relu", {}, state=FAIL)
     add(store, "relu-pruned", "relu", {}, state=PRUNED)
@@ -76,17 +76,17 @@ def test_frontier_of_handmade_trials(handmade):
     df = results_table(handmade)
     assert frontier_ids(df, "l0", "fvu") == FRONTIER_FVU
     assert frontier_ids(df, "l0", "fvu", by_type=True) == FRONTIER_FVU_BY_TYPE
-    assert frontier_ids(df, "l0", "ce_recovered") == FRONTIER_CE
+    assert frontier_ids(df, "l0", "ce_loss_score") == FRONTIER_CE
 
 
 def test_report_renders_with_the_frontier(handmade, tmp_path):
     rep = build_report(handmade, tmp_path / "report")
     f = rep.frontier["l0_fvu"]
     assert f["all"] == FRONTIER_FVU and f["by_type"] == FRONTIER_FVU_BY_TYPE
-    assert rep.frontier["l0_ce_recovered"]["all"] == FRONTIER_CE
+    assert rep.frontier["l0_ce_loss_score"]["all"] == FRONTIER_CE
     assert json.loads((tmp_path / "report" / "frontier.json").read_text())["l0_fvu"]["all"] == FRONTIER_FVU
     names = sorted(p.name for p in rep.pngs)
-    assert names == ["devices.png", "frontier_l0_ce_recovered.png", "frontier_l0_fvu.png", "importance.png"]
+    assert names == ["devices.png", "frontier_l0_ce_loss_score.png", "frontier_l0_fvu.png", "importance.png"]
     for p in rep.pngs:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -198,3 +198,32 @@ def test_dashboard_serves_the_sweep_on_loopback(handmade, tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def test_degenerate_saes_are_named_in_the_summary_and_the_report(tmp_path):
+    from saesweep.results import degenerate_lines, degenerate_reason, results_table
+
+    store = SweepStore(str(tmp_path / "deg" / "sweep.journal"), "deg", directions=["minimize"])
+    store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
+    shape = {"d_in": 64, "d_sae": 512}
+    add(store, "relu-dense", "relu", {"l0": 300.0, "fvu": 0.01, "dead_fraction": 0.0, **shape})
+    add(store, "relu-dead", "relu", {"l0": 5.0, "fvu": 0.3, "dead_fraction": 0.8, **shape})
+    add(store, "relu-wide", "relu", {"l0": 70.0, "fvu": 0.05, "dead_fraction": 0.0, **shape})  # L0 > d_in
+    add(store, "relu-good", "relu", {"l0": 8.0, "fvu": 0.1, "dead_fraction": 0.02, **shape})
+    df = results_table(store)
+    reasons = {r["trial_id"]: degenerate_reason(r) for _, r in df.iterrows()}
+    assert reasons == {"relu-dense": "dense: L0 300 > half of 512 features", "relu-dead": "80% of features dead",
+                       "relu-wide": "dense: L0 70 > d_in 64", "relu-good": ""}
+    lines = degenerate_lines(df)
+    assert lines[0].startswith("warning: 3 of 4 complete trials trained degenerate SAEs")
+    assert {ln.split(":")[0].strip() for ln in lines[1:]} == {"relu-dense", "relu-dead", "relu-wide"}
+    rep = build_report(store, tmp_path / "report")
+    page = rep.html.read_text()
+    assert "id='degenerate'" in page and "3 complete trial(s) trained degenerate SAEs" in page
+    assert "relu-dense" in page.split("id='degenerate'")[1].split("</div>")[0]
+    # nothing to warn about: no block
+    ok = SweepStore(str(tmp_path / "ok" / "sweep.journal"), "ok", directions=["minimize"])
+    ok.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
+    add(ok, "relu-good", "relu", {"l0": 8.0, "fvu": 0.1, "dead_fraction": 0.02, **shape})
+    assert degenerate_lines(results_table(ok)) == []
+    assert "id='degenerate'" not in build_report(ok, tmp_path / "report-ok").html.read_text()

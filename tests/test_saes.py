@@ -33,10 +33,11 @@ def test_relu_loss_by_hand():
     assert torch.allclose(f, torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.5, 3.0]]))
     assert torch.allclose(sae.decode(f[None])[0], torch.tensor([[2.0, 0.5], [2.8, 3.9]]))
     L = sae.losses(x)
-    # errors (0, .5) and (2.8, 1.9): MSE = (0.25 + 11.45) / 4; P = mean(1.5, 4.5) = 3
+    # errors (0, .5) and (2.8, 1.9): SSE per token = (0.25 + 11.45) / 2 = 5.85 (MSE per element
+    # 2.925); P = mean(1.5, 4.5) = 3; loss = SSE + c P (LOSS_CONVENTION 2, ReLU's penalty_scale 1)
     assert L.mse.item() == pytest.approx(2.925)
     assert L.sparsity.item() == pytest.approx(3.0)
-    assert L.total.item() == pytest.approx(2.925 + 0.2 * 3.0 / 2)
+    assert L.total.item() == pytest.approx(5.85 + 0.2 * 3.0)
     assert L.l0.item() == pytest.approx(2.0)
 
 
@@ -60,10 +61,11 @@ def test_gated_loss_by_hand():
     # x_enc = (1, 2); pi_gate = (1, 1); f_mag = (1.5, 4); both gates open
     assert torch.allclose(sae.encode(x)[0], torch.tensor([[1.5, 4.0]]))
     L = sae.losses(x)
-    assert L.mse.item() == pytest.approx((0.25 + 4.0) / 2)  # errors (0.5, 2)
+    assert L.mse.item() == pytest.approx((0.25 + 4.0) / 2)  # errors (0.5, 2): SSE 4.25
     assert L.sparsity.item() == pytest.approx(2.0)  # sum ReLU(pi_gate)
-    assert L.aux.item() == pytest.approx(0.5 * (0 + 1) / 2)  # recon through gates = (1, 1)
-    assert L.total.item() == pytest.approx(2.125 + 0.1 * 2 / 2 + 0.25)
+    assert L.aux.item() == pytest.approx(0.5 * (0 + 1))  # aux_coeff * SSE through the gates (1, 1)
+    # SSE + c * penalty_scale (3 for gated) * P + aux
+    assert L.total.item() == pytest.approx(4.25 + 0.1 * 3 * 2 + 0.5)
     # a closed gate zeroes the feature even with a positive magnitude
     x2 = torch.tensor([[-1.0, 3.0]])  # pi_gate = (-1, 2), f_mag = (0, 6)
     assert torch.allclose(sae.encode(x2)[0], torch.tensor([[0.0, 6.0]]))
@@ -178,3 +180,25 @@ def test_decoder_rows_stay_unit_norm_and_select_drops_members():
     pack.select([0, 2])
     assert pack.n == 2 and torch.equal(pack.W_enc[1], w2)
     assert pack.sparsity_coeff.tolist() == pytest.approx([0.1, 0.3])
+
+
+def test_loss_convention_weights_by_hand():
+    """SSE + sparsity_coeff * penalty_scale * P + aux (LOSS_CONVENTION 2): penalty_scale is 1
+    for ReLU's L1, 3 for the gated gate pre-activations, 0.1 for the expected-L0 counts."""
+    mse, P, aux = torch.tensor([0.5]), torch.tensor([3.0]), torch.tensor([0.25])
+    for sae_type, scale, hp in (("relu", 1.0, {}), ("gated", 3.0, {"aux_coeff": 1.0}),
+                                ("hard_concrete", 0.1, {"initial_beta": 0.5}),
+                                ("gated_hard_concrete", 0.1, {"aux_coeff": 1.0, "initial_beta": 0.5})):
+        sae = make(sae_type, 2, 4, sparsity_coeff=0.2, **hp)
+        assert sae.total_loss(mse, P, aux).item() == pytest.approx(0.5 * 2 + 0.2 * scale * 3.0 + 0.25)
+        # the sparsity warm-up scales the penalty only
+        assert sae.total_loss(mse, P, aux, 0.5).item() == pytest.approx(0.5 * 2 + 0.1 * scale * 3.0 + 0.25)
+
+
+def test_gated_hard_concrete_aux_is_the_gate_reconstruction_sse_over_d():
+    sae = make("gated_hard_concrete", 2, 2, sparsity_coeff=0.1, aux_coeff=0.5, initial_beta=0.5)
+    set_params(sae, W_dec=[[1, 0], [0, 1]], b_dec=[0, 0])
+    x = torch.tensor([[1.0, 2.0]])
+    z = torch.tensor([[[1.0, 0.5]]])
+    # gate reconstruction (1, 0.5): SSE 2.25 per token, weighted aux_coeff / d = 0.25
+    assert sae.aux_loss(x, z).item() == pytest.approx(0.25 * 2.25)

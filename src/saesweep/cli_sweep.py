@@ -396,9 +396,13 @@ def _print_failed(recs) -> None:
 
 
 def _print_frontier(recs, folder) -> None:
-    from .results import frontier_lines, results_table
+    from .results import degenerate_lines, frontier_lines, results_table
 
-    lines = frontier_lines(results_table(recs))
+    df = results_table(recs)
+    lines = frontier_lines(df)
+    warn = degenerate_lines(df)
+    if warn:
+        print("\n".join(warn), file=sys.stderr)
     if lines:
         print("\n".join(lines))
         print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")

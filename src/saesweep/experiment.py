@@ -104,6 +104,8 @@ def run_pack(
         "device": str(dev),
         "dtype": configs[0].train.dtype,
         "resumed_from_step": res.resumed_from,
+        "d_in": data.d_in,
+        "d_sae": res.sae.d_sae,
     }
     results: list[RunResult] = []
     row_of = {m: r for r, m in enumerate(res.alive)}
@@ -113,12 +115,13 @@ def run_pack(
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in member.log))
         if i in row_of and member.status == "complete":
-            m = {**metrics[row_of[i]], **common}
+            m = {**metrics[row_of[i]], **common, "resampled_features": member.resampled}
             bad = first_nonfinite(m)
             if bad is None:
                 (out / FAILURE_FILE).unlink(missing_ok=True)
                 export_member(res.sae, row_of[i], cfg, data.scale, out)
-                record = {"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "metrics": m,
+                density = m.pop("feature_density", None)
+                record = {"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "metrics": m, "feature_density": density,
                           "source": data.describe(), "saesweep_version": __version__, "host": platform.node()}
                 atomic_write_json(out / METRICS_FILE, record)
                 results.append(RunResult(cfg.trial_id, "complete", out, cfg, m))

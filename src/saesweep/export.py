@@ -33,6 +33,12 @@ def saelens_cfg(sae: saes.PackedSAE, i: int, config: ExperimentConfig) -> dict[s
         "trial_id": config.trial_id,
         "sae_type": config.sae_type,
         "hyperparameters": {"lr": config.lr, "dict_size_ratio": config.dict_size_ratio, **config.sae_hparams},
+        "loss_convention": {
+            "version": saes.LOSS_CONVENTION,
+            "loss": "sum_d (x - x_hat)^2 + sparsity_coeff * penalty_scale * P + aux, each a mean over tokens",
+            "penalty_scale": type(sae).penalty_scale,
+            "normalisation": "trained on x * s with E||x s||^2 = 1; s is folded into these weights, which take raw activations",
+        },
     }
     if src.kind == "hf":
         meta.update(

@@ -39,7 +39,8 @@ assert set(PARAM_ORDER) == set(SWEEPABLE)
 METRIC_DIRECTIONS = {
     "fvu": "minimize", "mse": "minimize", "l0": "minimize", "l1": "minimize", "kl": "minimize",
     "dead_fraction": "minimize", "ce_sae": "minimize", "explained_variance": "maximize",
-    "ce_recovered": "maximize", "frac_recovered": "maximize", "mmcs": "maximize",
+    "ce_loss_score": "maximize", "kl_div_score": "maximize", "cossim": "maximize", "frac_recovered": "maximize",
+    "mmcs": "maximize",
 }
 
 

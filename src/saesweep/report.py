@@ -6,13 +6,16 @@ writes into ``out_dir``:
 * ``frontier_l0_fvu.png`` -- the sparsity-fidelity trade-off: L0 against FVU (both lower is
   better) for every complete trial, one colour per SAE type, each type's Pareto frontier as a
   thin step line and the frontier over all types as a thick black one;
-* ``frontier_l0_ce_recovered.png`` -- L0 against CE loss recovered (higher is better), for
+* ``frontier_l0_ce_loss_score.png`` -- L0 against CE loss recovered (higher is better), for
   sweeps on a language model;
 * ``importance.png`` and ``importance.json`` -- hyperparameter importance per SAE type;
+* ``feature_density.png`` -- each type's histogram of feature firing frequencies (dead ones
+  apart), from the trials' ``metrics.json``;
 * ``devices.png`` -- per-device throughput and trials;
 * ``frontier.json`` -- the frontier trial ids, over all types and per type;
 * ``report.html`` -- all of the above with a sortable table of the trials, the images embedded:
-  one file, no network needed to view it.
+  one file, no network needed to view it. Degenerate SAEs (dense codes or mostly dead
+  features, :func:`saesweep.results.degenerate_reason`) are named in a warning at the top.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .grid import METRIC_DIRECTIONS
 
 #: colours of the SAE types (matplotlib's tab10, in the registry's order)
 TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-TABLE_METRICS = ("fvu", "l0", "ce_recovered", "kl", "explained_variance", "dead_fraction", "mmcs", "frac_recovered",
+TABLE_METRICS = ("fvu", "l0", "ce_loss_score", "kl_div_score", "kl", "explained_variance", "dead_fraction", "mmcs", "frac_recovered",
                  "tokens_per_s", "train_time_s")
 
 
@@ -119,7 +122,7 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
 
     figures: list[tuple[str, Path]] = []
     frontier: dict[str, Any] = {}
-    for y in ("fvu", "ce_recovered"):
+    for y in ("fvu", "ce_loss_score"):
         if len(df) and y in df and "l0" in df and df[y].notna().any():
             ids = frontier_ids(df, "l0", y)
             per = frontier_ids(df, "l0", y, by_type=True)
@@ -138,6 +141,12 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
         path = out / "importance.png"
         plot_importance(imp, path, colors)
         figures.append(("Hyperparameter importance", path))
+
+    density = density_by_type(df)
+    if density:
+        path = out / "feature_density.png"
+        plot_density(density, path, colors)
+        figures.append(("Feature density", path))
 
     devices = device_stats(store, df)
     if devices:
@@ -167,10 +176,60 @@ def device_stats(store, df) -> list[dict[str, Any]]:
     return out
 
 
+def density_by_type(df) -> dict[str, dict[str, Any]]:
+    """Each type's feature-density histogram, summed over its complete trials' metrics.json
+    (``{type: {"log10_edges", "counts", "dead", "trials"}}``)."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    if len(df) == 0 or "run_dir" not in df:
+        return out
+    for _, r in df[df["state"] == "complete"].iterrows():
+        try:
+            hist = json.loads((Path(str(r["run_dir"])) / "metrics.json").read_text()).get("feature_density")
+        except (OSError, ValueError, TypeError):
+            continue
+        if not hist:
+            continue
+        h = out.setdefault(r["sae_type"], {"log10_edges": hist["log10_edges"], "counts": [0] * len(hist["counts"]),
+                                           "dead": 0, "trials": 0})
+        if h["log10_edges"] == hist["log10_edges"]:
+            h["counts"] = [a + b for a, b in zip(h["counts"], hist["counts"])]
+            h["dead"] += hist["dead"]
+            h["trials"] += 1
+    return out
+
+
+def plot_density(density: dict[str, dict[str, Any]], path: Path, colors: dict[str, str]) -> Path:
+    """Share of features per log10 firing-frequency bin, one line per type; dead ones at the left."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    for t, h in density.items():
+        edges = np.asarray(h["log10_edges"], dtype=float)
+        total = sum(h["counts"]) + h["dead"]
+        if total == 0:
+            continue
+        share = np.asarray(h["counts"], dtype=float) / total
+        c = colors.get(t, "#555555")
+        ax.stairs(share, edges, color=c, lw=1.8, label=f"{t} ({h['trials']} trials, {h['dead'] / total:.1%} dead)")
+        ax.bar(edges[0] - 0.5, h["dead"] / total, width=0.4, color=c, alpha=0.5)
+    ax.axvline(np.asarray(next(iter(density.values()))["log10_edges"])[0] - 0.2, color="#999", lw=0.8, ls=":")
+    ax.set_xlabel("log10 feature density (fraction of held-out tokens a feature fires on); bars at the left: dead")
+    ax.set_ylabel("share of features")
+    ax.set_title("Feature density, all complete trials of each type")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------- plots
 def _label(metric: str) -> str:
     return {"l0": "L0 (active features per token)", "fvu": "FVU (fraction of variance unexplained)",
-            "ce_recovered": "CE loss recovered"}.get(metric, metric)
+            "ce_loss_score": "CE loss score (SAEBench)"}.get(metric, metric)
 
 
 def _log_scale(values: np.ndarray) -> bool:
@@ -310,6 +369,7 @@ th{background:#f5f5f5;position:sticky;top:0;cursor:pointer;user-select:none;whit
 th.sorted-asc::after{content:" \\25B2"} th.sorted-desc::after{content:" \\25BC"}
 td.s,th.s{text-align:left} td{white-space:nowrap} tr.front td{background:#fff8dc} .swatch{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:5px}
 .note{color:#666;font-size:.9em} .scroll{max-height:640px;overflow:auto;border:1px solid #eee}
+.warn{background:#fff3f3;border:1px solid #e0a0a0;border-left:5px solid #d62728;padding:8px 12px;margin:1em 0}
 """
 
 JS = """
@@ -393,6 +453,7 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
         parts.append(_table(["sae_type", "complete", "pruned", "failed", "running", "waiting"], rows, sortable=False, prefix=sw))
     else:
         parts.append("<p>No trials yet.</p>")
+    parts.append(_degenerate_block(df))
 
     for caption, path in figures:
         if caption.startswith("Sparsity"):
@@ -402,6 +463,10 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
             parts.append(_img(path, caption))
             parts.append(_frontier_table(df, f, colors))
     fig = dict((c, p) for c, p in figures)
+    if "Feature density" in fig:
+        parts.append("<h2>Feature density</h2><p class='note'>How often each feature fires on the held-out "
+                     "tokens, over all complete trials of a type; dead features (never firing) at the left.</p>")
+        parts.append(_img(fig["Feature density"], "feature density"))
     parts.append("<h2>Hyperparameter importance</h2>")
     parts.append(f"<p class='note'>For <b>{html.escape(imp['metric'])}</b> ({imp['direction']}), per SAE type, "
                  f"with Optuna's {html.escape(imp['evaluator'])} evaluator on the complete trials of the type "
@@ -430,6 +495,23 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
     parts.append(_trials_table(df, frontier, colors))
     parts.append(f"<script>{JS}</script></body></html>")
     return "".join(parts)
+
+
+def _degenerate_block(df) -> str:
+    """A visible warning naming the complete trials whose SAEs are degenerate."""
+    from .results import degenerate_reason
+
+    if len(df) == 0 or "l0" not in df:
+        return ""
+    bad = [(r["trial_id"], degenerate_reason(r)) for _, r in df[df["state"] == "complete"].iterrows()]
+    bad = [(t, w) for t, w in bad if w]
+    if not bad:
+        return ""
+    items = "".join(f"<li><code>{html.escape(t)}</code>: {html.escape(w)}</li>" for t, w in bad[:20])
+    more = f"<li>... and {len(bad) - 20} more (column <i>warning</i> below)</li>" if len(bad) > 20 else ""
+    return (f"<div class='warn' id='degenerate'><b>Warning: {len(bad)} complete trial(s) trained degenerate SAEs</b> "
+            "(dense codes: L0 above half the dictionary or above d_in; or more than half of the features dead). "
+            f"Their metrics do not describe a useful SAE.<ul>{items}{more}</ul></div>")
 
 
 def _img(path: Path, alt: str) -> str:
@@ -464,10 +546,13 @@ def _trials_table(df, frontier, colors) -> str:
     on = set(frontier.get("l0_fvu", {}).get("all", []))
     params = _param_cols(df)
     metrics = [m for m in TABLE_METRICS if m in df]
-    cols = ["trial_id", "sae_type", "state", *params, *metrics, "device", "duration_s", "reason"]
+    from .results import degenerate_reason
+
+    df = df.assign(warning=[degenerate_reason(r) if r.get("state") == "complete" else "" for _, r in df.iterrows()])
+    cols = ["trial_id", "sae_type", "state", *params, *metrics, "warning", "device", "duration_s", "reason"]
     cols = [c for c in cols if c in df]
     rows = [[r.get(c) for c in cols] for _, r in df.iterrows()]
     classes = ["front" if tid in on else "" for tid in df["trial_id"]]
-    text = tuple(i for i, c in enumerate(cols) if c in ("trial_id", "sae_type", "state", "device", "reason"))
+    text = tuple(i for i, c in enumerate(cols) if c in ("trial_id", "sae_type", "state", "warning", "device", "reason"))
     sw = {cols.index("sae_type"): lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
     return "<div class='scroll'>" + _table(cols, rows, text_cols=text, row_classes=classes, prefix=sw) + "</div>"

@@ -13,7 +13,6 @@ from .grid import PARAM_ORDER
 from .store import SweepStore, TrialRecord
 
 
-
 def results_table(store: SweepStore | Sequence[TrialRecord]) -> pd.DataFrame:
     """One row per trial of ``store`` (or of records already read from it)."""
     rows = []
@@ -38,6 +37,47 @@ def write_table(df: pd.DataFrame, stem: Path) -> list[Path]:
     return [csv, parquet]
 
 
+#: an SAE is degenerate (not worth reading as a result) when its codes are dense or most of
+#: its dictionary is dead
+DENSE_L0_FRACTION = 0.5
+DEAD_FRACTION_LIMIT = 0.5
+
+
+def degenerate_reason(row: "pd.Series | dict") -> str:
+    """Why a complete trial's SAE is degenerate ('' when it is not): L0 above half the
+    dictionary or above d_in (dense codes), or more than half of the features dead."""
+    get = row.get
+    l0, dead, d_in, d_sae = get("l0"), get("dead_fraction"), get("d_in"), get("d_sae")
+    reasons = []
+    if _num(l0) and _num(d_sae) and l0 > DENSE_L0_FRACTION * d_sae:
+        reasons.append(f"dense: L0 {l0:.0f} > half of {d_sae:.0f} features")
+    elif _num(l0) and _num(d_in) and l0 > d_in:
+        reasons.append(f"dense: L0 {l0:.0f} > d_in {d_in:.0f}")
+    if _num(dead) and dead > DEAD_FRACTION_LIMIT:
+        reasons.append(f"{dead:.0%} of features dead")
+    return "; ".join(reasons)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and v == v
+
+
+def degenerate_lines(df: pd.DataFrame) -> list[str]:
+    """A warning line for the sweep's end when complete trials are degenerate."""
+    if not len(df) or "l0" not in df:
+        return []
+    done = df[df["state"] == "complete"] if "state" in df else df
+    bad = [(r["trial_id"], why) for _, r in done.iterrows() if (why := degenerate_reason(r))]
+    if not bad:
+        return []
+    lines = [f"warning: {len(bad)} of {len(done)} complete trials trained degenerate SAEs "
+             "(dense codes or mostly dead features); their metrics do not describe a useful SAE:"]
+    lines += [f"  {tid}: {why}" for tid, why in bad[:5]]
+    if len(bad) > 5:
+        lines.append(f"  ... and {len(bad) - 5} more (`saesweep report` lists them)")
+    return lines
+
+
 def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
     """A few points of each SAE type's L0-FVU Pareto frontier, for the end of a sweep.
 
@@ -51,7 +91,7 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
         return []
     by_id = df.set_index("trial_id")
     params = [p for p in PARAM_ORDER if p in df and df[p].nunique(dropna=True) > 1]
-    extra = [k for k in ("ce_recovered", "frac_recovered") if k in df and df[k].notna().any()]
+    extra = [k for k in ("ce_loss_score", "frac_recovered") if k in df and df[k].notna().any()]
     out = ["L0-FVU frontier per type (a few points; `saesweep report` draws them all):"]
     for t, ids in fronts.items():
         pick = ids if len(ids) <= max_rows else [ids[round(i * (len(ids) - 1) / (max_rows - 1))] for i in range(max_rows)]

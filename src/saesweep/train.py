@@ -16,8 +16,13 @@ fused step (:meth:`~saesweep.saes.PackedSAE.train_step`: hand-written gradients,
 token chunks, reused buffers), members one at a time on CPU and stacked on GPUs
 (:func:`~saesweep.saes.kernels.plan_for`), then per-member clipping, PyTorch's fused Adam
 kernel (one call per member) and the decoder renormalisation. ``train.dtype: bfloat16`` runs
-the products and elementwise passes in bfloat16. Importing this module also tunes glibc's
-allocator (:func:`tune_allocator`).
+the products and elementwise passes in bfloat16.
+
+Decoder rows stay at unit norm: the part of W_dec's gradient parallel to each row is removed
+before the step (so Adam's moments see only the useful part) and the rows are renormalised
+after it, as SAELens and dictionary_learning do. ``b_dec`` starts at the data mean. Dead
+features are resampled on schedule (:mod:`saesweep.resample`, ``train.resample_every``).
+Importing this module also tunes glibc's allocator (:func:`tune_allocator`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from .config import ExperimentConfig
 from .io import atomic_save_tensors
 from .optim import PackedAdam, clip_grad_norm_per_member
 from .progress import progress_bar
+from .resample import Resampler
 from .saes.kernels import plan_for
 
 #: glibc mallopt parameters
@@ -112,6 +118,7 @@ class Member:
     status: str = "running"  # running | complete | diverged | pruned
     reason: Optional[str] = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    resampled: int = 0  # dead features re-initialised so far
 
 
 @dataclass
@@ -185,6 +192,7 @@ def train_pack(
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+    resampler = Resampler(total, tc.resample_every, tc.resample_until, tc.batch_size) if tc.resample_every > 0 else None
     t0 = time.perf_counter()
     last_ckpt = t0
     non_blocking = device.type == "cuda"
@@ -207,10 +215,16 @@ def train_pack(
                     break
                 losses = _select_losses(losses, keep)
                 plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+            sae.remove_parallel_decoder_grad()
             if tc.grad_clip is not None:
                 clip_grad_norm_per_member(sae.parameters(), tc.grad_clip)
             opt.step(lr_factor(step, total, tc))
             sae.normalize_decoder()
+            if resampler is not None:
+                resampler.observe(x)
+                if resampler.due(step):
+                    for row, n_new in enumerate(resampler(sae, opt)):
+                        members[alive[row]].resampled += n_new
 
             if logging:
                 _log(step, tc, losses, alive, members, opt, total, on_log)
@@ -305,7 +319,8 @@ def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive
         "adam_steps": opt.steps,
         "alive": [members[i].config.trial_id for i in alive],
         "members": {
-            m.config.trial_id: {"status": m.status, "reason": m.reason, "log": m.log} for m in members
+            m.config.trial_id: {"status": m.status, "reason": m.reason, "log": m.log, "resampled": m.resampled}
+            for m in members
         },
     }
     atomic_save_tensors(path, tensors, {"saesweep": json.dumps(meta)})
@@ -341,6 +356,7 @@ def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
     for i, tid in enumerate(ids):
         info = meta["members"][tid]
         members[i].log = list(info["log"])
+        members[i].resampled = int(info.get("resampled", 0))
         if tid in saved_alive:
             rows.append(saved_alive.index(tid))
             alive.append(i)

@@ -11,12 +11,17 @@ from torch import Tensor
 Reconstructor = Callable[[Tensor], Tensor]
 
 
-def norm_scale(sample: Tensor) -> float:
-    """The factor s with E||s x||^2 = d over ``sample`` (DESIGN.md's normalisation)."""
-    mean_sq = sample.double().pow(2).sum(-1).mean().item()
-    if not math.isfinite(mean_sq) or mean_sq <= 0:
+def unit_scale(mean_sq_norm: float) -> float:
+    """The factor s with E||s x||^2 = 1 given E||x||^2 (the loss convention's normalisation,
+    see :data:`saesweep.saes.base.LOSS_CONVENTION`)."""
+    if not math.isfinite(mean_sq_norm) or mean_sq_norm <= 0:
         raise ValueError("activations are all zero or not finite; cannot normalise")
-    return math.sqrt(sample.shape[-1] / mean_sq)
+    return math.sqrt(1.0 / mean_sq_norm)
+
+
+def norm_scale(sample: Tensor) -> float:
+    """The factor s with E||s x||^2 = 1 over ``sample``."""
+    return unit_scale(sample.double().pow(2).sum(-1).mean().item())
 
 
 class Activations:

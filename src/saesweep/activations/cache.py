@@ -155,7 +155,8 @@ def read_manifest(path: Path) -> Optional[dict]:
 def _stats(arrays: Sequence[np.ndarray], n: int) -> tuple[float, list[float]]:
     """``(scale, mean)`` over the first ``n`` rows of the concatenated ``arrays``.
 
-    The scale is :func:`.base.norm_scale`'s (E||scale x||^2 = d), accumulated in float64 chunks.
+    The scale gives E||scale x||^2 = d (the manifest's convention; :meth:`CacheEntry.stats`
+    converts it to the trainer's unit norm), accumulated in float64 chunks.
     """
     d = arrays[0].shape[1]
     sq, total, seen = 0.0, np.zeros(d, np.float64), 0
@@ -171,6 +172,12 @@ def _stats(arrays: Sequence[np.ndarray], n: int) -> tuple[float, list[float]]:
     if not math.isfinite(mean_sq) or mean_sq <= 0:
         raise ValueError("activations are all zero or not finite; cannot normalise")
     return math.sqrt(d / mean_sq), (total / seen).tolist()
+
+
+def _unit(scale_d: float, d: int) -> float:
+    """The manifest's scale (E||s x||^2 = d, cache format 1) as the unit-norm scale the
+    trainer uses (E||s x||^2 = 1)."""
+    return scale_d / math.sqrt(d)
 
 
 class CacheEntry:
@@ -194,11 +201,13 @@ class CacheEntry:
         return self.manifest["heldout"]["rows"]
 
     def stats(self, n: int) -> tuple[float, list[float]]:
-        """``(scale, raw mean)`` over the first min(n, NORM_TOKENS) training activations."""
+        """``(scale, raw mean)`` over the first min(n, NORM_TOKENS) training activations, the
+        scale giving E||scale x||^2 = 1 (the manifest stores the format's E = d scale)."""
         st = self.manifest["stats"]
         if min(n, NORM_TOKENS) == st["tokens"]:
-            return st["scale"], st["mean"]
-        return _stats(self._shards, min(n, NORM_TOKENS, self.train_tokens))
+            return _unit(st["scale"], self.d_in), st["mean"]
+        scale, mean = _stats(self._shards, min(n, NORM_TOKENS, self.train_tokens))
+        return _unit(scale, self.d_in), mean
 
     def gather(self, idx: np.ndarray) -> np.ndarray:
         """Training activations ``[len(idx), d]`` (float32) at token indices ``idx``, in that order."""

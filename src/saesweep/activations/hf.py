@@ -472,8 +472,8 @@ def tokens_per_row(source: HFSource) -> int:
 
 
 def predictions_per_row(source: HFSource) -> int:
-    """Scored next-token predictions per row in the CE/KL metrics."""
-    return source.context_length - (2 if source.prepend_bos else 1)
+    """Scored next-token predictions per row in the CE/KL metrics (every position but the last)."""
+    return source.context_length - 1
 
 
 class ActivationProducer:
@@ -517,64 +517,82 @@ def spliced_metrics(
     rows: np.ndarray,
     reconstructors: Sequence[Reconstructor],
     *,
-    prepend_bos: bool,
     batch_rows: int,
-    ce_zero: Optional[float] = None,
-) -> tuple[list[dict[str, float]], float]:
-    """CE/KL with the hooked residual replaced, per reconstructor; also returns ``ce_zero``.
+    baseline: Optional[dict[str, float]] = None,
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """SAEBench core's downstream metrics per reconstructor, with SAELens's convention
+    (``sae_lens.evals.get_recons_loss``): every position of the hooked residual, the BOS one
+    included, is replaced by the reconstruction (or by zeros for the ablation); CE is the mean
+    next-token loss over every prediction of the rows, KL(p_clean || p_edited) the mean over
+    every position.
 
-    Clean and zero-ablated passes run once per batch for all reconstructors (the zero pass
-    is skipped when ``ce_zero`` is given). Each reconstructor gets raw float32 activations
-    ``[N, d]`` on the LM's device and returns raw reconstructions of the same shape.
+    * ``ce_clean``, ``ce_sae``, ``ce_zero``; ``ce_loss_score`` = (ce_zero - ce_sae) / (ce_zero - ce_clean);
+    * ``kl`` (with the SAE), ``kl_zero`` (zero-ablated); ``kl_div_score`` = (kl_zero - kl) / kl_zero.
+
+    The clean pass runs once per batch for all reconstructors; the zero-ablated pass only
+    when ``baseline`` (the ``ce_clean``/``ce_zero``/``kl_zero`` of these rows, returned by an
+    earlier call) is not given. Each reconstructor gets raw float32 activations ``[N, d]`` on
+    the LM's device and returns raw reconstructions of the same shape.
     """
     device = next(lm.model.parameters()).device
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or 1)
     ctx = rows.shape[1]
-    start = 1 if prepend_bos else 0
     batch_rows = max(1, min(batch_rows, _LOGIT_ELEMENTS // (ctx * vocab)))
     k = len(reconstructors)
-    ce_clean_sum, ce_zero_sum, n = 0.0, 0.0, 0
+    sums = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}
+    n_pred, n_pos = 0, 0
     ce_sae_sum, kl_sum = [0.0] * k, [0.0] * k
 
     def splice(f: Optional[Reconstructor]) -> Callable[[Tensor], Tensor]:
         def edit(h: Tensor) -> Tensor:
-            x = h[:, start:]
-            new = torch.zeros_like(x) if f is None else f(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
-            return torch.cat([h[:, :start], new.to(device=h.device, dtype=h.dtype)], dim=1)
+            if f is None:
+                return torch.zeros_like(h)
+            return f(h.reshape(-1, h.shape[-1]).float()).reshape(h.shape).to(device=h.device, dtype=h.dtype)
 
         return edit
 
-    def logprobs(logits: Tensor) -> Tensor:
-        return logits[:, start:-1].float().log_softmax(-1)
+    def ce_and_logprobs(logits: Tensor, targets: Tensor) -> tuple[float, Tensor]:
+        lp = logits.float().log_softmax(-1)
+        return -lp[:, :-1].gather(-1, targets).sum().item(), lp
+
+    def kl(lp_clean: Tensor, p_clean: Tensor, lp: Tensor) -> float:
+        return (p_clean * (lp_clean - lp)).sum().item()
 
     for i in range(0, rows.shape[0], batch_rows):
         ids = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_rows])).to(device)
-        targets = ids[:, start + 1 :].unsqueeze(-1)
-        lp_clean = logprobs(lm.logits(ids))
-        ce_clean_sum -= lp_clean.gather(-1, targets).sum().item()
-        n += targets.numel()
-        if ce_zero is None:
-            ce_zero_sum -= logprobs(lm.logits(ids, splice(None))).gather(-1, targets).sum().item()
+        targets = ids[:, 1:].unsqueeze(-1)
+        ce, lp_clean = ce_and_logprobs(lm.logits(ids), targets)
         p_clean = lp_clean.exp()
+        n_pred += targets.numel()
+        n_pos += ids.numel()
+        if baseline is None:
+            sums["ce_clean"] += ce
+            ce, lp = ce_and_logprobs(lm.logits(ids, splice(None)), targets)
+            sums["ce_zero"] += ce
+            sums["kl_zero"] += kl(lp_clean, p_clean, lp)
         for j, f in enumerate(reconstructors):
-            lp = logprobs(lm.logits(ids, splice(f)))
-            ce_sae_sum[j] -= lp.gather(-1, targets).sum().item()
-            kl_sum[j] += (p_clean * (lp_clean - lp)).sum().item()
-    n = max(n, 1)
-    ce_clean = ce_clean_sum / n
-    ce_zero = ce_zero_sum / n if ce_zero is None else ce_zero
+            ce, lp = ce_and_logprobs(lm.logits(ids, splice(f)), targets)
+            ce_sae_sum[j] += ce
+            kl_sum[j] += kl(lp_clean, p_clean, lp)
+    n_pred, n_pos = max(n_pred, 1), max(n_pos, 1)
+    if baseline is None:
+        baseline = {"ce_clean": sums["ce_clean"] / n_pred, "ce_zero": sums["ce_zero"] / n_pred,
+                    "kl_zero": sums["kl_zero"] / n_pos}
+    ce_clean, ce_zero, kl_zero = baseline["ce_clean"], baseline["ce_zero"], baseline["kl_zero"]
     out = []
     for j in range(k):
-        ce_sae = ce_sae_sum[j] / n
+        ce_sae, kl_sae = ce_sae_sum[j] / n_pred, kl_sum[j] / n_pos
         denom = ce_zero - ce_clean
         out.append({
             "ce_clean": ce_clean,
             "ce_sae": ce_sae,
             "ce_zero": ce_zero,
-            "ce_recovered": (ce_zero - ce_sae) / denom if abs(denom) > 1e-12 else math.nan,
-            "kl": kl_sum[j] / n,
+            "ce_loss_score": (ce_zero - ce_sae) / denom if abs(denom) > 1e-12 else math.nan,
+            "kl": kl_sae,
+            "kl_zero": kl_zero,
+            "kl_div_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 1e-12 else math.nan,
         })
-    return out, ce_zero
+    return out, baseline
 
 
 # ----------------------------------------------------------------------------- Activations
@@ -599,7 +617,7 @@ class HFActivations(Activations):
         self.scale, raw_mean = entry.stats(self.n_train)
         self._mean = torch.from_numpy(np.asarray(raw_mean, dtype=np.float64) * self.scale).float()
         self._lm: Optional[HookedLM] = None
-        self._ce_zero: Optional[float] = None
+        self._baseline: Optional[dict[str, float]] = None  # clean and zero-ablated CE/KL of the rows
 
     # ---------------------------------------------------------------- training stream
     def _perm(self, seed: int, epoch: int) -> np.ndarray:
@@ -636,7 +654,7 @@ class HFActivations(Activations):
 
     # ---------------------------------------------------------------- spliced metrics
     def downstream_metrics(self, reconstructors: Sequence[Reconstructor]) -> list[dict[str, float]]:
-        """ce_clean, ce_sae, ce_zero, ce_recovered, kl per reconstructor on held-out rows.
+        """:func:`spliced_metrics` per reconstructor on held-out rows.
 
         Reconstructors map raw activations ``[N, d]`` (float32, on the LM's device) to raw
         reconstructions. The LM is loaded on first use.
@@ -649,9 +667,8 @@ class HFActivations(Activations):
             model, _ = load_lm(self.source, self.device, tokenizer=False)
             self._lm = HookedLM(model, self.source.layer)
         rows = self.entry.heldout_token_ids(self.ce_rows)
-        out, self._ce_zero = spliced_metrics(
-            self._lm, rows, reconstructors, prepend_bos=self.source.prepend_bos,
-            batch_rows=self.source.lm_batch_size, ce_zero=self._ce_zero,
+        out, self._baseline = spliced_metrics(
+            self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
         )
         return out
 
@@ -682,13 +699,7 @@ def needed_rows(cfg: ExperimentConfig) -> tuple[int, int]:
     per = tokens_per_row(source)
     heldout = -(-cfg.eval.tokens // per)
     if cfg.eval.ce_tokens:
-        per_pred = predictions_per_row(source)
-        if per_pred < 1:
-            raise ConfigError(
-                "source.context_length: must be at least 3 with prepend_bos for the CE metrics "
-                "(or set eval.ce_tokens: 0)"
-            )
-        heldout = max(heldout, -(-cfg.eval.ce_tokens // per_pred))
+        heldout = max(heldout, -(-cfg.eval.ce_tokens // predictions_per_row(source)))
     return -(-cfg.train.tokens // per), heldout
 
 

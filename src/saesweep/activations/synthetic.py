@@ -39,8 +39,9 @@ class SyntheticActivations(Activations):
         g = torch.Generator().manual_seed(hash((self.cfg.seed, seed, k)) & 0x7FFF_FFFF_FFFF_FFFF)
         r = torch.rand(n, self.cfg.n_features, generator=g)
         p = self.cfg.sparsity
-        # active with probability p; given active, r / p ~ U(0, 1) -> magnitude in [0.5, 1.5]
-        codes = torch.where(r < p, 0.5 + r / p, torch.zeros(()))
+        # active with probability p; given active, r / p ~ U(0, 1) -> magnitude in [lo, hi]
+        lo, hi = self.cfg.min_magnitude, self.cfg.max_magnitude
+        codes = torch.where(r < p, lo + (hi - lo) * (r / p), torch.zeros(()))
         x = codes @ self.ground_truth
         if self.cfg.noise_std > 0:
             x = x + self.cfg.noise_std * torch.randn(n, self.d_in, generator=g)
@@ -59,4 +60,4 @@ class SyntheticActivations(Activations):
         return self._mean
 
     def describe(self) -> dict:
-        return {**super().describe(), "kind": "synthetic", "n_features": self.cfg.n_features}
+        return {**super().describe(), "kind": "synthetic", "n_features": self.cfg.n_features, "true_l0": self.cfg.true_l0}

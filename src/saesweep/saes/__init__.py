@@ -7,7 +7,7 @@ Adding an architecture (TopK, JumpReLU, ...) is one new module: subclass
 
 from __future__ import annotations
 
-from .base import HyperParam, Losses, PackedSAE
+from .base import LOSS_CONVENTION, HyperParam, Losses, PackedSAE
 
 REGISTRY: dict[str, type[PackedSAE]] = {}
 
@@ -44,4 +44,4 @@ def all_hyperparams() -> dict[str, HyperParam]:
 # the seed's four types; import order is the display order
 from . import relu, hard_concrete, gated, gated_hard_concrete  # noqa: E402,F401
 
-__all__ = ["REGISTRY", "HyperParam", "Losses", "PackedSAE", "register", "get", "names", "all_hyperparams"]
+__all__ = ["LOSS_CONVENTION", "REGISTRY", "HyperParam", "Losses", "PackedSAE", "register", "get", "names", "all_hyperparams"]

@@ -32,6 +32,17 @@ from torch import Tensor, nn
 
 from .kernels import StepPlan, Workspace, compute_dtype, noise_streams
 
+#: The loss convention (recorded in every run's cfg.json and metrics.json, and part of the
+#: trial id, so runs trained under another convention are never mixed with these). Version 2,
+#: dictionary_learning's and SAEBench's: activations are scaled by one recorded factor to unit
+#: mean squared norm (E||x||^2 = 1), and the loss per member is
+#: ``SSE + sparsity_coeff * penalty_scale * P + aux``, every term a mean over tokens of a sum
+#: (SSE = ||x - x_hat||^2 summed over dimensions). ``penalty_scale`` is 1 for magnitude
+#: penalties (L1 of the codes, ReLU(pi_gate)) and smaller for count penalties (expected L0),
+#: chosen so that the seed's coefficients 0.01-0.3 span dense to sparse for every type.
+#: Version 1 was ``MSE + sparsity_coeff * P / d`` on E||x||^2 = d.
+LOSS_CONVENTION = 2
+
 
 @dataclass(frozen=True)
 class HyperParam:
@@ -72,6 +83,8 @@ class PackedSAE(nn.Module):
     encoder_weights: ClassVar[tuple[str, ...]] = ("W_enc",)
     #: whether the architecture implements :meth:`_fused_rows` (else the autograd step is used)
     fused: ClassVar[bool] = False
+    #: factor between ``sparsity_coeff`` and the weight of the penalty P (see LOSS_CONVENTION)
+    penalty_scale: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -146,8 +159,22 @@ class PackedSAE(nn.Module):
         """Return (codes f, penalty P per member [n], aux loss per member [n])."""
         raise NotImplementedError
 
+    def penalty_weight(self, sparsity_scale: float = 1.0) -> Tensor:
+        """Per-member weight of the penalty P in the loss: ``sparsity_coeff * penalty_scale``
+        times the trainer's warm-up factor."""
+        return self.sparsity_coeff * (self.penalty_scale * sparsity_scale)
+
+    def total_loss(self, mse: Tensor, penalty: Tensor, aux: Tensor, sparsity_scale: float = 1.0) -> Tensor:
+        """``SSE + weight * P + aux`` per member (LOSS_CONVENTION), from the per-element ``mse``."""
+        return mse * self.d_in + self.penalty_weight(sparsity_scale) * penalty + aux
+
+    def _step_scales(self, rows: slice, B: int, sparsity_scale: float) -> tuple[float, Tensor]:
+        """The fused steps' constants for a batch of B: ``two_s`` with dL/dx_hat = two_s (x_hat - x)
+        and ``kappa [k]``, the penalty's weight per token (dL/dP_token)."""
+        return 2.0 / B, self.penalty_weight(sparsity_scale)[rows] / B
+
     def losses(self, x: Tensor, *, progress: float = 0.0, sparsity_scale: float = 1.0) -> Losses:
-        """Training losses: ``MSE + sparsity_coeff * P / d + aux`` per member.
+        """Training losses: ``SSE + sparsity_coeff * penalty_scale * P + aux`` per member.
 
         ``progress`` in [0, 1] drives schedules owned by the architecture (beta annealing);
         ``sparsity_scale`` is the trainer's sparsity warm-up factor.
@@ -155,7 +182,7 @@ class PackedSAE(nn.Module):
         f, penalty, aux = self._forward(x, train=True, progress=progress)
         x_hat = self.decode(f)
         mse = mse_per_member(x, x_hat)
-        total = mse + (self.sparsity_coeff * sparsity_scale) * penalty / self.d_in + aux
+        total = self.total_loss(mse, penalty, aux, sparsity_scale)
         with torch.no_grad():
             l0 = (f != 0).float().sum(-1).mean(-1)
         return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0)
@@ -191,7 +218,7 @@ class PackedSAE(nn.Module):
             for rows in groups:
                 self._fused_rows(x, rows, plan.chunk, cdt, float(progress), float(sparsity_scale), stats, out[:, rows])
         mse, penalty, aux, l0 = out
-        total = mse + (self.sparsity_coeff * sparsity_scale) * penalty / self.d_in + aux
+        total = self.total_loss(mse, penalty, aux, sparsity_scale)
         return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0 if stats else None)
 
     def _autograd_step(self, x: Tensor, progress: float, sparsity_scale: float, dtype: str) -> Losses:
@@ -231,11 +258,12 @@ class PackedSAE(nn.Module):
     @staticmethod
     def _write_stats(out: Tensor, B: int, d: int, sse: Tensor, penalty: Tensor, nnz: Tensor,
                      aux: Optional[Tensor] = None) -> None:
-        """Per-token means into ``out`` = (mse, P, aux, l0) from the sums over a batch of B."""
+        """Per-token means into ``out`` = (mse, P, aux, l0) from the sums over a batch of B
+        (``mse`` per element; ``aux`` = the weighted auxiliary SSE summed over the batch)."""
         out[0] = sse / (B * d)
         out[1] = penalty / B
         if aux is not None:
-            out[2] = aux / (B * d)
+            out[2] = aux / B
         out[3] = nnz / B
 
     def _centered_ones(self, x: Tensor, b_dec: Tensor, cdt: torch.dtype) -> Tensor:
@@ -267,6 +295,16 @@ class PackedSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Remove from each decoder row's gradient its component along the (unit) row: the
+        renormalisation after the step would undo it anyway, and it would only feed Adam's
+        moments with a direction the constraint forbids."""
+        g = self.W_dec.grad
+        if g is not None:
+            w = self.W_dec.detach()
+            g.sub_(w * (g * w).sum(-1, keepdim=True))
 
     @torch.no_grad()
     def init_b_dec(self, mean: Tensor) -> None:

@@ -1,6 +1,6 @@
 """Gated hard-concrete SAE: the gated architecture with the Heaviside gate replaced by a
 hard-concrete gate on ``pi_gate`` (same sampling and expected-L0 penalty as the hard-concrete
-SAE); ``aux = aux_coeff * MSE(x, W_dec^sg z + b_dec^sg)``.
+SAE); ``aux = aux_coeff * SSE(x, W_dec^sg z + b_dec^sg)`` per token.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from . import register
 from .base import PackedSAE
 from .gated import AUX_PARAM, GatedEncoder
 from .hard_concrete import (
-    BETA_PARAMS, GAMMA, ZETA, HardConcreteGates, expected_l0, fused_gate_backward, fused_gates, fused_penalty, gates,
+    BETA_PARAMS, GAMMA, GATE_INIT_STD, ZETA, HardConcreteGates, expected_l0, fused_gate_backward, fused_gates, fused_penalty, gates,
 )
 from .kernels import bmm, chunks
 
@@ -30,7 +30,13 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
 
     def _init_parameters(self) -> None:
         self._init_beta()
-        self._init_gated()
+        self._init_gated(gate_std=GATE_INIT_STD)
+
+    def aux_weight(self) -> Tensor:
+        """``aux_coeff / d``: the gate reconstruction sum_i z_i W_dec,i (z in [0, 1], no
+        magnitudes) of a unit-norm input overshoots by design while many gates are open, and
+        at the gated SAE's weight (1 x the SSE) it closed every gate on stories260K."""
+        return self.aux_coeff / self.d_in
 
     def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
         pi_gate, f_mag = self.gate_and_magnitude(x)
@@ -41,7 +47,7 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         return z * f_mag, expected_l0(pi_gate, beta), self.aux_loss(x, z)
 
     def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
-        """With e = 2 (x_hat - x) / (B d), e_aux = aux_coeff 2 (z W_dec + b_dec - x) / (B d):
+        """With e = 2 (x_hat - x) / B, e_aux = aux_coeff 2 (z W_dec + b_dec - x) / B:
         g_z = f_mag (e W_dec^T) + e_aux W_dec^T; g_mag = 1[f_mag > 0] z (e W_dec^T);
         g_pi = g_z dz/dpi + kappa p (1 - p); g_xenc = g_pi + g_mag exp(r_mag)."""
         k = rows.stop - rows.start
@@ -52,7 +58,7 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         er_c, c_c = er[:, None, :].to(cdt), c_mag[:, None, :].to(cdt)
         beta = self.beta(progress)[rows]
         inv_beta, slope = (1 / beta)[:, None, None], ((ZETA - GAMMA) / beta)[:, None, None]
-        kappa = self.sparsity_coeff[rows] * (sparsity_scale / (d * B))
+        two_s, kappa = self._step_scales(rows, B, sparsity_scale)
         T = chunk or B
         pi, fm, z, f, g1, g2 = (self._ws(n, (k, T, m), cdt) for n in ("pi", "fm", "z", "f", "g1", "g2"))
         u = self._ws("u", (k, T, m), f32)
@@ -61,8 +67,7 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         e = self._ws("e", (k, T, d), cdt)
         ea = self._ws("ea", (k, T, d), cdt)
         acc = g_wea, g_wdt, _, _ = self._grad_accumulators(k, d, m, cdt)
-        two_s = 2.0 / (B * d)
-        aux_c = self.aux_coeff[rows]
+        aux_c = self.aux_weight()[rows]
         sse, sse_aux, penalty, nnz, sum_diff, db_mag, db_gate = self._gated_sums(x, k, m, cdt)
         gens = self.noise[rows]
         offset = self.b_dec.detach()[rows][:, None, :]

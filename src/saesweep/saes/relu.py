@@ -30,7 +30,7 @@ class ReLUSAE(PackedSAE):
         return f, penalty, penalty.new_zeros(self.n)
 
     def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
-        """Per token, with e = dL/dx_hat = 2 (x_hat - x) / (B d) and kappa = c s / (d B):
+        """Per token, with e = dL/dx_hat = 2 (x_hat - x) / B and kappa = c s / B (:meth:`_step_scales`):
 
         g_pre = 1[f > 0] (e W_dec^T + kappa); dW_enc = xc^T g_pre; db_enc = sum_t g_pre;
         dW_dec = f^T e; db_dec = sum_t e - W_enc db_enc (b_dec also centres the input).
@@ -49,9 +49,9 @@ class ReLUSAE(PackedSAE):
         r = self._ws("r", (k, T, d + 1), cdt)
         ea = self._ws("ea", (k, T, d + 1), cdt)
         # last column of e: kappa, so that e_aug @ [W_dec^T; 1] = e W_dec^T + kappa
-        ea[..., d] = (self.sparsity_coeff[rows] * (sparsity_scale / (d * B)))[:, None]
+        two_s, kappa = self._step_scales(rows, B, sparsity_scale)
+        ea[..., d] = kappa[:, None]
         g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
-        two_s = 2.0 / (B * d)
         sse = x.new_zeros(k)
         l1 = x.new_zeros(k)
         nnz = x.new_zeros(k)

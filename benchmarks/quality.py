@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""SAE quality against the peer: saesweep's SAE types and SAELens's own trainer, trained on the
+same activations with the same budget, compared at equal L0.
+
+    python benchmarks/quality.py              # stories260K (when ../shared has it) + synthetic
+    python benchmarks/quality.py --quick      # a smaller token budget, fewer coefficients
+    python benchmarks/quality.py --sources synthetic --types relu,gated
+
+For each source, every type is trained at dict_size_ratio 16 and lr 1e-3 with the default
+budget (``train.tokens`` and ``train.batch_size`` of the experiment config) across a range of
+sparsity coefficients; SAELens's ``StandardTrainingSAE`` + ``SAETrainer`` trains on exactly the
+same stream of normalised activations (saesweep's source, unit mean squared norm) with the same
+lr schedule, across the same coefficients (its loss, SSE + l1 * sum_i |f_i| ||W_dec,i||, has the
+form of saesweep's ReLU loss). Every SAE, the peer's included, is evaluated by saesweep's own
+metric code on the same held-out activations and tokens (SAELens's weights are copied into a
+saesweep ReLU SAE without renormalising, which computes the same function).
+
+Writes ``benchmarks/results/quality-<time>/``: ``table.md`` (L0, FVU, ce_loss_score,
+kl_div_score, dead fraction, frac_recovered, per trial), ``quality.json``, and
+``frontier_<source>.png`` (L0 vs FVU, log L0). The summary compares each type's L0-FVU
+frontier with SAELens's, interpolated in log L0 over L0 5-40 (where both reach).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODEL = SHARED / "models" / "stories260K"
+DATA = SHARED / "data" / "stories260K-sampled"
+RESULTS = REPO / "benchmarks" / "results"
+TYPES = ("relu", "gated", "hard_concrete", "gated_hard_concrete")
+COEFFS = [0.01, 0.03, 0.06, 0.1, 0.17, 0.3, 0.5]
+QUICK_COEFFS = [0.03, 0.1, 0.3]
+L0_RANGE = (5.0, 40.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def base_config(source: str, tokens: Optional[int], out: Path) -> dict:
+    from saesweep.config import TrainConfig
+
+    train: dict[str, Any] = {"tokens": tokens or TrainConfig().tokens}
+    cfg: dict[str, Any] = {"lr": 1e-3, "dict_size_ratio": 16, "train": train, "output_dir": str(out / "runs"),
+                           "cache_dir": str(out.parent / "cache")}
+    if source == "stories260k":
+        cfg["source"] = {"kind": "hf", "model": str(MODEL), "dataset": str(DATA), "split": "train",
+                         "eval_split": "validation", "context_length": 256, "hook": "blocks.2.hook_resid_pre"}
+        cfg["eval"] = {"tokens": 65_536, "ce_tokens": 16_384}
+    return cfg
+
+
+def row_of(kind: str, coeff: float, m: dict, wall: float) -> dict:
+    keys = ("l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "frac_recovered", "mmcs")
+    return {"trainer": kind, "coeff": coeff, **{k: m.get(k) for k in keys}, "train_s": wall}
+
+
+def run_saesweep(sae_type: str, base: dict, coeffs: list[float]) -> list[dict]:
+    from saesweep.config import parse_config
+    from saesweep.experiment import run_pack
+
+    cfgs = [parse_config({**base, "sae_type": sae_type, "sparsity_coeff": c}) for c in coeffs]
+    t = time.perf_counter()
+    res = run_pack(cfgs, show_progress=False)
+    wall = time.perf_counter() - t
+    rows = []
+    for c, r in zip(coeffs, res):
+        rows.append(row_of(sae_type, c, r.metrics if r.ok else {}, wall / len(coeffs)))
+        log(f"{sae_type} c={c}: {r.status} L0 {r.metrics.get('l0', float('nan')):.1f} "
+            f"FVU {r.metrics.get('fvu', float('nan')):.3f} dead {r.metrics.get('dead_fraction', float('nan')):.2f}")
+    return rows
+
+
+def run_saelens(base: dict, coeffs: list[float]) -> list[dict]:
+    """SAELens's standard SAE and trainer on saesweep's activation stream, evaluated by saesweep."""
+    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    from saesweep import saes
+    from saesweep.activations import open_source
+    from saesweep.config import parse_config
+    from saesweep.metrics import evaluate
+
+    cfg = parse_config({**base, "sae_type": "relu"})
+    tc = cfg.train
+    data = open_source(cfg)
+    d = data.d_in
+    m = int(d * cfg.dict_size_ratio)
+    steps = tc.steps
+    rows = []
+    for c in coeffs:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+            d_in=d, d_sae=m, l1_coefficient=c, l1_warm_up_steps=int(tc.sparsity_warmup_frac * steps),
+            dtype="float32", device="cpu"))
+        trainer = SAETrainer(SAETrainerConfig(
+            total_training_samples=steps * tc.batch_size, train_batch_size_samples=tc.batch_size, lr=cfg.lr,
+            lr_scheduler_name="cosineannealing", lr_warm_up_steps=max(1, int(tc.lr_warmup_frac * steps)),
+            lr_end=cfg.lr * tc.min_lr_factor, adam_beta1=tc.adam_beta1, adam_beta2=tc.adam_beta2, device="cpu",
+            autocast=False, logger=LoggingConfig(log_to_wandb=False), save_final_checkpoint=False, n_checkpoints=0),
+            sae, data.train_batches(tc.batch_size, tc.seed))
+        t = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - t
+        ours = saes.get("relu")(d, m, [{"sparsity_coeff": c}], [0])
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(ours, name).copy_(getattr(sae, name).detach()[None])
+        metrics = evaluate(ours, data, cfg.eval.batch_size)[0]
+        rows.append(row_of("saelens_standard", c, metrics, wall))
+        log(f"saelens l1={c}: L0 {metrics['l0']:.1f} FVU {metrics['fvu']:.3f} dead {metrics['dead_fraction']:.2f}")
+    data.close()
+    return rows
+
+
+# --------------------------------------------------------------------- frontier comparison
+def frontier(rows: list[dict]) -> list[tuple[float, float]]:
+    """(L0, FVU) Pareto points, L0 ascending (lower is better for both)."""
+    pts = sorted((r["l0"], r["fvu"]) for r in rows if _ok(r.get("l0")) and _ok(r.get("fvu")) and r["l0"] > 0)
+    out: list[tuple[float, float]] = []
+    for l0, fvu in pts:
+        if not out or fvu < out[-1][1]:
+            out.append((l0, fvu))
+    return out
+
+
+def _ok(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def interp(front: list[tuple[float, float]], l0: float) -> Optional[float]:
+    """FVU of the frontier at ``l0``, linear in log L0 between points; None outside its range."""
+    if len(front) < 2 or not front[0][0] <= l0 <= front[-1][0]:
+        return None
+    xs = np.log([p[0] for p in front])
+    return float(np.interp(math.log(l0), xs, [p[1] for p in front]))
+
+
+def compare(rows: list[dict], kind: str, peer: str = "saelens_standard") -> dict:
+    a = frontier([r for r in rows if r["trainer"] == kind])
+    b = frontier([r for r in rows if r["trainer"] == peer])
+    grid = np.exp(np.linspace(math.log(L0_RANGE[0]), math.log(L0_RANGE[1]), 15))
+    diffs = [(float(x), fa, fb) for x in grid
+             if (fa := interp(a, float(x))) is not None and (fb := interp(b, float(x))) is not None]
+    if not diffs:
+        return {"kind": kind, "points": 0}
+    delta = [fa - fb for _, fa, fb in diffs]
+    return {"kind": kind, "points": len(diffs), "l0_from": diffs[0][0], "l0_to": diffs[-1][0],
+            "mean_delta_fvu": float(np.mean(delta)), "max_delta_fvu": float(np.max(delta)),
+            "mean_ratio": float(np.mean([fa / fb for _, fa, fb in diffs]))}
+
+
+# --------------------------------------------------------------------- output
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saesweep.report import TYPE_COLORS
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    kinds = list(dict.fromkeys(r["trainer"] for r in rows))
+    for i, k in enumerate(kinds):
+        pts = [(r["l0"], r["fvu"]) for r in rows if r["trainer"] == k and _ok(r.get("l0")) and _ok(r.get("fvu"))]
+        if not pts:
+            continue
+        peer = k.startswith("saelens")
+        c = "black" if peer else TYPE_COLORS[i % len(TYPE_COLORS)]
+        ax.scatter(*zip(*pts), color=c, s=28, alpha=0.6, marker="s" if peer else "o")
+        f = frontier([r for r in rows if r["trainer"] == k])
+        if f:
+            ax.plot(*zip(*f), color=c, lw=2.2 if peer else 1.6, ls="--" if peer else "-",
+                    label=("SAELens standard (peer)" if peer else k))
+    ax.axvspan(*L0_RANGE, color="#eee", zorder=0, label=f"compared L0 range {L0_RANGE[0]:g}-{L0_RANGE[1]:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("L0 (active features per token)")
+    ax.set_ylabel("FVU (fraction of variance unexplained)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["trainer", "coeff", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "frac_recovered", "train_s"]
+    have = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    out = ["| " + " | ".join(have) + " |", "|" + "---|" * len(have)]
+    for r in rows:
+        cells = []
+        for c in have:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def summary(comparisons: list[dict]) -> str:
+    out = ["| type | L0 range compared | mean FVU - SAELens FVU | max | mean FVU ratio |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        if not c.get("points"):
+            out.append(f"| {c['kind']} | (frontiers do not overlap in L0 {L0_RANGE[0]:g}-{L0_RANGE[1]:g}) | | | |")
+            continue
+        out.append(f"| {c['kind']} | {c['l0_from']:.1f}-{c['l0_to']:.1f} | {c['mean_delta_fvu']:+.4f} | "
+                   f"{c['max_delta_fvu']:+.4f} | {c['mean_ratio']:.3f} |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="500K tokens and three coefficients")
+    p.add_argument("--sources", default="stories260k,synthetic", help="comma-separated: stories260k, synthetic")
+    p.add_argument("--types", default=",".join(TYPES), help="saesweep SAE types to train")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default: the config default)")
+    p.add_argument("--coeffs", default=None, help="comma-separated sparsity coefficients")
+    p.add_argument("--no-peer", action="store_true", help="skip SAELens")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/quality-<time>)")
+    args = p.parse_args(argv)
+    from saesweep import saes
+
+    types = [t for t in args.types.split(",") if t]
+    for t in types:
+        if t not in saes.REGISTRY:
+            p.error(f"--types: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
+    sources = [s for s in args.sources.split(",") if s]
+    for s in sources:
+        if s not in ("stories260k", "synthetic"):
+            p.error(f"--sources: {s!r} is not stories260k or synthetic")
+    coeffs = [float(c) for c in args.coeffs.split(",")] if args.coeffs else (QUICK_COEFFS if args.quick else COEFFS)
+    tokens = args.tokens or (500_000 if args.quick else None)
+    out = Path(args.out) if args.out else RESULTS / f"quality-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    result: dict[str, Any] = {"coeffs": coeffs, "types": types, "tokens": tokens, "sources": {}}
+    text = [f"# SAE quality: saesweep vs SAELens ({time.strftime('%Y-%m-%d %H:%M')})", "",
+            f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace("  ", " "), ""]
+    for source in sources:
+        if source == "stories260k" and not (MODEL.is_dir() and DATA.is_dir()):
+            log(f"skipping stories260k: {MODEL} or {DATA} not found")
+            continue
+        base = base_config(source, tokens, out / source)
+        rows: list[dict] = []
+        for t in types:
+            rows += run_saesweep(t, base, coeffs)
+        if not args.no_peer:
+            try:
+                rows += run_saelens(base, coeffs)
+            except ImportError as e:
+                log(f"SAELens not installed ({e}); pip install 'saesweep[bench]'")
+        comps = [compare(rows, t) for t in types]
+        plot(rows, out / f"frontier_{source}.png", f"{source}: L0 vs FVU, ratio 16, lr 1e-3")
+        result["sources"][source] = {"rows": rows, "vs_saelens": comps}
+        text += [f"## {source}", "", table(rows), "", "Frontier vs SAELens standard (negative: saesweep better):", "",
+                 summary(comps), "", f"![frontier](frontier_{source}.png)", ""]
+        (out / "quality.json").write_text(json.dumps(result, indent=1))
+        (out / "table.md").write_text("\n".join(text))
+    print("\n".join(text))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

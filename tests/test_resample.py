@@ -1,0 +1,86 @@
+"""Dead-feature resampling: a feature forced dead comes back, only in its own member, with its
+optimiser state reset; the fused and the autograd step resample alike."""
+
+import pytest
+import torch
+
+from saesweep import saes
+from saesweep.activations import open_source
+from saesweep.optim import PackedAdam
+from saesweep.resample import ENCODER_NORM_FRACTION, Resampler, dead_features, resample_member
+from saesweep.train import train_pack
+
+HP = {"relu": {}, "gated": {"aux_coeff": 1.0},
+      "hard_concrete": {"initial_beta": 0.5, "input_dependent_gates": True},
+      "gated_hard_concrete": {"aux_coeff": 1.0, "initial_beta": 0.5}}
+
+
+@pytest.mark.parametrize("sae_type", list(HP))
+def test_resampling_revives_a_feature_forced_dead(sae_type):
+    d, m = 8, 16
+    sae = saes.get(sae_type)(d, m, [{"sparsity_coeff": 0.1, **HP[sae_type]}] * 2, [0, 1])
+    opt = PackedAdam(sae.named_parameters(), torch.tensor([1e-3, 1e-3]))
+    x = torch.randn(4096, d, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # kill feature 5 of member 1: its encoder columns point nowhere useful
+        for name in sae.encoder_weights:
+            getattr(sae, name)[1][:, 5] = 0
+        for name, p in sae.named_parameters():
+            if p.dim() == 2 and name != "b_dec":
+                p[1, 5] = -50.0 if name in ("b_enc", "b_gate", "b_mag", "log_alpha") else p[1, 5]
+        for st in (opt.exp_avg, opt.exp_avg_sq):
+            for v in st.values():
+                v.fill_(1.0)
+    before = {k: p.detach().clone() for k, p in sae.named_parameters()}
+    dead, _ = dead_features(sae.member(1), x)
+    assert dead[5] and int(dead.sum()) >= 1
+    n = resample_member(sae, opt, 1, x)
+    assert n == int(dead.sum())
+    dead_after, _ = dead_features(sae.member(1), x)
+    assert not dead_after[5]  # it fires again
+    w = sae.W_dec[1, 5]
+    assert w.norm().item() == pytest.approx(1.0, abs=1e-5)
+    # its decoder row is the direction of one of the inputs (minus b_dec), its encoder column
+    # that direction scaled to a fifth of the living features' mean norm
+    cos = torch.nn.functional.cosine_similarity(x - sae.b_dec[1], w[None], dim=-1)
+    assert cos.max().item() == pytest.approx(1.0, abs=1e-5)
+    enc = getattr(sae, sae.encoder_weights[0])[1][:, 5]
+    alive = ~dead
+    ref = before[sae.encoder_weights[0]][1][:, alive].norm(dim=0).mean() * ENCODER_NORM_FRACTION
+    assert enc.norm().item() == pytest.approx(ref.item(), rel=1e-5)
+    for st in (opt.exp_avg, opt.exp_avg_sq):
+        assert (st["W_dec"][1, 5] == 0).all() and (st["W_dec"][1, alive] == 1).all()
+        assert (st["W_dec"][0] == 1).all()
+    # member 0 and member 1's living features are untouched
+    for k, p in sae.named_parameters():
+        torch.testing.assert_close(p[0], before[k][0], rtol=0, atol=0)
+        if k == "W_dec":
+            torch.testing.assert_close(p[1, alive], before[k][1, alive], rtol=0, atol=0)
+
+
+def test_schedule():
+    r = Resampler(total_steps=100, every=0.1, until=0.5, batch_size=1024)
+    assert [s for s in range(100) if r.due(s)] == [9, 19, 29, 39, 49]
+    assert r.window.maxlen == 64  # 65536 tokens of the most recent batches
+    assert not any(Resampler(100, 0.0, 0.5, 1024).due(s) for s in range(100))
+
+
+@pytest.mark.parametrize("sae_type", list(HP))
+def test_packs_resample_per_member_alike_in_fused_and_autograd_steps(tiny_cfg, monkeypatch, sae_type):
+    """Training with the decoder-gradient projection and resampling on: the fused and the
+    autograd step give the same pack (and the same resampled features)."""
+    # a large coefficient kills features; the small one keeps them
+    big = 3.0
+    cfgs = [tiny_cfg(sae_type=sae_type, sparsity_coeff=c, train={"tokens": 25_600, "batch_size": 256,
+                                                                  "resample_every": 0.2, "resample_until": 0.8})
+            for c in (0.01, big)]
+    data = open_source(cfgs[0])
+    runs = {}
+    for step in ("fused", "autograd"):
+        monkeypatch.setenv("SAESWEEP_STEP", step)
+        runs[step] = train_pack(cfgs, data, show_progress=False)
+    fused, auto = runs["fused"], runs["autograd"]
+    assert [m.resampled for m in fused.members] == [m.resampled for m in auto.members]
+    if sae_type in ("relu", "gated"):  # features die there within the 100 steps
+        assert fused.members[1].resampled > 0
+    for name, p in fused.sae.named_parameters():
+        torch.testing.assert_close(getattr(auto.sae, name), p, rtol=1e-3, atol=1e-3, msg=name)

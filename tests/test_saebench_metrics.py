@@ -1,0 +1,76 @@
+"""The downstream metrics equal SAELens's own (``sae_lens.evals.get_recons_loss``, what
+SAEBench core reports) on the same SAE, language model and tokens."""
+
+import math
+
+import pytest
+import torch
+
+from saesweep import saes
+from saesweep.activations import hf
+from saesweep.config import parse_config
+from saesweep.export import export_member
+from saesweep.metrics import raw_reconstructor
+
+sae_lens = pytest.importorskip("sae_lens")
+from sae_lens.evals import get_recons_loss  # noqa: E402
+from sae_lens.training.activation_scaler import ActivationScaler  # noqa: E402
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+class HFAsHooked:
+    """The two calls get_recons_loss makes of a TransformerLens model, over a Hugging Face LM."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _run(self, tokens, edit=None, layer=None):
+        logits = hf.HookedLM(self.model, layer if layer is not None else 0).logits(tokens, edit)
+        lp = logits.float().log_softmax(-1)
+        loss = -lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+        return logits, loss
+
+    def __call__(self, tokens, return_type="both", loss_per_token=True):
+        assert return_type == "both" and loss_per_token
+        return self._run(tokens)
+
+    def run_with_hooks(self, tokens, return_type="both", fwd_hooks=(), loss_per_token=True):
+        assert return_type == "both" and loss_per_token and len(fwd_hooks) == 1
+        (name, fn), = fwd_hooks
+        layer = int(name.split(".")[1])
+        return self._run(tokens, lambda h: fn(h, None), layer)
+
+
+def test_spliced_metrics_equal_sae_lens_get_recons_loss(tiny_lm, tmp_path):
+    model, _ = hf.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl"}}).source,
+                          "cpu", tokenizer=False)
+    tokens = torch.randint(3, 60, (6, 16), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = 1  # a BOS column, spliced like every other position
+    # a trained-looking ReLU SAE: random weights, a data-scale that is not 1 (folded into the export)
+    sae = saes.get("relu")(32, 64, [{"sparsity_coeff": 0.1}], [0])
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    scale = 0.37
+    cfg = parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl", "hook": HOOK},
+                        "output_dir": str(tmp_path)})
+    export_member(sae, 0, cfg, scale, tmp_path / "sae")
+    peer = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+
+    ref = get_recons_loss(peer, HFAsHooked(model), ActivationScaler(), tokens, compute_kl=True,
+                          compute_ce_loss=True, hook_name=HOOK)
+    ref = {k: v.mean().item() for k, v in ref.items()}
+    ours, _ = hf.spliced_metrics(hf.HookedLM(model, 1), tokens.numpy(), [raw_reconstructor(sae, scale)], batch_rows=4)
+    ours = ours[0]
+    assert ours["ce_clean"] == pytest.approx(ref["ce_loss_without_sae"], rel=1e-5)
+    assert ours["ce_sae"] == pytest.approx(ref["ce_loss_with_sae"], rel=1e-5)
+    assert ours["ce_zero"] == pytest.approx(ref["ce_loss_with_ablation"], rel=1e-5)
+    assert ours["kl"] == pytest.approx(ref["kl_div_with_sae"], rel=1e-4)
+    assert ours["kl_zero"] == pytest.approx(ref["kl_div_with_ablation"], rel=1e-4)
+    score = (ref["ce_loss_with_ablation"] - ref["ce_loss_with_sae"]) / (
+        ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"])
+    kl_score = (ref["kl_div_with_ablation"] - ref["kl_div_with_sae"]) / ref["kl_div_with_ablation"]
+    assert ours["ce_loss_score"] == pytest.approx(score, rel=1e-4, abs=1e-6)
+    assert ours["kl_div_score"] == pytest.approx(kl_score, rel=1e-4, abs=1e-6)
+    assert 0 < ours["kl"] and math.isfinite(ours["ce_loss_score"])
