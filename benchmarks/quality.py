@@ -7,7 +7,8 @@ same activations with the same budget, compared at equal L0.
     python benchmarks/quality.py --sources synthetic --types relu,gated
 
 For each source, every type is trained at dict_size_ratio 16 and lr 1e-3 with the default
-budget (``train.tokens`` and ``train.batch_size`` of the experiment config) across a range of
+budget (``train.tokens`` and ``train.batch_size`` of the experiment config; 1.9M tokens on
+stories260K, which holds 1.97M) across a range of
 sparsity coefficients; SAELens's ``StandardTrainingSAE`` + ``SAETrainer`` trains on exactly the
 same stream of normalised activations (saesweep's source, unit mean squared norm) with the same
 lr schedule, across the same coefficients (its loss, SSE + l1 * sum_i |f_i| ||W_dec,i||, has the
@@ -48,6 +49,7 @@ TYPES = ("relu", "gated", "hard_concrete", "gated_hard_concrete")
 COEFFS = [0.01, 0.03, 0.06, 0.1, 0.17, 0.3, 0.5]
 QUICK_COEFFS = [0.03, 0.1, 0.3]
 L0_RANGE = (5.0, 40.0)
+STORIES_TOKENS = 1_900_000
 
 
 def log(msg: str) -> None:
@@ -57,7 +59,9 @@ def log(msg: str) -> None:
 def base_config(source: str, tokens: Optional[int], out: Path) -> dict:
     from saesweep.config import TrainConfig
 
-    train: dict[str, Any] = {"tokens": tokens or TrainConfig().tokens}
+    # stories260K-sampled holds 1.97M training tokens: its runs take 1.9M unless told otherwise
+    default = TrainConfig().tokens if source == "synthetic" else min(TrainConfig().tokens, STORIES_TOKENS)
+    train: dict[str, Any] = {"tokens": tokens or default}
     cfg: dict[str, Any] = {"lr": 1e-3, "dict_size_ratio": 16, "train": train, "output_dir": str(out / "runs"),
                            "cache_dir": str(out.parent / "cache")}
     if source == "stories260k":

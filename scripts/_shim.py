@@ -1,16 +1,45 @@
-"""Shared by the seed's script names: run a saesweep subcommand with the script's arguments."""
+"""Shared by the seed's script names: run a saesweep subcommand with the script's arguments.
 
+The seed's lines start with a plain ``python scripts/...``. When that Python cannot import
+saesweep (or what it needs, such as torch) and the project's ``.venv`` (made by
+``bash scripts/setup.sh``) exists, the script runs itself again with ``.venv/bin/python`` and
+says so on stderr.
+"""
+
+import os
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv"
+
+
+def _reexec_in_venv(error: ModuleNotFoundError) -> None:
+    python = VENV / "bin" / "python"
+    in_venv = Path(sys.prefix).resolve() == VENV.resolve()
+    if not python.exists() or in_venv:
+        print(f"{Path(sys.argv[0]).name}: cannot import {error.name!r} with {sys.executable}; "
+              "set up first with `bash scripts/setup.sh` (or activate its venv: source .venv/bin/activate)",
+              file=sys.stderr)
+        sys.exit(2)
+    print(f"{Path(sys.argv[0]).name}: {error.name!r} is not importable with {sys.executable}; "
+          f"re-running with {python} (activate it with `source .venv/bin/activate`)", file=sys.stderr)
+    sys.stderr.flush()
+    os.execv(str(python), [str(python), sys.argv[0], *sys.argv[1:]])
 
 
 def run(subcommand: str, *defaults: str) -> None:
     """``defaults`` are flags added unless the user gave that flag (e.g. ``--policy round_robin``)."""
     try:
         from saesweep.cli import main
-    except ModuleNotFoundError:  # not installed: use the source tree next to this script
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from saesweep.cli import main
+    except ModuleNotFoundError as e:
+        if e.name != "saesweep":
+            _reexec_in_venv(e)
+        sys.path.insert(0, str(REPO / "src"))  # not installed: the source tree next to this script
+        try:
+            from saesweep.cli import main
+        except ModuleNotFoundError as e2:
+            _reexec_in_venv(e2)
     args = sys.argv[1:]
     extra = []
     for i in range(0, len(defaults), 2):

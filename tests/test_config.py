@@ -53,3 +53,13 @@ def test_malformed_yaml(tmp_path):
     p.write_text("lr: [1,\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         load_config(p)
+
+
+def test_trial_id_depends_on_the_loss_convention(monkeypatch):
+    """Runs trained under another loss convention get other ids, so a sweep never mixes them."""
+    from saesweep import saes
+
+    before = ExperimentConfig(sae_type="relu").trial_id
+    assert ExperimentConfig(sae_type="relu").identity()["loss_convention"] == saes.LOSS_CONVENTION
+    monkeypatch.setattr(saes, "LOSS_CONVENTION", saes.LOSS_CONVENTION + 1)
+    assert ExperimentConfig(sae_type="relu").trial_id != before

@@ -49,6 +49,8 @@ def test_load_sae_roundtrip_every_type(tiny_cfg, sae_type):
     r = saesweep.run(tiny_cfg(sae_type=sae_type, train={"tokens": 20_000}))
     cfg = json.loads((r.run_dir / "cfg.json").read_text())
     assert cfg["metadata"]["sae_type"] == sae_type and cfg["d_sae"] == 64
+    conv = cfg["metadata"]["loss_convention"]  # the convention the SAE was trained under
+    assert conv["version"] == saesweep.saes.LOSS_CONVENTION == 2 and conv["penalty_scale"] > 0
     loaded = load_sae(r.run_dir)
     x_raw, x_norm = raw_and_normalised(r.config)
     torch.testing.assert_close(loaded.encode(x_raw)[0], trained_member_codes(r, x_norm), rtol=1e-4, atol=1e-5)

@@ -181,3 +181,19 @@ def test_seed_generate_then_run_everything(here):
     assert out.returncode == 0 and "912 complete, 0 failed" in out.stdout
     out = script("run_sweep.py", "--config_dir", "sweep_configs", "--max_parallel", "2", cwd=here, timeout=3600)
     assert out.returncode == 0 and "912 already complete" in out.stdout
+
+
+def test_seed_scripts_work_from_a_python_without_saesweep(here):
+    """The seed's `python scripts/...` lines from a plain shell: a Python that cannot import
+    saesweep (here the base interpreter without site-packages) re-runs the script with the
+    project's .venv, and says so."""
+    import sys
+
+    base = getattr(sys, "_base_executable", None)
+    if not (REPO / ".venv" / "bin" / "python").exists() or not base:
+        pytest.skip("needs the project's .venv (bash scripts/setup.sh)")
+    out = subprocess.run([base, "-S", str(REPO / "scripts" / "run_dynamic_sweep.py"), "--sae_types", "relu",
+                          "--limit", "2", "--dry_run"], cwd=here, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "re-running with" in out.stderr and ".venv/bin/python" in out.stderr
+    assert "Would run 2 experiments" in out.stdout

@@ -400,11 +400,8 @@ def _print_frontier(recs, folder) -> None:
 
     df = results_table(recs)
     lines = frontier_lines(df)
-    warn = degenerate_lines(df)
-    if warn:
-        print("\n".join(warn), file=sys.stderr)
     if lines:
-        print("\n".join(lines))
+        print("\n".join(lines + degenerate_lines(df)))
         print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")
 
 

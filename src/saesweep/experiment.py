@@ -23,6 +23,7 @@ from .config import ConfigError, ExperimentConfig, load_config, parse_config
 from .export import export_member
 from .io import atomic_write_json, atomic_write_text
 from .metrics import evaluate, first_nonfinite
+from .saes import LOSS_CONVENTION
 from .train import check_pack, resolve_device, train_pack
 
 METRICS_FILE = "metrics.json"
@@ -122,6 +123,7 @@ def run_pack(
                 export_member(res.sae, row_of[i], cfg, data.scale, out)
                 density = m.pop("feature_density", None)
                 record = {"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "metrics": m, "feature_density": density,
+                          "loss_convention": LOSS_CONVENTION,
                           "source": data.describe(), "saesweep_version": __version__, "host": platform.node()}
                 atomic_write_json(out / METRICS_FILE, record)
                 results.append(RunResult(cfg.trial_id, "complete", out, cfg, m))
