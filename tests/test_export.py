@@ -7,7 +7,7 @@ import torch
 
 import saesweep
 from saesweep.activations import open_source
-from saesweep.export import load_sae
+from saesweep.export import load_sae, load_sae_pack
 
 
 @pytest.fixture(scope="module")
@@ -53,4 +53,11 @@ def test_load_sae_roundtrip_every_type(tiny_cfg, sae_type):
     assert conv["version"] == saesweep.saes.LOSS_CONVENTION == 2 and conv["penalty_scale"] > 0
     loaded = load_sae(r.run_dir)
     x_raw, x_norm = raw_and_normalised(r.config)
-    torch.testing.assert_close(loaded.encode(x_raw)[0], trained_member_codes(r, x_norm), rtol=1e-4, atol=1e-5)
+    codes = loaded.encode(x_raw)  # one SAE, shaped as in SAELens
+    enc = getattr(loaded, loaded.pack.encoder_weights[0])  # W_enc (W_mag, W_gate for hard concrete)
+    assert codes.shape == (256, 64) and enc.shape == (16, 64) and loaded.W_dec.shape == (64, 16)
+    torch.testing.assert_close(codes, trained_member_codes(r, x_norm), rtol=1e-4, atol=1e-5)
+    assert loaded.decode(codes).shape == (256, 16) and loaded(x_raw[:3, None]).shape == (3, 1, 16)
+    torch.testing.assert_close(loaded(x_raw), loaded.decode(codes))
+    pack = load_sae_pack(r.run_dir)  # the pack form
+    assert pack.n == 1 and pack.W_dec.shape == (1, 64, 16)

@@ -4,7 +4,8 @@ A folder holds ``sae_weights.safetensors`` and ``cfg.json``. Weights take raw (u
 activations: the normalisation scale is folded in (see ``PackedSAE.member_state``). ReLU and
 gated SAEs use SAELens's ``standard`` and ``gated`` architectures and load with
 ``sae_lens.SAE.load_from_disk``; the hard-concrete types use the same layout under their own
-architecture names and load with :func:`load_sae` here.
+architecture names and load with :func:`load_sae` here (one SAE, shaped as in SAELens) or
+:func:`load_sae_pack` (the one-member pack the trainer uses).
 """
 
 from __future__ import annotations
@@ -75,7 +76,53 @@ def export_member(sae: saes.PackedSAE, i: int, config: ExperimentConfig, scale: 
 _ARCH_TO_TYPE = {cls.saelens_architecture: name for name, cls in saes.REGISTRY.items()}
 
 
-def load_sae(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
+class SAE(torch.nn.Module):
+    """One trained SAE (any saesweep type) on raw activations, shaped as in SAELens:
+    ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``encode(x) -> [..., d_sae]``,
+    ``decode(f) -> [..., d_in]``, ``forward(x) = decode(encode(x))``. Evaluation-mode codes
+    (deterministic hard-concrete gates). ``pack`` is the underlying one-member pack."""
+
+    def __init__(self, pack: saes.PackedSAE, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        if pack.n != 1:
+            raise ValueError(f"an SAE is a pack of one, got {pack.n} members")
+        self.pack = pack
+        self.cfg = cfg
+        self.sae_type = pack.name
+        self.d_in, self.d_sae = pack.d_in, pack.d_sae
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pack = super().__getattr__("pack")
+            if name in pack._parameters:
+                return pack._parameters[name].detach()[0]
+            raise
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        f = self.pack.encode(x.reshape(-1, shape[-1]).to(self.pack.W_dec), train=False)[0]
+        return f.reshape(*shape[:-1], self.d_sae)
+
+    @torch.no_grad()
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        shape = f.shape
+        x_hat = self.pack.decode(f.reshape(1, -1, shape[-1]).to(self.pack.W_dec))[0]
+        return x_hat.reshape(*shape[:-1], self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def load_sae(folder: str | Path, device: str = "cpu") -> SAE:
+    """Load an exported SAE (any saesweep type) taking raw activations (see :class:`SAE`)."""
+    folder = Path(folder)
+    return SAE(load_sae_pack(folder, device), json.loads((folder / CFG_FILE).read_text()))
+
+
+def load_sae_pack(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
     """Load an exported SAE (any saesweep type) as a one-member pack taking raw activations."""
     from safetensors.torch import load_file
 
