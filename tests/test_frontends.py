@@ -197,3 +197,10 @@ def test_seed_scripts_work_from_a_python_without_saesweep(here):
     assert out.returncode == 0, out.stderr
     assert "re-running with" in out.stderr and ".venv/bin/python" in out.stderr
     assert "Would run 2 experiments" in out.stdout
+
+
+def test_done_line_counts_the_selected_types_only(here):
+    saesweep("sweep", "--sae_types", "relu", "--limit", "1", cwd=here, check=True)
+    out = saesweep("sweep", "--sae_types", "gated", "--limit", "1", cwd=here, check=True).stdout
+    done = next(line for line in out.splitlines() if line.startswith("Done in"))
+    assert "1 complete, 0 failed, 0 waiting, 0 running" in done, done

@@ -235,11 +235,16 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
               f"{done} already complete  [{spec.sweep_dir}]")
     print_plan(found, slots, spec.execution.pack_size, spec.execution.policy)
     outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
+    recs = store.records()
     c = outcome.counts
+    if configs is not None:  # count the selected trials only, not the whole store
+        c = {k: 0 for k in ("waiting", "running", "complete", "failed", "pruned")}
+        for r in recs:
+            if r.trial_id in ids:
+                c[r.state] += 1
     print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
           f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
     print_worker_table(outcome.workers)
-    recs = store.records()
     _print_failed(recs)
     _print_frontier(recs, spec.sweep_dir)
     if outcome.aborted:

@@ -244,12 +244,13 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
     d = df[(df["state"] == "complete")].copy()
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
     ydir = METRIC_DIRECTIONS.get(y, "minimize")
+    several = d["sae_type"].nunique() > 1
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     for t, g in d.groupby("sae_type", sort=False):
         c = colors.get(t, "#555555")
         ax.scatter(g[x], g[y], s=30, color=c, alpha=0.55, edgecolors="none", label=f"{t} ({len(g)} trials)", zorder=2)
         f = g.set_index("trial_id").loc[per_type.get(t, [])]
-        if len(f) > 1:
+        if len(f) > 1 and several:  # with one type its frontier is the black one
             ax.step(f[x], f[y], where="post", color=c, lw=1.2, ls="--", alpha=0.9, zorder=3)
     if len(ids):
         f = d.set_index("trial_id").loc[list(ids)]
@@ -258,7 +259,7 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
         for t in f["sae_type"].unique():  # frontier points in their type's colour
             ft = f[f["sae_type"] == t]
             ax.scatter(ft[x], ft[y], s=30, color=colors.get(t, "#555555"), zorder=6)
-    if any(len(v) > 1 for v in per_type.values()):
+    if several and any(len(v) > 1 for v in per_type.values()):
         ax.plot([], [], color="gray", ls="--", lw=1.2, label="frontier of each type")
     if _log_scale(d[x].to_numpy(dtype=float)):
         ax.set_xscale("log")
