@@ -36,6 +36,7 @@ from typing import Any, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's trainer bars
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

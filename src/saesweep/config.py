@@ -135,7 +135,7 @@ class TrainConfig(Strict):
 
     seed: Annotated[int, Field(ge=0)] = 0
     tokens: Annotated[int, Field(ge=1, description="training tokens")] = 2_000_000
-    batch_size: PosInt = Field(1024, description="tokens per optimiser step (2M tokens: about 2,000 steps)")
+    batch_size: PosInt = Field(512, description="tokens per optimiser step (2M tokens: about 3,900 steps)")
     lr_warmup_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.01
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_factor: Fraction = 0.1
