@@ -207,7 +207,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["trainer", "coeff", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "frac_recovered", "train_s"]
+    # speed is benchmarks/run.py's business: train_s stays in quality.json only
+    cols = ["trainer", "coeff", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "frac_recovered"]
     have = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(have) + " |", "|" + "---|" * len(have)]
     for r in rows:

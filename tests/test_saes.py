@@ -64,8 +64,8 @@ def test_gated_loss_by_hand():
     assert L.mse.item() == pytest.approx((0.25 + 4.0) / 2)  # errors (0.5, 2): SSE 4.25
     assert L.sparsity.item() == pytest.approx(2.0)  # sum ReLU(pi_gate)
     assert L.aux.item() == pytest.approx(0.5 * (0 + 1))  # aux_coeff * SSE through the gates (1, 1)
-    # SSE + c * penalty_scale (3 for gated) * P + aux
-    assert L.total.item() == pytest.approx(4.25 + 0.1 * 3 * 2 + 0.5)
+    # SSE + c * penalty_scale (2 for gated) * P + aux
+    assert L.total.item() == pytest.approx(4.25 + 0.1 * 2 * 2 + 0.5)
     # a closed gate zeroes the feature even with a positive magnitude
     x2 = torch.tensor([[-1.0, 3.0]])  # pi_gate = (-1, 2), f_mag = (0, 6)
     assert torch.allclose(sae.encode(x2)[0], torch.tensor([[0.0, 6.0]]))
@@ -184,9 +184,9 @@ def test_decoder_rows_stay_unit_norm_and_select_drops_members():
 
 def test_loss_convention_weights_by_hand():
     """SSE + sparsity_coeff * penalty_scale * P + aux (LOSS_CONVENTION 2): penalty_scale is 1
-    for ReLU's L1, 3 for the gated gate pre-activations, 0.1 for the expected-L0 counts."""
+    for ReLU's L1, 2 for the gated gate pre-activations, 0.1 for the expected-L0 counts."""
     mse, P, aux = torch.tensor([0.5]), torch.tensor([3.0]), torch.tensor([0.25])
-    for sae_type, scale, hp in (("relu", 1.0, {}), ("gated", 3.0, {"aux_coeff": 1.0}),
+    for sae_type, scale, hp in (("relu", 1.0, {}), ("gated", 2.0, {"aux_coeff": 1.0}),
                                 ("hard_concrete", 0.1, {"initial_beta": 0.5}),
                                 ("gated_hard_concrete", 0.1, {"aux_coeff": 1.0, "initial_beta": 0.5})):
         sae = make(sae_type, 2, 4, sparsity_coeff=0.2, **hp)

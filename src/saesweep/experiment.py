@@ -93,7 +93,10 @@ def run_pack(
         should_prune=should_prune,
     )
     t_eval = time.perf_counter()
-    metrics = evaluate(res.sae, data, configs[0].eval.batch_size) if res.alive else []
+    # an interrupted pack (Ctrl-C, preemption) has no complete member: nothing to evaluate, so
+    # the interruption returns at once and its checkpoint resumes the training later
+    finished = any(res.members[i].status == "complete" for i in res.alive)
+    metrics = evaluate(res.sae, data, configs[0].eval.batch_size) if finished else []
     t_eval = time.perf_counter() - t_eval
     common = {
         "tokens": res.steps * configs[0].train.batch_size,

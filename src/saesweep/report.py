@@ -205,7 +205,8 @@ def plot_density(density: dict[str, dict[str, Any]], path: Path, colors: dict[st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
-    for t, h in density.items():
+    width = 0.8 / max(1, len(density))
+    for i, (t, h) in enumerate(density.items()):
         edges = np.asarray(h["log10_edges"], dtype=float)
         total = sum(h["counts"]) + h["dead"]
         if total == 0:
@@ -213,8 +214,8 @@ def plot_density(density: dict[str, dict[str, Any]], path: Path, colors: dict[st
         share = np.asarray(h["counts"], dtype=float) / total
         c = colors.get(t, "#555555")
         ax.stairs(share, edges, color=c, lw=1.8, label=f"{t} ({h['trials']} trials, {h['dead'] / total:.1%} dead)")
-        ax.bar(edges[0] - 0.5, h["dead"] / total, width=0.4, color=c, alpha=0.5)
-    ax.axvline(np.asarray(next(iter(density.values()))["log10_edges"])[0] - 0.2, color="#999", lw=0.8, ls=":")
+        ax.bar(edges[0] - 0.9 + (i + 0.5) * width, h["dead"] / total, width=width, color=c, alpha=0.6)
+    ax.axvline(np.asarray(next(iter(density.values()))["log10_edges"])[0] - 0.05, color="#999", lw=0.8, ls=":")
     ax.set_xlabel("log10 feature density (fraction of held-out tokens a feature fires on); bars at the left: dead")
     ax.set_ylabel("share of features")
     ax.set_title("Feature density, all complete trials of each type")

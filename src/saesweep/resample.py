@@ -81,9 +81,8 @@ def resample_member(sae: PackedSAE, opt: Optional[PackedAdam], row: int, x: Tens
     weights = err.clamp_min(0).double()
     if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
         return 0
-    gen = sae.generators[row]
-    pick = torch.multinomial(weights.cpu(), idx.numel(), replacement=True, generator=gen if gen.device.type == "cpu" else None)
-    dirs = x[pick.to(x.device)] - sae.b_dec[row]
+    pick = torch.multinomial(weights, idx.numel(), replacement=True, generator=sae.generators[row])
+    dirs = x[pick] - sae.b_dec[row]
     dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     alive = ~dead
     for name, p in sae.named_parameters(recurse=False):

@@ -37,9 +37,10 @@ from .kernels import StepPlan, Workspace, compute_dtype, noise_streams
 #: dictionary_learning's and SAEBench's: activations are scaled by one recorded factor to unit
 #: mean squared norm (E||x||^2 = 1), and the loss per member is
 #: ``SSE + sparsity_coeff * penalty_scale * P + aux``, every term a mean over tokens of a sum
-#: (SSE = ||x - x_hat||^2 summed over dimensions). ``penalty_scale`` is 1 for magnitude
-#: penalties (L1 of the codes, ReLU(pi_gate)) and smaller for count penalties (expected L0),
-#: chosen so that the seed's coefficients 0.01-0.3 span dense to sparse for every type.
+#: (SSE = ||x - x_hat||^2 summed over dimensions). ``penalty_scale`` (a class attribute of
+#: each architecture: 1 for ReLU's L1 of the codes, 2 for Gated's sum of ReLU(pi_gate), 0.1 for
+#: the expected-L0 counts of the hard-concrete types) was measured so that the seed's
+#: coefficients 0.01-0.3 span dense to sparse on real activations.
 #: Version 1 was ``MSE + sparsity_coeff * P / d`` on E||x||^2 = d.
 LOSS_CONVENTION = 2
 
