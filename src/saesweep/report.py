@@ -501,12 +501,9 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
 
 def _degenerate_block(df) -> str:
     """A visible warning naming the complete trials whose SAEs are degenerate."""
-    from .results import degenerate_reason
+    from .results import degenerate_trials
 
-    if len(df) == 0 or "l0" not in df:
-        return ""
-    bad = [(r["trial_id"], degenerate_reason(r)) for _, r in df[df["state"] == "complete"].iterrows()]
-    bad = [(t, w) for t, w in bad if w]
+    bad = degenerate_trials(df)
     if not bad:
         return ""
     items = "".join(f"<li><code>{html.escape(t)}</code>: {html.escape(w)}</li>" for t, w in bad[:20])
@@ -548,9 +545,10 @@ def _trials_table(df, frontier, colors) -> str:
     on = set(frontier.get("l0_fvu", {}).get("all", []))
     params = _param_cols(df)
     metrics = [m for m in TABLE_METRICS if m in df]
-    from .results import degenerate_reason
+    from .results import degenerate_trials
 
-    df = df.assign(warning=[degenerate_reason(r) if r.get("state") == "complete" else "" for _, r in df.iterrows()])
+    why = dict(degenerate_trials(df))
+    df = df.assign(warning=[why.get(t, "") for t in df["trial_id"]])
     cols = ["trial_id", "sae_type", "state", *params, *metrics, "warning", "device", "duration_s", "reason"]
     cols = [c for c in cols if c in df]
     rows = [[r.get(c) for c in cols] for _, r in df.iterrows()]

@@ -62,15 +62,23 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and v == v
 
 
-def degenerate_lines(df: pd.DataFrame) -> list[str]:
-    """A warning line for the sweep's end when complete trials are degenerate."""
+def complete_trials(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["state"] == "complete"] if "state" in df else df
+
+
+def degenerate_trials(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(trial_id, reason)`` of the complete trials whose SAEs are degenerate."""
     if not len(df) or "l0" not in df:
         return []
-    done = df[df["state"] == "complete"] if "state" in df else df
-    bad = [(r["trial_id"], why) for _, r in done.iterrows() if (why := degenerate_reason(r))]
+    return [(r["trial_id"], why) for _, r in complete_trials(df).iterrows() if (why := degenerate_reason(r))]
+
+
+def degenerate_lines(df: pd.DataFrame) -> list[str]:
+    """A warning line for the sweep's end when complete trials are degenerate."""
+    bad = degenerate_trials(df)
     if not bad:
         return []
-    lines = [f"warning: {len(bad)} of {len(done)} complete trials trained degenerate SAEs "
+    lines = [f"warning: {len(bad)} of {len(complete_trials(df))} complete trials trained degenerate SAEs "
              "(dense codes or mostly dead features); their metrics do not describe a useful SAE:"]
     lines += [f"  {tid}: {why}" for tid, why in bad[:5]]
     if len(bad) > 5:

@@ -23,6 +23,7 @@ architecture, in loop and stacked mode, chunked or not, fp32 and bf16.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 import contextlib
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -131,10 +132,20 @@ class PackedSAE(nn.Module):
         w_dec = self._randn(self.d_sae, self.d_in)
         w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
         self._param("W_dec", w_dec)
-        enc_scale = min(1.0, self.d_in / self.d_sae)
         for name in enc_names:
-            self._param(name, w_dec.transpose(1, 2) * enc_scale)
+            self._param(name, w_dec.transpose(1, 2) * self.encoder_init_scale)
         self._param("b_dec", torch.zeros(self.n, self.d_in, device=self.device_))
+
+    @property
+    def encoder_init_scale(self) -> float:
+        """Encoder weights start as W_dec^T times this (d_in / d_sae, at most 1)."""
+        return min(1.0, self.d_in / self.d_sae)
+
+    def gate_init_scale(self, std: float) -> float:
+        """Gate weights that start as W_dec^T times this give gate logits with a standard
+        deviation of about ``std`` over unit-mean-squared-norm inputs (unit rows: W_dec x has
+        variance 1/d per feature)."""
+        return std * math.sqrt(self.d_in)
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(self.n, *shape, device=self.device_)

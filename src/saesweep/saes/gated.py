@@ -41,7 +41,7 @@ class GatedEncoder:
             self._param(name, self._zeros(self.d_sae))
         if gate_std is not None:
             with torch.no_grad():
-                extra = gate_std * math.sqrt(self.d_in) / min(1.0, self.d_in / self.d_sae)
+                extra = self.gate_init_scale(gate_std) / self.encoder_init_scale
                 self.W_enc.mul_(extra)
                 self.r_mag.fill_(-math.log(extra))
         self.register_buffer("aux_coeff", self._member_tensor("aux_coeff", 1.0))

@@ -174,7 +174,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         if self.input_dependent:
             self._init_decoder_and_encoder("W_mag", "W_gate")
             with torch.no_grad():
-                self.W_gate.copy_(self.W_dec.transpose(1, 2) * (GATE_INIT_STD * math.sqrt(self.d_in)))
+                self.W_gate.copy_(self.W_dec.transpose(1, 2) * self.gate_init_scale(GATE_INIT_STD))
         else:
             self._init_decoder_and_encoder("W_mag")
         self._param("b_mag", self._zeros(self.d_sae))
