@@ -58,7 +58,7 @@ def log(msg: str) -> None:
 
 
 def base_config(source: str, tokens: Optional[int], out: Path) -> dict:
-    from saesweep.config import TrainConfig
+    from saesweep.config.experiment import TrainConfig
 
     # stories260K-sampled holds 1.97M training tokens: its runs take 1.9M unless told otherwise
     default = TrainConfig().tokens if source == "synthetic" else min(TrainConfig().tokens, STORIES_TOKENS)
@@ -78,8 +78,8 @@ def row_of(kind: str, coeff: float, m: dict, wall: float) -> dict:
 
 
 def run_saesweep(sae_type: str, base: dict, coeffs: list[float]) -> list[dict]:
-    from saesweep.config import parse_config
-    from saesweep.experiment import run_pack
+    from saesweep.config.experiment import parse_config
+    from saesweep.training.run import run_pack
 
     cfgs = [parse_config({**base, "sae_type": sae_type, "sparsity_coeff": c}) for c in coeffs]
     t = time.perf_counter()
@@ -99,9 +99,9 @@ def run_saelens(base: dict, coeffs: list[float]) -> list[dict]:
     from sae_lens.config import SAETrainerConfig
 
     from saesweep import saes
-    from saesweep.activations import open_source
-    from saesweep.config import parse_config
-    from saesweep.metrics import evaluate
+    from saesweep.data import open_source
+    from saesweep.config.experiment import parse_config
+    from saesweep.metrics.reconstruction import evaluate
 
     cfg = parse_config({**base, "sae_type": "relu"})
     tc = cfg.train
@@ -178,7 +178,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saesweep.report import TYPE_COLORS
+    from saesweep.reporting.html import TYPE_COLORS
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     kinds = list(dict.fromkeys(r["trainer"] for r in rows))
@@ -245,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     types = [t for t in args.types.split(",") if t]
     for t in types:
-        if t not in saes.REGISTRY:
+        if t not in saes.names():
             p.error(f"--types: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
     sources = [s for s in args.sources.split(",") if s]
     for s in sources:

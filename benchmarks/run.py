@@ -158,7 +158,7 @@ def matrix_peak(dev: torch.device, quick: bool) -> dict:
 # ============================================================================ steps
 def make_pack(sae_type: str, d: int, m: int, n: int, dev: torch.device, extra: Optional[dict] = None):
     from saesweep import saes
-    from saesweep.optim import PackedAdam
+    from saesweep.training.optim import PackedAdam
 
     hp = {"sparsity_coeff": 0.03, **(extra or {})}
     own = saes.get(sae_type).hyperparams
@@ -175,7 +175,7 @@ def step_rate(sae_type: str, d: int, m: int, n: int, dev: torch.device, *, dtype
               extra: Optional[dict] = None) -> dict:
     """Seconds per training step of a pack (what the trainer does per step: fused or autograd
     gradients, finiteness check, per-member clipping, Adam, decoder renormalisation)."""
-    from saesweep.optim import clip_grad_norm_per_member
+    from saesweep.training.optim import clip_grad_norm_per_member
     from saesweep.saes.kernels import StepPlan, plan_for
 
     sae, opt = make_pack(sae_type, d, m, n, dev, extra)
@@ -249,7 +249,7 @@ def child_step(args: list[str]) -> None:
     """``--child-step KERNEL D M``: print the median step time (run under a chosen environment)."""
     kernel, d, m = args[0], int(args[1]), int(args[2])
     r = step_rate("relu", d, m, 1, torch.device("cpu"), kernel=kernel, steps=8)
-    from saesweep import train
+    from saesweep.training import trainer as train
 
     print(json.dumps({"step_s": r["step_s"], "tuned": train.ALLOCATOR_TUNED}))
 
@@ -292,7 +292,7 @@ def base_config(tokens: int, quick: bool) -> dict:
 
 
 def relu_grid(tokens: int, quick: bool, dtype: str = "float32") -> list[dict]:
-    from saesweep.grid import SEED_GRIDS
+    from saesweep.config.sweep import SEED_GRIDS
 
     g = SEED_GRIDS["relu"]
     out = []
@@ -305,7 +305,7 @@ def relu_grid(tokens: int, quick: bool, dtype: str = "float32") -> list[dict]:
 
 
 def configs_for(dicts: list[dict], cache_dir: Path, out_dir: Path):
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     return [parse_config({**d, "cache_dir": str(cache_dir), "output_dir": str(out_dir)}) for d in dicts]
 
@@ -375,7 +375,7 @@ def run_b(configs) -> tuple[float, list[list]]:
 def run_packed(configs, pack_size: int = 16) -> tuple[float, list[list]]:
     """(c)/(d): packs of compatible trials (the engine's pack_key, at most pack_size members)."""
     from saesweep import run_pack
-    from saesweep.train import pack_key
+    from saesweep.training.trainer import pack_key
 
     groups: dict[str, list] = {}
     for c in configs:
@@ -405,7 +405,7 @@ def summarize(units: list[list]) -> dict:
 
 
 def sweep_section(tokens: int, quick: bool, a_trials: int, a_fused_trials: int, work: Path) -> dict:
-    from saesweep.activations import open_source
+    from saesweep.data import open_source
 
     dicts = relu_grid(tokens, quick)
     out: dict[str, Any] = {"tokens_per_trial": tokens, "trials": len(dicts)}
@@ -451,7 +451,7 @@ def sweep_section(tokens: int, quick: bool, a_trials: int, a_fused_trials: int, 
 
 def bf16_agreement(c: dict, d: dict, dicts: list[dict]) -> dict:
     """Relative differences of the bf16 trials' metrics from their fp32 twins (same hyperparameters)."""
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     pairs = []
     for dd in dicts:
@@ -477,7 +477,7 @@ def saelens_section(tokens: int, quick: bool, cache_dir: Path, max_trials: Optio
         from sae_lens.config import SAETrainerConfig
     except ImportError as e:
         return {"skipped": f"sae_lens is not installed ({e}); pip install 'saesweep[bench]'"}
-    from saesweep.activations import open_source
+    from saesweep.data import open_source
 
     dicts = relu_grid(tokens, quick)
     cfgs = configs_for(dicts, cache_dir, cache_dir.parent / "saelens-runs")
@@ -540,7 +540,7 @@ SEED_TYPES = [
 def share_section(dev: torch.device, quick: bool, act_rate: Optional[float], eval_s_per_trial: Optional[float]) -> dict:
     """Wall time of the full 912-trial seed sweep (2M tokens per trial, the config default)
     from measured packed throughput per (type, width), and the activation build's share of it."""
-    from saesweep.config import TrainConfig
+    from saesweep.config.experiment import TrainConfig
 
     tokens = TrainConfig().tokens
     ratios = (8, 16, 32, 64)
@@ -698,7 +698,7 @@ def main() -> int:
     global WAIT_QUIET_S, DEVICE
     WAIT_QUIET_S = args.wait_quiet
     DEVICE = args.device
-    from saesweep import train  # noqa: F401  (applies the allocator tuning, as in real runs)
+    from saesweep.training import trainer as train  # noqa: F401  (applies the allocator tuning, as in real runs)
 
     res: dict[str, Any] = {"meta": {
         "device": device_name(dev), "torch": torch.__version__, "python": platform.python_version(),
@@ -739,7 +739,7 @@ def main() -> int:
                     c = res["sweep"]["variants"]["c_packed"]
                     evs = c["eval_s"] / max(1, c["completed"])  # per trial, as evaluated in packs
                 if rate is None:  # measure the activation build alone
-                    from saesweep.activations import open_source
+                    from saesweep.data import open_source
 
                     cfg = configs_for(relu_grid(tokens, quick), work / "share-cache", work / "share-runs")[0]
                     t = time.perf_counter()

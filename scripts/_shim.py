@@ -31,13 +31,13 @@ def _reexec_in_venv(error: ModuleNotFoundError) -> None:
 def run(subcommand: str, *defaults: str) -> None:
     """``defaults`` are flags added unless the user gave that flag (e.g. ``--policy round_robin``)."""
     try:
-        from saesweep.cli import main
+        from saesweep.cli.app import main
     except ModuleNotFoundError as e:
         if e.name != "saesweep":
             _reexec_in_venv(e)
         sys.path.insert(0, str(REPO / "src"))  # not installed: the source tree next to this script
         try:
-            from saesweep.cli import main
+            from saesweep.cli.app import main
         except ModuleNotFoundError as e2:
             _reexec_in_venv(e2)
     args = sys.argv[1:]

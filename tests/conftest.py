@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A fast synthetic experiment writing under tmp_path."""
-    from saesweep.config import ExperimentConfig
+    from saesweep.config.experiment import ExperimentConfig
 
     def make(**kw):
         base = dict(

@@ -164,7 +164,7 @@ def make_cfg(tmp_path):
     Small defaults (context 16, 2000 training tokens, 300 held-out activations, 200 CE
     tokens, no eval split); the cache goes to a per-test folder unless ``cache_dir`` is given.
     """
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     def make(model, dataset, *, cache_dir=None, train=None, eval=None, **source_fields):
         source = {"kind": "hf", "model": str(model), "dataset": str(dataset), "context_length": 16,

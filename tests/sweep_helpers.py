@@ -40,6 +40,6 @@ def saesweep(*args, cwd: Path, check: bool = False, timeout: float = 600, **kw) 
 
 
 def start_worker(storage: str, sweep: str, cwd: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "saesweep.worker_main", "--storage", storage, "--sweep", sweep,
+    return subprocess.Popen([sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", storage, "--sweep", sweep,
                              "--device", "cpu", "--threads", "1", *extra], cwd=cwd, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

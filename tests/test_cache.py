@@ -14,21 +14,22 @@ import torch
 
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
-from saesweep.activations import cache, hf
-from saesweep.config import ConfigError
+from saesweep.data import cache
+from saesweep.data import lm
+from saesweep.config.experiment import ConfigError
 
 
 @pytest.fixture
 def lm_loads(monkeypatch):
     """Counts how often the language model is loaded."""
     calls = []
-    real = hf.load_lm
+    real = lm.load_lm
 
     def counting(*a, **k):
         calls.append(a)
         return real(*a, **k)
 
-    monkeypatch.setattr(hf, "load_lm", counting)
+    monkeypatch.setattr(lm, "load_lm", counting)
     return calls
 
 
@@ -41,16 +42,16 @@ def digest(entry) -> str:
 
 def test_built_once_then_reused(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
     cfg = make_cfg(tiny_lm, tiny_text_jsonl)
-    first = hf.open_hf(cfg)
+    first = lm.open_hf(cfg)
     assert first.entry.built and len(lm_loads) == 1
-    second = hf.open_hf(cfg)
+    second = lm.open_hf(cfg)
     assert not second.entry.built and len(lm_loads) == 1  # the LM did not run again
     assert digest(first.entry) == digest(second.entry)
     # the same hook under its other name, and other batch sizes, share the entry
-    alias = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.0.hook_resid_post", lm_batch_size=3))
+    alias = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.0.hook_resid_post", lm_batch_size=3))
     assert not alias.entry.built and alias.entry.key == first.entry.key and len(lm_loads) == 1
     # a different layer is a different entry
-    other = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.2.hook_resid_pre"))
+    other = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.2.hook_resid_pre"))
     assert other.entry.built and other.entry.key != first.entry.key
     m = json.loads((first.entry.path / "manifest.json").read_text())
     assert m["train"]["tokens"] >= 2000 and m["d_in"] == 32 and m["dtype"] == "float32"
@@ -62,31 +63,31 @@ def test_built_once_then_reused(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
 
 def test_larger_request_extends_smaller_reuses(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads, monkeypatch):
     monkeypatch.setattr(cache, "SHARD_BYTES", 10 * 15 * 32 * 4)  # 10 rows of 15 tokens per shard
-    small = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
+    small = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
     assert small.entry.built and len(small.entry.manifest["train"]["shards"]) == 7
     before = small.entry.train_activations(0, 1000)
-    big = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 3000}, eval={"tokens": 450}))
+    big = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 3000}, eval={"tokens": 450}))
     assert big.entry.built and big.entry.train_tokens >= 3000 and len(lm_loads) == 2
     assert big.entry.manifest["reused_shards"] == 6  # full shards were relinked, not recomputed
     np.testing.assert_array_equal(big.entry.train_activations(0, 1000), before)  # prefix-stable
     # held-out rows grew from the end: the old ones are still a prefix
     np.testing.assert_array_equal(big.entry.heldout_activations(300), small.entry.heldout_activations(300))
-    again = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 500}))
+    again = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 500}))
     assert not again.entry.built and len(lm_loads) == 2
     # statistics depend on the requested tokens only, not on what the cache happens to hold
     assert again.scale == pytest.approx(
         float(np.sqrt(1 / (big.entry.train_activations(0, 500).astype(np.float64) ** 2).sum(1).mean()))
     )
-    assert small.scale == pytest.approx(hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000})).scale)
+    assert small.scale == pytest.approx(lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000})).scale)
     assert cache.verify_entry(again.entry.path)
 
 
 def _open_in_child(cfg_json, barrier, queue):
     torch.set_num_threads(1)  # forked children must not reuse the parent's OpenMP pool
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     barrier.wait()
-    acts = hf.open_hf(parse_config(json.loads(cfg_json)))
+    acts = lm.open_hf(parse_config(json.loads(cfg_json)))
     queue.put((acts.entry.built, digest(acts.entry)))
 
 
@@ -108,13 +109,13 @@ def test_two_processes_one_builds(tiny_lm, tiny_text_jsonl, make_cfg):
 
 def _killed_builder(cfg_json):
     torch.set_num_threads(1)
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     def die(self):  # killed right after the first shard is written
         os.kill(os.getpid(), signal.SIGKILL)
 
     cache._Writer._close = die
-    hf.open_hf(parse_config(json.loads(cfg_json)))
+    lm.open_hf(parse_config(json.loads(cfg_json)))
 
 
 def test_killed_build_is_ignored(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
@@ -130,19 +131,19 @@ def test_killed_build_is_ignored(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
     # make it look as complete as possible: a manifest inside the temp folder changes nothing
     (stale[0] / "manifest.json").write_text("{}")
     assert cache.list_entries(cfg.cache_dir) == []
-    acts = hf.open_hf(cfg)
+    acts = lm.open_hf(cfg)
     assert acts.entry.built and not list(adir.glob(f".tmp-{key}-*"))  # rebuilt; leftovers removed
     # an entry folder without its manifest (or with a truncated shard) is not an entry either
     os.remove(acts.entry.path / "manifest.json")
-    assert hf.open_hf(cfg).entry.built
-    shard = hf.open_hf(cfg).entry.path / "train-00000.npy"
+    assert lm.open_hf(cfg).entry.built
+    shard = lm.open_hf(cfg).entry.path / "train-00000.npy"
     with open(shard, "r+b") as fh:
         fh.truncate(1000)
-    assert hf.open_hf(cfg).entry.built
+    assert lm.open_hf(cfg).entry.built
 
 
 def test_checksums_detect_corruption(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
+    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
     path = acts.entry.path
     assert cache.verify_entry(path)
     acts.close()
@@ -155,7 +156,7 @@ def test_checksums_detect_corruption(tiny_lm, tiny_text_jsonl, make_cfg):
 
 
 def test_shuffled_order(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
+    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
     take = lambda it, k: [next(it) for _ in range(k)]  # noqa: E731
     a = take(acts.train_batches(96, seed=1), 25)  # 2.4 epochs of 1000 tokens
     b = take(acts.train_batches(96, seed=1), 25)
@@ -173,8 +174,8 @@ def test_shuffled_order(tiny_lm, tiny_text_jsonl, make_cfg):
 
 def test_list_and_remove(tiny_lm, tiny_text_jsonl, tiny_tokens_parquet, make_cfg):
     cfg = make_cfg(tiny_lm, tiny_text_jsonl)
-    k1 = hf.open_hf(cfg).entry.key
-    k2 = hf.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet)).entry.key
+    k1 = lm.open_hf(cfg).entry.key
+    k2 = lm.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet)).entry.key
     entries = {e["key"]: e for e in cache.list_entries(cfg.cache_dir)}
     assert set(entries) == {k1, k2}
     e = entries[k1]

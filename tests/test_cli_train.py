@@ -32,7 +32,7 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
 
 def test_bad_config_exit_code_from_the_real_command(tmp_path):
     p = write(tmp_path, {"lr": -0.1})
-    proc = subprocess.run([sys.executable, "-m", "saesweep.cli", "train", str(p)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "saesweep.cli.app", "train", str(p)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "lr" in proc.stderr and "greater than 0" in proc.stderr
 

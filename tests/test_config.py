@@ -2,7 +2,7 @@
 
 import pytest
 
-from saesweep.config import ConfigError, ExperimentConfig, load_config, parse_config
+from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config, parse_config
 
 
 @pytest.mark.parametrize(

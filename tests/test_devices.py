@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from saesweep import devices
-from saesweep.config import ConfigError, ExperimentConfig
+from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.devices import DeviceInfo, estimate_pack_bytes, param_count, parse_devices
-from saesweep.scheduler import (CUDA_CONTEXT_BYTES, MEMORY_SAFETY, _worker_command, pack_estimator, plan_lines, plan_workers,
+from saesweep.sweep.local import (CUDA_CONTEXT_BYTES, MEMORY_SAFETY, _worker_command, pack_estimator, plan_lines, plan_workers,
                                 worker_env)
 from sweep_helpers import REPO, env
 
@@ -263,9 +263,9 @@ def test_memory_estimate_bounds_the_measured_peak(step, monkeypatch):
     plan), and not wildly above it for the largest, the autograd step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from saesweep.activations.base import Activations
-    from saesweep.metrics import evaluate
-    from saesweep.train import train_pack
+    from saesweep.data.base import Activations
+    from saesweep.metrics.reconstruction import evaluate
+    from saesweep.training.trainer import train_pack
 
     try:
         in_use = _malloc_in_use()
@@ -362,7 +362,7 @@ def test_small_packs_get_two_workers_per_gpu():
 
 
 def test_big_packs_get_one_worker_and_a_pack_cap():
-    from saesweep.grid import ExecutionSpec
+    from saesweep.config.sweep import ExecutionSpec
 
     ex = ExecutionSpec(pack_size=16)
     cfgs = [cfg_of(d_in=2048, ratio=32.0, batch=4096, lr=1e-4 * (i + 1)) for i in range(16)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import saesweep
-from saesweep.activations import open_source
+from saesweep.data import open_source
 from saesweep.export import load_sae, load_sae_pack
 
 
@@ -23,7 +23,7 @@ def raw_and_normalised(cfg):
 
 def trained_member_codes(result, x_norm):
     """Codes of the trained model on normalised input (what training saw)."""
-    from saesweep.train import train_pack
+    from saesweep.training.trainer import train_pack
 
     pack = train_pack([result.config], open_source(result.config), show_progress=False)
     return pack.sae.encode(x_norm, train=False)[0]

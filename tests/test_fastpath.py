@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from saesweep import saes
-from saesweep.activations import open_source
-from saesweep.optim import PackedAdam
+from saesweep.data import open_source
+from saesweep.training.optim import PackedAdam
 from saesweep.saes.kernels import StepPlan, plan_for
-from saesweep.train import train_pack
+from saesweep.training.trainer import train_pack
 
 #: (sae_type, extra hyperparameters): the four types, hard-concrete with both gate kinds
 VARIANTS = [
@@ -123,7 +123,7 @@ def test_stacked_pack_drops_a_diverging_member(tiny_cfg, monkeypatch):
 
 
 def test_bf16_training_metrics_close_to_fp32(tiny_cfg):
-    from saesweep.metrics import evaluate
+    from saesweep.metrics.reconstruction import evaluate
 
     res = {}
     for dtype in ("float32", "bfloat16"):

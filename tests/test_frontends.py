@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from saesweep.store import SweepStore
+from saesweep.sweep.store import SweepStore
 from sweep_helpers import REPO, env, saesweep, write_spec
 
 SEED_COUNTS = {"relu": 48, "hard_concrete": 288, "gated": 144, "gated_hard_concrete": 432}

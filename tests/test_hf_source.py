@@ -12,8 +12,8 @@ import torch
 
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
-from saesweep.activations import hf
-from saesweep.config import ConfigError, HFSource
+from saesweep.data import lm
+from saesweep.config.experiment import ConfigError, HFSource
 
 
 def ref_rows(docs_ids: list[list[int]], ctx: int, bos: int | None) -> list[list[int]]:
@@ -41,7 +41,7 @@ def doc_ids(tokenizer, docs):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_lm):
-    return hf.load_lm(src(tiny_lm, "x.jsonl"), "cpu")
+    return lm.load_lm(src(tiny_lm, "x.jsonl"), "cpu")
 
 
 # ----------------------------------------------------------------------------- capture
@@ -54,17 +54,17 @@ def test_capture_equals_full_forward_hidden_states(tiny_model):
         handle = model.model.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
         model(input_ids=ids)
         handle.remove()
-    n = hf.HookedLM(model, 0).n_layers
+    n = lm.HookedLM(model, 0).n_layers
     for layer in range(n):  # hidden_states[L] is the input of block L
-        torch.testing.assert_close(hf.HookedLM(model, layer).capture(ids), full[layer], rtol=0, atol=0)
+        torch.testing.assert_close(lm.HookedLM(model, layer).capture(ids), full[layer], rtol=0, atol=0)
     # layer n = the input of the final norm (hidden_states[-1] is after the norm)
-    torch.testing.assert_close(hf.HookedLM(model, n).capture(ids), seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(lm.HookedLM(model, n).capture(ids), seen[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_capture_stops_the_forward(tiny_model, layer):
     model, _ = tiny_model
-    lm = hf.HookedLM(model, layer)
+    hooked = lm.HookedLM(model, layer)
     calls: dict[str, int] = {}
 
     def counter(name):
@@ -72,11 +72,11 @@ def test_capture_stops_the_forward(tiny_model, layer):
             calls[name] = calls.get(name, 0) + 1
         return hook
 
-    handles = [b.register_forward_hook(counter(f"block{i}")) for i, b in enumerate(lm.blocks)]
+    handles = [b.register_forward_hook(counter(f"block{i}")) for i, b in enumerate(hooked.blocks)]
     handles += [model.model.norm.register_forward_hook(counter("norm")),
                 model.lm_head.register_forward_hook(counter("lm_head"))]
     try:
-        lm.capture(torch.randint(3, 60, (2, 16)))
+        hooked.capture(torch.randint(3, 60, (2, 16)))
     finally:
         for h in handles:
             h.remove()
@@ -86,17 +86,17 @@ def test_capture_stops_the_forward(tiny_model, layer):
 
 def test_other_architectures(tiny_other_lm, tiny_tokens_parquet, make_cfg):
     """GPT-Neo / GPT-2: blocks found generically, capture and splice as for Llama."""
-    model, _ = hf.load_lm(src(tiny_other_lm, tiny_tokens_parquet), "cpu", tokenizer=False)
+    model, _ = lm.load_lm(src(tiny_other_lm, tiny_tokens_parquet), "cpu", tokenizer=False)
     ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(input_ids=ids, output_hidden_states=True)
     for layer in (0, 1):
-        torch.testing.assert_close(hf.HookedLM(model, layer).capture(ids), full.hidden_states[layer], rtol=0, atol=0)
-    out, _ = hf.spliced_metrics(hf.HookedLM(model, 2), ids.numpy(), [lambda x: x.clone(), torch.zeros_like],
+        torch.testing.assert_close(lm.HookedLM(model, layer).capture(ids), full.hidden_states[layer], rtol=0, atol=0)
+    out, _ = lm.spliced_metrics(lm.HookedLM(model, 2), ids.numpy(), [lambda x: x.clone(), torch.zeros_like],
                                 batch_rows=8)
     assert out[0]["kl"] == pytest.approx(0, abs=1e-6) and out[0]["ce_sae"] == out[0]["ce_clean"]
     assert out[1]["ce_sae"] == out[1]["ce_zero"]
-    acts = hf.open_hf(make_cfg(tiny_other_lm, tiny_tokens_parquet, hook="blocks.1.hook_resid_post"))
+    acts = lm.open_hf(make_cfg(tiny_other_lm, tiny_tokens_parquet, hook="blocks.1.hook_resid_post"))
     assert acts.d_in == 32 and acts.eval_activations().shape == (300, 32)
 
 
@@ -108,7 +108,7 @@ def test_text_and_pretokenised_give_the_same_rows(tmp_path, tiny_lm, tiny_text_j
     expected = ref_rows(doc_ids(tok, tiny_docs), 16, tok.bos_token_id)
     for ds in (tiny_text_jsonl, tiny_tokens_parquet):
         source = src(tiny_lm, ds, context_length=16, eval_split=None)
-        rows = hf.token_rows(source, 40, 5, datasets_cache=tmp_path)
+        rows = lm.token_rows(source, 40, 5, datasets_cache=tmp_path)
         train = np.stack(list(rows.train))
         assert train.shape == (40, 16) and (train[:, 0] == tok.bos_token_id).all()
         assert train.tolist() == expected[:40]
@@ -118,19 +118,19 @@ def test_activations_are_the_hooked_residual(
     tmp_path, tiny_lm, tiny_text_jsonl, tiny_tokens_parquet, tiny_model, make_cfg
 ):
     model, _ = tiny_model
-    text = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
-    toks = hf.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet))
+    text = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
+    toks = lm.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet))
     assert text.d_in == 32 and text.entry.train_tokens >= 2000
     # the same documents give the same training activations either way
     np.testing.assert_array_equal(text.entry.train_activations(0, 2000), toks.entry.train_activations(0, 2000))
     # and they are the residual entering block 1, BOS position left out
     source = text.source
-    first = np.stack(list(itertools.islice(hf.token_rows(source, 3, 1, datasets_cache=tmp_path).train, 3)))
-    h = hf.HookedLM(model, 1).capture(torch.from_numpy(first))[:, 1:].reshape(-1, 32)
+    first = np.stack(list(itertools.islice(lm.token_rows(source, 3, 1, datasets_cache=tmp_path).train, 3)))
+    h = lm.HookedLM(model, 1).capture(torch.from_numpy(first))[:, 1:].reshape(-1, 32)
     np.testing.assert_allclose(text.entry.train_activations(0, 45), h.numpy(), rtol=1e-5, atol=1e-5)
     # held-out activations are those of the held-out rows
     ids = text.entry.heldout_token_ids(2)
-    h = hf.HookedLM(model, 1).capture(torch.from_numpy(ids))[:, 1:].reshape(-1, 32)
+    h = lm.HookedLM(model, 1).capture(torch.from_numpy(ids))[:, 1:].reshape(-1, 32)
     np.testing.assert_allclose(text.entry.heldout_activations(30), h.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -143,7 +143,7 @@ def test_heldout_rows_from_the_end_are_disjoint_from_training(tmp_path, tiny_lm)
     path = tmp_path / "marked.parquet"
     pq.write_table(pa.table({"input_ids": docs}), path)
     source = src(tiny_lm, path, context_length=8, eval_split="validation")
-    rows = hf.token_rows(source, 20, 10, datasets_cache=tmp_path)
+    rows = lm.token_rows(source, 20, 10, datasets_cache=tmp_path)
     assert rows.heldout_from.startswith("the end")
     train = np.stack(list(rows.train))
     doc_of = lambda a: set(a[a != 1].tolist())  # noqa: E731
@@ -152,7 +152,7 @@ def test_heldout_rows_from_the_end_are_disjoint_from_training(tmp_path, tiny_lm)
     assert max(heldout_docs) == 3 + 59 and min(train_docs) == 3  # held-out from the end
     # asking for more training rows than the documents before the held-out ones hold fails
     with pytest.raises(ConfigError, match="training rows"):
-        list(hf.token_rows(source, 50, 10, datasets_cache=tmp_path).train)
+        list(lm.token_rows(source, 50, 10, datasets_cache=tmp_path).train)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -161,13 +161,13 @@ def test_eval_split_and_last_shard(tmp_path, tiny_lm, tiny_split_dir, tiny_shard
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     source = src(tiny_lm, tiny_split_dir, context_length=16)
-    rows = hf.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
+    rows = lm.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
     assert rows.heldout_from == "split 'validation'"
     assert rows.heldout.tolist() == ref_rows(doc_ids(tok, tiny_docs[500:]), 16, 1)[:5]
     assert np.stack(list(rows.train)).tolist() == ref_rows(doc_ids(tok, tiny_docs[:500]), 16, 1)[:10]
 
     source = src(tiny_lm, tiny_sharded_dir, context_length=16)
-    rows = hf.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
+    rows = lm.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
     train = np.stack(list(rows.train)).tolist()
     assert train == ref_rows(doc_ids(tok, tiny_docs[:300]), 16, 1)[:10]
     if streaming:  # a streamed split without an eval split holds out its last data file
@@ -188,18 +188,18 @@ def test_save_to_disk_folder_and_no_bos(tmp_path, tiny_lm, tiny_docs):
     }).save_to_disk(tmp_path / "saved")
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     source = src(tiny_lm, tmp_path / "saved", context_length=12, text_column="story", prepend_bos=False)
-    rows = hf.token_rows(source, 8, 3, datasets_cache=tmp_path)
+    rows = lm.token_rows(source, 8, 3, datasets_cache=tmp_path)
     assert rows.heldout.tolist() == ref_rows(doc_ids(tok, tiny_docs[100:120]), 12, None)[:3]
     assert np.stack(list(rows.train)).tolist() == ref_rows(doc_ids(tok, tiny_docs[:100]), 12, None)[:8]
     with pytest.raises(ConfigError, match="source.text_column"):
-        hf.token_rows(source.model_copy(update={"text_column": "nope"}), 8, 3, datasets_cache=tmp_path)
+        lm.token_rows(source.model_copy(update={"text_column": "nope"}), 8, 3, datasets_cache=tmp_path)
     with pytest.raises(ConfigError, match="source.split"):
-        hf.token_rows(source.model_copy(update={"split": "test"}), 8, 3, datasets_cache=tmp_path)
+        lm.token_rows(source.model_copy(update={"split": "test"}), 8, 3, datasets_cache=tmp_path)
 
 
 # ----------------------------------------------------------------------------- normalisation, metrics
 def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
+    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
     x = torch.from_numpy(acts.entry.train_activations(0, acts.n_train)) * acts.scale
     assert x.pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-4)  # unit mean squared norm
     torch.testing.assert_close(acts.mean(), x.mean(0), rtol=1e-4, atol=1e-5)
@@ -211,7 +211,7 @@ def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_post"])
 def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, hook):
-    acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook=hook))
+    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook=hook))
     noisy = lambda x: x + 0.3 * torch.randn_like(x)  # noqa: E731
     ident, zero, noise = acts.downstream_metrics([lambda x: x.clone(), torch.zeros_like, noisy])
     assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == pytest.approx(0, abs=1e-6)
@@ -227,15 +227,15 @@ def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, h
 
 
 def test_bfloat16_lm(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, lm_dtype="bfloat16"))
+    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, lm_dtype="bfloat16"))
     assert next(acts.train_batches(32, seed=0)).dtype == torch.float32
     ident, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
     assert ident["ce_sae"] == ident["ce_clean"] and zero["ce_sae"] == zero["ce_zero"]
-    assert acts.entry.key != hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl)).entry.key
+    assert acts.entry.key != lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl)).entry.key
 
 
 def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = hf.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
+    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
     seen = []
     acts.downstream_metrics([lambda x: seen.append(x.clone()) or x])
     # one row, every position spliced (SAELens's convention): the BOS residual, then the 15
@@ -247,24 +247,24 @@ def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
 # ----------------------------------------------------------------------------- checks
 def test_bad_hook_layer_and_missing_dataset(tiny_lm, tiny_text_jsonl, tmp_path):
     ok = src(tiny_lm, tiny_text_jsonl, hook="blocks.3.hook_resid_pre")
-    hf.check_source(ok)  # 3 blocks: the input of the final norm is allowed
-    hf.check_source(ok.model_copy(update={"hook": "blocks.2.hook_resid_post"}))
+    lm.check_source(ok)  # 3 blocks: the input of the final norm is allowed
+    lm.check_source(ok.model_copy(update={"hook": "blocks.2.hook_resid_post"}))
     for bad in ("blocks.4.hook_resid_pre", "blocks.3.hook_resid_post"):
         with pytest.raises(ConfigError, match=r"source\.hook.*0\.\.3") as e:
-            hf.check_source(src(tiny_lm, tiny_text_jsonl, hook=bad))
+            lm.check_source(src(tiny_lm, tiny_text_jsonl, hook=bad))
         assert "\n" not in str(e.value)
     missing_ones = (tmp_path / "nope.jsonl", tmp_path / "no-folder", f"{tiny_text_jsonl},{tmp_path}/x.parquet")
     for missing in missing_ones:
         with pytest.raises(ConfigError, match="source.dataset"):
-            hf.check_source(src(tiny_lm, missing))
+            lm.check_source(src(tiny_lm, missing))
     with pytest.raises(ConfigError, match="source.model"):
-        hf.check_source(src(tmp_path / "no-model", tiny_text_jsonl))
+        lm.check_source(src(tmp_path / "no-model", tiny_text_jsonl))
 
 
 def test_open_hf_checks_before_building(tiny_lm, tmp_path, make_cfg):
     cfg = make_cfg(tiny_lm, tmp_path / "absent.jsonl", hook="blocks.9.hook_resid_pre")
     with pytest.raises(ConfigError, match="source.hook"):
-        hf.open_hf(cfg)
+        lm.open_hf(cfg)
     assert not (tmp_path / "cache" / "activations").exists()  # nothing written
 
 
@@ -273,7 +273,7 @@ def test_stories260k_end_to_end(stories260k, make_cfg):
     model, data = stories260k
     cfg = make_cfg(model, data, context_length=64, hook="blocks.2.hook_resid_pre", eval_split="validation",
                    lm_batch_size=32, train={"tokens": 4096}, eval={"tokens": 1024, "ce_tokens": 2048})
-    acts = hf.open_hf(cfg)
+    acts = lm.open_hf(cfg)
     assert acts.d_in == 64 and acts.describe()["heldout_from"] == "split 'validation'"
     clean, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
     assert all(math.isfinite(v) for v in {**clean, **zero}.values())

@@ -14,11 +14,11 @@ import pytest
 pytest.importorskip("submitit")
 
 from saesweep.cli import main
-from saesweep.engine import open_sweep, queue_trials
-from saesweep.experiment import INTERRUPTED
-from saesweep.grid import expand, parse_spec
-from saesweep.launch import LaunchOptions, parse_mem, split_password, submit
-from saesweep.store import COMPLETE, FAIL, SweepStore
+from saesweep.sweep.worker import open_sweep, queue_trials
+from saesweep.training.run import INTERRUPTED
+from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep.slurm import LaunchOptions, parse_mem, split_password, submit
+from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
 from sweep_helpers import TINY_BASE, saesweep, write_spec
 
 

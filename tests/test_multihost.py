@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from pg import PASSWORD, PostgresServer, postgres_server, postgres_url  # noqa: F401  (fixtures)
-from saesweep.engine import open_sweep
-from saesweep.grid import expand, parse_spec
-from saesweep.store import COMPLETE, FAIL, LEASE_ATTR, RUNNING, SweepStore, pg_engine_kwargs
+from saesweep.sweep.worker import open_sweep
+from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep.store import COMPLETE, FAIL, LEASE_ATTR, RUNNING, SweepStore, pg_engine_kwargs
 from sweep_helpers import TINY_BASE, env
 
 pytestmark = pytest.mark.postgres
@@ -172,7 +172,7 @@ def wait_until(cond, timeout: float, what: str, procs=()) -> float:
 
 
 def worker_argv(url: str) -> list[str]:
-    return [sys.executable, "-m", "saesweep.worker_main", "--storage", url, "--sweep", "cut", "--device", "cpu",
+    return [sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", url, "--sweep", "cut", "--device", "cpu",
             "--threads", "1"]
 
 
@@ -244,7 +244,7 @@ def test_leases_run_on_the_database_clock(postgres_url, tmp_path, monkeypatch):
         server_now = float(c.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar())
     assert abs(beat["t"] - server_now) < 5
     skewed = SweepStore(postgres_url, "cut", create=False)
-    import saesweep.store as store_mod
+    import saesweep.sweep.store as store_mod
 
     monkeypatch.setattr(store_mod.time, "time", lambda: server_now + 86400)  # this host's clock: a day ahead
     assert skewed.reap_expired(lease_s=30) == []  # the live lease is not reaped
@@ -269,7 +269,7 @@ def test_unbeaten_claim_is_reaped_after_a_lease_seen_by_the_reaper(tmp_path):
 
 
 def test_connection_settings_bound_every_wait(postgres_url, monkeypatch):
-    import saesweep.store as store_mod
+    import saesweep.sweep.store as store_mod
 
     # a setting this server does not know (an older PostgreSQL's) is skipped, the others apply
     monkeypatch.setitem(store_mod.PG_SESSION_SETTINGS, "no_such_setting", 1)

@@ -2,7 +2,7 @@
 
 import torch
 
-from saesweep.optim import PackedAdam, clip_grad_norm_per_member
+from saesweep.training.optim import PackedAdam, clip_grad_norm_per_member
 
 
 def test_packed_adam_matches_torch_adam_per_member():

@@ -13,9 +13,9 @@ import pytest
 
 from pg import PASSWORD, postgres_server, postgres_url  # noqa: F401  (fixtures)
 from saesweep.cli import main
-from saesweep.engine import open_sweep, queue_trials
-from saesweep.grid import expand, parse_spec
-from saesweep.store import SweepStore, redact, redact_text
+from saesweep.sweep.worker import open_sweep, queue_trials
+from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep.store import SweepStore, redact, redact_text
 from sweep_helpers import TINY_BASE, env, saesweep, write_spec
 
 pytestmark = pytest.mark.postgres
@@ -111,7 +111,7 @@ def test_password_never_shown_logged_stored_or_passed(tmp_path, postgres_url, ca
     lines = watch_cmdlines(proc)
     shown.append(proc.stdout.read())
     assert proc.returncode == 0, shown[-1]
-    workers = [c for c in lines if "saesweep.worker_main" in c]
+    workers = [c for c in lines if "saesweep.sweep.worker_main" in c]
     assert workers and all("--storage postgresql://postgres@127.0.0.1" in c for c in workers)
     assert not [c for c in lines if PASSWORD in c]  # (only our own `saesweep worker` command line has it)
 
@@ -153,6 +153,6 @@ def test_sweep_worker_processes_get_no_password_on_their_command_line(tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "saesweep", "sweep", "--spec", str(spec), "--storage", postgres_url,
                              "--devices", "cpu:0,cpu:1"], cwd=tmp_path, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lines = watch_cmdlines(proc, until="saesweep.worker_main")
-    workers = [c for c in lines if "saesweep.worker_main" in c]
+    lines = watch_cmdlines(proc, until="saesweep.sweep.worker_main")
+    workers = [c for c in lines if "saesweep.sweep.worker_main" in c]
     assert workers and not any(PASSWORD in c for c in workers)

@@ -14,9 +14,9 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from saesweep.importance import param_importances
-from saesweep.report import build_report, frontier_ids, pareto_mask
-from saesweep.store import COMPLETE, FAIL, PRUNED, SweepStore
+from saesweep.reporting.importance import param_importances
+from saesweep.reporting.html import build_report, frontier_ids, pareto_mask
+from saesweep.sweep.store import COMPLETE, FAIL, PRUNED, SweepStore
 from sweep_helpers import env, saesweep, write_spec
 
 LR = CategoricalDistribution([1e-3, 3e-3, 1e-2])
@@ -71,7 +71,7 @@ def test_pareto_mask_by_hand():
 
 
 def test_frontier_of_handmade_trials(handmade):
-    from saesweep.results import results_table
+    from saesweep.reporting.table import results_table
 
     df = results_table(handmade)
     assert frontier_ids(df, "l0", "fvu") == FRONTIER_FVU
@@ -148,7 +148,7 @@ def test_importance_needs_two_varying_parameters(tmp_path):
         add(store, f"relu-{i}", "relu", {"fvu": sc, "l0": 1 / sc}, params={"lr": 1e-3, "sparsity_coeff": sc})
     r = param_importances(store, "fvu", evaluator="ped-anova")["by_type"]["relu"]
     assert r["status"] == "insufficient" and r["params"] == ["sparsity_coeff"] and "at least 2" in r["reason"]
-    from saesweep.config import ConfigError
+    from saesweep.config.experiment import ConfigError
 
     with pytest.raises(ConfigError, match="--metric accuracy"):
         param_importances(store, "accuracy")
@@ -201,7 +201,7 @@ def test_dashboard_serves_the_sweep_on_loopback(handmade, tmp_path):
 
 
 def test_degenerate_saes_are_named_in_the_summary_and_the_report(tmp_path):
-    from saesweep.results import degenerate_lines, degenerate_reason, results_table
+    from saesweep.reporting.table import degenerate_lines, degenerate_reason, results_table
 
     store = SweepStore(str(tmp_path / "deg" / "sweep.journal"), "deg", directions=["minimize"])
     store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from saesweep import saes
-from saesweep.activations import open_source
-from saesweep.optim import PackedAdam
-from saesweep.resample import ENCODER_NORM_FRACTION, Resampler, dead_features, resample_member
-from saesweep.train import train_pack
+from saesweep.data import open_source
+from saesweep.training.optim import PackedAdam
+from saesweep.training.resample import ENCODER_NORM_FRACTION, Resampler, dead_features, resample_member
+from saesweep.training.trainer import train_pack
 
 HP = {"relu": {}, "gated": {"aux_coeff": 1.0},
       "hard_concrete": {"initial_beta": 0.5, "input_dependent_gates": True},

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from saesweep import saes
-from saesweep.activations import hf
-from saesweep.config import parse_config
+from saesweep.data import lm
+from saesweep.config.experiment import parse_config
 from saesweep.export import export_member
-from saesweep.metrics import raw_reconstructor
+from saesweep.metrics.reconstruction import raw_reconstructor
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens.evals import get_recons_loss  # noqa: E402
@@ -26,7 +26,7 @@ class HFAsHooked:
         self.model = model
 
     def _run(self, tokens, edit=None, layer=None):
-        logits = hf.HookedLM(self.model, layer if layer is not None else 0).logits(tokens, edit)
+        logits = lm.HookedLM(self.model, layer if layer is not None else 0).logits(tokens, edit)
         lp = logits.float().log_softmax(-1)
         loss = -lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
         return logits, loss
@@ -43,7 +43,7 @@ class HFAsHooked:
 
 
 def test_spliced_metrics_equal_sae_lens_get_recons_loss(tiny_lm, tmp_path):
-    model, _ = hf.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl"}}).source,
+    model, _ = lm.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl"}}).source,
                           "cpu", tokenizer=False)
     tokens = torch.randint(3, 60, (6, 16), generator=torch.Generator().manual_seed(1))
     tokens[:, 0] = 1  # a BOS column, spliced like every other position
@@ -61,7 +61,7 @@ def test_spliced_metrics_equal_sae_lens_get_recons_loss(tiny_lm, tmp_path):
     ref = get_recons_loss(peer, HFAsHooked(model), ActivationScaler(), tokens, compute_kl=True,
                           compute_ce_loss=True, hook_name=HOOK)
     ref = {k: v.mean().item() for k, v in ref.items()}
-    ours, _ = hf.spliced_metrics(hf.HookedLM(model, 1), tokens.numpy(), [raw_reconstructor(sae, scale)], batch_rows=4)
+    ours, _ = lm.spliced_metrics(lm.HookedLM(model, 1), tokens.numpy(), [raw_reconstructor(sae, scale)], batch_rows=4)
     ours = ours[0]
     assert ours["ce_clean"] == pytest.approx(ref["ce_loss_without_sae"], rel=1e-5)
     assert ours["ce_sae"] == pytest.approx(ref["ce_loss_with_sae"], rel=1e-5)

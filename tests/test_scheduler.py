@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from saesweep.engine import open_sweep, queue_trials
-from saesweep.grid import expand, load_spec
-from saesweep.scheduler import ASSIGNMENT_ATTR, WORKER_STATS_PREFIX, plan_workers, run_workers, slot_of_worker
-from saesweep.store import SweepStore
+from saesweep.sweep.worker import open_sweep, queue_trials
+from saesweep.config.sweep import expand, load_spec
+from saesweep.sweep.local import ASSIGNMENT_ATTR, WORKER_STATS_PREFIX, plan_workers, run_workers, slot_of_worker
+from saesweep.sweep.store import SweepStore
 from sweep_helpers import REPO, env, saesweep, write_spec
 
 GRID = {"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [2.0], "sparsity_coeff": [0.1, 0.3]}}

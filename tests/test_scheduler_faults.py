@@ -18,11 +18,11 @@ import weakref
 import pytest
 import torch
 
-from saesweep import experiment
-from saesweep.engine import Worker, open_sweep, queue_trials
-from saesweep.grid import expand, parse_spec
-from saesweep.scheduler import SLOTS_ATTR, assigned_to
-from saesweep.store import COMPLETE, FAIL, SweepStore
+from saesweep.training import run as experiment
+from saesweep.sweep.worker import Worker, open_sweep, queue_trials
+from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep.local import SLOTS_ATTR, assigned_to
+from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
 from sweep_helpers import TINY_BASE, env, saesweep, write_spec
 
 REAL_RUN_PACK = experiment.run_pack

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from saesweep.engine import Worker, open_sweep, queue_trials
-from saesweep.grid import expand, parse_spec
-from saesweep.search import ask_trials, intermediate_metric
-from saesweep.store import SweepStore
+from saesweep.sweep.worker import Worker, open_sweep, queue_trials
+from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep.search import ask_trials, intermediate_metric
+from saesweep.sweep.store import SweepStore
 from sweep_helpers import TINY_BASE
 
 RANGES = {"lr": {"low": 1e-5, "high": 1e-1, "log": True}, "sparsity_coeff": {"low": 1e-3, "high": 1.0, "log": True},

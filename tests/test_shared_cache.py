@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from saesweep.activations import cache, hf
-from saesweep.config import ConfigError
+from saesweep.data import cache, lm
+from saesweep.config.experiment import ConfigError
 
 CLONE_NEWUTS = 0x04000000
 
@@ -49,12 +49,12 @@ def _host_builds(name, cfg_json, ready, queue, no_locks):
     """A builder on host ``name``: opens the entry; with ``no_locks``, as if flock did not reach
     the other host (NFS mounted nolock): both build, and both reach the publishing step together."""
     torch.set_num_threads(1)
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     named = become_host(name)
     loads = []
-    real_load = hf.load_lm
-    hf.load_lm = lambda *a, **k: (loads.append(1), real_load(*a, **k))[1]
+    real_load = lm.load_lm
+    lm.load_lm = lambda *a, **k: (loads.append(1), real_load(*a, **k))[1]
     if no_locks:
         import contextlib
 
@@ -68,7 +68,7 @@ def _host_builds(name, cfg_json, ready, queue, no_locks):
         cache._publish = publish_together
     else:
         ready.wait(60)
-    acts = hf.open_hf(parse_config(json.loads(cfg_json)))
+    acts = lm.open_hf(parse_config(json.loads(cfg_json)))
     queue.put((name, named and socket.gethostname() == name, acts.entry.built, len(loads), digest(acts.entry)))
 
 
@@ -127,14 +127,14 @@ def test_stale_temp_folders_only_of_dead_builds_are_removed(tmp_path, monkeypatc
 
 def _waiter(cfg_json, queue):
     torch.set_num_threads(1)
-    from saesweep.config import parse_config
+    from saesweep.config.experiment import parse_config
 
     loads = []
-    real_load = hf.load_lm
-    hf.load_lm = lambda *a, **k: (loads.append(1), real_load(*a, **k))[1]
+    real_load = lm.load_lm
+    lm.load_lm = lambda *a, **k: (loads.append(1), real_load(*a, **k))[1]
     os.environ["SAESWEEP_CACHE_WAIT_POLL_S"] = "0.1"
     t0 = time.time()
-    acts = hf.open_hf(parse_config(json.loads(cfg_json)))
+    acts = lm.open_hf(parse_config(json.loads(cfg_json)))
     queue.put((acts.entry.built, len(loads), digest(acts.entry), time.time() - t0))
 
 
@@ -148,7 +148,7 @@ def test_wait_mode_reads_what_another_host_builds(tiny_lm, tiny_text_jsonl, make
     p.start()
     time.sleep(1.5)
     assert p.is_alive() and queue.empty()  # waiting: it did not build
-    built = hf.open_hf(cfg)  # the "other host" builds
+    built = lm.open_hf(cfg)  # the "other host" builds
     w_built, w_loads, w_digest, waited = queue.get(timeout=60)
     p.join(30)
     assert p.exitcode == 0
@@ -161,10 +161,10 @@ def test_wait_mode_times_out_with_a_clear_message(tiny_lm, tiny_text_jsonl, make
     monkeypatch.setenv("SAESWEEP_CACHE_WAIT_S", "0.3")
     monkeypatch.setenv("SAESWEEP_CACHE_WAIT_POLL_S", "0.05")
     loads = []
-    monkeypatch.setattr(hf, "load_lm", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: loads.append(1))
     key = cache.entry_key(cfg.source)
     with pytest.raises(ConfigError) as e:
-        hf.open_hf(cfg)
+        lm.open_hf(cfg)
     msg = str(e.value)
     assert "cache_mode wait" in msg and key in msg and "nobody is building it" in msg and "saesweep cache warm" in msg
     assert not loads and not list((cache.cache_root(cfg.cache_dir) / "activations").glob(".tmp-*"))
@@ -172,7 +172,7 @@ def test_wait_mode_times_out_with_a_clear_message(tiny_lm, tiny_text_jsonl, make
     busy = cache.cache_root(cfg.cache_dir) / "activations" / f".tmp-{key}-gpu_node_7-{os.getpid()}-x"
     busy.mkdir()
     with pytest.raises(ConfigError, match=rf"in progress on gpu_node_7 \(pid {os.getpid()}\)"):
-        hf.open_hf(cfg)
+        lm.open_hf(cfg)
 
 
 def test_cache_warm_command_then_wait_mode(tmp_path, tiny_lm, tiny_text_jsonl, make_cfg, capsys):
@@ -187,7 +187,7 @@ def test_cache_warm_command_then_wait_mode(tmp_path, tiny_lm, tiny_text_jsonl, m
     assert f"{key}  built" in out
     assert main(["cache", "warm", "--config", str(path), "--device", "cpu"]) == 0
     assert f"{key}  already cached" in capsys.readouterr().out
-    acts = hf.open_hf(cfg.with_updates(cache_mode="wait"))
+    acts = lm.open_hf(cfg.with_updates(cache_mode="wait"))
     assert not acts.entry.built and acts.entry.key == key
     # a sweep spec: every entry its trials need, with the largest token counts among them
     spec = tmp_path / "sweep.yaml"

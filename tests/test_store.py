@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from pg import postgres_server, postgres_url  # noqa: F401  (fixtures)
-from saesweep.config import ConfigError
-from saesweep.engine import open_sweep, queue_trials
-from saesweep.grid import expand, parse_spec
-from saesweep.store import SweepStore, redact
+from saesweep.config.experiment import ConfigError
+from saesweep.sweep.worker import open_sweep, queue_trials
+from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep.store import SweepStore, redact
 from sweep_helpers import TINY_BASE, saesweep, start_worker, write_spec
 
 
@@ -149,7 +149,7 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
     # lr 1e30 diverges. The others complete.
     spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 1e30, 3e-3], "dict_size_ratio": [2.0, 1.03], "sparsity_coeff": [0.1]}},
                      execution={"pack_size": 4, "max_retries": 1})
-    from saesweep.scheduler import run_workers, worker_slots
+    from saesweep.sweep.local import run_workers, worker_slots
 
     store = open_sweep(spec)
     queue_trials(store, spec, expand(spec))
@@ -167,7 +167,7 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
 def test_consecutive_failures_stop_the_sweep(tmp_path):
     spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [1.03], "sparsity_coeff": [0.1]}},
                      execution={"max_retries": 0, "max_consecutive_failures": 2})
-    from saesweep.scheduler import run_workers, worker_slots
+    from saesweep.sweep.local import run_workers, worker_slots
 
     store = open_sweep(spec)
     queue_trials(store, spec, expand(spec))

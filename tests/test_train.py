@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import saesweep
-from saesweep.activations import open_source
-from saesweep.metrics import dictionary_recovery
-from saesweep.train import build_sae, lr_factor, pack_key, sparsity_factor, train_pack
+from saesweep.data import open_source
+from saesweep.metrics.reconstruction import dictionary_recovery
+from saesweep.training.trainer import build_sae, lr_factor, pack_key, sparsity_factor, train_pack
 
 
 def test_relu_recovers_true_features(tiny_cfg):

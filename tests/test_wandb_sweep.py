@@ -13,9 +13,9 @@ import yaml
 
 pytest.importorskip("wandb")
 
-from saesweep.grid import SEED_GRIDS, load_spec, parse_spec  # noqa: E402
+from saesweep.config.sweep import SEED_GRIDS, load_spec, parse_spec  # noqa: E402
 from saesweep.tracking.wandb import read_run_file  # noqa: E402
-from saesweep.wandb_sweep import combinations, schema_violations, setup, sweep_config  # noqa: E402
+from saesweep.sweep.wandb_agent import combinations, schema_violations, setup, sweep_config  # noqa: E402
 from sweep_helpers import REPO, TINY_BASE, env, write_spec  # noqa: E402
 
 SEED_COUNTS = {"relu": 48, "hard_concrete": 288, "gated": 144, "gated_hard_concrete": 432}
@@ -52,7 +52,7 @@ def test_seed_grid_sweep_config_matches_the_grid_and_validates(sae_type):
 
 def test_schema_file_alone_validates_too():
     """The fallback when the sweeps package cannot be imported: its schema.json with jsonschema."""
-    from saesweep.wandb_sweep import schema_file_violations, sweeps_schema_path
+    from saesweep.sweep.wandb_agent import schema_file_violations, sweeps_schema_path
 
     path = sweeps_schema_path()
     if path is None or schema_file_violations({}, path) is None:
@@ -90,7 +90,7 @@ def test_ranges_become_distributions_for_random_and_bayes(tmp_path):
     assert combinations(cfg) is None
     valid(cfg)
     valid(sweep_config(spec, "gated", method="random"))
-    from saesweep.config import ConfigError
+    from saesweep.config.experiment import ConfigError
 
     with pytest.raises(ConfigError, match="range cannot be searched by a W&B grid"):
         sweep_config(spec, "gated", method="grid")

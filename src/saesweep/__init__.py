@@ -6,11 +6,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # keep `import saesweep` light; the heavy parts load on first use
     if name in ("run", "run_pack", "RunResult"):
-        from . import experiment
+        from saesweep.training import run as experiment
 
         return getattr(experiment, name)
     if name in ("ExperimentConfig", "load_config", "parse_config", "ConfigError"):
-        from . import config
+        from saesweep.config import experiment as config
 
         return getattr(config, name)
     raise AttributeError(name)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import ConfigError
+from saesweep.config.experiment import ConfigError
 
 GB = 2**30
 
@@ -354,7 +354,7 @@ def _param_poly(sae_type: str, hparams_json: str) -> tuple[float, float, float, 
     import numpy as np
     import torch
 
-    from . import saes
+    from saesweep import saes
 
     cls = saes.get(sae_type)
     hp = json.loads(hparams_json)
@@ -381,7 +381,7 @@ def _hf_shape(source_json: str) -> Optional[tuple[int, int, int]]:
     try:
         from transformers import AutoConfig
 
-        from .activations.hf import is_local_model, num_layers
+        from saesweep.data.lm import is_local_model, num_layers
 
         src = json.loads(source_json)
         name = src["model"]

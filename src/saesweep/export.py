@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from . import __version__, saes
-from .config import ExperimentConfig
-from .io import atomic_save_tensors, atomic_write_json
+from saesweep import __version__, saes
+from saesweep.config.experiment import ExperimentConfig
+from saesweep.io import atomic_save_tensors, atomic_write_json
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -73,7 +73,12 @@ def export_member(sae: saes.PackedSAE, i: int, config: ExperimentConfig, scale: 
     atomic_write_json(folder / CFG_FILE, saelens_cfg(sae, i, config))
 
 
-_ARCH_TO_TYPE = {cls.saelens_architecture: name for name, cls in saes.REGISTRY.items()}
+def _type_of_architecture(architecture: str) -> str:
+    """The sae_type whose SAELens ``architecture`` name this is."""
+    for name in saes.names():
+        if saes.get(name).saelens_architecture == architecture:
+            return name
+    raise ValueError(f"no saesweep SAE type exports the SAELens architecture {architecture!r}")
 
 
 class SAE(torch.nn.Module):
@@ -128,7 +133,7 @@ def load_sae_pack(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
 
     folder = Path(folder)
     cfg = json.loads((folder / CFG_FILE).read_text())
-    sae_type = cfg.get("metadata", {}).get("sae_type") or _ARCH_TO_TYPE[cfg["architecture"]]
+    sae_type = cfg.get("metadata", {}).get("sae_type") or _type_of_architecture(cfg["architecture"])
     cls = saes.get(sae_type)
     hp = {k: v for k, v in cfg.get("metadata", {}).get("hyperparameters", {}).items() if k != "lr"}
     if "input_dependent_gates" in cfg:

@@ -22,38 +22,17 @@ architecture, in loop and stacked mode, chunked or not, fp32 and bf16.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
-import contextlib
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .kernels import StepPlan, Workspace, compute_dtype, noise_streams
-
-#: The loss convention (recorded in every run's cfg.json and metrics.json, and part of the
-#: trial id, so runs trained under another convention are never mixed with these). Version 2,
-#: dictionary_learning's and SAEBench's: activations are scaled by one recorded factor to unit
-#: mean squared norm (E||x||^2 = 1), and the loss per member is
-#: ``SSE + sparsity_coeff * penalty_scale * P + aux``, every term a mean over tokens of a sum
-#: (SSE = ||x - x_hat||^2 summed over dimensions). ``penalty_scale`` (a class attribute of
-#: each architecture: 1 for ReLU's L1 of the codes, 2 for Gated's sum of ReLU(pi_gate), 0.1 for
-#: the expected-L0 counts of the hard-concrete types) was measured so that the seed's
-#: coefficients 0.01-0.3 span dense to sparse on real activations.
-#: Version 1 was ``MSE + sparsity_coeff * P / d`` on E||x||^2 = d.
-LOSS_CONVENTION = 2
-
-
-@dataclass(frozen=True)
-class HyperParam:
-    """A hyperparameter that only some architectures take (``aux_coeff``, ``initial_beta``...)."""
-
-    type: type
-    default: Any
-    help: str
-    optional: bool = False  # None is a meaningful value (e.g. "no annealing")
+from saesweep.saes.kernels import StepPlan, Workspace, compute_dtype, noise_streams
+from saesweep.saes.registry import HyperParam
 
 
 @dataclass

@@ -10,13 +10,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import register
-from .base import PackedSAE
-from .gated import AUX_PARAM, GatedEncoder
-from .hard_concrete import (
-    BETA_PARAMS, GAMMA, GATE_INIT_STD, ZETA, HardConcreteGates, expected_l0, fused_gate_backward, fused_gates, fused_penalty, gates,
+from saesweep.saes.base import PackedSAE
+from saesweep.saes.gated import AUX_PARAM, GatedEncoder
+from saesweep.saes.hard_concrete import (
+    BETA_PARAMS,
+    GAMMA,
+    GATE_INIT_STD,
+    ZETA,
+    HardConcreteGates,
+    expected_l0,
+    fused_gate_backward,
+    fused_gates,
+    fused_penalty,
+    gates,
 )
-from .kernels import bmm, chunks
+from saesweep.saes.kernels import bmm, chunks
+from saesweep.saes.registry import register
 
 threshold_backward = torch.ops.aten.threshold_backward.grad_input
 

@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import register
-from .base import HyperParam, PackedSAE
-from .kernels import bmm, bmm_acc, chunks, draw_uniform
+from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.kernels import bmm, bmm_acc, chunks, draw_uniform
+from saesweep.saes.registry import register
 
 threshold_backward = torch.ops.aten.threshold_backward.grad_input
 hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import register
-from .base import PackedSAE
-from .kernels import bmm, bmm_acc, chunks
+from saesweep.saes.base import PackedSAE
+from saesweep.saes.kernels import bmm, bmm_acc, chunks
+from saesweep.saes.registry import register
 
 threshold_backward = torch.ops.aten.threshold_backward.grad_input
 

@@ -16,7 +16,7 @@ def make_tracker(spec: Any, store: Any = None) -> Optional[Any]:
     tracking = getattr(spec, "tracking", None)
     if not getattr(tracking, "wandb", False):
         return None
-    from .wandb import WandbTracker, resolve_mode
+    from saesweep.tracking.wandb import WandbTracker, resolve_mode
 
     mode = resolve_mode(tracking.mode)
     if mode == "disabled":

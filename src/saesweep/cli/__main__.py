@@ -1,0 +1,5 @@
+import sys
+
+from saesweep.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The ``saesweep`` command: the table of subcommands and the entry point.
+
+Flags use the seed's spelling (``--output_dir``, ``--max_parallel``); the dashed spelling
+(``--output-dir``) is accepted too. Bad input exits with code 2 and a one-line message that
+names the flag or field; nothing is started or written. Nothing here imports torch: each
+command's module imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, NamedTuple, Optional, Sequence
+
+from saesweep import __version__
+from saesweep.cli import launch, report, sweep, train
+from saesweep.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
+from saesweep.config.experiment import ConfigError
+
+
+class Command(NamedTuple):
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+#: every subcommand, in the order ``saesweep --help`` lists them
+COMMANDS: dict[str, Command] = {
+    "train": Command("train, evaluate and save one SAE from a config YAML", train.train_args, train.cmd_train),
+    "grid": Command("show the sweep's grids and how many experiments they make", sweep.grid_args, sweep.cmd_grid),
+    "generate": Command("write one readable config YAML per experiment (approach 1)",
+                        sweep.generate_args, sweep.cmd_generate),
+    "run": Command("run a folder of config YAMLs through the sweep engine, skipping finished ones",
+                   sweep.run_args, sweep.cmd_run),
+    "sweep": Command("run the sweep in memory: expand the grids and train (approach 3)",
+                     sweep.sweep_args, sweep.cmd_sweep),
+    "worker": Command("join a sweep from this host: claim and run its trials", sweep.worker_args, sweep.cmd_worker),
+    "status": Command("summarise a sweep's progress", sweep.sweep_ref_args, sweep.cmd_status),
+    "results": Command("export every trial's params and metrics as CSV and Parquet",
+                       sweep.results_args, sweep.cmd_results),
+    "devices": Command("list the devices saesweep can use", sweep.devices_args, sweep.cmd_devices),
+    "cache": Command("list, verify, remove or warm (build ahead) cached activations",
+                     sweep.cache_args, sweep.cmd_cache),
+    "report": Command("write the sweep's HTML report and PNGs: Pareto frontier, importance, devices, trials",
+                      report.report_args, report.cmd_report),
+    "importance": Command("hyperparameter importance per SAE type for a metric, as JSON",
+                          report.importance_args, report.cmd_importance),
+    "dashboard": Command("open optuna-dashboard on the sweep's storage (http://127.0.0.1:PORT)",
+                         report.dashboard_args, report.cmd_dashboard),
+    "wandb-sweep": Command("W&B sweep from the spec's grid: YAML, agent program, and the sweep itself when logged in",
+                           report.wandb_sweep_args, report.cmd_wandb_sweep),
+    "launch": Command("submit sweep workers as a Slurm job array (submitit); requeued on preemption",
+                      launch.launch_args, launch.cmd_launch),
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="saesweep", description="Train sparse autoencoders and sweep their hyperparameters.")
+    p.add_argument("--version", action="version", version=f"saesweep {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, cmd in COMMANDS.items():
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_args(sp)
+        sp.set_defaults(handler=cmd.handler)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as e:
+        print(f"saesweep {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

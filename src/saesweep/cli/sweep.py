@@ -1,0 +1,492 @@
+"""Sweep subcommands: grid, generate, run, sweep, worker, status, results, devices, cache.
+
+All of them expand the one sweep spec (grid.py) and run through the one engine (engine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from saesweep.cli.common import EXIT_OK, flag, parse_overrides, positive_int, set_flag
+from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config
+from saesweep.sweep.store import redact
+
+PREVIEW = 5
+
+
+def csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def spec_flags(p: argparse.ArgumentParser, *, types: bool = True) -> None:
+    flag(p, "spec", help="sweep spec YAML (default: ./saesweep.yaml if present, else the seed's grids)")
+    if types:
+        flag(p, "sae_types", type=csv_list, help="comma-separated SAE types (default: all in the spec)")
+    flag(p, "limit", type=positive_int, help="only the first N experiments")
+    set_flag(p, "base config field for every trial")
+
+
+def run_flags(p: argparse.ArgumentParser) -> None:
+    flag(p, "max_parallel", type=positive_int,
+         help="worker processes (default: one per device, up to 2 per GPU when the largest pack fits twice)")
+    flag(p, "devices", help="auto | cuda:0,cuda:1,cpu | cpu:0,cpu:1 | cpu:0=4,cpu:1=4 (K=T: T threads); "
+                            "default from the spec: auto = every GPU, else MPS, else the CPU")
+    flag(p, "policy", choices=["dynamic", "round_robin"],
+         help="dynamic: each device pulls the next pack when free (default); round_robin: trials dealt to devices up front")
+    flag(p, "pack_size", type=positive_int, help="most trials trained together (1 = no packing)")
+    flag(p, "dry_run", action="store_true", help="print what would run and where, and touch nothing")
+    flag(p, "show_devices", action="store_true", help="list the devices found and exit")
+    flag(p, "name", help="sweep name (default: the spec's)")
+    flag(p, "storage", help="journal file, postgresql://... (default: <output_dir>/<name>/sweep.journal)")
+    flag(p, "output_dir", help="where sweeps keep their results (default: runs)")
+    flag(p, "wandb", action="store_true", default=None,
+         help="log every trial to W&B (online when logged in, else offline; WANDB_MODE wins)")
+    flag(p, "wandb_project", help="W&B project (default: the spec's tracking.project)")
+
+
+def spec_from_args(args: argparse.Namespace, **extra: Any):
+    from saesweep.config.sweep import load_spec
+
+    overrides: dict[str, Any] = {
+        "sae_types": getattr(args, "sae_types", None),
+        "limit": getattr(args, "limit", None),
+        "name": getattr(args, "name", None),
+        "storage": getattr(args, "storage", None),
+        "output_dir": getattr(args, "output_dir", None),
+        "execution.max_parallel": getattr(args, "max_parallel", None),
+        "execution.devices": getattr(args, "devices", None),
+        "execution.policy": getattr(args, "policy", None),
+        "execution.pack_size": getattr(args, "pack_size", None),
+        "tracking.wandb": True if getattr(args, "wandb", None) else None,
+        "tracking.project": getattr(args, "wandb_project", None),
+        **extra,
+    }
+    for k, v in parse_overrides(getattr(args, "set", [])).items():
+        overrides[f"base.{k}"] = v
+    return load_spec(getattr(args, "spec", None), **overrides)
+
+
+def describe_params(cfg: ExperimentConfig, fields: Sequence[str]) -> str:
+    return " ".join(f"{f}={getattr(cfg, f)}" for f in fields if getattr(cfg, f, None) is not None)
+
+
+# --------------------------------------------------------------------------- grid
+def grid_args(p):
+    spec_flags(p)
+    flag(p, "format", choices=["table", "json"], default="table")
+
+
+def cmd_grid(args) -> int:
+    import json
+
+    spec = spec_from_args(args)
+    rows = [(t, spec.grids[t], spec.grid_size(t)) for t in spec.sae_types]
+    if args.format == "json":
+        print(json.dumps({t: {"params": {k: v if isinstance(v, list) else v.model_dump() for k, v in g.items()}, "count": n}
+                          for t, g, n in rows}, indent=2))
+        return EXIT_OK
+    total = 0
+    for t, grid, n in rows:
+        dims = " x ".join(str(len(v)) for v in grid.values())
+        print(f"{t}: {dims} = {n} experiments")
+        for k, v in grid.items():
+            print(f"    {k}: {v if isinstance(v, list) else v.model_dump()}")
+        total += n
+    print(f"Grand total: {total} experiments" + (f" (limit {spec.limit})" if spec.limit else ""))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------- generate
+def generate_args(p):
+    flag(p, "output_dir", required=True, help="folder that receives one YAML per experiment")
+    spec_flags(p)
+
+
+def cmd_generate(args) -> int:
+    from saesweep.config.sweep import expand, swept_params
+    from saesweep.io import atomic_write_text
+
+    spec = spec_from_args(args)
+    configs = expand(spec)
+    out = Path(args.output_dir)
+    written = 0
+    for i, cfg in enumerate(configs):
+        cfg = cfg.with_updates(output_dir="runs")  # `saesweep run` decides where results go
+        path = out / f"{cfg.trial_id}.yaml"
+        header = (f"# saesweep experiment {i + 1}/{len(configs)} of sweep '{spec.name}'\n"
+                  f"# swept: {describe_params(cfg, list(swept_params(spec, cfg)))}\n")
+        if not path.exists():
+            atomic_write_text(path, header + cfg.to_yaml())
+            written += 1
+    counts = _by_type(configs)
+    print(f"Wrote {written} configs to {out} ({len(configs) - written} already there): {counts}")
+    print(f"Run them with: saesweep run --config_dir {out}")
+    return EXIT_OK
+
+
+def _by_type(configs: Sequence[ExperimentConfig]) -> str:
+    from collections import Counter
+
+    c = Counter(cfg.sae_type for cfg in configs)
+    return ", ".join(f"{t}: {n}" for t, n in c.items())
+
+
+# ---------------------------------------------------------------------- run / sweep
+def run_args(p):
+    flag(p, "config_dir", required=True, help="folder of experiment YAMLs (from `saesweep generate`)")
+    flag(p, "filter", help="only configs of this SAE type (or whose file name contains this text)")
+    run_flags(p)
+
+
+def read_config_dir(config_dir: str, filt: Optional[str]) -> list[ExperimentConfig]:
+    from saesweep import saes
+
+    d = Path(config_dir)
+    if not d.is_dir():
+        raise ConfigError(f"--config_dir {config_dir}: not a folder")
+    files = sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
+    if filt:
+        if filt in saes.names():
+            files = [f for f in files if _type_of(f) == filt]
+        else:
+            files = [f for f in files if filt in f.name]
+    configs = [load_config(f) for f in files]  # every file is checked before anything runs
+    if filt in saes.names():
+        configs = [c for c in configs if c.sae_type == filt]
+    if not configs:
+        raise ConfigError(f"--config_dir {config_dir}: no configs" + (f" matching --filter {filt}" if filt else ""))
+    return configs
+
+
+def _type_of(path: Path) -> str:
+    import yaml
+
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("sae_type", "relu")
+    except Exception:
+        return ""  # load_config reports the problem
+
+
+def cmd_run(args) -> int:
+    configs = read_config_dir(args.config_dir, args.filter)
+    name = args.name or Path(args.config_dir).resolve().name
+    spec = spec_from_args(args, name=name)
+    if getattr(args, "limit", None):
+        configs = configs[: args.limit]
+    configs = [c.with_updates(output_dir=str(spec.trials_dir)) for c in configs]
+    return execute(args, spec, configs, from_files=True)
+
+
+def sweep_args(p):
+    spec_flags(p)
+    run_flags(p)
+    flag(p, "config_dir", help="run a folder of config YAMLs instead of the spec's grids")
+    flag(p, "filter", help="with --config_dir: only this SAE type (or file names containing this text)")
+
+
+def cmd_sweep(args) -> int:
+    from saesweep.config.sweep import expand
+
+    if args.config_dir:
+        return cmd_run(args)
+    spec = spec_from_args(args)
+    return execute(args, spec, expand(spec) if spec.search.method == "grid" else None)
+
+
+def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
+    """Shared by run / sweep: dry run, or queue the trials and run the workers."""
+    from saesweep.devices import detect
+    from saesweep.sweep.local import plan_workers
+
+    if getattr(args, "show_devices", False):
+        return cmd_devices(args)
+    # an explicit --max_parallel (or execution.max_parallel in the spec file) fixes the worker count
+    mp = spec.execution.max_parallel if "max_parallel" in spec.execution.model_fields_set else None
+    # free memory is shown only by a dry run: asking torch for it would hold a CUDA context in this process
+    found = detect(with_free=bool(args.dry_run))
+    slots = plan_workers(spec.execution.devices, mp, configs, spec.execution, found=found)
+    if len(slots) > 1 and str(spec.storage_url).startswith("sqlite:"):
+        raise ConfigError(
+            f"--storage {redact(spec.storage_url)}: SQLite cannot serve {len(slots)} concurrent workers safely "
+            "(claims can be duplicated); use a journal file path (the default) or postgresql://..., "
+            "or run one worker (--max_parallel 1)"
+        )
+    if args.dry_run:
+        return dry_run(spec, configs, slots, found)
+    from saesweep.sweep.local import print_worker_table, run_workers
+    from saesweep.sweep.worker import open_sweep, queue_trials
+
+    t0 = time.perf_counter()
+    store = open_sweep(spec)
+    if configs is not None:
+        added = queue_trials(store, spec, configs, from_files=from_files)
+        ids = {c.trial_id for c in configs}
+        done = sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete")
+        print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new, "
+              f"{done} already complete  [{spec.sweep_dir}]")
+    print_plan(found, slots, spec.execution.pack_size, spec.execution.policy)
+    outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
+    recs = store.records()
+    c = outcome.counts
+    if configs is not None:  # count the selected trials only, not the whole store
+        c = {k: 0 for k in ("waiting", "running", "complete", "failed", "pruned")}
+        for r in recs:
+            if r.trial_id in ids:
+                c[r.state] += 1
+    print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
+          f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
+    print_worker_table(outcome.workers)
+    _print_failed(recs)
+    _print_frontier(recs, spec.sweep_dir)
+    if outcome.aborted:
+        print(f"stopped: {outcome.aborted}", file=sys.stderr)
+    if outcome.interrupted:
+        print("interrupted: finished trials are recorded; run the same command again to resume", file=sys.stderr)
+    return outcome.exit_code
+
+
+def print_plan(found, slots, pack_size: int, policy: Optional[str] = None) -> None:
+    """The devices found, the ones used (and the policy), and the worker plan."""
+    from saesweep.devices import detection_lines
+    from saesweep.sweep.local import device_names, plan_lines
+
+    for line in detection_lines(found):
+        print(line)
+    print(f"\nUsing devices: {device_names(slots)}" + (f"  (policy {policy})" if policy else ""))
+    for line in plan_lines(slots, pack_size):
+        print(line)
+    sys.stdout.flush()
+
+
+def dry_run(spec, configs, slots, found=None) -> int:
+    from saesweep.config.sweep import swept_params
+    from saesweep.sweep.local import deal, distribution_lines
+
+    if configs is None:
+        print(f"Would run a {spec.search.method} search: {spec.search.n_trials} trials per type over {spec.sae_types}")
+    else:
+        print(f"Would run {len(configs)} experiments ({_by_type(configs)}) in sweep '{spec.name}'")
+        print(f"  storage: {redact(spec.storage_url)}   results: {spec.trials_dir}")
+        for i, cfg in enumerate(configs[:PREVIEW]):
+            fields = list(swept_params(spec, cfg)) if cfg.sae_type in spec.grids else ["lr", "dict_size_ratio", "sparsity_coeff"]
+            print(f"  {i + 1}. {cfg.trial_id}  {describe_params(cfg, fields)}")
+        if len(configs) > PREVIEW:
+            print(f"  ... and {len(configs) - PREVIEW} more")
+    print()
+    print_plan(found, slots, spec.execution.pack_size)
+    if configs is None:
+        return EXIT_OK
+    ids = [c.trial_id for c in configs]
+    if spec.execution.policy == "round_robin":
+        assignment = deal(ids, slots)
+        print("(round-robin: each device runs exactly these)")
+    else:  # dynamic: an estimate, one share per worker; faster devices will take more
+        by_slot = {s.name: s.base for s in slots}
+        assignment = {tid: by_slot[name] for tid, name in zip(ids, [slots[i % len(slots)].name for i in range(len(ids))])}
+        print("(dynamic queue: an even estimate; faster devices will take more)")
+    for line in distribution_lines(assignment, slots):
+        print(line)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------- worker
+def worker_args(p):
+    flag(p, "storage", required=True,
+         help="the sweep's storage: postgresql://USER@HOST/DB (password from ~/.pgpass or PGPASSWORD, or in the URL) "
+              "or a journal path")
+    flag(p, "sweep", required=True, help="sweep name")
+    flag(p, "devices", default="auto", help="devices of this host for workers (default auto)")
+    flag(p, "max_parallel", type=positive_int, help="worker processes on this host")
+    flag(p, "policy", choices=["dynamic", "round_robin"], default="dynamic")
+
+
+def cmd_worker(args) -> int:
+    from saesweep.config.experiment import parse_config
+    from saesweep.config.sweep import ExecutionSpec
+    from saesweep.devices import detect
+    from saesweep.sweep.local import plan_workers, print_worker_table, run_workers
+    from saesweep.sweep.store import WAITING, SweepStore, password_to_env
+
+    # a password in the URL moves to PGPASSWORD (read by libpq): the worker processes then get
+    # the URL without it on their command lines, which every user of the host can read
+    args.storage = password_to_env(args.storage)
+    found = detect(with_free=False)
+    parse_devices_first = plan_workers(args.devices, args.max_parallel, None, None, found=found)  # bad --devices: exit 2 now
+    store = SweepStore(args.storage, args.sweep, create=False)
+    execution = ExecutionSpec.model_validate(store.info.get("spec", {}).get("execution", {}))
+    configs = []
+    for t in store.trials([WAITING]):
+        try:
+            configs.append(parse_config(t.user_attrs["config"]))
+        except Exception:
+            pass
+    slots = plan_workers(args.devices, args.max_parallel, configs, execution, found=found) if configs else parse_devices_first
+    print(f"Worker for sweep '{args.sweep}' on {redact(args.storage)}")
+    print_plan(found, slots, execution.pack_size, args.policy)
+    outcome = run_workers(store, execution, slots, policy=args.policy)
+    print_worker_table(outcome.workers)
+    return outcome.exit_code
+
+
+# ------------------------------------------------------------------ status / results
+def sweep_ref_args(p):
+    p.add_argument("sweep", help="sweep name (under --output_dir), sweep folder, or name with --storage")
+    flag(p, "storage", help="storage URL (default: the sweep folder's journal)")
+    flag(p, "output_dir", default="runs", help="where sweeps keep their results (default: runs)")
+
+
+def open_existing(args):
+    """(store, sweep folder) for a sweep named on the command line."""
+    from saesweep.sweep.store import SweepStore
+
+    ref = Path(args.sweep)
+    if args.storage:
+        store = SweepStore(args.storage, args.sweep, create=False)
+        return store, Path(args.output_dir) / args.sweep
+    for folder in (ref, Path(args.output_dir) / args.sweep):
+        journal = folder / "sweep.journal"
+        if journal.exists():
+            import optuna
+
+            from saesweep.sweep.store import open_storage
+
+            names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(journal))[2])]
+            name = folder.name if folder.name in names else (names[0] if names else folder.name)
+            return SweepStore(str(journal), name, create=False), folder
+    raise ConfigError(f"sweep {args.sweep!r}: no sweep folder with a sweep.journal at {ref} or {Path(args.output_dir) / args.sweep}; "
+                      "give --storage for a database")
+
+
+def cmd_status(args) -> int:
+    from collections import Counter, defaultdict
+
+    store, folder = open_existing(args)
+    recs = store.records()
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        by_type[r.sae_type][r.state] += 1
+    total = Counter(r.state for r in recs)
+    print(f"Sweep '{store.name}' ({len(recs)} trials)  [{folder}]")
+    print(f"  {'type':<22}{'complete':>9}{'running':>9}{'waiting':>9}{'failed':>8}")
+    for t, c in by_type.items():
+        print(f"  {t:<22}{c['complete']:>9}{c['running']:>9}{c['waiting']:>9}{c['failed']:>8}")
+    print(f"  {'all':<22}{total['complete']:>9}{total['running']:>9}{total['waiting']:>9}{total['failed']:>8}")
+    durations = [r.duration_s for r in recs if r.state == "complete" and r.duration_s]
+    left = total["waiting"] + total["running"]
+    if durations and left:
+        print(f"  mean trial time {sum(durations) / len(durations):.1f}s; about {left * sum(durations) / len(durations):.0f}s of work left")
+    _print_failed(recs)
+    from saesweep.sweep.local import per_slot_totals, print_worker_table
+
+    print_worker_table(per_slot_totals(store))
+    _print_frontier(recs, folder)
+    return EXIT_OK
+
+
+def _print_failed(recs) -> None:
+    for r in recs:
+        if r.state == "failed":
+            print(f"  failed {r.trial_id} after {r.attempts} attempt(s): {r.reason}")
+
+
+def _print_frontier(recs, folder) -> None:
+    from saesweep.reporting.table import degenerate_lines, frontier_lines, results_table
+
+    df = results_table(recs)
+    lines = frontier_lines(df)
+    if lines:
+        print("\n".join(lines + degenerate_lines(df)))
+        print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")
+
+
+def results_args(p):
+    sweep_ref_args(p)
+    flag(p, "output", help="file path without extension (default: <sweep folder>/results)")
+
+
+def cmd_results(args) -> int:
+    from saesweep.reporting.table import results_table, write_table
+
+    store, folder = open_existing(args)
+    df = results_table(store)
+    paths = write_table(df, Path(args.output) if args.output else folder / "results")
+    print(f"{len(df)} trials -> " + ", ".join(str(p) for p in paths))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------- devices / cache
+def devices_args(p):
+    pass
+
+
+def cmd_devices(args) -> int:
+    from saesweep.devices import detect, parse_devices
+
+    found = detect()
+    for d in found:
+        print(d.line())
+    print(f"\n--devices auto uses: {[s.name for s in parse_devices('auto', found)]}")
+    return EXIT_OK
+
+
+def cache_args(p):
+    p.add_argument("action", choices=["ls", "rm", "verify", "warm"],
+                   help="ls | rm KEYS | verify [KEYS] | warm: build the entries a sweep (--spec) or a config (--config) needs")
+    p.add_argument("keys", nargs="*", help="entries to remove or verify (default for verify: all)")
+    flag(p, "all", action="store_true", help="with rm: remove every entry")
+    flag(p, "cache_dir", help="cache folder (default: the configs' cache_dir, else $SAESWEEP_CACHE or ~/.cache/saesweep)")
+    spec_flags(p)
+    flag(p, "config", help="with warm: an experiment config YAML instead of a sweep spec")
+    flag(p, "device", default="auto", help="with warm: device of the language model (default auto)")
+
+
+def cmd_cache(args) -> int:
+    from saesweep.data import cache
+
+    if args.action == "warm":  # build every entry the trials need, here and now (hosts with cache_mode: wait only read)
+        from saesweep.training.trainer import resolve_device
+
+        if args.config:
+            configs = [load_config(args.config)]
+            updates = parse_overrides(args.set)
+            if updates:
+                configs = [configs[0].with_updates(**updates)]
+        else:
+            from saesweep.config.sweep import expand
+
+            spec = spec_from_args(args)
+            configs = [spec.base_config(t) for t in spec.sae_types] if spec.search.method != "grid" else expand(spec)
+        if args.cache_dir:
+            configs = [c.with_updates(cache_dir=str(args.cache_dir)) for c in configs]
+        hf_configs = [c for c in configs if c.source.kind == "hf"]
+        if not hf_configs:
+            print("nothing to warm: these trials use synthetic activations, which are not cached")
+            return EXIT_OK
+        for e in cache.warm(hf_configs, device=resolve_device(args.device), progress=None):
+            what = "built" if e["built"] else "already cached"
+            print(f"{e['key']}  {what}: {e['model']}  {e['hook']}  {e['dataset']}  {e['tokens']:,} tokens  "
+                  f"({e['seconds']}s)  -> {e['path']}")
+        return EXIT_OK
+    root = cache.cache_root(args.cache_dir)
+    if args.action == "ls":
+        entries = cache.list_entries(root)
+        if not entries:
+            print(f"no cached activations in {root}")
+        for e in entries:
+            print(f"{e['key']}  {e['model']}  {e['hook']}  {e['dataset']}  {e['tokens']:,} tokens  "
+                  f"{e['size_bytes'] / 2**20:.1f} MiB")
+        return EXIT_OK
+    if args.action == "rm":
+        if not args.keys and not args.all:
+            raise ConfigError("cache rm: name the keys to remove, or --all")
+        removed = cache.remove_entries(root, "all" if args.all else args.keys)
+        print(f"removed {len(removed)} entries from {root}")
+        return EXIT_OK
+    bad = [e["key"] for e in cache.list_entries(root) if (not args.keys or e["key"] in args.keys)
+           and not cache.verify_entry(root / "activations" / e["key"])]
+    print("all entries verify" if not bad else f"corrupt: {', '.join(bad)}")
+    return EXIT_OK if not bad else 1

@@ -1,0 +1,41 @@
+"""``saesweep train``: one SAE from one config YAML."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from saesweep.cli.common import EXIT_FAILED, EXIT_OK, flag, parse_overrides, set_flag
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment config YAML")
+    flag(p, "device", help="override train.device (auto, cpu, cuda, cuda:N, mps)")
+    flag(p, "output_dir", help="override output_dir")
+    set_flag(p)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from saesweep.config.experiment import load_config
+    from saesweep.training.run import run
+
+    cfg = load_config(args.config)
+    updates = parse_overrides(args.set)
+    if args.output_dir:
+        updates["output_dir"] = args.output_dir
+    if args.device:
+        updates["train.device"] = args.device
+    if updates:
+        cfg = cfg.with_updates(**updates)
+    if cfg.source.kind == "hf":
+        from saesweep.data.lm import check_source
+
+        check_source(cfg.source)
+    result = run(cfg)
+    if not result.ok:
+        print(f"{result.trial_id}: failed: {result.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    m = result.metrics
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("fvu", "l0", "dead_fraction", "ce_loss_score", "frac_recovered") if k in m)
+    print(f"{result.trial_id}: {shown}\n  -> {result.run_dir}")
+    return EXIT_OK

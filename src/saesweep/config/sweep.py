@@ -1,0 +1,288 @@
+"""The sweep spec: the ONE place that defines grids, defaults and the search method.
+
+The seed's grids are the built-in default (48 / 288 / 144 / 432 = 912 experiments); a spec
+file (``--spec FILE``, or ``./saesweep.yaml`` when present) overrides any part of it. Every
+front end (config generator, runners, bash script, W&B sweeps, device schedulers) expands the
+same spec with :func:`expand`, so editing a grid happens here or in the spec file, nowhere else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from saesweep import saes
+from saesweep.config.experiment import (
+    ConfigError,
+    ExperimentConfig,
+    Strict,
+    format_validation_error,
+    parse_config,
+    read_yaml,
+    set_dotted,
+)
+
+# ---------------------------------------------------------------- the seed's grids
+COMMON_GRID: dict[str, list] = {
+    "lr": [1e-4, 3e-4, 1e-3],
+    "dict_size_ratio": [8.0, 16.0, 32.0, 64.0],
+    "sparsity_coeff": [0.01, 0.03, 0.1, 0.3],
+}
+SEED_GRIDS: dict[str, dict[str, list]] = {
+    "relu": {**COMMON_GRID},
+    "hard_concrete": {**COMMON_GRID, "initial_beta": [0.1, 0.5, 1.0], "input_dependent_gates": [True, False]},
+    "gated": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1]},
+    "gated_hard_concrete": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1], "initial_beta": [0.1, 0.5, 1.0]},
+}
+#: the hyperparameters every architecture takes
+COMMON_PARAMS = ("lr", "dict_size_ratio", "sparsity_coeff")
+
+
+def sweepable() -> tuple[str, ...]:
+    """Every parameter a grid may sweep, in the order tables show them: the common ones, then
+    each registered architecture's own (so a new architecture's fields join by registering)."""
+    return (*COMMON_PARAMS, *saes.all_hyperparams())
+
+#: metrics a search can optimise, with their direction
+METRIC_DIRECTIONS = {
+    "fvu": "minimize", "mse": "minimize", "l0": "minimize", "l1": "minimize", "kl": "minimize",
+    "dead_fraction": "minimize", "ce_sae": "minimize", "explained_variance": "maximize",
+    "ce_loss_score": "maximize", "kl_div_score": "maximize", "cossim": "maximize", "frac_recovered": "maximize",
+    "mmcs": "maximize",
+}
+
+
+class Range(Strict):
+    """A continuous (or integer) range for random/TPE search."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> "Range":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+ParamSpace = Union[list, Range]
+
+
+def _param_space(where: str, v: Any) -> ParamSpace:
+    if isinstance(v, Range):
+        return v
+    if isinstance(v, dict):
+        try:
+            return Range.model_validate(v)
+        except ValidationError as e:
+            raise ValueError(f"{where}: {format_validation_error(e)}") from None
+    if isinstance(v, (list, tuple)):
+        if not v:
+            raise ValueError(f"{where}: empty list of values")
+        return list(v)
+    return [v]  # a single value
+
+
+class SearchSpec(Strict):
+    """How trials are chosen: the full ``grid``, or ``random`` / ``tpe`` samples with a budget."""
+
+    method: Literal["grid", "random", "tpe"] = "grid"
+    n_trials: Optional[Annotated[int, Field(gt=0)]] = Field(None, description="budget per sae_type for random/tpe")
+    objectives: list[str] = Field(default_factory=lambda: ["fvu"], min_length=1, max_length=3)
+    seed: int = 0
+    pruner: Literal["none", "median", "asha"] = "none"
+
+    @field_validator("objectives")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in METRIC_DIRECTIONS:
+                raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRIC_DIRECTIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SearchSpec":
+        if self.method != "grid" and self.n_trials is None:
+            raise ValueError(f"search.method {self.method!r} needs search.n_trials")
+        return self
+
+    @model_validator(mode="after")
+    def _pruning(self) -> "SearchSpec":
+        if self.pruner != "none" and len(self.objectives) > 1:
+            raise ValueError("search.pruner works with one objective; set pruner: none for multi-objective search")
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return [METRIC_DIRECTIONS[m] for m in self.objectives]
+
+
+class ExecutionSpec(Strict):
+    """How trials run: parallel workers, devices, packing, retries, leases."""
+
+    max_parallel: Annotated[int, Field(ge=1)] = 1
+    devices: str = Field("auto", description="auto, or a list such as cuda:0,cuda:1,cpu or cpu:0,cpu:1")
+    policy: Literal["dynamic", "round_robin"] = "dynamic"
+    pack_size: Annotated[int, Field(ge=1, description="most trials trained together in one pack (1 = no packing)")] = 16
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    max_consecutive_failures: Annotated[int, Field(ge=1)] = 10
+    lease_s: Annotated[float, Field(gt=0)] = 120.0
+    heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    checkpoint_every_s: Annotated[float, Field(gt=0)] = 120.0
+
+
+class TrackingSpec(Strict):
+    """Experiment tracking. W&B is used when ``wandb`` is true: online with credentials,
+    offline otherwise (``WANDB_MODE`` is respected); never required."""
+
+    wandb: bool = False
+    project: str = "saesweep"
+    entity: Optional[str] = None
+    group: Optional[str] = Field(None, description="W&B group (default: the sweep name)")
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class SweepSpec(Strict):
+    """A sweep: a base experiment, per-type grids, the search method, storage and execution."""
+
+    name: str = Field("seed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig fields shared by every trial")
+    sae_types: list[str] = Field(default_factory=lambda: list(SEED_GRIDS), min_length=1)
+    grids: dict[str, dict[str, Any]] = Field(default_factory=lambda: {k: dict(v) for k, v in SEED_GRIDS.items()})
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    storage: Optional[str] = Field(None, description="journal file path, postgresql://..., default <output_dir>/<name>/sweep.journal")
+    output_dir: str = "runs"
+    limit: Optional[Annotated[int, Field(gt=0)]] = None
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("grids")
+    @classmethod
+    def _spaces(cls, grids: dict[str, dict[str, Any]]) -> dict[str, dict[str, ParamSpace]]:
+        out = {}
+        for t, grid in grids.items():
+            if not isinstance(grid, dict):
+                raise ValueError(f"grids.{t}: expected a mapping of parameter -> values")
+            out[t] = {p: _param_space(f"grids.{t}.{p}", v) for p, v in grid.items()}
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepSpec":
+        for t in self.sae_types:
+            if t not in saes.names():
+                raise ValueError(f"sae_types: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
+            if t not in self.grids:
+                raise ValueError(f"grids: no grid for sae_type {t!r}")
+            if not self.grids[t]:
+                raise ValueError(f"grids.{t} is empty; give at least one parameter, e.g. lr: [0.001]")
+        for t, grid in self.grids.items():
+            if t not in saes.names():
+                raise ValueError(f"grids: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
+            own = {"lr", "dict_size_ratio", "sparsity_coeff", *saes.get(t).hyperparams}
+            for p, space in grid.items():
+                if p not in own:
+                    raise ValueError(f"grids.{t}.{p}: not a parameter of {t} (its parameters: {', '.join(sorted(own))})")
+                if isinstance(space, Range) and self.search.method == "grid":
+                    raise ValueError(f"grids.{t}.{p}: a range needs search.method random or tpe, not grid")
+        for key in self.base:
+            if key in ("sae_type",):
+                raise ValueError("base.sae_type: set sae_types instead")
+        return self
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.sweep_dir / "trials"
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or str(self.sweep_dir / "sweep.journal")
+
+    def grid_size(self, sae_type: str) -> int:
+        n = 1
+        for space in self.grids[sae_type].values():
+            n *= len(space) if isinstance(space, list) else 0
+        return n
+
+    def base_config(self, sae_type: str, **params: Any) -> ExperimentConfig:
+        own = saes.get(sae_type).hyperparams  # base may set e.g. final_beta for the types that take it
+        every = saes.all_hyperparams()
+        data = {k: v for k, v in self.base.items() if k not in every or k in own}
+        data.update(sae_type=sae_type, output_dir=str(self.trials_dir), **params)
+        return parse_config(data, where=f"sweep {self.name} ({sae_type})")
+
+
+def grid_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def expand(spec: SweepSpec, sae_types: Optional[list[str]] = None) -> list[ExperimentConfig]:
+    """Every trial of a grid sweep (in a stable order), after ``limit``."""
+    out: list[ExperimentConfig] = []
+    for t in sae_types or spec.sae_types:
+        for point in grid_points(spec.grids[t]):
+            out.append(spec.base_config(t, **point))
+    return out[: spec.limit] if spec.limit else out
+
+
+def swept_params(spec: SweepSpec, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The values of ``cfg`` for the parameters its type's grid varies."""
+    return {p: getattr(cfg, p) for p in spec.grids[cfg.sae_type]}
+
+
+# -------------------------------------------------------------------- loading
+SPEC_FILE = "saesweep.yaml"
+
+
+def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> SweepSpec:
+    """The spec from ``path``, else ``./saesweep.yaml`` if present, else the seed's; then overrides.
+
+    ``overrides`` are top-level spec fields (``sae_types``, ``limit``, ``name``...) or dotted ones
+    (``execution.max_parallel``, ``base.train.tokens``); ``None`` values are ignored.
+    """
+    data: dict[str, Any] = {}
+    where = "built-in seed sweep"
+    if path is None and Path(SPEC_FILE).exists():
+        path = SPEC_FILE
+    if path is not None:
+        loaded = read_yaml(path)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sweep fields")
+        data, where = loaded, str(path)
+    for key, value in overrides.items():
+        if value is not None:
+            set_dotted(data, key, value)
+    return parse_spec(data, where=where)
+
+
+def parse_spec(data: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
+    if isinstance(data.get("grids"), dict):
+        # a spec lists only the grids it changes; the others stay the seed's
+        data = {**data, "grids": {**{k: dict(v) for k, v in SEED_GRIDS.items()}, **data["grids"]}}
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+    every = saes.all_hyperparams()
+    for t in spec.sae_types:  # the base config, and every grid value, must be valid for each type
+        own = saes.get(t).hyperparams
+        parse_config({**{k: v for k, v in spec.base.items() if k not in every or k in own}, "sae_type": t},
+                     where=f"{where}: base")
+        for p, space in spec.grids[t].items():
+            for v in space if isinstance(space, list) else [space.low, space.high]:
+                spec.base_config(t, **{p: v})
+    return spec

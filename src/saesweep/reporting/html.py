@@ -1,0 +1,558 @@
+"""The sweep report: a self-contained HTML page and the PNGs it shows.
+
+``build_report(store, out_dir)`` reads the sweep store (trials, metrics, per-worker stats) and
+writes into ``out_dir``:
+
+* ``frontier_l0_fvu.png`` -- the sparsity-fidelity trade-off: L0 against FVU (both lower is
+  better) for every complete trial, one colour per SAE type, each type's Pareto frontier as a
+  thin step line and the frontier over all types as a thick black one;
+* ``frontier_l0_ce_loss_score.png`` -- L0 against CE loss recovered (higher is better), for
+  sweeps on a language model;
+* ``importance.png`` and ``importance.json`` -- hyperparameter importance per SAE type;
+* ``feature_density.png`` -- each type's histogram of feature firing frequencies (dead ones
+  apart), from the trials' ``metrics.json``;
+* ``devices.png`` -- per-device throughput and trials;
+* ``frontier.json`` -- the frontier trial ids, over all types and per type;
+* ``report.html`` -- all of the above with a sortable table of the trials, the images embedded:
+  one file, no network needed to view it. Degenerate SAEs (dense codes or mostly dead
+  features, :func:`saesweep.reporting.table.degenerate_reason`) are named in a warning at the top.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from saesweep.config.sweep import METRIC_DIRECTIONS
+
+#: colours of the SAE types (matplotlib's tab10, in the registry's order)
+TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+TABLE_METRICS = ("fvu", "l0", "ce_loss_score", "kl_div_score", "kl", "explained_variance", "dead_fraction", "mmcs", "frac_recovered",
+                 "tokens_per_s", "train_time_s")
+
+
+# --------------------------------------------------------------------- Pareto
+def pareto_mask(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Which rows of ``points`` (n x k) no other row dominates, for per-column directions.
+
+    A row dominates another when it is at least as good in every column and better in one;
+    rows with a non-finite value are never on the frontier.
+    """
+    pts = np.asarray(points, dtype=float)
+    if pts.ndim != 2 or len(pts) == 0:
+        return np.zeros(len(pts), dtype=bool)
+    sign = np.array([1.0 if d == "minimize" else -1.0 for d in directions])
+    p = pts * sign  # now lower is better everywhere
+    ok = np.isfinite(p).all(axis=1)
+    mask = ok.copy()
+    idx = np.flatnonzero(ok)
+    q = p[idx]
+    for j, i in enumerate(idx):
+        le = (q <= q[j]).all(axis=1)
+        lt = (q < q[j]).any(axis=1)
+        if (le & lt).any():
+            mask[i] = False
+    return mask
+
+
+def frontier_ids(df, x: str = "l0", y: str = "fvu", *, by_type: bool = False) -> Any:
+    """Trial ids on the (x, y) Pareto frontier of the complete trials (directions from the metrics).
+
+    With ``by_type`` a dict ``{sae_type: [ids]}``; otherwise one list over all types. Ids are
+    ordered by ``x``.
+    """
+    if df is None or len(df) == 0 or x not in df or y not in df:
+        return {} if by_type else []
+    d = df[(df["state"] == "complete")] if "state" in df else df
+    d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
+    dirs = [METRIC_DIRECTIONS.get(x, "minimize"), METRIC_DIRECTIONS.get(y, "minimize")]
+    if by_type:
+        return {t: _frontier(g, x, y, dirs) for t, g in d.groupby("sae_type", sort=False)}
+    return _frontier(d, x, y, dirs)
+
+
+def _frontier(d, x, y, dirs) -> list[str]:
+    if len(d) == 0:
+        return []
+    mask = pareto_mask(d[[x, y]].to_numpy(dtype=float), dirs)
+    f = d[mask].sort_values([x, y])
+    return list(f["trial_id"])
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class Report:
+    out_dir: Path
+    html: Path
+    pngs: list[Path] = field(default_factory=list)
+    importance: dict[str, Any] = field(default_factory=dict)
+    frontier: dict[str, Any] = field(default_factory=dict)
+
+
+def type_colors(types: Sequence[str]) -> dict[str, str]:
+    from saesweep import saes
+
+    order = list(saes.names()) + [t for t in types if t not in saes.names()]
+    return {t: TYPE_COLORS[order.index(t) % len(TYPE_COLORS)] for t in types}
+
+
+def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, evaluator: str = "auto",
+                 title: Optional[str] = None) -> Report:
+    """Write the report of the sweep in ``store`` into ``out_dir`` (see the module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from saesweep.io import atomic_write_json, atomic_write_text
+    from saesweep.reporting.importance import param_importances
+    from saesweep.reporting.table import results_table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = results_table(store)
+    types = list(dict.fromkeys(df["sae_type"])) if len(df) else []
+    colors = type_colors(types)
+    rep = Report(out, out / "report.html")
+
+    figures: list[tuple[str, Path]] = []
+    frontier: dict[str, Any] = {}
+    for y in ("fvu", "ce_loss_score"):
+        if len(df) and y in df and "l0" in df and df[y].notna().any():
+            ids = frontier_ids(df, "l0", y)
+            per = frontier_ids(df, "l0", y, by_type=True)
+            frontier[f"l0_{y}"] = {"x": "l0", "y": y, "directions": ["minimize", METRIC_DIRECTIONS[y]],
+                                   "all": ids, "by_type": per}
+            path = out / f"frontier_l0_{y}.png"
+            plot_frontier(df, "l0", y, path, colors, ids, per, title=title or store.name)
+            figures.append((f"Sparsity vs {_label(y)}", path))
+    rep.frontier = frontier
+    atomic_write_json(out / "frontier.json", frontier)
+
+    imp = param_importances(store, metric, evaluator=evaluator, sae_types=types or None)
+    rep.importance = imp
+    atomic_write_json(out / "importance.json", imp)
+    if types:
+        path = out / "importance.png"
+        plot_importance(imp, path, colors)
+        figures.append(("Hyperparameter importance", path))
+
+    density = density_by_type(df)
+    if density:
+        path = out / "feature_density.png"
+        plot_density(density, path, colors)
+        figures.append(("Feature density", path))
+
+    devices = device_stats(store, df)
+    if devices:
+        path = out / "devices.png"
+        plot_devices(devices, path)
+        figures.append(("Per-device performance", path))
+    rep.pngs = [p for _, p in figures]
+    atomic_write_text(rep.html, render_html(store, df, figures, frontier, imp, devices, colors, title=title))
+    return rep
+
+
+def device_stats(store, df) -> list[dict[str, Any]]:
+    """Per-slot totals of the sweep's worker runs, or per device from the trials when none were saved."""
+    from saesweep.sweep.local import per_slot_totals
+
+    rows = per_slot_totals(store)
+    if rows:
+        return rows
+    if len(df) == 0 or "device" not in df:
+        return []
+    out = []
+    for dev, g in df[df["state"] == "complete"].groupby("device"):
+        busy = float(g["train_time_s"].sum()) if "train_time_s" in g else 0.0
+        tokens = float(g["tokens"].sum()) if "tokens" in g else 0.0
+        out.append({"slot": str(dev), "trials_done": int(len(g)), "trials_failed": 0, "tokens": tokens, "busy_s": busy,
+                    "wall_s": float("nan"), "tokens_per_s": tokens / busy if busy else 0.0, "busy_fraction": float("nan")})
+    return out
+
+
+def density_by_type(df) -> dict[str, dict[str, Any]]:
+    """Each type's feature-density histogram, summed over its complete trials' metrics.json
+    (``{type: {"log10_edges", "counts", "dead", "trials"}}``)."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    if len(df) == 0 or "run_dir" not in df:
+        return out
+    for _, r in df[df["state"] == "complete"].iterrows():
+        try:
+            hist = json.loads((Path(str(r["run_dir"])) / "metrics.json").read_text()).get("feature_density")
+        except (OSError, ValueError, TypeError):
+            continue
+        if not hist:
+            continue
+        h = out.setdefault(r["sae_type"], {"log10_edges": hist["log10_edges"], "counts": [0] * len(hist["counts"]),
+                                           "dead": 0, "trials": 0})
+        if h["log10_edges"] == hist["log10_edges"]:
+            h["counts"] = [a + b for a, b in zip(h["counts"], hist["counts"])]
+            h["dead"] += hist["dead"]
+            h["trials"] += 1
+    return out
+
+
+def plot_density(density: dict[str, dict[str, Any]], path: Path, colors: dict[str, str]) -> Path:
+    """Share of features per log10 firing-frequency bin, one line per type; dead ones at the left."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    width = 0.8 / max(1, len(density))
+    for i, (t, h) in enumerate(density.items()):
+        edges = np.asarray(h["log10_edges"], dtype=float)
+        total = sum(h["counts"]) + h["dead"]
+        if total == 0:
+            continue
+        share = np.asarray(h["counts"], dtype=float) / total
+        c = colors.get(t, "#555555")
+        ax.stairs(share, edges, color=c, lw=1.8, label=f"{t} ({h['trials']} trials, {h['dead'] / total:.1%} dead)")
+        ax.bar(edges[0] - 0.9 + (i + 0.5) * width, h["dead"] / total, width=width, color=c, alpha=0.6)
+    ax.axvline(np.asarray(next(iter(density.values()))["log10_edges"])[0] - 0.05, color="#999", lw=0.8, ls=":")
+    ax.set_xlabel("log10 feature density (fraction of held-out tokens a feature fires on); bars at the left: dead")
+    ax.set_ylabel("share of features")
+    ax.set_title("Feature density, all complete trials of each type")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- plots
+def _label(metric: str) -> str:
+    return {"l0": "L0 (active features per token)", "fvu": "FVU (fraction of variance unexplained)",
+            "ce_loss_score": "CE loss score (SAEBench)"}.get(metric, metric)
+
+
+def _log_scale(values: np.ndarray) -> bool:
+    v = values[np.isfinite(values)]
+    return len(v) > 1 and (v > 0).all() and v.max() / v.min() > 20
+
+
+def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: Sequence[str],
+                  per_type: dict[str, list], *, title: str = "") -> Path:
+    import matplotlib.pyplot as plt
+
+    d = df[(df["state"] == "complete")].copy()
+    d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
+    ydir = METRIC_DIRECTIONS.get(y, "minimize")
+    several = d["sae_type"].nunique() > 1
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for t, g in d.groupby("sae_type", sort=False):
+        c = colors.get(t, "#555555")
+        ax.scatter(g[x], g[y], s=30, color=c, alpha=0.55, edgecolors="none", label=f"{t} ({len(g)} trials)", zorder=2)
+        f = g.set_index("trial_id").loc[per_type.get(t, [])]
+        if len(f) > 1 and several:  # with one type its frontier is the black one
+            ax.step(f[x], f[y], where="post", color=c, lw=1.2, ls="--", alpha=0.9, zorder=3)
+    if len(ids):
+        f = d.set_index("trial_id").loc[list(ids)]
+        ax.step(f[x], f[y], where="post", color="black", lw=2.2, zorder=4, label=f"Pareto frontier, all types ({len(f)})")
+        ax.scatter(f[x], f[y], s=70, facecolors="none", edgecolors="black", linewidths=1.6, zorder=5)
+        for t in f["sae_type"].unique():  # frontier points in their type's colour
+            ft = f[f["sae_type"] == t]
+            ax.scatter(ft[x], ft[y], s=30, color=colors.get(t, "#555555"), zorder=6)
+    if several and any(len(v) > 1 for v in per_type.values()):
+        ax.plot([], [], color="gray", ls="--", lw=1.2, label="frontier of each type")
+    if _log_scale(d[x].to_numpy(dtype=float)):
+        ax.set_xscale("log")
+    if _log_scale(d[y].to_numpy(dtype=float)):
+        ax.set_yscale("log")
+    better_y = "lower" if ydir == "minimize" else "higher"
+    ax.set_xlabel(f"{_label(x)}: lower is sparser")
+    ax.set_ylabel(f"{_label(y)}: {better_y} is better")
+    ax.set_title(f"{title}: sparsity vs {'fidelity' if y == 'fvu' else _label(y)} ({len(d)} complete trials)")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_importance(imp: dict[str, Any], path: Path, colors: dict[str, str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    types = list(imp["by_type"])
+    n = max(1, len(types))
+    cols = min(2, n)
+    rows = math.ceil(n / cols)
+    row_h = 2.6 if any(r["status"] == "ok" for r in imp["by_type"].values()) else 1.3
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 0.7 + row_h * rows), dpi=120, squeeze=False)
+    for ax, t in zip(axes.flat, types):
+        r = imp["by_type"][t]
+        ax.set_title(f"{t}  ({r['n_trials']} complete trials)", fontsize=11)
+        if r["status"] != "ok":
+            ax.text(0.5, 0.5, _wrap(r.get("reason", "not enough trials"), 48), ha="center", va="center",
+                    fontsize=9, color="#555555", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        items = sorted(r["importances"].items(), key=lambda kv: kv[1])
+        ax.barh([k for k, _ in items], [v for _, v in items], color=colors.get(t, "#555555"))
+        for i, (_, v) in enumerate(items):
+            ax.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize=9)
+        ax.set_xlim(0, 1.1)
+        ax.set_xlabel("share of importance")
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(types):]:
+        ax.axis("off")
+    fig.suptitle(f"Hyperparameter importance for {imp['metric']} ({imp['evaluator']})", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _si(v: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:g}{unit}"
+    return f"{v:g}"
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    slots = [str(r["slot"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 1.3 + 0.42 * len(rows)), dpi=120)
+    y = np.arange(len(rows))
+    tps = [float(r.get("tokens_per_s") or 0) for r in rows]
+    a.barh(y, tps, height=0.6, color="#1f77b4")
+    a.set_xlim(0, max(tps + [1.0]) * 1.25)
+    a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    a.set_xlabel("training tokens per second (while busy)")
+    a.set_title("Throughput per device slot")
+    for i, v in enumerate(tps):
+        a.text(v, i, f" {v:,.0f}", va="center", fontsize=9)
+    done = [int(r.get("trials_done") or 0) for r in rows]
+    failed = [int(r.get("trials_failed") or 0) for r in rows]
+    b.barh(y, done, height=0.6, color="#2ca02c", label="complete")
+    if any(failed):
+        b.barh(y, failed, height=0.6, left=done, color="#d62728", label="failed")
+    b.set_xlim(0, max([d + f for d, f in zip(done, failed)] + [1]) * 1.25)
+    for i, (d, f) in enumerate(zip(done, failed)):
+        b.text(d + f, i, f" {d} done" + (f", {f} failed" if f else ""), va="center", fontsize=9)
+    b.set_xlabel("trials")
+    b.set_title("Trials per device slot (green done, red failed)" if any(failed) else "Trials per device slot")
+    for ax in (a, b):
+        ax.set_yticks(y, slots)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------- html
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.meta{color:#555} img{max-width:100%;border:1px solid #eee}
+table{border-collapse:collapse;font-size:13px;margin:.6em 0} th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+th{background:#f5f5f5;position:sticky;top:0;cursor:pointer;user-select:none;white-space:nowrap}
+th.sorted-asc::after{content:" \\25B2"} th.sorted-desc::after{content:" \\25BC"}
+td.s,th.s{text-align:left} td{white-space:nowrap} tr.front td{background:#fff8dc} .swatch{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:5px}
+.note{color:#666;font-size:.9em} .scroll{max-height:640px;overflow:auto;border:1px solid #eee}
+.warn{background:#fff3f3;border:1px solid #e0a0a0;border-left:5px solid #d62728;padding:8px 12px;margin:1em 0}
+"""
+
+JS = """
+function sortTable(th){
+  const table=th.closest('table'), body=table.tBodies[0], idx=[...th.parentNode.children].indexOf(th);
+  const asc=!th.classList.contains('sorted-asc');
+  [...th.parentNode.children].forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
+  th.classList.add(asc?'sorted-asc':'sorted-desc');
+  const key=td=>{const v=td.dataset.v; if(v===undefined||v==='') return null; const n=Number(v); return isNaN(n)?v.toLowerCase():n;};
+  const rows=[...body.rows].sort((a,b)=>{const x=key(a.cells[idx]), y=key(b.cells[idx]);
+    if(x===null&&y===null) return 0; if(x===null) return 1; if(y===null) return -1;
+    return (x<y?-1:x>y?1:0)*(asc?1:-1);});
+  rows.forEach(r=>body.appendChild(r));
+}
+document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
+"""
+
+
+def _fmt(v: Any) -> tuple[str, str]:
+    """(shown text, sort key) of a table cell."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "", ""
+    if isinstance(v, bool):
+        return str(v), str(int(v))
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}", str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if abs(f) >= 1000 or (f.is_integer() and abs(f) >= 10):
+            return f"{f:,.0f}", repr(f)
+        return f"{f:.4g}", repr(f)
+    return html.escape(str(v)), html.escape(str(v))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, sortable: bool = True,
+           text_cols: Sequence[int] = (0,), row_classes: Optional[Sequence[str]] = None, prefix=None) -> str:
+    cls = ' class="sortable"' if sortable else ""
+    out = [f"<table{cls}><thead><tr>"]
+    out += [f'<th class="{"s" if i in text_cols else ""}">{html.escape(h)}</th>' for i, h in enumerate(headers)]
+    out.append("</tr></thead><tbody>")
+    for r_i, row in enumerate(rows):
+        rc = f' class="{row_classes[r_i]}"' if row_classes and row_classes[r_i] else ""
+        out.append(f"<tr{rc}>")
+        for i, v in enumerate(row):
+            text, key = _fmt(v)
+            if prefix and i in prefix:
+                text = prefix[i](v) + text
+            out.append(f'<td class="{"s" if i in text_cols else ""}" data-v="{key}">{text}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None) -> str:
+    from saesweep.sweep.store import redact
+
+    info = store.info
+    spec = info.get("spec", {}) or {}
+    search = spec.get("search", {}) or {}
+    name = title or store.name
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saesweep report: {html.escape(name)}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>saesweep report: {html.escape(name)}</h1>"]
+    counts: dict[str, int] = {}
+    for s in (df["state"] if len(df) else []):
+        counts[s] = counts.get(s, 0) + 1
+    method = search.get("method", "grid")
+    parts.append(
+        f"<p class='meta'>storage {html.escape(redact(store.url))} &middot; {len(df)} trials: "
+        + ", ".join(f"{v} {k}" for k, v in counts.items())
+        + f" &middot; search {html.escape(str(method))}"
+        + (f" (budget {search.get('n_trials')} per type, seed {search.get('seed', 0)})" if method != "grid" else "")
+        + f" &middot; objectives {html.escape(', '.join(info.get('objectives', []) or []))}"
+        + (f" &middot; pruner {html.escape(str(search.get('pruner')))}" if search.get("pruner", "none") != "none" else "")
+        + f" &middot; written {time.strftime('%Y-%m-%d %H:%M')}</p>")
+    if len(df):
+        by_type = df.groupby("sae_type", sort=False)["state"].value_counts().unstack(fill_value=0)
+        rows = [[t, *[int(by_type.loc[t].get(s, 0)) for s in ("complete", "pruned", "failed", "running", "waiting")]]
+                for t in by_type.index]
+        sw = {0: lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
+        parts.append(_table(["sae_type", "complete", "pruned", "failed", "running", "waiting"], rows, sortable=False, prefix=sw))
+    else:
+        parts.append("<p>No trials yet.</p>")
+    parts.append(_degenerate_block(df))
+
+    for caption, path in figures:
+        if caption.startswith("Sparsity"):
+            key = "l0_" + path.stem.split("frontier_l0_")[-1]
+            f = frontier.get(key, {})
+            parts.append(f"<h2>{html.escape(caption)}</h2>")
+            parts.append(_img(path, caption))
+            parts.append(_frontier_table(df, f, colors))
+    fig = dict((c, p) for c, p in figures)
+    if "Feature density" in fig:
+        parts.append("<h2>Feature density</h2><p class='note'>How often each feature fires on the held-out "
+                     "tokens, over all complete trials of a type; dead features (never firing) at the left.</p>")
+        parts.append(_img(fig["Feature density"], "feature density"))
+    parts.append("<h2>Hyperparameter importance</h2>")
+    parts.append(f"<p class='note'>For <b>{html.escape(imp['metric'])}</b> ({imp['direction']}), per SAE type, "
+                 f"with Optuna's {html.escape(imp['evaluator'])} evaluator on the complete trials of the type "
+                 f"(needs at least {imp['min_trials']} trials and 2 varying parameters). Also in importance.json.</p>")
+    if "Hyperparameter importance" in fig:
+        parts.append(_img(fig["Hyperparameter importance"], "importance"))
+    rows = []
+    for t, r in imp["by_type"].items():
+        if r["status"] == "ok":
+            rows += [[t, p, v, r["n_trials"]] for p, v in sorted(r["importances"].items(), key=lambda kv: -kv[1])]
+        else:
+            rows.append([t, r.get("reason", r["status"]), None, r["n_trials"]])
+    parts.append(_table(["sae_type", "parameter", "importance", "trials"], rows, text_cols=(0, 1)))
+
+    parts.append("<h2>Per-device performance</h2>")
+    if devices:
+        if "Per-device performance" in fig:
+            parts.append(_img(fig["Per-device performance"], "devices"))
+        rows = [[d["slot"], d.get("trials_done"), d.get("trials_failed"), d.get("tokens"), d.get("tokens_per_s"),
+                 d.get("busy_s"), d.get("wall_s"), d.get("busy_fraction")] for d in devices]
+        parts.append(_table(["slot", "done", "failed", "tokens", "tokens/s", "busy s", "wall s", "busy fraction"], rows))
+    else:
+        parts.append("<p class='note'>No per-device statistics recorded yet.</p>")
+
+    parts.append("<h2>Trials</h2><p class='note'>Click a column to sort. Rows on the L0-FVU frontier are highlighted.</p>")
+    parts.append(_trials_table(df, frontier, colors))
+    parts.append(f"<script>{JS}</script></body></html>")
+    return "".join(parts)
+
+
+def _degenerate_block(df) -> str:
+    """A visible warning naming the complete trials whose SAEs are degenerate."""
+    from saesweep.reporting.table import degenerate_trials
+
+    bad = degenerate_trials(df)
+    if not bad:
+        return ""
+    items = "".join(f"<li><code>{html.escape(t)}</code>: {html.escape(w)}</li>" for t, w in bad[:20])
+    more = f"<li>... and {len(bad) - 20} more (column <i>warning</i> below)</li>" if len(bad) > 20 else ""
+    return (f"<div class='warn' id='degenerate'><b>Warning: {len(bad)} complete trial(s) trained degenerate SAEs</b> "
+            "(dense codes: L0 above half the dictionary or above d_in; or more than half of the features dead). "
+            f"Their metrics do not describe a useful SAE.<ul>{items}{more}</ul></div>")
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'></p>"
+
+
+def _frontier_table(df, f: dict, colors) -> str:
+    ids = f.get("all", [])
+    if not ids:
+        return "<p class='note'>No complete trials with these metrics yet.</p>"
+    d = df.set_index("trial_id").loc[ids].reset_index()
+    x, y = f["x"], f["y"]
+    params = [c for c in _param_cols(df) if c in d]
+    rows = [[r["trial_id"], r["sae_type"], r[x], r[y], *[r[p] for p in params]] for _, r in d.iterrows()]
+    sw = {1: lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
+    better = "lower" if f["directions"][1] == "minimize" else "higher"
+    return (f"<p class='note'>{len(ids)} trials on the frontier over all types: for each, no other trial has a "
+            f"{x} as low and a {y} as {'low' if better == 'lower' else 'high'}, one of them strictly better.</p>"
+            + _table(["trial_id", "sae_type", x, y, *params], rows, text_cols=(0, 1), prefix=sw))
+
+
+def _param_cols(df) -> list[str]:
+    from saesweep.config.sweep import sweepable
+
+    return [c for c in sweepable() if c in df]
+
+
+def _trials_table(df, frontier, colors) -> str:
+    if len(df) == 0:
+        return "<p>No trials.</p>"
+    on = set(frontier.get("l0_fvu", {}).get("all", []))
+    params = _param_cols(df)
+    metrics = [m for m in TABLE_METRICS if m in df]
+    from saesweep.reporting.table import degenerate_trials
+
+    why = dict(degenerate_trials(df))
+    df = df.assign(warning=[why.get(t, "") for t in df["trial_id"]])
+    cols = ["trial_id", "sae_type", "state", *params, *metrics, "warning", "device", "duration_s", "reason"]
+    cols = [c for c in cols if c in df]
+    rows = [[r.get(c) for c in cols] for _, r in df.iterrows()]
+    classes = ["front" if tid in on else "" for tid in df["trial_id"]]
+    text = tuple(i for i, c in enumerate(cols) if c in ("trial_id", "sae_type", "state", "warning", "device", "reason"))
+    sw = {cols.index("sae_type"): lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
+    return "<div class='scroll'>" + _table(cols, rows, text_cols=text, row_classes=classes, prefix=sw) + "</div>"

@@ -1,0 +1,640 @@
+"""Sweep state in a real database, through Optuna's storages.
+
+A sweep is an Optuna study; each attempt at a trial is an Optuna trial carrying the trial's
+stable id (``trial_id``), its full config, its pack key and attempt number in user attributes,
+and the swept parameters as Optuna params (so Optuna's samplers, importance evaluators and
+dashboard work on it directly).
+
+Backends, chosen by URL:
+
+* a file path or ``journal:PATH`` -- Optuna's append-only journal file (the embedded default;
+  safe for many processes on one host, or on a shared filesystem with working locks);
+* ``postgresql://...`` -- Optuna's RDB storage on PostgreSQL, for many hosts;
+* ``sqlite:///...`` -- accepted for a single worker only: SQLite does not give the row locks
+  that concurrent claiming needs.
+
+Exactly-once rests on Optuna's state transitions, which are atomic in both backends:
+
+* claim: WAITING -> RUNNING succeeds for exactly one worker;
+* finish: RUNNING -> COMPLETE or FAIL succeeds once; a worker whose lease was taken from it
+  gets ``UpdateFinishedTrialError`` and discards its result;
+* retry: only the process whose RUNNING -> FAIL transition succeeded adds the next attempt.
+
+A lease is the time of a trial's last heartbeat (a system attribute written by its worker)
+or, before the first one, of its claim. A RUNNING trial whose lease is older than
+``lease_s`` is reaped by any worker: marked FAIL ("lease expired") and re-queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import socket
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+)
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from saesweep.config.experiment import ConfigError, ExperimentConfig, parse_config
+from saesweep.io import file_lock
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
+                                            TrialState.FAIL, TrialState.PRUNED)
+LEASE_ATTR = "saesweep:heartbeat"
+
+
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?pass(?:word|wd)=)[^&#]*", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe for logs, reports and exceptions).
+
+    The user-info part ends at the *last* ``@`` of the URL, so a password containing ``/``,
+    ``?``, ``:`` or an unencoded ``@`` is hidden whole (an ``@`` in a query value can make it
+    hide more than the password, never less); ``password=`` / ``sslpassword=`` query
+    parameters are hidden too. Text without ``://`` (a journal path) is returned unchanged.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        user = rest[: rest.index(":")]
+        rest = f"{user}:***{rest[at:]}"
+    return _QUERY_SECRET.sub(r"\1***", f"{scheme}://{rest}")
+
+
+PASSWORD_ENV = "PGPASSWORD"
+
+
+def _pg_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgresql+", "postgres://"))
+
+
+def split_password(url: str) -> tuple[str, Optional[str]]:
+    """``(url without its password, the password or None)`` for a PostgreSQL URL.
+
+    The password is taken as SQLAlchemy reads it (percent-decoded), from the user info or a
+    ``password=`` query parameter. Other URLs and paths come back unchanged.
+    """
+    if not _pg_url(url):
+        return url, None
+    from sqlalchemy.engine import URL, make_url
+
+    try:
+        u = make_url("postgresql://" + url[len("postgres://"):] if url.startswith("postgres://") else url)
+    except Exception:
+        raise ConfigError(f"--storage {redact(url)}: not a valid PostgreSQL URL") from None
+    query = dict(u.query)
+    password = u.password
+    if password is None:
+        for k in ("password", "PASSWORD"):
+            if k in query:
+                password = query.pop(k)
+    else:
+        query.pop("password", None)
+    if isinstance(password, (tuple, list)):
+        password = password[0]
+    if password is None:
+        return url, None
+    bare = URL.create(u.drivername, username=u.username, password=None, host=u.host, port=u.port,
+                      database=u.database, query=query)
+    return bare.render_as_string(hide_password=False), str(password)
+
+
+def password_to_env(url: str, env: Optional[dict] = None) -> str:
+    """The URL without its password, which goes into ``env`` (default: this process's
+    environment) as ``PGPASSWORD``, where libpq finds it; the URL itself is then safe on
+    command lines (visible to every user in ``ps``) and in job files."""
+    bare, password = split_password(url)
+    if password is not None:
+        (os.environ if env is None else env)[PASSWORD_ENV] = password
+    return bare
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (an error message, say) with ``url`` redacted and its password, in every
+    spelling (as written, decoded, encoded), replaced by ``***``."""
+    from urllib.parse import quote, unquote
+
+    if not url or "://" not in url:
+        return text
+    out = text.replace(url, redact(url))
+    rest = url.split("://", 1)[1]
+    secrets = [m.group(0).split("=", 1)[1] for m in _QUERY_SECRET.finditer(url)]
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        secrets.append(rest[rest.index(":") + 1 : at])
+    for secret in secrets:
+        for form in sorted({secret, unquote(secret), quote(unquote(secret), safe="")}, key=len, reverse=True):
+            if form:
+                out = out.replace(form, "***")
+    return out
+
+
+def host_id() -> str:
+    return socket.gethostname()
+
+
+def new_worker_id(slot: str = "") -> str:
+    return f"{host_id()}:{os.getpid()}{':' + slot if slot else ''}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Claim:
+    """A trial attempt this worker holds (RUNNING, under its lease)."""
+
+    number: int  # Optuna trial number
+    trial_pk: int  # Optuna's internal trial id
+    trial_id: str  # saesweep's stable id
+    attempt: int
+    config: ExperimentConfig
+    params: dict[str, Any]
+
+
+@dataclass
+class TrialRecord:
+    """One logical trial (all its attempts) as the store knows it."""
+
+    trial_id: str
+    sae_type: str
+    state: str  # waiting | running | complete | failed
+    attempts: int
+    params: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: Optional[str] = None
+    run_dir: Optional[str] = None
+    worker: Optional[str] = None
+    device: Optional[str] = None
+    duration_s: Optional[float] = None
+    number: Optional[int] = None
+
+
+class SweepLock:
+    """A sweep-wide mutex for rare multi-step updates (populating, budgeted sampling).
+
+    Journal / SQLite: an ``flock`` beside the file. PostgreSQL: ``pg_advisory_xact_lock`` held
+    by a transaction on its own connection for as long as the block runs. A holder that
+    vanishes releases it when the server drops its session: a dead host or a cut network
+    within about half a minute (TCP keepalives and ``tcp_user_timeout``, see
+    :func:`open_storage`); a process that hangs with its connection open after
+    ``LOCK_IDLE_S`` (``idle_in_transaction_session_timeout``). Waiting for the lock has no
+    statement timeout: a long populate (minutes for a large grid over a slow link) is waited for.
+    """
+
+    LOCK_IDLE_S = 1800
+
+    def __init__(self, store: "SweepStore") -> None:
+        self.store = store
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        kind = self.store.kind
+        if kind in ("journal", "sqlite"):
+            with file_lock(str(self.store.path) + ".saesweep-lock"):
+                yield
+        elif kind == "postgresql":
+            engine = self.store.rdb_engine()
+            key = zlib.crc32(f"saesweep:{self.store.name}".encode()) & 0x7FFFFFFF
+            from sqlalchemy import text
+
+            with engine.connect() as conn, conn.begin():
+                conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{int(self.LOCK_IDLE_S)}s'"))
+                conn.execute(text("SET LOCAL statement_timeout = 0"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                yield
+        else:  # in-memory
+            yield
+
+
+#: libpq settings of every PostgreSQL connection (a key given in the URL's query wins):
+#: connecting gives up after 10 s; an idle connection to a vanished server is detected by TCP
+#: keepalives in about 25 s, and a request whose data goes unacknowledged (a cut network)
+#: fails after ``tcp_user_timeout`` (libpq 12 or later), so a worker never hangs on a dead
+#: connection.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+    "application_name": "saesweep",
+}
+#: the server side of each session, set when it opens (one by one: a setting this server does
+#: not know, an older PostgreSQL's, is skipped): the server drops the session of a vanished
+#: client as fast (its row and advisory locks go with it), no statement runs for more than five
+#: minutes, and a session idle inside a transaction is ended after one.
+PG_SESSION_SETTINGS = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+    "statement_timeout": 300_000,
+    "idle_in_transaction_session_timeout": 60_000,
+}
+
+
+def _libpq_version(driver: str) -> int:
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            return int(psycopg.pq.version())
+        import psycopg2.extensions
+
+        return int(psycopg2.extensions.libpq_version())
+    except Exception:
+        return 0
+
+
+def pg_engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for a PostgreSQL ``url`` (see PG_CONNECT_ARGS).
+
+    ``pool_pre_ping`` replaces connections that died while idle in the pool (a server restart,
+    a network cut) before they are used. The connection settings are libpq's, so they are
+    given only for the psycopg / psycopg2 drivers; a setting named in the URL's query (for
+    example ``?connect_timeout=30``) is left to the URL.
+    """
+    from sqlalchemy.engine import make_url
+
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 8, "pool_timeout": 60,
+                              "pool_recycle": 1800}
+    try:
+        u = make_url(url)
+        driver = u.get_driver_name()
+    except Exception:
+        return kwargs
+    if driver not in ("psycopg", "psycopg2"):
+        return kwargs
+    args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in u.query}
+    if _libpq_version(driver) < 120000:
+        args.pop("tcp_user_timeout", None)
+    kwargs["connect_args"] = args
+    return kwargs
+
+
+def _session_settings(engine) -> None:
+    """Apply PG_SESSION_SETTINGS to every new connection of ``engine``."""
+    from sqlalchemy import event
+
+    def apply(dbapi_conn, record) -> None:
+        for name, value in PG_SESSION_SETTINGS.items():
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(f"SET {name} = {int(value)}")
+                dbapi_conn.commit()
+            except Exception:  # unknown to this server, or refused by a pooler in front of it
+                dbapi_conn.rollback()
+            finally:
+                cur.close()
+
+    event.listen(engine, "connect", apply)
+    engine.dispose()  # connections opened while Optuna set the storage up have none of it
+
+
+def open_storage(url: str):
+    """An Optuna storage for ``url`` (see the module docstring)."""
+    if url.startswith(("postgresql://", "postgresql+", "postgres://")):
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url[len("postgres://"):]
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=pg_engine_kwargs(url))
+            _session_settings(storage.engine)
+            return "postgresql", None, storage
+        except ImportError as e:
+            raise ConfigError(f"--storage {redact(url)}: PostgreSQL needs psycopg (pip install 'saesweep[postgres]'): "
+                              f"{redact_text(str(e), url)}") from None
+        except Exception as e:  # sqlalchemy.exc.OperationalError and friends
+            first = redact_text(str(e), url).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--storage {redact(url)}: cannot connect ({first})") from None
+    if url.startswith("sqlite:///"):
+        return "sqlite", Path(url[len("sqlite:///"):]), optuna.storages.RDBStorage(url)
+    if url == ":memory:":
+        return "memory", None, optuna.storages.InMemoryStorage()
+    if "://" in url:
+        raise ConfigError(f"--storage {redact(url)}: unknown scheme; use a journal file path, postgresql://... or sqlite:///...")
+    path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
+    if path.exists() and path.is_dir():
+        raise ConfigError(f"--storage {url}: is a folder; give a journal file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import (
+        JournalFileBackend,
+        JournalFileOpenLock,
+        JournalStorage,
+    )
+
+    return "journal", path, JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+class SweepStore:
+    """Trials, states, leases, metrics and artifact paths of one sweep."""
+
+    def __init__(self, url: str, name: str, *, directions: Optional[Sequence[str]] = None, create: bool = True) -> None:
+        self.url, self.name = url, name
+        self.kind, self.path, self.storage = open_storage(url)
+        self.lock = SweepLock(self)
+        if create:
+            directions = list(directions or ["minimize"])
+            try:
+                self.study = optuna.create_study(study_name=name, storage=self.storage, directions=directions, load_if_exists=True)
+            except Exception as e:
+                raise ConfigError(f"--storage {redact(url)}: {e}") from None
+            if [d.name.lower() for d in self.study.directions] != directions:
+                raise ConfigError(
+                    f"sweep {name!r} already exists with objectives of directions "
+                    f"{[d.name.lower() for d in self.study.directions]}; use another --name to change them"
+                )
+        else:
+            try:
+                self.study = optuna.load_study(study_name=name, storage=self.storage)
+            except KeyError:
+                names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
+                raise ConfigError(f"no sweep named {name!r} in {redact(url)} (sweeps there: {', '.join(names) or 'none'})") from None
+        self._study_id = self.study._study_id
+
+    # ------------------------------------------------------------------ helpers
+    def rdb_engine(self):
+        return self.storage.engine
+
+    #: how often the offset to the database server's clock is measured again
+    CLOCK_RESYNC_S = 30.0
+
+    def now(self) -> float:
+        """Seconds since the epoch on the sweep's clock, which every lease is measured on.
+
+        PostgreSQL: the database server's clock, so heartbeats written on one host and the
+        reaper on another agree whatever their own clocks say. It is read with one query every
+        ``CLOCK_RESYNC_S`` and carried forward on this host's monotonic clock in between (a
+        jump of the wall clock here changes nothing); if the server cannot be asked, the last
+        reading is carried forward. Other backends (one host, or a shared journal): this host's
+        ``time.time()``, so hosts sharing a journal need synchronised clocks (NTP).
+        """
+        if self.kind != "postgresql":
+            return time.time()
+        anchor = getattr(self, "_clock", None)
+        mono = time.monotonic()
+        if anchor is None or mono - anchor[1] > self.CLOCK_RESYNC_S:
+            try:
+                anchor = self._server_clock()
+                self._clock = anchor
+            except Exception:
+                if anchor is None:
+                    raise
+        return anchor[0] + (time.monotonic() - anchor[1])
+
+    def _server_clock(self) -> tuple[float, float]:
+        """(server epoch seconds, this host's monotonic time at the same instant)."""
+        from sqlalchemy import text
+
+        with self.rdb_engine().connect() as conn:
+            t0 = time.monotonic()
+            server = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar())
+            t1 = time.monotonic()
+        return server, (t0 + t1) / 2
+
+    def trials(self, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
+        return self.storage.get_all_trials(self._study_id, deepcopy=False, states=tuple(states) if states else None)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self.study.user_attrs)
+
+    def set_info(self, **values: Any) -> None:
+        for k, v in values.items():
+            self.study.set_user_attr(k, v)
+
+    # ------------------------------------------------------------------ populate
+    def add_trials(self, configs: Sequence[ExperimentConfig], params: Sequence[dict[str, Any]],
+                   spaces: Optional[Sequence[dict[str, BaseDistribution]]] = None) -> int:
+        """Queue the configs whose trial id the sweep does not hold yet; returns how many were added."""
+        with self.lock():
+            known = {t.user_attrs.get("trial_id") for t in self.trials()}
+            added = 0
+            for i, (cfg, p) in enumerate(zip(configs, params)):
+                if cfg.trial_id in known:
+                    continue
+                known.add(cfg.trial_id)
+                dists = spaces[i] if spaces else {k: _distribution(v) for k, v in p.items()}
+                self._create_waiting(cfg, p, dists, attempt=1)
+                added += 1
+            return added
+
+    def _create_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int,
+                        avoid: Sequence[str] = ()) -> None:
+        from saesweep.training.trainer import pack_key
+
+        trial = optuna.trial.create_trial(
+            state=WAITING,
+            params=params,
+            distributions=dists,
+            user_attrs={
+                "trial_id": cfg.trial_id,
+                "sae_type": cfg.sae_type,
+                "pack_key": pack_key(cfg),
+                "attempt": attempt,
+                "config": cfg.to_dict(),
+                **({"avoid": list(avoid)} if avoid else {}),
+            },
+        )
+        self.study.add_trial(trial)
+
+    # ------------------------------------------------------------------ claiming
+    def claim(self, worker: str, max_members: int = 1, accept: Optional[Callable[[FrozenTrial], bool]] = None,
+              share: int = 1) -> list[Claim]:
+        """Atomically take up to ``max_members`` waiting trials that can train as one pack.
+
+        With ``share`` workers on the queue, a claim takes at most 1/share of a pack group, so
+        one worker does not take all the work while the others idle.
+        """
+        for _ in range(20):
+            waiting = [t for t in self.trials([WAITING]) if accept is None or accept(t)]
+            if not waiting:
+                return []
+            key = waiting[0].user_attrs.get("pack_key")
+            group = [t for t in waiting if t.user_attrs.get("pack_key") == key]
+            group = group[: min(max_members, -(-len(group) // max(1, share)))]
+            claims = []
+            for t in group:
+                try:
+                    won = self.storage.set_trial_state_values(t._trial_id, RUNNING)
+                except UpdateFinishedTrialError:  # our view was stale: someone ran and finished it
+                    won = False
+                if won:
+                    self._beat(t._trial_id, worker)
+                    claims.append(self._claim_of(t))
+            if claims:
+                return claims
+        return []
+
+    def _claim_of(self, t: FrozenTrial) -> Claim:
+        cfg = parse_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
+        return Claim(t.number, t._trial_id, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params))
+
+    def _beat(self, trial_pk: int, worker: str) -> None:
+        self.storage.set_trial_system_attr(trial_pk, LEASE_ATTR, {"t": self.now(), "worker": worker, "host": host_id()})
+
+    def heartbeat(self, claims: Sequence[Claim], worker: str) -> list[Claim]:
+        """Renew the leases; returns the claims whose lease was lost (reaped by someone)."""
+        lost = []
+        for c in claims:
+            try:
+                self._beat(c.trial_pk, worker)
+            except UpdateFinishedTrialError:
+                lost.append(c)
+        return lost
+
+    # ------------------------------------------------------------------ finishing
+    def complete(self, claim: Claim, metrics: dict[str, Any], *, objectives: Sequence[str], extra: Optional[dict] = None) -> bool:
+        """Record a finished trial; False when the lease was lost (the result is discarded)."""
+        values = [float(metrics.get(o, math.nan)) for o in objectives]
+        if not all(math.isfinite(v) for v in values):
+            missing = [o for o, v in zip(objectives, values) if not math.isfinite(v)]
+            return self.fail(claim, f"objective metric(s) {', '.join(missing)} missing or not finite", retry=False)[0]
+        try:
+            self.storage.set_trial_user_attr(claim.trial_pk, "metrics", _jsonable(metrics))
+            for k, v in (extra or {}).items():
+                self.storage.set_trial_user_attr(claim.trial_pk, k, _jsonable(v))
+            self.storage.set_trial_state_values(claim.trial_pk, COMPLETE, values)
+        except UpdateFinishedTrialError:
+            return False
+        return self.storage.get_trial(claim.trial_pk).state == COMPLETE
+
+    def fail(self, claim: Claim, reason: str, *, retry: bool, max_retries: int = 2, extra: Optional[dict] = None,
+             same_attempt: bool = False, avoid_slot: Optional[str] = None) -> tuple[bool, bool]:
+        """Mark the attempt failed; queue the next attempt when ``retry`` and attempts remain.
+
+        Returns (this call recorded the failure, a retry was queued).
+        """
+        try:
+            self.storage.set_trial_user_attr(claim.trial_pk, "reason", reason[:2000])
+            for k, v in (extra or {}).items():
+                self.storage.set_trial_user_attr(claim.trial_pk, k, _jsonable(v))
+            self.storage.set_trial_state_values(claim.trial_pk, FAIL)
+        except UpdateFinishedTrialError:
+            return False, False
+        t = self.storage.get_trial(claim.trial_pk)
+        if t.state != FAIL:  # a journal accepts the transition even when another worker's result won
+            return False, False
+        if retry and (same_attempt or claim.attempt <= max_retries):
+            attempt = claim.attempt if same_attempt else claim.attempt + 1
+            avoid = list(t.user_attrs.get("avoid", [])) + ([avoid_slot] if avoid_slot else [])
+            self._create_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid)
+            return True, True
+        return True, False
+
+    def prune(self, claim: Claim, reason: str, last: Optional[dict] = None) -> bool:
+        """Record a trial stopped early by the pruner (a finished outcome, not a failure)."""
+        try:
+            self.storage.set_trial_user_attr(claim.trial_pk, "reason", reason)
+            if last:
+                self.storage.set_trial_user_attr(claim.trial_pk, "last_log", _jsonable(last))
+            self.storage.set_trial_state_values(claim.trial_pk, PRUNED)
+        except UpdateFinishedTrialError:
+            return False
+        return True
+
+    def reap_expired(self, lease_s: float, max_retries: int = 2) -> list[str]:
+        """Fail and re-queue RUNNING trials whose lease expired; returns their trial ids."""
+        now, reaped = self.now(), []
+        # A claim writes its first heartbeat (on the sweep's clock) at once. A RUNNING trial
+        # without one was claimed by a worker that died in between: its lease is counted from
+        # when this process first saw it so, never from Optuna's datetime_start (the claiming
+        # host's local wall clock, in its own time zone).
+        unbeaten = getattr(self, "_unbeaten", {})
+        seen: dict[int, float] = {}
+        for t in self.trials([RUNNING]):
+            beat = t.system_attrs.get(LEASE_ATTR)
+            if isinstance(beat, dict) and isinstance(beat.get("t"), (int, float)):
+                last = float(beat["t"])
+            else:
+                last = seen[t._trial_id] = unbeaten.get(t._trial_id, now)
+            if now - last > lease_s:
+                who = beat.get("worker") if isinstance(beat, dict) else "?"
+                ok, _ = self.fail(self._claim_of(t), f"lease expired: no heartbeat from {who} for {now - last:.0f}s",
+                                  retry=True, max_retries=max_retries)
+                if ok:
+                    reaped.append(t.user_attrs["trial_id"])
+                seen.pop(t._trial_id, None)
+        self._unbeaten = seen
+        return reaped
+
+    # ------------------------------------------------------------------ reading
+    def records(self) -> list[TrialRecord]:
+        """One record per logical trial, in queue order."""
+        by_id: dict[str, list[FrozenTrial]] = {}
+        for t in self.trials():
+            by_id.setdefault(t.user_attrs.get("trial_id", f"#{t.number}"), []).append(t)
+        out = []
+        for tid, attempts in by_id.items():
+            done = [t for t in attempts if t.state in (COMPLETE, PRUNED)]
+            running = [t for t in attempts if t.state == RUNNING]
+            waiting = [t for t in attempts if t.state == WAITING]
+            last = (done or running or waiting or attempts)[-1]
+            state = ("complete" if done[-1].state == COMPLETE else "pruned") if done else \
+                "running" if running else "waiting" if waiting else "failed"
+            ua = last.user_attrs
+            out.append(
+                TrialRecord(
+                    trial_id=tid,
+                    sae_type=ua.get("sae_type", "?"),
+                    state=state,
+                    attempts=sum(1 for t in attempts if t.state != WAITING),
+                    params=dict(last.params),
+                    metrics=dict(ua.get("metrics", {})),
+                    reason=(done[-1].user_attrs.get("reason") if done else
+                            attempts[-1].user_attrs.get("reason") if attempts[-1].state == FAIL else None),
+                    run_dir=ua.get("run_dir"),
+                    worker=ua.get("worker"),
+                    device=ua.get("device"),
+                    duration_s=(last.duration.total_seconds() if last.duration else None),
+                    number=last.number,
+                )
+            )
+        return out
+
+    def counts(self) -> dict[str, int]:
+        c = {"waiting": 0, "running": 0, "complete": 0, "failed": 0, "pruned": 0}
+        for r in self.records():
+            c[r.state] += 1
+        return c
+
+    def complete_count_by_trial(self) -> dict[str, int]:
+        """How many COMPLETE attempts each trial id has (exactly-once means all are 1)."""
+        out: dict[str, int] = {}
+        for t in self.trials([COMPLETE]):
+            out[t.user_attrs["trial_id"]] = out.get(t.user_attrs["trial_id"], 0) + 1
+        return out
+
+
+def _distribution(value: Any) -> BaseDistribution:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return CategoricalDistribution([value])
+    return FloatDistribution(float(value), float(value))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

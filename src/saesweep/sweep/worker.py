@@ -1,0 +1,387 @@
+"""The sweep engine: a worker claims packs of trials from the store, trains them, records results.
+
+Every front end ends here: config-file runs, the in-memory sweep, the bash script, device
+schedulers (a device worker is a worker pinned to a device) and workers on other hosts.
+
+A worker loops: reap expired leases, claim a pack of compatible waiting trials, train it with
+``run_pack`` while a heartbeat thread renews the leases, then record each member as complete or
+failed (failed attempts are retried up to ``max_retries`` unless they diverged). It stops when
+the sweep has no waiting and no running trials, when told to stop, or after
+``max_consecutive_failures`` failures in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from saesweep.config.experiment import ExperimentConfig
+from saesweep.config.sweep import ExecutionSpec, SweepSpec
+from saesweep.sweep.store import Claim, SweepStore, new_worker_id, redact
+from saesweep.training.run import INTERRUPTED, RunResult
+
+
+class SweepAborted(RuntimeError):
+    """Too many failures in a row: the sweep stops with a clear message."""
+
+
+@dataclass
+class WorkerStats:
+    worker: str
+    device: str
+    trials_done: int = 0
+    trials_failed: int = 0
+    packs: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+    lost_leases: int = 0
+    aborted: Optional[str] = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.busy_s if self.busy_s else 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(tokens_per_s=self.tokens_per_s, busy_fraction=self.busy_fraction)
+        return d
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store: SweepStore, claims: list[Claim], worker: str, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.store, self.claims, self.worker, self.every_s = store, claims, worker, every_s
+        self.stop_event = threading.Event()
+        self.lost: set[int] = set()
+        self.all_lost = threading.Event()  # every lease was taken away: training on is wasted
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.every_s):
+            live = [c for c in self.claims if c.trial_pk not in self.lost]
+            try:
+                for c in self.store.heartbeat(live, self.worker):
+                    self.lost.add(c.trial_pk)
+            except Exception:  # a transient storage error: try again at the next beat
+                pass
+            if len(self.lost) == len(self.claims):
+                self.all_lost.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    try:
+        from sqlalchemy.exc import DBAPIError, OperationalError
+    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
+        return False
+    return isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+
+
+class _RetryingStore:
+    """The store, with every call retried through lost database connections (backing off from
+    1 s to 15 s) for up to ``give_up_s``: a network blip must not kill a worker. Trials it held
+    meanwhile are protected by their leases, like those of a dead worker."""
+
+    def __init__(self, store: SweepStore, give_up_s: float) -> None:
+        self._store, self._give_up_s = store, give_up_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            deadline, wait = time.monotonic() + self._give_up_s, 1.0
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if not _is_connection_error(e) or time.monotonic() + wait > deadline:
+                        raise
+                    print(f"saesweep worker: database unreachable ({type(e).__name__}); retrying in {wait:.0f}s",
+                          file=sys.stderr)
+                    time.sleep(wait)
+                    wait = min(15.0, wait * 2)
+
+        return call
+
+
+class Worker:
+    """Claims and runs packs until the sweep is done (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: SweepStore,
+        execution: ExecutionSpec,
+        *,
+        device: str = "cpu",
+        slot: str = "",
+        show_progress: Optional[bool] = False,
+        stop: Optional[threading.Event] = None,
+        poll_s: float = 2.0,
+        accept: Optional[Callable[[Any], bool]] = None,
+        share: int = 1,
+        max_pack: Optional[int] = None,
+    ) -> None:
+        if max_pack is not None and max_pack < execution.pack_size:  # this slot's device fits no larger pack
+            execution = execution.model_copy(update={"pack_size": max(1, int(max_pack))})
+        self.store, self.ex = _RetryingStore(store, execution.lease_s), execution
+        self.device = device
+        self.show_progress = show_progress
+        self.stop = stop or threading.Event()
+        self.poll_s = poll_s
+        self.accept = accept
+        self.share = max(1, share)  # workers sharing the queue: a pack takes at most its share of a group
+        self.slot = slot or device
+        self.worker_id = new_worker_id(self.slot)
+        self._data: Any = None  # the activations of the last pack, and what they were opened for
+        self._data_key: Optional[str] = None
+        self.stats = WorkerStats(self.worker_id, device)
+        info = store.info
+        self.objectives = list(info.get("objectives", ["fvu"]))
+        self.checkpoint_dir = Path(info.get("checkpoint_dir", "runs/.checkpoints"))
+        self.spec = SweepSpec.model_validate(info["spec"]) if "spec" in info else None
+        self.tracker = None
+        if self.spec is not None:
+            from saesweep.tracking import make_tracker
+
+            self.tracker = make_tracker(self.spec, store)
+
+    # --------------------------------------------------------------------- loop
+    def run(self) -> WorkerStats:
+        t0 = time.perf_counter()
+        consecutive = 0
+        try:
+            while not self.stop.is_set():
+                self.store.reap_expired(self.ex.lease_s, self.ex.max_retries)
+                claims = self.store.claim(self.worker_id, self.ex.pack_size, accept=self._accepts, share=self.share)
+                if not claims and self.spec is not None and self.spec.search.method != "grid":
+                    from saesweep.sweep.search import ask_trials
+
+                    claims = ask_trials(self.store, self.spec, self.worker_id, self.ex.pack_size)
+                if not claims:
+                    if not self._more_may_come():
+                        break
+                    self.stop.wait(self.poll_s)  # others are running: wait, maybe reclaim later
+                    continue
+                ok, failed = self.run_claims(claims)
+                consecutive = 0 if ok else consecutive + failed
+                if consecutive >= self.ex.max_consecutive_failures:
+                    msg = (f"{consecutive} trials failed in a row on {self.worker_id}; stopping this worker "
+                           f"(last reason: {self._last_reason})")
+                    self.stats.aborted = msg
+                    raise SweepAborted(msg)
+        finally:
+            self._drop_data()
+            self.stats.wall_s = time.perf_counter() - t0
+        return self.stats
+
+    _last_reason: str = ""
+
+    def _accepts(self, t) -> bool:
+        if self.slot in t.user_attrs.get("avoid", ()):  # ran out of memory here before
+            return False
+        return self.accept is None or self.accept(t)
+
+    def _more_may_come(self) -> bool:
+        """Trials this worker could still get: waiting ones, or running ones whose lease may expire."""
+        from saesweep.sweep.store import RUNNING, WAITING
+
+        return any(self._accepts(t) for t in self.store.trials([WAITING, RUNNING]))
+
+    def run_claims(self, claims: list[Claim]) -> tuple[int, int]:
+        """Train one pack; returns (trials completed, trials failed)."""
+        from saesweep.training.run import run_pack
+
+        configs = [c.config for c in claims]
+        beat = _Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
+        beat.start()
+        t0 = time.perf_counter()
+        ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
+        should_prune = None
+        if self.spec is not None and self.spec.search.pruner != "none":
+            from saesweep.sweep.search import pruning_callback
+
+            should_prune = pruning_callback(self.store, self.spec, claims)
+        try:
+            results = run_pack(configs, device=self.device, show_progress=self.show_progress, data=self._data_for(configs[0]),
+                               checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
+                               on_log=self.tracker.log if self.tracker else None,
+                               should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
+                               should_prune=should_prune)
+        except Exception as e:
+            beat.stop()
+            self.stats.busy_s += time.perf_counter() - t0
+            if _is_oom(e):
+                return self._out_of_memory(claims)
+            reason = f"{type(e).__name__}: {e}".strip()
+            self._last_reason = reason
+            for c in claims:  # the whole pack failed: every member is retried
+                self.store.fail(c, reason, retry=True, max_retries=self.ex.max_retries,
+                                extra={"traceback": traceback.format_exc()[-4000:], "worker": self.worker_id,
+                                       "slot": self.slot})
+                self._track_finish(c, RunResult(c.trial_id, "failed", c.config.run_dir, c.config, {}, reason))
+            self.stats.trials_failed += len(claims)
+            return 0, len(claims)
+        finally:
+            beat.stop()
+        self.stats.busy_s += time.perf_counter() - t0
+        self.stats.packs += 1
+        done = failed = 0
+        for c, r in zip(claims, results):
+            extra = {"run_dir": str(Path(r.run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
+                     "device": r.metrics.get("device", self.device)}
+            if c.trial_pk in beat.lost:  # reaped by another worker: our result is not recorded
+                self.stats.lost_leases += 1
+                self._track_finish(c, r)
+                continue
+            if r.ok:
+                if self.store.complete(c, r.metrics, objectives=self.objectives, extra=extra):
+                    done += 1
+                    self.stats.tokens += int(r.metrics.get("tokens", 0))
+                else:
+                    self.stats.lost_leases += 1
+            elif r.status == "pruned":
+                self.store.prune(c, r.reason or "pruned", r.metrics.get("last_log"))
+            elif r.reason == INTERRUPTED:  # stopped on request: back in the queue, the attempt not counted
+                self.store.fail(c, r.reason, retry=True, max_retries=self.ex.max_retries, extra=extra, same_attempt=True)
+            else:
+                self._last_reason = r.reason or "failed"
+                self.store.fail(c, r.reason or "failed", retry=False, extra=extra)  # divergence is not retried
+                failed += 1
+            self._track_finish(c, r)
+        if all(r.ok for r in results):
+            ckpt.unlink(missing_ok=True)
+        self.stats.trials_done += done
+        self.stats.trials_failed += failed
+        return done, failed
+
+
+    def _data_for(self, cfg: ExperimentConfig) -> Any:
+        """The activations ``cfg`` trains and evaluates on, kept from one pack to the next: a
+        sweep's packs mostly share them, so the cache entry, the held-out set and the LM for the
+        CE metrics are opened once per worker instead of once per pack."""
+        from saesweep.data import open_source
+        from saesweep.training.trainer import resolve_device
+
+        dev = resolve_device(self.device or cfg.train.device)
+        key = json.dumps([cfg.source.model_dump(mode="json"), cfg.cache_dir, cfg.cache_mode, cfg.train.tokens,
+                          cfg.eval.model_dump(mode="json"), str(dev)], sort_keys=True)
+        if key != self._data_key:
+            self._drop_data()
+            self._data = open_source(cfg, device=dev)
+            self._data_key = key
+        return self._data
+
+    def _drop_data(self) -> None:
+        data, self._data, self._data_key = self._data, None, None
+        if data is not None:
+            data.close()
+
+    def _track_finish(self, claim: Claim, result: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(claim, result)
+
+    def _out_of_memory(self, claims: list[Claim]) -> tuple[int, int]:
+        """The device ran out of memory on this pack (called from ``run_claims``' handler).
+
+        First the failed attempt's tensors are released: the traceback's frames still hold
+        them, so they are cleared before the allocator cache is emptied. A pack is split: its
+        second half goes back to the queue (the attempt not counted), this worker lowers its own
+        pack size to the half and trains the first half. A single trial goes back to the queue
+        marked to avoid this slot, the attempt not counted, while another slot of the sweep may
+        take it; when every slot has run out of memory on it, it fails.
+        """
+        self._drop_data()  # its tensors (an LM for the CE metrics) may hold device memory too
+        exc = sys.exc_info()[1]
+        if exc is not None and exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        del exc
+        _free_device_memory()
+        if len(claims) > 1:
+            half = len(claims) // 2
+            if half < self.ex.pack_size:
+                self.ex = self.ex.model_copy(update={"pack_size": half})
+            for c in claims[half:]:  # back to the queue, attempt not counted
+                self.store.fail(c, f"out of memory in a pack of {len(claims)} on {self.slot}: pack split",
+                                retry=True, same_attempt=True, extra={"worker": self.worker_id})
+            return self.run_claims(claims[:half])
+        c = claims[0]
+        t = self.store.storage.get_trial(c.trial_pk)
+        avoided = set(t.user_attrs.get("avoid", ())) | {self.slot}
+        slots = set(self.store.info.get("slots") or ())
+        others = slots - avoided
+        self.stats.trials_failed += 1
+        if others:
+            self._last_reason = f"out of memory on {self.slot}; retried on another slot"
+            self.store.fail(c, self._last_reason, retry=True, same_attempt=True, avoid_slot=self.slot,
+                            extra={"worker": self.worker_id})
+            return 0, 0  # not a failure of the trial: it runs elsewhere
+        if slots:
+            self._last_reason = f"out of memory on every slot ({', '.join(sorted(avoided))})"
+            self.store.fail(c, self._last_reason, retry=False, extra={"worker": self.worker_id})
+            return 0, 1
+        self._last_reason = f"out of memory on {self.slot}"  # slots unknown: an ordinary retry, elsewhere
+        self.store.fail(c, self._last_reason, retry=True, max_retries=self.ex.max_retries, avoid_slot=self.slot,
+                        extra={"worker": self.worker_id})
+        return 0, 1
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or "out of memory" in str(e).lower()
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _pack_file(claims: Sequence[Claim]) -> str:
+    import hashlib
+
+    return hashlib.sha1(",".join(sorted(c.trial_id for c in claims)).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------- sweep set-up
+def open_sweep(spec: SweepSpec) -> SweepStore:
+    """Open (or create) the sweep's store, recording the spec the first time."""
+    store = SweepStore(spec.storage_url, spec.name, directions=spec.search.directions)
+    stored = spec.model_dump(mode="json")
+    if stored.get("storage"):
+        stored["storage"] = redact(stored["storage"])  # never keep a password in the sweep
+    info = store.info
+    if "spec" not in info:
+        store.set_info(objectives=spec.search.objectives, spec=stored,
+                       checkpoint_dir=str(spec.sweep_dir.resolve() / "checkpoints"), created=time.time())
+    elif {k: info["spec"].get(k) for k in ("execution", "tracking", "search")} != {k: stored[k] for k in ("execution", "tracking", "search")}:
+        store.set_info(spec={**info["spec"], **{k: stored[k] for k in ("execution", "tracking", "search")}})
+    return store
+
+
+def queue_trials(store: SweepStore, spec: SweepSpec, configs: Sequence[ExperimentConfig], *, from_files: bool = False) -> int:
+    """Queue ``configs`` (idempotent: trial ids the sweep already holds are kept as they are)."""
+    from saesweep.sweep.search import grid_spaces, inferred_spaces
+
+    params, spaces = inferred_spaces(configs) if from_files else grid_spaces(spec, configs)
+    return store.add_trials(configs, params, spaces)

@@ -1,0 +1,109 @@
+"""One worker process on one device slot (started by the scheduler; see scheduler.py).
+
+The scheduler gives it its device through the environment (``CUDA_VISIBLE_DEVICES`` naming one
+GPU, so ``--device cuda:0`` is that GPU; empty for a CPU worker) and its thread count. It
+stops cleanly on SIGTERM/SIGINT (checkpoint, requeue) and when its parent goes away.
+
+Debug knob: ``SAESWEEP_SLOW_SLOTS="cpu:1=1.5,cuda:0=0.2"`` makes the named slots spend that
+many more seconds per trial (counted as busy time), to check how the policies balance a slow
+device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def slow_slots(value: str | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in (value or "").split(","):
+        if "=" in item:
+            name, secs = item.rsplit("=", 1)
+            try:
+                out[name.strip()] = float(secs)
+            except ValueError:
+                pass
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="saesweep.sweep.worker_main")
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--sweep", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--slot", default="")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--assigned", action="store_true", help="take only the trials dealt to this slot's device")
+    ap.add_argument("--share", type=int, default=1, help="workers sharing the queue (limits pack claims)")
+    ap.add_argument("--max_pack", type=int, help="most trials in one pack on this slot (memory)")
+    ap.add_argument("--run", default="", help="id of the scheduler run (for per-run stats)")
+    args = ap.parse_args(argv)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the slow imports: a stop asked at start-up is kept
+        signal.signal(sig, lambda *_: stop.set())
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from saesweep.config.sweep import ExecutionSpec
+    from saesweep.devices import Slot
+    from saesweep.sweep.local import (
+        ASSIGNMENT_ATTR,
+        SLOW_SLOTS_ENV,
+        assigned_to,
+        save_worker_stats,
+    )
+    from saesweep.sweep.store import SweepStore
+    from saesweep.sweep.worker import SweepAborted, Worker
+
+    kind = "cuda" if args.device.startswith("cuda") else args.device.split(":")[0]
+    slot = Slot(args.slot or args.device, args.device, kind, args.threads, max_pack=args.max_pack)
+    if kind == "cuda" and not torch.cuda.is_available():
+        print(f"saesweep worker {slot.name}: torch {torch.__version__} cannot use CUDA here "
+              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", file=sys.stderr)
+        return 2
+    store = SweepStore(args.storage, args.sweep, create=False)
+    info = store.info
+    execution = ExecutionSpec.model_validate(info.get("spec", {}).get("execution", {}))
+    accept = assigned_to(info.get(ASSIGNMENT_ATTR, {}), slot.base) if args.assigned else None
+    parent = os.getppid()
+
+    def watchdog():
+        while not stop.wait(2.0):
+            if os.getppid() != parent:
+                stop.set()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    worker = Worker(store, execution, device=args.device, slot=slot.name, stop=stop, accept=accept, share=args.share,
+                    max_pack=args.max_pack)
+    delay = slow_slots(os.environ.get(SLOW_SLOTS_ENV)).get(slot.name)
+    if delay:
+        run_claims = worker.run_claims
+
+        def slow_run_claims(claims):
+            t0 = time.perf_counter()
+            stop.wait(delay * len(claims))
+            worker.stats.busy_s += time.perf_counter() - t0
+            return run_claims(claims)
+
+        worker.run_claims = slow_run_claims
+    code = 0
+    try:
+        worker.run()
+    except SweepAborted as e:
+        print(f"saesweep worker {slot.name}: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        save_worker_stats(store, worker.stats, slot, args.run)
+    return 130 if stop.is_set() and code == 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""``run(config) -> RunResult``: one experiment from a config to a trained, evaluated, saved SAE.
+
+``run_pack`` does the same for a pack of compatible configs on one activation stream (a plain
+``run`` is a pack of one). Each member's run folder ``<output_dir>/<trial_id>/`` receives,
+atomically and in this order: ``config.yaml`` (resolved), ``train_log.jsonl``, the SAE
+(``sae_weights.safetensors`` + ``cfg.json``, SAELens layout, normalisation folded in) and
+``metrics.json`` last, so a folder with ``metrics.json`` is a finished trial. A member that
+diverged gets ``failure.json`` with the reason instead of weights and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from saesweep import __version__
+from saesweep.config.experiment import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_config,
+)
+from saesweep.data import Activations, open_source
+from saesweep.export import export_member
+from saesweep.io import atomic_write_json, atomic_write_text
+from saesweep.metrics.reconstruction import evaluate, first_nonfinite
+from saesweep.saes import LOSS_CONVENTION
+from saesweep.training.trainer import check_pack, resolve_device, train_pack
+
+METRICS_FILE = "metrics.json"
+FAILURE_FILE = "failure.json"
+INTERRUPTED = "interrupted before the end of training (checkpointed)"
+ConfigLike = Union[ExperimentConfig, dict, str, Path]
+
+
+@dataclass
+class RunResult:
+    trial_id: str
+    status: str  # "complete", "failed" or "pruned"
+    run_dir: Path
+    config: ExperimentConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+
+def as_config(obj: ConfigLike) -> ExperimentConfig:
+    if isinstance(obj, ExperimentConfig):
+        return obj
+    if isinstance(obj, dict):
+        return parse_config(obj)
+    if isinstance(obj, (str, Path)):
+        return load_config(obj)
+    raise ConfigError(f"expected an ExperimentConfig, a dict or a YAML path, got {type(obj).__name__}")
+
+
+def run(
+    config: ConfigLike,
+    *,
+    device: Optional[str] = None,
+    show_progress: Optional[bool] = None,
+    on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
+) -> RunResult:
+    """Train, evaluate and save one SAE. Accepts a config object, a dict or a YAML path."""
+    return run_pack([as_config(config)], device=device, show_progress=show_progress, on_log=on_log)[0]
+
+
+def run_pack(
+    configs: Sequence[ExperimentConfig],
+    *,
+    device: Optional[str] = None,
+    show_progress: Optional[bool] = None,
+    checkpoint: Optional[Path] = None,
+    checkpoint_every_s: float = 300.0,
+    on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
+    data: Optional[Activations] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
+) -> list[RunResult]:
+    """Train a pack of compatible configs together; one result per config, in order."""
+    configs = [as_config(c) for c in configs]
+    check_pack(configs)
+    dev = resolve_device(device or configs[0].train.device)
+    t_start = time.perf_counter()
+    if data is None:
+        data = open_source(configs[0], device=dev)
+    t_data = time.perf_counter() - t_start
+    res = train_pack(
+        configs, data, device=dev, show_progress=show_progress,
+        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, on_log=on_log, should_stop=should_stop,
+        should_prune=should_prune,
+    )
+    t_eval = time.perf_counter()
+    # an interrupted pack (Ctrl-C, preemption) has no complete member: nothing to evaluate, so
+    # the interruption returns at once and its checkpoint resumes the training later
+    finished = any(res.members[i].status == "complete" for i in res.alive)
+    metrics = evaluate(res.sae, data, configs[0].eval.batch_size) if finished else []
+    t_eval = time.perf_counter() - t_eval
+    common = {
+        "tokens": res.steps * configs[0].train.batch_size,
+        "train_time_s": res.wall_s,
+        "eval_time_s": t_eval,
+        "data_time_s": t_data,
+        "tokens_per_s": res.tokens_per_s,
+        "pack_size": len(configs),
+        "device": str(dev),
+        "dtype": configs[0].train.dtype,
+        "resumed_from_step": res.resumed_from,
+        "d_in": data.d_in,
+        "d_sae": res.sae.d_sae,
+    }
+    results: list[RunResult] = []
+    row_of = {m: r for r, m in enumerate(res.alive)}
+    for i, member in enumerate(res.members):
+        cfg = member.config
+        out = cfg.run_dir
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in member.log))
+        if i in row_of and member.status == "complete":
+            m = {**metrics[row_of[i]], **common, "resampled_features": member.resampled}
+            bad = first_nonfinite(m)
+            if bad is None:
+                (out / FAILURE_FILE).unlink(missing_ok=True)
+                export_member(res.sae, row_of[i], cfg, data.scale, out)
+                density = m.pop("feature_density", None)
+                record = {"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "metrics": m, "feature_density": density,
+                          "loss_convention": LOSS_CONVENTION,
+                          "source": data.describe(), "saesweep_version": __version__, "host": platform.node()}
+                atomic_write_json(out / METRICS_FILE, record)
+                results.append(RunResult(cfg.trial_id, "complete", out, cfg, m))
+                continue
+            member.status, member.reason = "diverged", f"diverged: metric {bad} is not finite after training"
+        reason = member.reason or INTERRUPTED
+        atomic_write_json(out / FAILURE_FILE, {"trial_id": cfg.trial_id, "reason": reason})
+        status = "pruned" if member.status == "pruned" else "failed"
+        results.append(RunResult(cfg.trial_id, status, out, cfg, {"last_log": member.log[-1]} if member.log else {}, reason))
+    return results

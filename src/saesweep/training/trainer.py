@@ -1,0 +1,370 @@
+"""Train a pack of SAEs on one activation stream.
+
+A *pack* is a list of experiment configs that share everything but their per-member
+hyperparameters (``lr``, ``sparsity_coeff``, ``aux_coeff``, ``initial_beta``, ``final_beta``):
+same source, SAE type, width, gate kind, seed, batch size, token budget and schedules. They
+are trained in one process on one stream of batches, each with its own parameters, optimiser
+state, generator and log. A plain ``run`` is a pack of one.
+
+A member whose loss stops being finite is stopped and reported as diverged; the others go on
+untouched. With ``checkpoint`` set, the full training state (weights, Adam moments, step,
+generators, logs) is saved atomically every ``checkpoint_every_s`` seconds, and a later call
+with the same members (or a subset) resumes from it.
+
+Speed (measured in benchmarks/, see benchmarks/README.md): each step is the architectures'
+fused step (:meth:`~saesweep.saes.PackedSAE.train_step`: hand-written gradients, bias folding,
+token chunks, reused buffers), members one at a time on CPU and stacked on GPUs
+(:func:`~saesweep.saes.kernels.plan_for`), then per-member clipping, PyTorch's fused Adam
+kernel (one call per member) and the decoder renormalisation. ``train.dtype: bfloat16`` runs
+the products and elementwise passes in bfloat16.
+
+Decoder rows stay at unit norm: the part of W_dec's gradient parallel to each row is removed
+before the step (so Adam's moments see only the useful part) and the rows are renormalised
+after it, as SAELens and dictionary_learning do. ``b_dec`` starts at the data mean. Dead
+features are resampled on schedule (:mod:`saesweep.training.resample`, ``train.resample_every``).
+Importing this module also tunes glibc's allocator (:func:`tune_allocator`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from saesweep import saes
+from saesweep.config.experiment import ExperimentConfig
+from saesweep.data.base import Activations
+from saesweep.io import atomic_save_tensors
+from saesweep.progress import progress_bar
+from saesweep.saes.kernels import plan_for
+from saesweep.training.optim import PackedAdam, clip_grad_norm_per_member
+from saesweep.training.resample import Resampler
+
+#: glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS every step (glibc).
+
+    glibc serves big blocks (the ``[B, m]`` intermediates of a step) with fresh ``mmap`` calls
+    and unmaps them on free, so every step pays page faults on tens of MB; with mmap disabled
+    and no trimming, freed blocks are reused. Memory stays bounded by the peak working set (it
+    is just not given back). Skipped when any ``MALLOC_*`` tuning variable is already set,
+    when ``SAESWEEP_MALLOC_TUNE=0``, or when the C library is not glibc. Returns whether it
+    applied.
+    """
+    if os.environ.get("SAESWEEP_MALLOC_TUNE", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+ALLOCATOR_TUNED = tune_allocator()
+
+#: fields a member may set on its own; everything else must match across a pack
+PER_MEMBER_FIELDS = ("lr", "sparsity_coeff", "aux_coeff", "initial_beta", "final_beta")
+
+
+def pack_key(cfg: ExperimentConfig) -> str:
+    """Configs with equal keys can train together in one pack."""
+    ident = cfg.identity()
+    for k in PER_MEMBER_FIELDS:
+        ident.pop(k, None)
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+    return f"{cfg.sae_type}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Linear warm-up over ``lr_warmup_frac`` of the steps, then cosine/linear decay."""
+    warm = int(round(cfg.lr_warmup_frac * total))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_decay == "constant":
+        return 1.0
+    p = (step - warm) / max(1, total - warm)
+    if cfg.lr_decay == "cosine":
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * p))
+    return 1.0 - (1 - cfg.min_lr_factor) * p
+
+
+def sparsity_factor(step: int, total: int, cfg) -> float:
+    warm = int(round(cfg.sparsity_warmup_frac * total))
+    return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
+
+
+@dataclass
+class Member:
+    config: ExperimentConfig
+    status: str = "running"  # running | complete | diverged | pruned
+    reason: Optional[str] = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    resampled: int = 0  # dead features re-initialised so far
+
+
+@dataclass
+class PackResult:
+    sae: saes.PackedSAE  # holds the members that completed, in order
+    members: list[Member]  # every member, in the order given
+    alive: list[int]  # indices into ``members`` of the SAE's rows
+    steps: int
+    tokens: int
+    wall_s: float
+    resumed_from: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens * len(self.members) / max(self.wall_s, 1e-9)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def check_pack(configs: Sequence[ExperimentConfig]) -> None:
+    keys = {pack_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ValueError("configs of one pack must share everything but " + ", ".join(PER_MEMBER_FIELDS))
+
+
+def build_sae(configs: Sequence[ExperimentConfig], d_in: int, device: torch.device) -> saes.PackedSAE:
+    c0 = configs[0]
+    d_sae = int(round(d_in * c0.dict_size_ratio))
+    if d_sae < 1 or abs(d_sae - d_in * c0.dict_size_ratio) > 1e-6:
+        raise ValueError(f"dict_size_ratio {c0.dict_size_ratio} times d_in {d_in} is not a whole number of features")
+    cls = saes.get(c0.sae_type)
+    return cls(d_in, d_sae, [c.sae_hparams for c in configs], [c.train.seed for c in configs], device=device)
+
+
+def train_pack(
+    configs: Sequence[ExperimentConfig],
+    data: Activations,
+    *,
+    device: torch.device | str = "cpu",
+    show_progress: Optional[bool] = None,
+    checkpoint: Optional[Path] = None,
+    checkpoint_every_s: float = 300.0,
+    on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
+) -> PackResult:
+    """Train every config of a pack on ``data``; see the module docstring."""
+    check_pack(configs)
+    device = torch.device(device)
+    tc = configs[0].train
+    total = tc.steps
+    members = [Member(c) for c in configs]
+    alive = list(range(len(configs)))
+
+    resumed = _load_checkpoint(checkpoint, configs, data.d_in, device, members) if checkpoint else None
+    if resumed is not None:
+        sae, opt, start, alive = resumed
+    else:
+        start = 0
+        sae = build_sae(configs, data.d_in, device)
+        sae.init_b_dec(data.mean().to(device))
+        opt = PackedAdam(sae.named_parameters(), torch.tensor([c.lr for c in configs]), (tc.adam_beta1, tc.adam_beta2))
+
+    batches = data.train_batches(tc.batch_size, tc.seed, start=start)
+    plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+    resampler = Resampler(total, tc.resample_every, tc.resample_until, tc.batch_size) if tc.resample_every > 0 else None
+    t0 = time.perf_counter()
+    last_ckpt = t0
+    non_blocking = device.type == "cuda"
+    desc = f"{configs[0].sae_type} x{len(configs)}" if len(configs) > 1 else configs[0].trial_id
+    with progress_bar(total, desc, enabled=show_progress, tokens_per_step=tc.batch_size) as bar:
+        bar.advance(start)
+        for step in range(start, total):
+            if should_stop is not None and should_stop():
+                break
+            x = next(batches).to(device, non_blocking=non_blocking)
+            progress = step / max(1, total - 1)
+            logging = step % tc.log_every == 0 or step == total - 1
+            losses = sae.train_step(x, progress=progress, sparsity_scale=sparsity_factor(step, total, tc),
+                                    plan=plan, dtype=tc.dtype, stats=logging)
+            finite = torch.isfinite(losses.total)
+            if not bool(finite.all()):  # stop the diverged members; the others take this step as usual
+                keep = _drop_diverged(finite, losses, step, sae, opt, members, alive)
+                alive = [alive[i] for i in keep]
+                if not keep:
+                    break
+                losses = _select_losses(losses, keep)
+                plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+            sae.remove_parallel_decoder_grad()
+            if tc.grad_clip is not None:
+                clip_grad_norm_per_member(sae.parameters(), tc.grad_clip)
+            opt.step(lr_factor(step, total, tc))
+            sae.normalize_decoder()
+            if resampler is not None:
+                resampler.observe(x)
+                if resampler.due(step):
+                    for row, n_new in enumerate(resampler(sae, opt)):
+                        members[alive[row]].resampled += n_new
+
+            if logging:
+                _log(step, tc, losses, alive, members, opt, total, on_log)
+                r = members[alive[0]].log[-1]
+                bar.set(loss=r["loss"], l0=r["l0"])
+                if should_prune is not None and step < total - 1:
+                    alive = _prune(should_prune, step, sae, opt, members, alive)
+                    if not alive:
+                        break
+                    plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+            bar.advance(1)
+            if checkpoint is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
+                _save_checkpoint(checkpoint, step + 1, sae, opt, members, alive)
+                last_ckpt = time.perf_counter()
+        else:
+            step = total
+    if should_stop is not None and step < total and checkpoint is not None and alive:
+        _save_checkpoint(checkpoint, step, sae, opt, members, alive)
+    wall = time.perf_counter() - t0
+    done = step >= total
+    for i in alive:
+        if done:
+            members[i].status = "complete"
+    return PackResult(sae, members, alive, steps=step, tokens=(step - start) * tc.batch_size, wall_s=wall, resumed_from=start)
+
+
+def _prune(should_prune, step, sae, opt, members, alive) -> list[int]:
+    """Stop the members the pruner rejects (Optuna median/ASHA on intermediate values)."""
+    keep = []
+    for row, i in enumerate(alive):
+        m = members[i]
+        if should_prune(m.config, m.log[-1]):
+            m.status, m.reason = "pruned", f"pruned at step {step}"
+        else:
+            keep.append(row)
+    if len(keep) < len(alive):
+        if keep:
+            sae.select(keep)
+            opt.rebind(sae.named_parameters(), keep)
+        alive = [alive[r] for r in keep]
+    return alive
+
+
+def _select_losses(losses, keep):
+    idx = torch.tensor(keep, device=losses.total.device)
+    return type(losses)(**{k: None if getattr(losses, k) is None else getattr(losses, k).detach().index_select(0, idx)
+                           for k in ("total", "mse", "sparsity", "aux", "l0")})
+
+
+def _drop_diverged(finite: Tensor, losses, step, sae, opt, members, alive) -> list[int]:
+    keep = [i for i, ok in enumerate(finite.tolist()) if ok]
+    for i, ok in enumerate(finite.tolist()):
+        if not ok:
+            m = members[alive[i]]
+            m.status = "diverged"
+            m.reason = f"diverged: loss is {float(losses.total[i].detach())} at step {step}"
+    if keep:
+        sae.select(keep)
+        opt.rebind(sae.named_parameters(), keep)
+    return keep
+
+
+@torch.no_grad()
+def _log(step, tc, losses, alive, members, opt, total, on_log) -> None:
+    lrf = lr_factor(step, total, tc)
+    cols = {
+        "loss": losses.total.float().tolist(),
+        "mse": losses.mse.float().tolist(),
+        "sparsity": losses.sparsity.float().tolist(),
+        "aux": losses.aux.float().tolist(),
+        "l0": losses.l0.float().tolist(),
+    }
+    for row, i in enumerate(alive):
+        rec = {"step": step, "tokens": (step + 1) * tc.batch_size, "lr": float(opt.lr[row]) * lrf}
+        rec.update({k: v[row] for k, v in cols.items()})
+        members[i].log.append(rec)
+        if on_log is not None:
+            on_log(members[i].config, rec)
+
+
+# ------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive) -> None:
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    tensors.update(opt.state_tensors())
+    for row, g in enumerate(sae.generators):
+        tensors[f"gen.{row}"] = g.get_state()
+    for row, streams in enumerate(sae.noise):
+        for j, g in enumerate(streams):
+            tensors[f"noise.{row}.{j}"] = g.get_state()
+    meta = {
+        "step": step,
+        "adam_steps": opt.steps,
+        "alive": [members[i].config.trial_id for i in alive],
+        "members": {
+            m.config.trial_id: {"status": m.status, "reason": m.reason, "log": m.log, "resampled": m.resampled}
+            for m in members
+        },
+    }
+    atomic_save_tensors(path, tensors, {"saesweep": json.dumps(meta)})
+
+
+def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Member]):
+    """Resume from ``path`` when it covers every member; returns (sae, optimiser, step, alive) or None."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as fh:
+        meta = json.loads(fh.metadata()["saesweep"])
+    ids = [m.config.trial_id for m in members]
+    saved_alive: list[str] = meta["alive"]
+    if not set(ids) <= set(meta["members"]) or not saved_alive:
+        return None
+    tensors = load_file(str(path), device=str(device))
+    tc = configs[0].train
+    # an SAE shaped like the checkpoint; every parameter and per-member buffer is loaded
+    sae = build_sae([configs[0]] * len(saved_alive), d_in, device)
+    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}, strict=True)
+    for row, g in enumerate(sae.generators):
+        g.set_state(tensors[f"gen.{row}"].cpu())
+    for row, streams in enumerate(sae.noise):  # absent in checkpoints written before noise streams
+        for j, g in enumerate(streams):
+            if f"noise.{row}.{j}" in tensors:
+                g.set_state(tensors[f"noise.{row}.{j}"].cpu())
+    opt = PackedAdam(sae.named_parameters(), tensors["adam.lr"], (tc.adam_beta1, tc.adam_beta2))
+    opt.load_state_tensors(tensors, meta["adam_steps"])
+    rows, alive = [], []
+    for i, tid in enumerate(ids):
+        info = meta["members"][tid]
+        members[i].log = list(info["log"])
+        members[i].resampled = int(info.get("resampled", 0))
+        if tid in saved_alive:
+            rows.append(saved_alive.index(tid))
+            alive.append(i)
+        else:
+            members[i].status, members[i].reason = info["status"], info["reason"]
+    if not rows:
+        return None
+    sae.select(rows)
+    opt.rebind(sae.named_parameters(), rows)
+    sae.hp = [configs[i].sae_hparams for i in alive]
+    return sae, opt, int(meta["step"]), alive
