@@ -53,6 +53,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -247,11 +248,12 @@ def modes_section(dev: torch.device, quick: bool) -> dict:
 
 def child_step(args: list[str]) -> None:
     """``--child-step KERNEL D M``: print the median step time (run under a chosen environment)."""
-    kernel, d, m = args[0], int(args[1]), int(args[2])
-    r = step_rate("relu", d, m, 1, torch.device("cpu"), kernel=kernel, steps=8)
-    from saesweep.training import trainer as train
+    from saesweep.training.allocator import tune_allocator
 
-    print(json.dumps({"step_s": r["step_s"], "tuned": train.ALLOCATOR_TUNED}))
+    kernel, d, m = args[0], int(args[1]), int(args[2])
+    tuned = tune_allocator()
+    r = step_rate("relu", d, m, 1, torch.device("cpu"), kernel=kernel, steps=8)
+    print(json.dumps({"step_s": r["step_s"], "tuned": tuned}))
 
 
 def alloc_section(quick: bool) -> dict:
@@ -375,11 +377,10 @@ def run_b(configs) -> tuple[float, list[list]]:
 def run_packed(configs, pack_size: int = 16) -> tuple[float, list[list]]:
     """(c)/(d): packs of compatible trials (the engine's pack_key, at most pack_size members)."""
     from saesweep import run_pack
-    from saesweep.training.trainer import pack_key
 
     groups: dict[str, list] = {}
     for c in configs:
-        groups.setdefault(pack_key(c), []).append(c)
+        groups.setdefault(c.pack_key, []).append(c)
     t = time.perf_counter()
     units = []
     for group in groups.values():
@@ -483,7 +484,7 @@ def saelens_section(tokens: int, quick: bool, cache_dir: Path, max_trials: Optio
     cfgs = configs_for(dicts, cache_dir, cache_dir.parent / "saelens-runs")
     data = open_source(cfgs[0])
     # the whole normalised training set in RAM: the cheapest possible data provider for the peer
-    acts = torch.from_numpy(data.entry.train_activations(0, tokens)).mul_(data.scale)
+    acts = torch.from_numpy(data.entry.gather(np.arange(tokens))).mul_(data.scale)
     d = acts.shape[1]
     idx = subset(len(cfgs), max_trials) if max_trials else list(range(len(cfgs)))
     per = {}
@@ -698,12 +699,14 @@ def main() -> int:
     global WAIT_QUIET_S, DEVICE
     WAIT_QUIET_S = args.wait_quiet
     DEVICE = args.device
-    from saesweep.training import trainer as train  # noqa: F401  (applies the allocator tuning, as in real runs)
+    from saesweep.training.allocator import tune_allocator
+
+    tuned = tune_allocator()  # as the CLI and workers do
 
     res: dict[str, Any] = {"meta": {
         "device": device_name(dev), "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "amx": has_amx(), "mode": "quick" if quick else "full",
-        "load_start": load_avg(), "allocator_tuned": train.ALLOCATOR_TUNED, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_start": load_avg(), "allocator_tuned": tuned, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "gpu": torch.cuda.is_available(),
     }}
     t_start = time.perf_counter()

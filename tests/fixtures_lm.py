@@ -92,7 +92,12 @@ def tiny_lm(tmp_path_factory, tiny_docs) -> Path:
 def tiny_other_lm(request, tmp_path_factory) -> Path:
     """A tiny random GPT-Neo (TinyStories-1M's architecture) or GPT-2 folder, vocabulary 64."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoConfig,
+        GPTNeoForCausalLM,
+    )
 
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     common = dict(vocab_size=64, bos_token_id=1, eos_token_id=2)

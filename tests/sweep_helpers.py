@@ -17,6 +17,16 @@ TINY_BASE = {
 }
 
 
+def complete_count_by_trial(store) -> dict[str, int]:
+    """How many COMPLETE attempts each trial id has in a sweep store (exactly-once: all 1)."""
+    from saesweep.sweep.store import COMPLETE
+
+    out: dict[str, int] = {}
+    for t in store.trials([COMPLETE]):
+        out[t.user_attrs["trial_id"]] = out.get(t.user_attrs["trial_id"], 0) + 1
+    return out
+
+
 def write_spec(folder: Path, **fields) -> Path:
     spec = {"base": TINY_BASE, **fields}
     path = Path(folder) / "saesweep.yaml"

@@ -334,15 +334,6 @@ def cpu_slots(n: int, found: Optional[Sequence[DeviceInfo]] = None) -> list[Slot
 
 # --------------------------------------------------------------------- memory estimate
 FLOAT = 4  # bytes: parameters, optimiser state and activations are float32
-#: live ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, by SAE
-#: type, for the largest way the trainer computes a step: the autograd reference (forward
-#: tensors kept for the backward pass plus the gradients being formed). Measured on the CPU
-#: (tests/test_devices.py::test_memory_estimate_bounds_the_measured_peak): relu 3.3, gated 7,
-#: hard_concrete 8, gated_hard_concrete 10; the fused step stacked over the whole batch (the GPU
-#: plan) 2.5, 4.7, 7.7, 7.7; the CPU's chunked plan less. Two more for allocator slack.
-TRAIN_WIDE = {"relu": 5, "gated": 9, "hard_concrete": 10, "gated_hard_concrete": 12}
-#: the same for evaluation (codes, masks, their sums); measured at most 4, 4, 6, 4
-EVAL_WIDE = {"relu": 6, "gated": 6, "hard_concrete": 8, "gated_hard_concrete": 6}
 #: ``[n, batch, d_in]`` tensors per member (centred input, reconstruction, their difference and grads)
 NARROW = 8
 
@@ -422,8 +413,8 @@ def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int
 
     parameters + gradients + two Adam moments (4 x P per member), optimiser and gradient-clipping
     temporaries (2 x the largest parameter), plus the larger of: the training step's
-    activations (``TRAIN_WIDE`` tensors of ``[n, batch, d_sae]`` and ``NARROW`` of
-    ``[n, batch, d_in]``, the batch itself) and evaluation's (``EVAL_WIDE`` of
+    activations (the architecture's ``train_wide`` tensors of ``[n, batch, d_sae]`` and ``NARROW`` of
+    ``[n, batch, d_in]``, the batch itself) and evaluation's (its ``eval_wide`` of
     ``[n, eval_batch, d_sae]``, the fired-feature masks, the dictionary-recovery cosines).
     """
     d = d_in or source_width(cfg)
@@ -434,9 +425,12 @@ def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int
     p = param_count(cfg, d, m)
     state = 4 * n * p + 2 * n * d * m
     b, be = cfg.train.batch_size, cfg.eval.batch_size
-    train = n * b * (TRAIN_WIDE.get(cfg.sae_type, 12) * m + NARROW * d) + 2 * b * d
+    from saesweep import saes
+
+    arch = saes.get(cfg.sae_type)
+    train = n * b * (arch.train_wide * m + NARROW * d) + 2 * b * d
     recovery = 2 * cfg.source.n_features * m if cfg.source.kind == "synthetic" else 0
-    evals = n * be * (EVAL_WIDE.get(cfg.sae_type, 6) * m + NARROW * d) + 2 * be * d + n * m + recovery
+    evals = n * be * (arch.eval_wide * m + NARROW * d) + 2 * be * d + n * m + recovery
     return FLOAT * (state + max(train, evals)) + _lm_bytes(cfg)
 
 

@@ -136,8 +136,6 @@ def load_sae_pack(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
     sae_type = cfg.get("metadata", {}).get("sae_type") or _type_of_architecture(cfg["architecture"])
     cls = saes.get(sae_type)
     hp = {k: v for k, v in cfg.get("metadata", {}).get("hyperparameters", {}).items() if k != "lr"}
-    if "input_dependent_gates" in cfg:
-        hp["input_dependent_gates"] = cfg["input_dependent_gates"]
     sae = cls(cfg["d_in"], cfg["d_sae"], [hp], [0], device=device)
     state = load_file(str(folder / WEIGHTS_FILE), device=device)
     with torch.no_grad():

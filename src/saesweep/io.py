@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import yaml
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -42,10 +41,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:

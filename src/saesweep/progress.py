@@ -48,22 +48,26 @@ def progress_bar(total: int, description: str, *, enabled: Optional[bool] = None
     if not enabled:
         yield _Quiet()
         return
+    with rich_progress("{task.fields[tok]} tok  loss {task.fields[loss]}  L0 {task.fields[l0]}", elapsed=False) as p:
+        task = p.add_task(description, total=total, tok="0", loss="-", l0="-")
+        yield _Bar(p, task, tokens_per_step)
+
+
+def rich_progress(*fields: str, elapsed: bool = True) -> Any:
+    """The one bar layout of every saesweep bar, on stderr: description, bar, done/total, the
+    given text columns (rich templates such as ``"{task.fields[detail]}"``), elapsed and
+    remaining time. A context manager (rich's ``Progress``)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
         TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[tok]} tok  loss {task.fields[loss]}  L0 {task.fields[l0]}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    ) as p:
-        task = p.add_task(description, total=total, tok="0", loss="-", l0="-")
-        yield _Bar(p, task, tokens_per_step)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields)]
+    if elapsed:
+        columns.append(TimeElapsedColumn())
+    return Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True))

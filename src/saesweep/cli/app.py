@@ -17,6 +17,7 @@ from saesweep import __version__
 from saesweep.cli import launch, report, sweep, train
 from saesweep.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
 from saesweep.config.experiment import ConfigError
+from saesweep.training.allocator import tune_allocator
 
 
 class Command(NamedTuple):
@@ -72,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    tune_allocator()
     try:
         return int(args.handler(args) or 0)
     except ConfigError as e:

@@ -98,9 +98,7 @@ def cmd_dashboard(args) -> int:
 
 # ------------------------------------------------------------------- wandb-sweep
 def wandb_sweep_args(p) -> None:
-    from saesweep import saes
-
-    flag(p, "sae_type", required=True, choices=saes.names(), help="the SAE type whose grid the W&B sweep searches")
+    flag(p, "sae_type", required=True, help="the SAE type whose grid the W&B sweep searches (relu, gated, ...)")
     flag(p, "project", help="W&B project (default: the spec's tracking.project)")
     flag(p, "entity", help="W&B entity (default: the spec's tracking.entity, else your default entity)")
     flag(p, "create_agent_script", action="store_true",
@@ -116,7 +114,11 @@ def wandb_sweep_args(p) -> None:
 
 
 def cmd_wandb_sweep(args) -> int:
+    from saesweep import saes
     from saesweep.config.sweep import load_spec
+
+    if args.sae_type not in saes.names():
+        raise ConfigError(f"--sae_type {args.sae_type}: choose from {', '.join(saes.names())}")
     from saesweep.sweep.wandb_agent import setup
 
     overrides = {f"base.{k}": v for k, v in parse_overrides(args.set).items()}

@@ -25,6 +25,7 @@ from saesweep.config.experiment import (
     read_yaml,
     set_dotted,
 )
+from saesweep.metrics import registry as metrics
 
 # ---------------------------------------------------------------- the seed's grids
 COMMON_GRID: dict[str, list] = {
@@ -46,15 +47,6 @@ def sweepable() -> tuple[str, ...]:
     """Every parameter a grid may sweep, in the order tables show them: the common ones, then
     each registered architecture's own (so a new architecture's fields join by registering)."""
     return (*COMMON_PARAMS, *saes.all_hyperparams())
-
-#: metrics a search can optimise, with their direction
-METRIC_DIRECTIONS = {
-    "fvu": "minimize", "mse": "minimize", "l0": "minimize", "l1": "minimize", "kl": "minimize",
-    "dead_fraction": "minimize", "ce_sae": "minimize", "explained_variance": "maximize",
-    "ce_loss_score": "maximize", "kl_div_score": "maximize", "cossim": "maximize", "frac_recovered": "maximize",
-    "mmcs": "maximize",
-}
-
 
 class Range(Strict):
     """A continuous (or integer) range for random/TPE search."""
@@ -103,8 +95,7 @@ class SearchSpec(Strict):
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         for m in v:
-            if m not in METRIC_DIRECTIONS:
-                raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRIC_DIRECTIONS)}")
+            metrics.direction(m)  # ValueError naming the choices
         return v
 
     @model_validator(mode="after")
@@ -121,7 +112,7 @@ class SearchSpec(Strict):
 
     @property
     def directions(self) -> list[str]:
-        return [METRIC_DIRECTIONS[m] for m in self.objectives]
+        return [metrics.direction(m) for m in self.objectives]
 
 
 class ExecutionSpec(Strict):

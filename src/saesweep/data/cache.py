@@ -57,6 +57,7 @@ import numpy as np
 
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.io import atomic_write_json, file_lock
+from saesweep.progress import is_terminal, rich_progress
 
 FORMAT = 1
 SHARD_BYTES = 64 * 2**20
@@ -223,10 +224,6 @@ class CacheEntry:
                 out[order[a:b]] = self._shards[s][sidx[a:b] - self._starts[s]]
         return out
 
-    def train_activations(self, start: int, stop: int) -> np.ndarray:
-        """Training activations ``[stop - start, d]`` in cache order."""
-        return self.gather(np.arange(start, stop))
-
     def heldout_activations(self, n: int) -> np.ndarray:
         return np.array(self._heldout[:n], dtype=np.float32)
 
@@ -292,23 +289,11 @@ class _Writer:
 def _progress(enabled: Optional[bool], total: int, what: str) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr (only when stderr is a terminal, unless forced)."""
     if enabled is None:
-        enabled = sys.stderr.isatty()
+        enabled = is_terminal()
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with rich_progress("rows") as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -47,10 +46,10 @@ from torch import Tensor, nn
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
 from saesweep.data.base import Activations, Reconstructor
+from saesweep.metrics.downstream import spliced_metrics
 
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 _DOC_BATCH = 256  # documents read and tokenised at a time
-_LOGIT_ELEMENTS = 2**25  # bound on batch * context * vocab when computing CE/KL
 
 
 class _Stop(Exception):
@@ -511,90 +510,6 @@ class ActivationProducer:
             yield h.reshape(-1, h.shape[-1]).float().cpu().numpy()
 
 
-# ----------------------------------------------------------------------------- spliced metrics
-def spliced_metrics(
-    lm: HookedLM,
-    rows: np.ndarray,
-    reconstructors: Sequence[Reconstructor],
-    *,
-    batch_rows: int,
-    baseline: Optional[dict[str, float]] = None,
-) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """SAEBench core's downstream metrics per reconstructor, with SAELens's convention
-    (``sae_lens.evals.get_recons_loss``): every position of the hooked residual, the BOS one
-    included, is replaced by the reconstruction (or by zeros for the ablation); CE is the mean
-    next-token loss over every prediction of the rows, KL(p_clean || p_edited) the mean over
-    every position.
-
-    * ``ce_clean``, ``ce_sae``, ``ce_zero``; ``ce_loss_score`` = (ce_zero - ce_sae) / (ce_zero - ce_clean);
-    * ``kl`` (with the SAE), ``kl_zero`` (zero-ablated); ``kl_div_score`` = (kl_zero - kl) / kl_zero.
-
-    The clean pass runs once per batch for all reconstructors; the zero-ablated pass only
-    when ``baseline`` (the ``ce_clean``/``ce_zero``/``kl_zero`` of these rows, returned by an
-    earlier call) is not given. Each reconstructor gets raw float32 activations ``[N, d]`` on
-    the LM's device and returns raw reconstructions of the same shape.
-    """
-    device = next(lm.model.parameters()).device
-    vocab = int(getattr(lm.model.config, "vocab_size", 0) or 1)
-    ctx = rows.shape[1]
-    batch_rows = max(1, min(batch_rows, _LOGIT_ELEMENTS // (ctx * vocab)))
-    k = len(reconstructors)
-    sums = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}
-    n_pred, n_pos = 0, 0
-    ce_sae_sum, kl_sum = [0.0] * k, [0.0] * k
-
-    def splice(f: Optional[Reconstructor]) -> Callable[[Tensor], Tensor]:
-        def edit(h: Tensor) -> Tensor:
-            if f is None:
-                return torch.zeros_like(h)
-            return f(h.reshape(-1, h.shape[-1]).float()).reshape(h.shape).to(device=h.device, dtype=h.dtype)
-
-        return edit
-
-    def ce_and_logprobs(logits: Tensor, targets: Tensor) -> tuple[float, Tensor]:
-        lp = logits.float().log_softmax(-1)
-        return -lp[:, :-1].gather(-1, targets).sum().item(), lp
-
-    def kl(lp_clean: Tensor, p_clean: Tensor, lp: Tensor) -> float:
-        return (p_clean * (lp_clean - lp)).sum().item()
-
-    for i in range(0, rows.shape[0], batch_rows):
-        ids = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_rows])).to(device)
-        targets = ids[:, 1:].unsqueeze(-1)
-        ce, lp_clean = ce_and_logprobs(lm.logits(ids), targets)
-        p_clean = lp_clean.exp()
-        n_pred += targets.numel()
-        n_pos += ids.numel()
-        if baseline is None:
-            sums["ce_clean"] += ce
-            ce, lp = ce_and_logprobs(lm.logits(ids, splice(None)), targets)
-            sums["ce_zero"] += ce
-            sums["kl_zero"] += kl(lp_clean, p_clean, lp)
-        for j, f in enumerate(reconstructors):
-            ce, lp = ce_and_logprobs(lm.logits(ids, splice(f)), targets)
-            ce_sae_sum[j] += ce
-            kl_sum[j] += kl(lp_clean, p_clean, lp)
-    n_pred, n_pos = max(n_pred, 1), max(n_pos, 1)
-    if baseline is None:
-        baseline = {"ce_clean": sums["ce_clean"] / n_pred, "ce_zero": sums["ce_zero"] / n_pred,
-                    "kl_zero": sums["kl_zero"] / n_pos}
-    ce_clean, ce_zero, kl_zero = baseline["ce_clean"], baseline["ce_zero"], baseline["kl_zero"]
-    out = []
-    for j in range(k):
-        ce_sae, kl_sae = ce_sae_sum[j] / n_pred, kl_sum[j] / n_pos
-        denom = ce_zero - ce_clean
-        out.append({
-            "ce_clean": ce_clean,
-            "ce_sae": ce_sae,
-            "ce_zero": ce_zero,
-            "ce_loss_score": (ce_zero - ce_sae) / denom if abs(denom) > 1e-12 else math.nan,
-            "kl": kl_sae,
-            "kl_zero": kl_zero,
-            "kl_div_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 1e-12 else math.nan,
-        })
-    return out, baseline
-
-
 # ----------------------------------------------------------------------------- Activations
 class HFActivations(Activations):
     """Activations of an hf source, read from the shared on-disk cache (see :mod:`.cache`).
@@ -654,7 +569,7 @@ class HFActivations(Activations):
 
     # ---------------------------------------------------------------- spliced metrics
     def downstream_metrics(self, reconstructors: Sequence[Reconstructor]) -> list[dict[str, float]]:
-        """:func:`spliced_metrics` per reconstructor on held-out rows.
+        """:func:`~saesweep.metrics.downstream.spliced_metrics` per reconstructor on held-out rows.
 
         Reconstructors map raw activations ``[N, d]`` (float32, on the LM's device) to raw
         reconstructions. The LM is loaded on first use.

@@ -17,7 +17,7 @@ Reconstruction metrics are computed on the normalised activations the SAE was tr
 
 For a language-model source the spliced metrics (``ce_clean``, ``ce_sae``, ``ce_zero``,
 ``ce_loss_score``, ``kl``, ``kl_zero``, ``kl_div_score``; see
-:func:`saesweep.data.lm.spliced_metrics`) come from the source; for a synthetic source
+:func:`saesweep.metrics.downstream.spliced_metrics`) come from the source; for a synthetic source
 ``mmcs`` (mean over true features of the best cosine with a decoder row) and
 ``frac_recovered`` (share of true features whose best cosine exceeds 0.9).
 """

@@ -30,14 +30,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from saesweep.config.sweep import METRIC_DIRECTIONS
+from saesweep.metrics import registry as metrics
 
 #: colours of the SAE types (matplotlib's tab10, in the registry's order)
 TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-TABLE_METRICS = ("fvu", "l0", "ce_loss_score", "kl_div_score", "kl", "explained_variance", "dead_fraction", "mmcs", "frac_recovered",
-                 "tokens_per_s", "train_time_s")
-
-
 # --------------------------------------------------------------------- Pareto
 def pareto_mask(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     """Which rows of ``points`` (n x k) no other row dominates, for per-column directions.
@@ -72,7 +68,7 @@ def frontier_ids(df, x: str = "l0", y: str = "fvu", *, by_type: bool = False) ->
         return {} if by_type else []
     d = df[(df["state"] == "complete")] if "state" in df else df
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
-    dirs = [METRIC_DIRECTIONS.get(x, "minimize"), METRIC_DIRECTIONS.get(y, "minimize")]
+    dirs = [metrics.direction(x), metrics.direction(y)]
     if by_type:
         return {t: _frontier(g, x, y, dirs) for t, g in d.groupby("sae_type", sort=False)}
     return _frontier(d, x, y, dirs)
@@ -126,11 +122,11 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
         if len(df) and y in df and "l0" in df and df[y].notna().any():
             ids = frontier_ids(df, "l0", y)
             per = frontier_ids(df, "l0", y, by_type=True)
-            frontier[f"l0_{y}"] = {"x": "l0", "y": y, "directions": ["minimize", METRIC_DIRECTIONS[y]],
+            frontier[f"l0_{y}"] = {"x": "l0", "y": y, "directions": ["minimize", metrics.direction(y)],
                                    "all": ids, "by_type": per}
             path = out / f"frontier_l0_{y}.png"
             plot_frontier(df, "l0", y, path, colors, ids, per, title=title or store.name)
-            figures.append((f"Sparsity vs {_label(y)}", path))
+            figures.append((f"Sparsity vs {metrics.label(y)}", path))
     rep.frontier = frontier
     atomic_write_json(out / "frontier.json", frontier)
 
@@ -228,11 +224,6 @@ def plot_density(density: dict[str, dict[str, Any]], path: Path, colors: dict[st
 
 
 # ---------------------------------------------------------------------- plots
-def _label(metric: str) -> str:
-    return {"l0": "L0 (active features per token)", "fvu": "FVU (fraction of variance unexplained)",
-            "ce_loss_score": "CE loss score (SAEBench)"}.get(metric, metric)
-
-
 def _log_scale(values: np.ndarray) -> bool:
     v = values[np.isfinite(values)]
     return len(v) > 1 and (v > 0).all() and v.max() / v.min() > 20
@@ -244,7 +235,7 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
 
     d = df[(df["state"] == "complete")].copy()
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
-    ydir = METRIC_DIRECTIONS.get(y, "minimize")
+    ydir = metrics.direction(y)
     several = d["sae_type"].nunique() > 1
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     for t, g in d.groupby("sae_type", sort=False):
@@ -267,9 +258,9 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
     if _log_scale(d[y].to_numpy(dtype=float)):
         ax.set_yscale("log")
     better_y = "lower" if ydir == "minimize" else "higher"
-    ax.set_xlabel(f"{_label(x)}: lower is sparser")
-    ax.set_ylabel(f"{_label(y)}: {better_y} is better")
-    ax.set_title(f"{title}: sparsity vs {'fidelity' if y == 'fvu' else _label(y)} ({len(d)} complete trials)")
+    ax.set_xlabel(f"{metrics.label(x)}: lower is sparser")
+    ax.set_ylabel(f"{metrics.label(y)}: {better_y} is better")
+    ax.set_title(f"{title}: sparsity vs {'fidelity' if y == 'fvu' else metrics.label(y)} ({len(d)} complete trials)")
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(loc="best", fontsize=9, framealpha=0.9)
@@ -544,12 +535,12 @@ def _trials_table(df, frontier, colors) -> str:
         return "<p>No trials.</p>"
     on = set(frontier.get("l0_fvu", {}).get("all", []))
     params = _param_cols(df)
-    metrics = [m for m in TABLE_METRICS if m in df]
+    shown = [m for m in metrics.table_metrics() if m in df]
     from saesweep.reporting.table import degenerate_trials
 
     why = dict(degenerate_trials(df))
     df = df.assign(warning=[why.get(t, "") for t in df["trial_id"]])
-    cols = ["trial_id", "sae_type", "state", *params, *metrics, "warning", "device", "duration_s", "reason"]
+    cols = ["trial_id", "sae_type", "state", *params, *shown, "warning", "device", "duration_s", "reason"]
     cols = [c for c in cols if c in df]
     rows = [[r.get(c) for c in cols] for _, r in df.iterrows()]
     classes = ["front" if tid in on else "" for tid in df["trial_id"]]

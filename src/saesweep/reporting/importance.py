@@ -19,7 +19,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from saesweep.config.experiment import ConfigError
-from saesweep.config.sweep import METRIC_DIRECTIONS
+from saesweep.metrics import registry as metrics
 
 MIN_TRIALS = 8
 EVALUATORS = ("auto", "ped-anova", "fanova", "mdi")
@@ -62,14 +62,14 @@ def param_importances(store, metric: Optional[str] = None, *, evaluator: str = "
     from saesweep.sweep.store import COMPLETE
 
     metric = metric or (store.info.get("objectives") or ["fvu"])[0]
-    if metric not in METRIC_DIRECTIONS:
-        raise ConfigError(f"--metric {metric}: choose from {', '.join(METRIC_DIRECTIONS)}")
+    if metric not in metrics.objectives():
+        raise ConfigError(f"--metric {metric}: choose from {', '.join(metrics.objectives())}")
     ev, ev_name = make_evaluator(evaluator, seed)
     by_type: dict[str, list] = {}
     for t in store.trials([COMPLETE]):
         by_type.setdefault(t.user_attrs.get("sae_type", "?"), []).append(t)
     types = list(sae_types) if sae_types else list(by_type)
-    out: dict[str, Any] = {"metric": metric, "direction": METRIC_DIRECTIONS[metric], "evaluator": ev_name,
+    out: dict[str, Any] = {"metric": metric, "direction": metrics.direction(metric), "evaluator": ev_name,
                            "min_trials": MIN_TRIALS, "by_type": {}}
     for sae_type in types:
         out["by_type"][sae_type] = _for_type(by_type.get(sae_type, []), metric, ev)
@@ -101,7 +101,7 @@ def _for_type(trials, metric: str, evaluator) -> dict[str, Any]:
         return {**res, "status": "insufficient",
                 "reason": f"{len(varying)} parameter(s) vary among these trials ({', '.join(varying) or 'none'}); "
                           "importance needs at least 2"}
-    study = optuna.create_study(direction=METRIC_DIRECTIONS[metric], storage=optuna.storages.InMemoryStorage())
+    study = optuna.create_study(direction=metrics.direction(metric), storage=optuna.storages.InMemoryStorage())
     for t, v in rows:
         study.add_trial(optuna.trial.create_trial(
             value=v, params={p: t.params[p] for p in varying}, distributions={p: t.distributions[p] for p in varying}))

@@ -66,6 +66,13 @@ class PackedSAE(nn.Module):
     fused: ClassVar[bool] = False
     #: factor between ``sparsity_coeff`` and the weight of the penalty P (see LOSS_CONVENTION)
     penalty_scale: ClassVar[float] = 1.0
+    #: memory hint for planning (:func:`saesweep.devices.estimate_pack_bytes`): live
+    #: ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, for the
+    #: largest way a step is computed (the autograd reference keeps its forward tensors and
+    #: forms the gradients), plus two for allocator slack; and the same for evaluation (codes,
+    #: masks, their sums). A new architecture that keeps the defaults is planned generously.
+    train_wide: ClassVar[int] = 12
+    eval_wide: ClassVar[int] = 6
 
     def __init__(
         self,
@@ -301,10 +308,6 @@ class PackedSAE(nn.Module):
     def init_b_dec(self, mean: Tensor) -> None:
         """Start every member's decoder bias at the data mean (``[d_in]``)."""
         self.b_dec.copy_(mean.to(self.b_dec).expand_as(self.b_dec))
-
-    def extra_state_tensors(self) -> dict[str, Tensor]:
-        """Per-member buffers that a checkpoint must carry besides parameters."""
-        return {}
 
     @torch.no_grad()
     def select(self, keep: Sequence[int]) -> None:

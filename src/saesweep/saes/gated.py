@@ -16,10 +16,8 @@ import torch
 from torch import Tensor
 
 from saesweep.saes.base import HyperParam, PackedSAE, mse_per_member
-from saesweep.saes.kernels import bmm, bmm_acc, chunks
+from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
-
-threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 AUX_PARAM = {
     "aux_coeff": HyperParam(
@@ -138,6 +136,8 @@ class GatedSAE(GatedEncoder, PackedSAE):
     saelens_architecture = "gated"
     hyperparams = AUX_PARAM
     fused = True
+    # memory hint: 7 wide tensors measured at the training peak, plus slack (see PackedSAE)
+    train_wide, eval_wide = 9, 6
     #: P = sum ReLU(pi_gate) is a gate pre-activation, not a code magnitude (exp(r_mag) rescales
     #: those), so per unit of coefficient it constrains less than ReLU's L1. Measured on
     #: stories260K blocks.2 (ratio 16, lr 1e-3, 1.9M tokens, batch 512): weights 0.03 / 0.09 /

@@ -24,10 +24,8 @@ from saesweep.saes.hard_concrete import (
     fused_penalty,
     gates,
 )
-from saesweep.saes.kernels import bmm, chunks
+from saesweep.saes.kernels import bmm, chunks, threshold_backward
 from saesweep.saes.registry import register
-
-threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 @register
@@ -36,6 +34,8 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     saelens_architecture = "gated_hard_concrete"
     hyperparams = {**AUX_PARAM, **BETA_PARAMS}
     fused = True
+    # memory hint: 10 wide tensors measured at the training peak, plus slack (see PackedSAE)
+    train_wide, eval_wide = 12, 6
 
     def _init_parameters(self) -> None:
         self._init_beta()

@@ -24,11 +24,15 @@ import torch
 from torch import Tensor
 
 from saesweep.saes.base import HyperParam, PackedSAE
-from saesweep.saes.kernels import bmm, bmm_acc, chunks, draw_uniform
+from saesweep.saes.kernels import (
+    bmm,
+    bmm_acc,
+    chunks,
+    draw_uniform,
+    hardtanh_backward,
+    threshold_backward,
+)
 from saesweep.saes.registry import register
-
-threshold_backward = torch.ops.aten.threshold_backward.grad_input
-hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input
 
 GAMMA, ZETA, EPS = -0.1, 1.1, 1e-6
 LOG_RATIO = math.log(-GAMMA / ZETA)  # log(-gamma / zeta) < 0
@@ -158,10 +162,12 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     saelens_architecture = "hard_concrete"
     encoder_weights = ("W_gate", "W_mag")
     fused = True
+    # memory hint: 8 wide tensors measured at the training peak, plus slack (see PackedSAE)
+    train_wide, eval_wide = 10, 8
     hyperparams = {
         **BETA_PARAMS,
         "input_dependent_gates": HyperParam(
-            bool, True, "gate logits depend on the input (else one learned logit per feature)"
+            bool, True, "gate logits depend on the input (else one learned logit per feature)", per_member=False
         ),
     }
 

@@ -100,6 +100,11 @@ class Workspace:
 
 
 # --------------------------------------------------------------------- batched products
+#: in-place backward of ReLU (zero the gradient where the forward output is <= 0) and of a clamp
+threshold_backward = torch.ops.aten.threshold_backward.grad_input
+hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input
+
+
 def bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a @ b`` for ``[k, *, *]`` operands; plain ``mm`` when k == 1 (faster on CPU)."""
     if a.shape[0] == 1:

@@ -32,6 +32,7 @@ class HyperParam:
     default: Any
     help: str
     optional: bool = False  # None is a meaningful value (e.g. "no annealing")
+    per_member: bool = True  # members of one pack may differ in it (else it is part of the pack key)
 
 
 def register(cls: type[PackedSAE]) -> type[PackedSAE]:

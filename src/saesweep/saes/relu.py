@@ -8,10 +8,8 @@ import torch
 from torch import Tensor
 
 from saesweep.saes.base import PackedSAE
-from saesweep.saes.kernels import bmm, bmm_acc, chunks
+from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
-
-threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 @register
@@ -19,6 +17,8 @@ class ReLUSAE(PackedSAE):
     name = "relu"
     saelens_architecture = "standard"
     fused = True
+    # memory hint: 3.3 wide tensors measured at the training peak, plus slack (see PackedSAE)
+    train_wide, eval_wide = 5, 6
 
     def _init_parameters(self) -> None:
         self._init_decoder_and_encoder("W_enc")

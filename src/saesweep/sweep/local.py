@@ -45,6 +45,7 @@ from saesweep.devices import (
     fmt_bytes,
     parse_devices,
 )
+from saesweep.progress import is_terminal, rich_progress
 from saesweep.sweep.store import SweepStore, password_to_env, split_password
 from saesweep.sweep.worker import SweepAborted, Worker, WorkerStats
 
@@ -82,11 +83,10 @@ def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[[int],
     (one shape per pack group), or None when nothing can be estimated."""
     if not configs:
         return None
-    from saesweep.training.trainer import pack_key
 
     groups: dict[str, list] = {}
     for c in configs:
-        g = groups.setdefault(pack_key(c), [c, 0])
+        g = groups.setdefault(c.pack_key, [c, 0])
         g[1] += 1
     shapes = [(cfg, size) for cfg, size in groups.values()]
     if all(estimate_pack_bytes(c, 1) is None for c, _ in shapes):
@@ -159,11 +159,6 @@ def plan_workers(devices: Optional[str], max_parallel: Optional[int] = None, con
             name = s.name if j == 0 else f"{s.name}#{j}"
             out.append(replace(s, name=name, threads=threads, env=dict(s.env), max_pack=cap, pack_bytes=need))
     return out
-
-
-def worker_slots(devices: Optional[str], max_parallel: Optional[int] = None) -> list[Slot]:
-    """The slots for ``--devices`` and ``--max_parallel`` without a sweep to size packs by."""
-    return plan_workers(devices, max_parallel)
 
 
 def device_names(slots: Sequence[Slot]) -> list[str]:
@@ -398,7 +393,6 @@ def _snapshot(store: SweepStore) -> tuple[Counter, Counter, int]:
 def _watch(store: SweepStore, procs, show_progress, stopping: threading.Event, echo) -> None:
     """Live progress until every worker has exited (or a stop is asked): a bar on a terminal,
     a line whenever the count of finished trials changes otherwise."""
-    from saesweep.progress import is_terminal
 
     def alive() -> bool:
         return any(p.poll() is None for _, p in procs) and not stopping.is_set()
@@ -421,18 +415,7 @@ def _watch(store: SweepStore, procs, show_progress, stopping: threading.Event, e
                      f"{states['failed']} failed  |  {slots}")
                 sys.stdout.flush()
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+    with rich_progress("{task.fields[detail]}") as bar:
         task = bar.add_task("trials", total=None, detail="")
         while alive():
             try:

@@ -45,6 +45,7 @@ from optuna.distributions import (
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.config.sweep import Range, SweepSpec, sweepable, swept_params
+from saesweep.metrics import registry as metrics
 
 
 def distribution(space: Any) -> BaseDistribution:
@@ -153,13 +154,12 @@ def ask_trials(store, spec: SweepSpec, worker: str, max_n: int) -> list:
             picks = _propose(spec, sae_type, mine, known, k, n)
             if not picks:
                 continue
-            from saesweep.training.trainer import pack_key
 
             space = search_space(spec, sae_type)
-            key = pack_key(picks[0][0])
+            key = picks[0][0].pack_key
             claims = []
             for cfg, params in picks:
-                if pack_key(cfg) == key:
+                if cfg.pack_key == key:
                     claims.append(_create_running(store, cfg, params, space, worker))
                 else:  # another shape: queued for the next claims (this worker's or another's)
                     store._create_waiting(cfg, params, {p: space[p] for p in params}, attempt=1)
@@ -244,13 +244,12 @@ def _create_running(store, cfg: ExperimentConfig, params: dict, space: dict, wor
     import optuna
 
     from saesweep.sweep.store import RUNNING, Claim
-    from saesweep.training.trainer import pack_key
 
     trial = optuna.trial.create_trial(
         state=RUNNING,
         params=params,
         distributions={p: space[p] for p in params},
-        user_attrs={"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "pack_key": pack_key(cfg), "attempt": 1,
+        user_attrs={"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "pack_key": cfg.pack_key, "attempt": 1,
                     "config": cfg.to_dict()},
     )
     pk = store.storage.create_new_trial(store._study_id, template_trial=trial)
@@ -271,7 +270,7 @@ def intermediate_metric(objective: str) -> str:
     objective (fvu, mse, explained variance, CE/KL, recovery) on the training batch's ``mse``,
     lower is better, which is what they all follow.
     """
-    return {"l0": "l0", "l1": "sparsity"}.get(objective, "mse")
+    return metrics.METRICS[objective].intermediate
 
 
 def make_pruner(search, steps: int):

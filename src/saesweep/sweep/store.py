@@ -437,7 +437,6 @@ class SweepStore:
 
     def _create_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int,
                         avoid: Sequence[str] = ()) -> None:
-        from saesweep.training.trainer import pack_key
 
         trial = optuna.trial.create_trial(
             state=WAITING,
@@ -446,7 +445,7 @@ class SweepStore:
             user_attrs={
                 "trial_id": cfg.trial_id,
                 "sae_type": cfg.sae_type,
-                "pack_key": pack_key(cfg),
+                "pack_key": cfg.pack_key,
                 "attempt": attempt,
                 "config": cfg.to_dict(),
                 **({"avoid": list(avoid)} if avoid else {}),
@@ -614,12 +613,6 @@ class SweepStore:
             c[r.state] += 1
         return c
 
-    def complete_count_by_trial(self) -> dict[str, int]:
-        """How many COMPLETE attempts each trial id has (exactly-once means all are 1)."""
-        out: dict[str, int] = {}
-        for t in self.trials([COMPLETE]):
-            out[t.user_attrs["trial_id"]] = out.get(t.user_attrs["trial_id"], 0) + 1
-        return out
 
 
 def _distribution(value: Any) -> BaseDistribution:

@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from saesweep.config.experiment import ConfigError
-from saesweep.config.sweep import METRIC_DIRECTIONS, Range, SweepSpec, sweepable
+from saesweep.config.sweep import Range, SweepSpec, sweepable
+from saesweep.metrics import registry as metrics
 
 METHODS = {"grid": "grid", "random": "random", "tpe": "bayes"}
 AGENT_FILE = "sweep_agent_{sae_type}.py"
@@ -43,8 +44,8 @@ def sweep_config(spec: SweepSpec, sae_type: str, *, method: Optional[str] = None
     if method not in METHODS.values():
         raise ConfigError(f"--method {method}: choose from {', '.join(METHODS.values())}")
     metric = metric or spec.search.objectives[0]
-    if metric not in METRIC_DIRECTIONS:
-        raise ConfigError(f"--metric {metric}: choose from {', '.join(METRIC_DIRECTIONS)}")
+    if metric not in metrics.objectives():
+        raise ConfigError(f"--metric {metric}: choose from {', '.join(metrics.objectives())}")
     params: dict[str, Any] = {"sae_type": {"value": sae_type}}
     for name, space in spec.grids[sae_type].items():
         if isinstance(space, Range):
@@ -62,7 +63,7 @@ def sweep_config(spec: SweepSpec, sae_type: str, *, method: Optional[str] = None
                        + (f": {n} combinations" if n is not None else ""),
         "program": program or f"scripts/{AGENT_FILE.format(sae_type=sae_type)}",
         "method": method,
-        "metric": {"name": metric, "goal": METRIC_DIRECTIONS[metric]},
+        "metric": {"name": metric, "goal": metrics.direction(metric)},
         "parameters": params,
     }
     if method != "grid" and spec.search.n_trials:

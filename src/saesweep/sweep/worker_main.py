@@ -32,6 +32,9 @@ def slow_slots(value: str | None) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
+    from saesweep.training.allocator import tune_allocator
+
+    tune_allocator()
     ap = argparse.ArgumentParser(prog="saesweep.sweep.worker_main")
     ap.add_argument("--storage", required=True)
     ap.add_argument("--sweep", required=True)

@@ -78,10 +78,6 @@ class PackedAdam:
                 amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
             )
 
-    def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
-
     def rebind(self, params: Iterable[tuple[str, nn.Parameter]], keep: Sequence[int]) -> None:
         """Follow a pack that dropped members: new parameter objects, state rows ``keep``."""
         idx = torch.tensor(list(keep), dtype=torch.long)

@@ -22,17 +22,12 @@ Decoder rows stay at unit norm: the part of W_dec's gradient parallel to each ro
 before the step (so Adam's moments see only the useful part) and the rows are renormalised
 after it, as SAELens and dictionary_learning do. ``b_dec`` starts at the data mean. Dead
 features are resampled on schedule (:mod:`saesweep.training.resample`, ``train.resample_every``).
-Importing this module also tunes glibc's allocator (:func:`tune_allocator`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,49 +44,6 @@ from saesweep.progress import progress_bar
 from saesweep.saes.kernels import plan_for
 from saesweep.training.optim import PackedAdam, clip_grad_norm_per_member
 from saesweep.training.resample import Resampler
-
-#: glibc mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def tune_allocator() -> bool:
-    """Keep freed memory in the process instead of returning it to the OS every step (glibc).
-
-    glibc serves big blocks (the ``[B, m]`` intermediates of a step) with fresh ``mmap`` calls
-    and unmaps them on free, so every step pays page faults on tens of MB; with mmap disabled
-    and no trimming, freed blocks are reused. Memory stays bounded by the peak working set (it
-    is just not given back). Skipped when any ``MALLOC_*`` tuning variable is already set,
-    when ``SAESWEEP_MALLOC_TUNE=0``, or when the C library is not glibc. Returns whether it
-    applied.
-    """
-    if os.environ.get("SAESWEEP_MALLOC_TUNE", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
-        return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
-ALLOCATOR_TUNED = tune_allocator()
-
-#: fields a member may set on its own; everything else must match across a pack
-PER_MEMBER_FIELDS = ("lr", "sparsity_coeff", "aux_coeff", "initial_beta", "final_beta")
-
-
-def pack_key(cfg: ExperimentConfig) -> str:
-    """Configs with equal keys can train together in one pack."""
-    ident = cfg.identity()
-    for k in PER_MEMBER_FIELDS:
-        ident.pop(k, None)
-    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
-    return f"{cfg.sae_type}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -147,9 +99,9 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def check_pack(configs: Sequence[ExperimentConfig]) -> None:
-    keys = {pack_key(c) for c in configs}
+    keys = {c.pack_key for c in configs}
     if len(keys) != 1:
-        raise ValueError("configs of one pack must share everything but " + ", ".join(PER_MEMBER_FIELDS))
+        raise ValueError("configs of one pack must share everything but " + ", ".join(configs[0].per_member_fields))
 
 
 def build_sae(configs: Sequence[ExperimentConfig], d_in: int, device: torch.device) -> saes.PackedSAE:

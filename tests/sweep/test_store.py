@@ -9,13 +9,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pg import postgres_server, postgres_url  # noqa: F401  (fixtures)
+from sweep_helpers import (
+    TINY_BASE,
+    complete_count_by_trial,
+    saesweep,
+    start_worker,
+    write_spec,
+)
+
 from saesweep.config.experiment import ConfigError
-from saesweep.sweep.worker import open_sweep, queue_trials
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.store import SweepStore, redact
-from sweep_helpers import TINY_BASE, saesweep, start_worker, write_spec
+from saesweep.sweep.worker import open_sweep, queue_trials
 
 
 def tiny_spec(tmp_path, storage=None, **fields):
@@ -45,7 +51,7 @@ def run_many_workers(spec, n: int, cwd: Path) -> None:
 
 def check_exactly_once(spec, expected: int) -> SweepStore:
     store = SweepStore(spec.storage_url, spec.name, create=False)
-    done = store.complete_count_by_trial()
+    done = complete_count_by_trial(store)
     assert len(done) == expected and set(done.values()) == {1}
     assert set(attempts_by_trial(store).values()) == {1}, "a trial was started twice"
     for r in store.records():
@@ -134,7 +140,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     out = saesweep("sweep", "--spec", spec_path, cwd=tmp_path, check=True)
     assert "4 complete" in out.stdout
     store = SweepStore(str(journal), "k", create=False)
-    assert set(store.complete_count_by_trial().values()) == {1} and len(store.complete_count_by_trial()) == 4
+    assert set(complete_count_by_trial(store).values()) == {1} and len(complete_count_by_trial(store)) == 4
     after = {r.trial_id: r for r in store.records()}
     for tid, (number, mtime) in before.items():  # finished trials untouched
         assert after[tid].number == number
@@ -149,11 +155,11 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
     # lr 1e30 diverges. The others complete.
     spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 1e30, 3e-3], "dict_size_ratio": [2.0, 1.03], "sparsity_coeff": [0.1]}},
                      execution={"pack_size": 4, "max_retries": 1})
-    from saesweep.sweep.local import run_workers, worker_slots
+    from saesweep.sweep.local import plan_workers, run_workers
 
     store = open_sweep(spec)
     queue_trials(store, spec, expand(spec))
-    outcome = run_workers(store, spec.execution, worker_slots("cpu"), show_progress=False)
+    outcome = run_workers(store, spec.execution, plan_workers("cpu", None), show_progress=False)
     recs = {(r.params["lr"], r.params["dict_size_ratio"]): r for r in store.records()}
     assert outcome.exit_code == 1
     assert recs[(1e-3, 2.0)].state == recs[(3e-3, 2.0)].state == "complete"
@@ -167,11 +173,11 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
 def test_consecutive_failures_stop_the_sweep(tmp_path):
     spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [1.03], "sparsity_coeff": [0.1]}},
                      execution={"max_retries": 0, "max_consecutive_failures": 2})
-    from saesweep.sweep.local import run_workers, worker_slots
+    from saesweep.sweep.local import plan_workers, run_workers
 
     store = open_sweep(spec)
     queue_trials(store, spec, expand(spec))
-    outcome = run_workers(store, spec.execution, worker_slots("cpu"), show_progress=False)
+    outcome = run_workers(store, spec.execution, plan_workers("cpu", None), show_progress=False)
     assert outcome.aborted and "2 trials failed in a row" in outcome.aborted
     assert store.counts()["waiting"] == 2 and outcome.exit_code == 1
 

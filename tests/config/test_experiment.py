@@ -1,8 +1,14 @@
 """Configs: frozen, unknown keys rejected, architecture fields checked, stable ids."""
 
 import pytest
+from pydantic import ValidationError
 
-from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config, parse_config
+from saesweep.config.experiment import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -36,8 +42,8 @@ def test_architecture_defaults_and_roundtrip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(c.to_yaml())
     assert load_config(p) == c
-    with pytest.raises(Exception):
-        c.lr = 1.0  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        c.lr = 1.0
 
 
 def test_trial_id_is_stable_and_ignores_paths_and_device():

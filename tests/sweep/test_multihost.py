@@ -25,12 +25,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pg import PASSWORD, PostgresServer, postgres_server, postgres_url  # noqa: F401  (fixtures)
-from saesweep.sweep.worker import open_sweep
+from sweep_helpers import TINY_BASE, complete_count_by_trial, env
+
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.store import COMPLETE, FAIL, LEASE_ATTR, RUNNING, SweepStore, pg_engine_kwargs
-from sweep_helpers import TINY_BASE, env
+from saesweep.sweep.store import (
+    COMPLETE,
+    FAIL,
+    LEASE_ATTR,
+    RUNNING,
+    SweepStore,
+    pg_engine_kwargs,
+)
+from saesweep.sweep.worker import open_sweep
 
 pytestmark = pytest.mark.postgres
 
@@ -214,7 +221,7 @@ def test_host_cut_off_mid_trial_loses_its_lease_and_nothing_is_lost(hosts, tmp_p
     assert codes == {"host-a": 0, "host-b": 0}, logs
 
     store = SweepStore(db, "cut", create=False)
-    done = store.complete_count_by_trial()
+    done = complete_count_by_trial(store)
     assert len(done) == 2 and set(done.values()) == {1}, done  # every trial complete, exactly once
     assert store.counts() == {"waiting": 0, "running": 0, "complete": 2, "failed": 0, "pruned": 0}
     attempts = [tr for tr in store.trials() if tr.user_attrs["trial_id"] == long_id]
@@ -317,7 +324,7 @@ def test_frozen_worker_loses_its_lease_and_its_late_result_is_discarded(postgres
                 p.send_signal(signal.SIGCONT)
                 p.kill()
                 p.wait()
-    done = SweepStore(postgres_url, "cut", create=False).complete_count_by_trial()
+    done = complete_count_by_trial(SweepStore(postgres_url, "cut", create=False))
     assert len(done) == 4 and set(done.values()) == {1}
     stats = [v for k, v in store.info.items() if k.startswith("worker:") and v.get("lost_leases")]
     assert len(stats) == 1 and stats[0]["lost_leases"] == 1

@@ -13,10 +13,16 @@ import yaml
 
 pytest.importorskip("wandb")
 
-from saesweep.config.sweep import SEED_GRIDS, load_spec, parse_spec  # noqa: E402
-from saesweep.tracking.wandb import read_run_file  # noqa: E402
-from saesweep.sweep.wandb_agent import combinations, schema_violations, setup, sweep_config  # noqa: E402
 from sweep_helpers import REPO, TINY_BASE, env, write_spec  # noqa: E402
+from wandb_files import read_run_file  # noqa: E402
+
+from saesweep.config.sweep import SEED_GRIDS, load_spec, parse_spec  # noqa: E402
+from saesweep.sweep.wandb_agent import (  # noqa: E402
+    combinations,
+    schema_violations,
+    setup,
+    sweep_config,
+)
 
 SEED_COUNTS = {"relu": 48, "hard_concrete": 288, "gated": 144, "gated_hard_concrete": 432}
 
@@ -167,9 +173,8 @@ def agent_env(tmp_path: Path, args: dict, run_id: str) -> dict:
 
 
 def test_agent_program_runs_offline_with_an_injected_config(tmp_path, no_wandb_login):
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
-
     from sweep_helpers import saesweep
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
 
     grids = {"relu": {"lr": [1e-3, 3e-3], "dict_size_ratio": [2.0, 4.0], "sparsity_coeff": [0.1]}}
     spec_path = write_spec(tmp_path, name="ag", sae_types=["relu"], grids=grids, tracking={"project": "agent-test"})

@@ -11,12 +11,10 @@ import signal
 import numpy as np
 import pytest
 import torch
-
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
-from saesweep.data import cache
-from saesweep.data import lm
 from saesweep.config.experiment import ConfigError
+from saesweep.data import cache, lm
 
 
 @pytest.fixture
@@ -34,7 +32,7 @@ def lm_loads(monkeypatch):
 
 
 def digest(entry) -> str:
-    h = hashlib.sha256(entry.train_activations(0, entry.train_tokens).tobytes())
+    h = hashlib.sha256(entry.gather(np.arange(entry.train_tokens)).tobytes())
     h.update(entry.heldout_activations(entry.manifest["heldout"]["tokens"]).tobytes())
     h.update(entry.heldout_token_ids(entry.heldout_rows).tobytes())
     return h.hexdigest()
@@ -55,7 +53,7 @@ def test_built_once_then_reused(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
     assert other.entry.built and other.entry.key != first.entry.key
     m = json.loads((first.entry.path / "manifest.json").read_text())
     assert m["train"]["tokens"] >= 2000 and m["d_in"] == 32 and m["dtype"] == "float32"
-    x = first.entry.train_activations(0, m["stats"]["tokens"]).astype(np.float64) * m["stats"]["scale"]
+    x = first.entry.gather(np.arange(0, m["stats"]["tokens"])).astype(np.float64) * m["stats"]["scale"]
     assert m["stats"]["tokens"] == m["train"]["tokens"] and (x**2).sum(1).mean() == pytest.approx(32)
     np.testing.assert_allclose(m["stats"]["mean"], x.mean(0) / m["stats"]["scale"], rtol=1e-6, atol=1e-6)
     assert m["key_fields"]["layer"] == 1 and m["created"] and m["saesweep_version"]
@@ -65,18 +63,18 @@ def test_larger_request_extends_smaller_reuses(tiny_lm, tiny_text_jsonl, make_cf
     monkeypatch.setattr(cache, "SHARD_BYTES", 10 * 15 * 32 * 4)  # 10 rows of 15 tokens per shard
     small = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
     assert small.entry.built and len(small.entry.manifest["train"]["shards"]) == 7
-    before = small.entry.train_activations(0, 1000)
+    before = small.entry.gather(np.arange(0, 1000))
     big = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 3000}, eval={"tokens": 450}))
     assert big.entry.built and big.entry.train_tokens >= 3000 and len(lm_loads) == 2
     assert big.entry.manifest["reused_shards"] == 6  # full shards were relinked, not recomputed
-    np.testing.assert_array_equal(big.entry.train_activations(0, 1000), before)  # prefix-stable
+    np.testing.assert_array_equal(big.entry.gather(np.arange(0, 1000)), before)  # prefix-stable
     # held-out rows grew from the end: the old ones are still a prefix
     np.testing.assert_array_equal(big.entry.heldout_activations(300), small.entry.heldout_activations(300))
     again = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 500}))
     assert not again.entry.built and len(lm_loads) == 2
     # statistics depend on the requested tokens only, not on what the cache happens to hold
     assert again.scale == pytest.approx(
-        float(np.sqrt(1 / (big.entry.train_activations(0, 500).astype(np.float64) ** 2).sum(1).mean()))
+        float(np.sqrt(1 / (big.entry.gather(np.arange(0, 500)).astype(np.float64) ** 2).sum(1).mean()))
     )
     assert small.scale == pytest.approx(lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000})).scale)
     assert cache.verify_entry(again.entry.path)

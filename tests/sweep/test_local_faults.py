@@ -17,13 +17,13 @@ import weakref
 
 import pytest
 import torch
+from sweep_helpers import TINY_BASE, complete_count_by_trial, env, saesweep, write_spec
 
-from saesweep.training import run as experiment
-from saesweep.sweep.worker import Worker, open_sweep, queue_trials
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.local import SLOTS_ATTR, assigned_to
 from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
-from sweep_helpers import TINY_BASE, env, saesweep, write_spec
+from saesweep.sweep.worker import Worker, open_sweep, queue_trials
+from saesweep.training import run as experiment
 
 REAL_RUN_PACK = experiment.run_pack
 
@@ -69,7 +69,7 @@ def test_oom_splits_the_pack_and_frees_the_failed_attempt(tmp_path, monkeypatch)
     assert fake.leaked == []
     assert w.ex.pack_size == 1  # this worker now claims packs that fit
     assert store.counts()["complete"] == 4 and w.stats.trials_failed == 0
-    assert set(store.complete_count_by_trial().values()) == {1}
+    assert set(complete_count_by_trial(store).values()) == {1}
     for t in store.trials([COMPLETE]):
         assert t.user_attrs["attempt"] == 1  # a split is not an attempt
     splits = [t.user_attrs["reason"] for t in store.trials([FAIL])]
@@ -173,7 +173,7 @@ def test_ctrl_c_stops_all_workers_and_the_same_command_resumes(tmp_path):
     again = saesweep("sweep", "--devices", "cpu:0,cpu:1", cwd=tmp_path, check=True, timeout=240)
     assert "6 complete, 0 failed" in again.stdout
     store = SweepStore(str(journal), "c", create=False)
-    done = store.complete_count_by_trial()
+    done = complete_count_by_trial(store)
     assert len(done) == 6 and set(done.values()) == {1}
     recs = {r.trial_id: r for r in store.records()}
     for tid, number in finished.items():

@@ -7,7 +7,12 @@ import torch
 from saesweep import saes
 from saesweep.data import open_source
 from saesweep.training.optim import PackedAdam
-from saesweep.training.resample import ENCODER_NORM_FRACTION, Resampler, dead_features, resample_member
+from saesweep.training.resample import (
+    ENCODER_NORM_FRACTION,
+    Resampler,
+    dead_features,
+    resample_member,
+)
 from saesweep.training.trainer import train_pack
 
 HP = {"relu": {}, "gated": {"aux_coeff": 1.0},

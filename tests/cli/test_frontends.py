@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sweep_helpers import REPO, complete_count_by_trial, env, saesweep, write_spec
 
 from saesweep.sweep.store import SweepStore
-from sweep_helpers import REPO, env, saesweep, write_spec
 
 SEED_COUNTS = {"relu": 48, "hard_concrete": 288, "gated": 144, "gated_hard_concrete": 432}
 
@@ -66,7 +66,7 @@ def test_approach_1_generate_then_run(here):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "48 complete, 0 failed" in run.stdout
     store = SweepStore(str(here / "runs" / "sweep_configs" / "sweep.journal"), "sweep_configs", create=False)
-    assert set(store.complete_count_by_trial().values()) == {1} and len(store.complete_count_by_trial()) == 48
+    assert set(complete_count_by_trial(store).values()) == {1} and len(complete_count_by_trial(store)) == 48
     # resuming runs nothing again
     again = script("run_sweep.py", "--config_dir", "sweep_configs", "--filter", "relu", cwd=here)
     assert again.returncode == 0 and "0 new, 48 already complete" in again.stdout

@@ -12,11 +12,12 @@ import os
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from saesweep.data import cache, lm
 from saesweep.config.experiment import ConfigError
+from saesweep.data import cache, lm
 
 CLONE_NEWUTS = 0x04000000
 
@@ -40,7 +41,7 @@ def can_make_hosts() -> bool:
 
 
 def digest(entry) -> str:
-    h = hashlib.sha256(entry.train_activations(0, entry.train_tokens).tobytes())
+    h = hashlib.sha256(entry.gather(np.arange(entry.train_tokens)).tobytes())
     h.update(entry.heldout_activations(entry.manifest["heldout"]["tokens"]).tobytes())
     return h.hexdigest()
 

@@ -14,12 +14,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sweep_helpers import REPO, complete_count_by_trial, env, saesweep, write_spec
 
-from saesweep.sweep.worker import open_sweep, queue_trials
 from saesweep.config.sweep import expand, load_spec
-from saesweep.sweep.local import ASSIGNMENT_ATTR, WORKER_STATS_PREFIX, plan_workers, run_workers, slot_of_worker
+from saesweep.sweep.local import (
+    ASSIGNMENT_ATTR,
+    WORKER_STATS_PREFIX,
+    plan_workers,
+    run_workers,
+    slot_of_worker,
+)
 from saesweep.sweep.store import SweepStore
-from sweep_helpers import REPO, env, saesweep, write_spec
+from saesweep.sweep.worker import open_sweep, queue_trials
 
 GRID = {"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [2.0], "sparsity_coeff": [0.1, 0.3]}}
 
@@ -33,7 +39,7 @@ def script(name: str, *args, cwd: Path, extra_env=None) -> subprocess.CompletedP
 
 def check_once(store: SweepStore, n: int) -> dict[str, str]:
     """Every trial COMPLETE exactly once, never started twice; returns trial id -> slot that ran it."""
-    done = store.complete_count_by_trial()
+    done = complete_count_by_trial(store)
     assert len(done) == n and set(done.values()) == {1}
     started = Counter(t.user_attrs["trial_id"] for t in store.trials() if t.state != t.state.WAITING)
     assert set(started.values()) == {1}, "a trial was started twice"

@@ -9,7 +9,7 @@ import torch
 import saesweep
 from saesweep.data import open_source
 from saesweep.metrics.reconstruction import dictionary_recovery
-from saesweep.training.trainer import build_sae, lr_factor, pack_key, sparsity_factor, train_pack
+from saesweep.training.trainer import build_sae, lr_factor, sparsity_factor, train_pack
 
 
 def test_relu_recovers_true_features(tiny_cfg):
@@ -55,7 +55,7 @@ def test_deterministic_for_a_seed(tiny_cfg):
 def test_pack_members_match_their_single_runs(tiny_cfg, sae_type):
     cfgs = [tiny_cfg(sae_type=sae_type, lr=lr, sparsity_coeff=s, train={"tokens": 30_000})
             for lr, s in [(1e-3, 0.1), (3e-3, 0.3), (1e-2, 0.03)]]
-    assert len({pack_key(c) for c in cfgs}) == 1
+    assert len({c.pack_key for c in cfgs}) == 1
     data = open_source(cfgs[0])
     pack = train_pack(cfgs, data, show_progress=False)
     for i, c in enumerate(cfgs):

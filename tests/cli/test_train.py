@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from saesweep.cli import main
@@ -32,14 +33,13 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
 
 def test_bad_config_exit_code_from_the_real_command(tmp_path):
     p = write(tmp_path, {"lr": -0.1})
-    proc = subprocess.run([sys.executable, "-m", "saesweep.cli.app", "train", str(p)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "saesweep.cli", "train", str(p)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "lr" in proc.stderr and "greater than 0" in proc.stderr
 
 
 def test_missing_file_and_unknown_flag(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
-    try:
+    with pytest.raises(SystemExit) as e:
         main(["train", "x.yaml", "--bogus"])
-    except SystemExit as e:
-        assert e.code == 2
+    assert e.value.code == 2

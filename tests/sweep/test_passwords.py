@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pg import PASSWORD, postgres_server, postgres_url  # noqa: F401  (fixtures)
+from sweep_helpers import TINY_BASE, env, saesweep, write_spec
+
 from saesweep.cli import main
-from saesweep.sweep.worker import open_sweep, queue_trials
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.store import SweepStore, redact, redact_text
-from sweep_helpers import TINY_BASE, env, saesweep, write_spec
+from saesweep.sweep.worker import open_sweep, queue_trials
 
 pytestmark = pytest.mark.postgres
 

@@ -10,11 +10,17 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from saesweep.sweep.worker import Worker, open_sweep, queue_trials  # noqa: E402
-from saesweep.config.sweep import expand, parse_spec  # noqa: E402
-from saesweep.tracking import make_tracker  # noqa: E402
-from saesweep.tracking.wandb import WandbTracker, has_credentials, read_run_file, resolve_mode  # noqa: E402
 from sweep_helpers import TINY_BASE, saesweep, write_spec  # noqa: E402
+from wandb_files import read_run_file  # noqa: E402
+
+from saesweep.config.sweep import expand, parse_spec  # noqa: E402
+from saesweep.sweep.worker import Worker, open_sweep, queue_trials  # noqa: E402
+from saesweep.tracking import make_tracker  # noqa: E402
+from saesweep.tracking.wandb import (  # noqa: E402
+    WandbTracker,
+    has_credentials,
+    resolve_mode,
+)
 
 
 @pytest.fixture

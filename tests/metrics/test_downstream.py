@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from saesweep import saes
-from saesweep.data import lm
 from saesweep.config.experiment import parse_config
+from saesweep.data import lm
 from saesweep.export import export_member
+from saesweep.metrics.downstream import spliced_metrics
 from saesweep.metrics.reconstruction import raw_reconstructor
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -61,7 +62,7 @@ def test_spliced_metrics_equal_sae_lens_get_recons_loss(tiny_lm, tmp_path):
     ref = get_recons_loss(peer, HFAsHooked(model), ActivationScaler(), tokens, compute_kl=True,
                           compute_ce_loss=True, hook_name=HOOK)
     ref = {k: v.mean().item() for k, v in ref.items()}
-    ours, _ = lm.spliced_metrics(lm.HookedLM(model, 1), tokens.numpy(), [raw_reconstructor(sae, scale)], batch_rows=4)
+    ours, _ = spliced_metrics(lm.HookedLM(model, 1), tokens.numpy(), [raw_reconstructor(sae, scale)], batch_rows=4)
     ours = ours[0]
     assert ours["ce_clean"] == pytest.approx(ref["ce_loss_without_sae"], rel=1e-5)
     assert ours["ce_sae"] == pytest.approx(ref["ce_loss_with_sae"], rel=1e-5)

@@ -13,11 +13,11 @@ import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
-
-from saesweep.reporting.importance import param_importances
-from saesweep.reporting.html import build_report, frontier_ids, pareto_mask
-from saesweep.sweep.store import COMPLETE, FAIL, PRUNED, SweepStore
 from sweep_helpers import env, saesweep, write_spec
+
+from saesweep.reporting.html import build_report, frontier_ids, pareto_mask
+from saesweep.reporting.importance import param_importances
+from saesweep.sweep.store import COMPLETE, FAIL, PRUNED, SweepStore
 
 LR = CategoricalDistribution([1e-3, 3e-3, 1e-2])
 SC = CategoricalDistribution([0.01, 0.03, 0.1, 0.3, 1.0])
@@ -201,7 +201,11 @@ def test_dashboard_serves_the_sweep_on_loopback(handmade, tmp_path):
 
 
 def test_degenerate_saes_are_named_in_the_summary_and_the_report(tmp_path):
-    from saesweep.reporting.table import degenerate_lines, degenerate_reason, results_table
+    from saesweep.reporting.table import (
+        degenerate_lines,
+        degenerate_reason,
+        results_table,
+    )
 
     store = SweepStore(str(tmp_path / "deg" / "sweep.journal"), "deg", directions=["minimize"])
     store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})

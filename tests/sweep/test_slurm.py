@@ -13,13 +13,14 @@ import pytest
 
 pytest.importorskip("submitit")
 
+from sweep_helpers import TINY_BASE, complete_count_by_trial, saesweep, write_spec
+
 from saesweep.cli import main
-from saesweep.sweep.worker import open_sweep, queue_trials
-from saesweep.training.run import INTERRUPTED
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.slurm import LaunchOptions, parse_mem, split_password, submit
 from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
-from sweep_helpers import TINY_BASE, saesweep, write_spec
+from saesweep.sweep.worker import open_sweep, queue_trials
+from saesweep.training.run import INTERRUPTED
 
 
 def tiny_spec(tmp_path, name="l", tokens=2048, lrs=(1e-3, 3e-3), **execution):
@@ -97,7 +98,7 @@ def test_local_job_array_runs_the_sweep_end_to_end(tmp_path):
     assert "task 0: exit 0" in text and "task 1: exit 0" in text
     assert "Sweep 'arr': 4 complete, 0 failed, 0 waiting, 0 running" in text
     store = SweepStore(str(tmp_path / "runs" / "arr" / "sweep.journal"), "arr", create=False)
-    done = store.complete_count_by_trial()
+    done = complete_count_by_trial(store)
     assert len(done) == 4 and set(done.values()) == {1}
     logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*_log.out"))
     assert logs.count("saesweep launch: task") == 2  # both array tasks ran a worker
@@ -134,7 +135,7 @@ def test_preempted_task_checkpoints_is_requeued_and_resumes(tmp_path, monkeypatc
     result = job.result()
     assert result["exit_code"] == 0 and result["requeues"] == 1
     store = SweepStore(spec.storage_url, "pre", create=False)
-    assert store.complete_count_by_trial() == {first: 1}
+    assert complete_count_by_trial(store) == {first: 1}
     attempts = [t for t in store.trials() if t.user_attrs["trial_id"] == first]
     assert [t.state for t in attempts] == [FAIL, COMPLETE]
     assert attempts[0].user_attrs["reason"] == INTERRUPTED  # stopped and requeued, the attempt not counted

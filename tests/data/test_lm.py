@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
-from saesweep.data import lm
 from saesweep.config.experiment import ConfigError, HFSource
+from saesweep.data import lm
+from saesweep.metrics.downstream import spliced_metrics
 
 
 def ref_rows(docs_ids: list[list[int]], ctx: int, bos: int | None) -> list[list[int]]:
@@ -92,7 +92,7 @@ def test_other_architectures(tiny_other_lm, tiny_tokens_parquet, make_cfg):
         full = model(input_ids=ids, output_hidden_states=True)
     for layer in (0, 1):
         torch.testing.assert_close(lm.HookedLM(model, layer).capture(ids), full.hidden_states[layer], rtol=0, atol=0)
-    out, _ = lm.spliced_metrics(lm.HookedLM(model, 2), ids.numpy(), [lambda x: x.clone(), torch.zeros_like],
+    out, _ = spliced_metrics(lm.HookedLM(model, 2), ids.numpy(), [lambda x: x.clone(), torch.zeros_like],
                                 batch_rows=8)
     assert out[0]["kl"] == pytest.approx(0, abs=1e-6) and out[0]["ce_sae"] == out[0]["ce_clean"]
     assert out[1]["ce_sae"] == out[1]["ce_zero"]
@@ -122,12 +122,12 @@ def test_activations_are_the_hooked_residual(
     toks = lm.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet))
     assert text.d_in == 32 and text.entry.train_tokens >= 2000
     # the same documents give the same training activations either way
-    np.testing.assert_array_equal(text.entry.train_activations(0, 2000), toks.entry.train_activations(0, 2000))
+    np.testing.assert_array_equal(text.entry.gather(np.arange(0, 2000)), toks.entry.gather(np.arange(0, 2000)))
     # and they are the residual entering block 1, BOS position left out
     source = text.source
     first = np.stack(list(itertools.islice(lm.token_rows(source, 3, 1, datasets_cache=tmp_path).train, 3)))
     h = lm.HookedLM(model, 1).capture(torch.from_numpy(first))[:, 1:].reshape(-1, 32)
-    np.testing.assert_allclose(text.entry.train_activations(0, 45), h.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(text.entry.gather(np.arange(0, 45)), h.numpy(), rtol=1e-5, atol=1e-5)
     # held-out activations are those of the held-out rows
     ids = text.entry.heldout_token_ids(2)
     h = lm.HookedLM(model, 1).capture(torch.from_numpy(ids))[:, 1:].reshape(-1, 32)
@@ -200,7 +200,7 @@ def test_save_to_disk_folder_and_no_bos(tmp_path, tiny_lm, tiny_docs):
 # ----------------------------------------------------------------------------- normalisation, metrics
 def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
-    x = torch.from_numpy(acts.entry.train_activations(0, acts.n_train)) * acts.scale
+    x = torch.from_numpy(acts.entry.gather(np.arange(0, acts.n_train))) * acts.scale
     assert x.pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-4)  # unit mean squared norm
     torch.testing.assert_close(acts.mean(), x.mean(0), rtol=1e-4, atol=1e-5)
     batch = next(acts.train_batches(64, seed=0))

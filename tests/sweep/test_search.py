@@ -6,12 +6,12 @@ import math
 import threading
 
 import pytest
+from sweep_helpers import TINY_BASE
 
-from saesweep.sweep.worker import Worker, open_sweep, queue_trials
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.search import ask_trials, intermediate_metric
 from saesweep.sweep.store import SweepStore
-from sweep_helpers import TINY_BASE
+from saesweep.sweep.worker import Worker, open_sweep, queue_trials
 
 RANGES = {"lr": {"low": 1e-5, "high": 1e-1, "log": True}, "sparsity_coeff": {"low": 1e-3, "high": 1.0, "log": True},
           "dict_size_ratio": [2.0, 4.0, 8.0]}

@@ -9,19 +9,32 @@ import torch
 
 from saesweep import saes
 from saesweep.data import open_source
-from saesweep.training.optim import PackedAdam
 from saesweep.saes.kernels import StepPlan, plan_for
+from saesweep.training.optim import PackedAdam
 from saesweep.training.trainer import train_pack
 
-#: (sae_type, extra hyperparameters): the four types, hard-concrete with both gate kinds
-VARIANTS = [
-    ("relu", {}),
-    ("gated", {"aux_coeff": 0.1}),
-    ("hard_concrete", {"initial_beta": 0.5, "final_beta": 0.2, "input_dependent_gates": True}),
-    ("hard_concrete", {"initial_beta": 0.7, "input_dependent_gates": False}),
-    ("gated_hard_concrete", {"aux_coeff": 0.1, "initial_beta": 0.5}),
-]
-IDS = ["relu", "gated", "hc-dep", "hc-shared", "ghc"]
+
+def registry_variants() -> list[tuple[str, str, dict]]:
+    """Every registered architecture with a fused step, at its defaults, and once more for each
+    hyperparameter that selects another code path (a bool flipped, an optional float set), so
+    a new architecture's fused step is checked without editing this file."""
+    out = []
+    for name in saes.names():
+        cls = saes.get(name)
+        if not cls.fused:
+            continue
+        base = {k: hp.default for k, hp in cls.hyperparams.items()}
+        out.append((name, name, base))
+        for k, hp in cls.hyperparams.items():
+            if hp.type is bool:
+                out.append((f"{name}-{k}={not hp.default}", name, {**base, k: not hp.default}))
+            elif hp.optional and hp.default is None and hp.type is float:
+                out.append((f"{name}-{k}", name, {**base, k: 0.2}))
+    return out
+
+
+VARIANTS = [(t, extra) for _, t, extra in registry_variants()]
+IDS = [i for i, _, _ in registry_variants()]
 PLANS = [
     StepPlan("fused", "loop", None),
     StepPlan("fused", "loop", 64),

@@ -1,0 +1,74 @@
+"""Every metric a trial reports, in one table: its name, whether lower or higher is better, its
+label in plots, and where it is computed. The report's table and plots, search objectives,
+``saesweep importance`` and W&B sweeps, and pruning read it from here (torch-free).
+
+Adding a metric is one :class:`Metric` entry here plus its computation in the module its
+``computed_in`` names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Direction = Literal["minimize", "maximize"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    #: which way is better; None for run statistics that are not objectives
+    direction: Optional[Direction]
+    label: str
+    #: the module that computes it
+    computed_in: str
+    #: shown in the report's trial table
+    in_table: bool = True
+    #: the training-log value pruning follows for this objective (lower is better)
+    intermediate: str = "mse"
+
+
+_RECON = "saesweep.metrics.reconstruction"
+_DOWN = "saesweep.metrics.downstream"
+_RECOV = "saesweep.data.synthetic"
+_RUN = "saesweep.training.run"
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("fvu", "minimize", "FVU (fraction of variance unexplained)", _RECON),
+    Metric("l0", "minimize", "L0 (active features per token)", _RECON, intermediate="l0"),
+    Metric("ce_loss_score", "maximize", "CE loss score (SAEBench)", _DOWN),
+    Metric("kl_div_score", "maximize", "KL divergence score (SAEBench)", _DOWN),
+    Metric("kl", "minimize", "KL(clean || spliced) per token", _DOWN),
+    Metric("explained_variance", "maximize", "explained variance (1 - FVU)", _RECON),
+    Metric("dead_fraction", "minimize", "dead features (share)", _RECON),
+    Metric("mmcs", "maximize", "MMCS (best cosine per true feature)", _RECOV),
+    Metric("frac_recovered", "maximize", "true features recovered (cosine > 0.9)", _RECOV),
+    Metric("mse", "minimize", "MSE per dimension (normalised activations)", _RECON, in_table=False),
+    Metric("l1", "minimize", "L1 of the codes per token", _RECON, in_table=False, intermediate="sparsity"),
+    Metric("ce_sae", "minimize", "CE with the SAE spliced in", _DOWN, in_table=False),
+    Metric("cossim", "maximize", "cosine(x, x_hat)", _RECON, in_table=False),
+    Metric("tokens_per_s", None, "training tokens per second", _RUN),
+    Metric("train_time_s", None, "training time (s)", _RUN),
+)}
+
+
+def objectives() -> list[str]:
+    """Metrics a search can optimise (those with a direction)."""
+    return [n for n, m in METRICS.items() if m.direction]
+
+
+def direction(name: str) -> Direction:
+    """``minimize`` or ``maximize``; ``ValueError`` naming the choices for anything else."""
+    m = METRICS.get(name)
+    if m is None or m.direction is None:
+        raise ValueError(f"unknown metric {name!r}; choose from {', '.join(objectives())}")
+    return m.direction
+
+
+def label(name: str) -> str:
+    m = METRICS.get(name)
+    return m.label if m else name
+
+
+def table_metrics() -> list[str]:
+    return [n for n, m in METRICS.items() if m.in_table]

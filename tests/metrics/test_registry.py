@@ -1,0 +1,27 @@
+"""The metric registry names what trials really report, and everything reads it from there."""
+
+import pytest
+
+from saesweep.config.experiment import ConfigError
+from saesweep.config.sweep import parse_spec
+from saesweep.metrics import registry
+from saesweep.training.run import run
+
+
+def test_every_registered_metric_is_computed_where_it_says(tmp_path):
+    r = run({"sae_type": "relu", "source": {"kind": "synthetic", "d_in": 8, "n_features": 16},
+             "train": {"tokens": 2048, "batch_size": 256}, "eval": {"tokens": 1024}, "output_dir": str(tmp_path)},
+            show_progress=False)
+    for name, m in registry.METRICS.items():
+        if m.computed_in != "saesweep.metrics.downstream":  # LM sources only (tests/metrics/test_downstream.py)
+            assert name in r.metrics, f"{name} is registered as computed in {m.computed_in} but no trial has it"
+
+
+def test_objectives_come_from_the_registry():
+    assert registry.direction("ce_loss_score") == "maximize" and registry.direction("l0") == "minimize"
+    with pytest.raises(ValueError, match="choose from"):
+        registry.direction("tokens_per_s")  # a run statistic, not an objective
+    spec = parse_spec({"name": "s", "search": {"method": "random", "n_trials": 2, "objectives": ["kl_div_score"]}})
+    assert spec.search.directions == ["maximize"]
+    with pytest.raises(ConfigError, match="search.objectives.*unknown metric 'bogus'"):
+        parse_spec({"name": "s", "search": {"objectives": ["bogus"]}})

@@ -1,0 +1,115 @@
+"""The package's shape stays as designed: no import cycles between its modules, and the CLI's
+help and its parser load no torch (they answer in about a second)."""
+
+import ast
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "saesweep"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """saesweep modules that ``path`` imports when it is imported (statements at module level,
+    outside ``if TYPE_CHECKING:``), resolved to modules: ``from a import b`` is ``a.b`` when
+    that is a module, else ``a``."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+
+    def visit(stmts):
+        for node in stmts:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for h in getattr(node, "handlers", []):
+                    visit(h.body)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    if sub in modules:
+                        out.add(sub)
+                    elif base in modules:
+                        out.add(base)
+
+    visit(ast.parse(path.read_text()).body)
+    out.discard(name)
+    return out
+
+
+def test_no_import_cycles():
+    files = sorted(PKG.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    graph = {module_name(f): module_level_imports(f, modules) for f in files}
+    # Tarjan's strongly connected components: any with two or more modules is a cycle
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def strong(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    sys.setrecursionlimit(10_000)
+    for v in graph:
+        if v not in index:
+            strong(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
+    """The check above can fail: two modules importing each other are reported."""
+    pkg = tmp_path / "saesweep"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from saesweep import b\n")
+    (pkg / "b.py").write_text("from saesweep.a import x\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
+    with pytest.raises(AssertionError, match="import cycles"):
+        test_no_import_cycles()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sweep", "--help"]])
+def test_cli_help_imports_no_torch(argv):
+    code = ("import sys, runpy; sys.argv = ['saesweep', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('saesweep', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    wall = time.perf_counter() - t
+    assert "usage: saesweep" in proc.stdout
+    assert proc.stderr.strip().endswith("NO TORCH"), proc.stderr[-2000:]
+    print(f"saesweep {' '.join(argv)}: {wall:.2f} s")
