@@ -268,7 +268,7 @@ def test_unbeaten_claim_is_reaped_after_a_lease_seen_by_the_reaper(tmp_path):
     store = open_sweep(spec)
     store.add_trials(expand(spec)[:1], [{"lr": 1e-3}])
     (t,) = store.trials()
-    assert store.storage.set_trial_state_values(t._trial_id, RUNNING)  # claimed; no heartbeat written
+    assert store.storage.set_trial_state_values(store.pk_of(t), RUNNING)  # claimed; no heartbeat written
     assert store.reap_expired(lease_s=0.3) == []  # first seen now
     time.sleep(0.4)
     assert store.reap_expired(lease_s=0.3) == [t.user_attrs["trial_id"]]

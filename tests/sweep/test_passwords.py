@@ -24,7 +24,7 @@ pytestmark = pytest.mark.postgres
 def store_dump(url: str, name: str) -> str:
     """Everything the sweep's study holds, as text."""
     s = SweepStore(url, name, create=False)
-    parts = [s.study.user_attrs, s.storage.get_study_system_attrs(s.study._study_id)]
+    parts = [s.study.user_attrs, s.storage.get_study_system_attrs(s.study_id)]
     for t in s.trials():
         parts += [t.params, t.user_attrs, t.system_attrs]
     return json.dumps(parts, default=str)

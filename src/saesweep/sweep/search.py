@@ -160,9 +160,9 @@ def ask_trials(store, spec: SweepSpec, worker: str, max_n: int) -> list:
             claims = []
             for cfg, params in picks:
                 if cfg.pack_key == key:
-                    claims.append(_create_running(store, cfg, params, space, worker))
+                    claims.append(store.add_running(cfg, params, {p: space[p] for p in params}, worker))
                 else:  # another shape: queued for the next claims (this worker's or another's)
-                    store._create_waiting(cfg, params, {p: space[p] for p in params}, attempt=1)
+                    store.add_waiting(cfg, params, {p: space[p] for p in params})
             return claims
     return []
 
@@ -182,7 +182,7 @@ def _view_study(directions: Sequence[str], trials, space: dict[str, BaseDistribu
         if t.state == WAITING:  # queued, not started: to TPE's constant liar it is as good as running
             t = copy.copy(t)
             t.state, t.datetime_start = RUNNING, datetime.datetime.now()
-        view._storage.create_new_trial(view._study_id, template_trial=t)
+        view.add_trial(t)
     return view
 
 
@@ -239,25 +239,6 @@ def _unseen_point(spec, sae_type, space, seen, seed):
     return None
 
 
-def _create_running(store, cfg: ExperimentConfig, params: dict, space: dict, worker: str):
-    """A RUNNING trial in the store, owned by ``worker`` (same attributes as a queued trial)."""
-    import optuna
-
-    from saesweep.sweep.store import RUNNING, Claim
-
-    trial = optuna.trial.create_trial(
-        state=RUNNING,
-        params=params,
-        distributions={p: space[p] for p in params},
-        user_attrs={"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "pack_key": cfg.pack_key, "attempt": 1,
-                    "config": cfg.to_dict()},
-    )
-    pk = store.storage.create_new_trial(store._study_id, template_trial=trial)
-    store._beat(pk, worker)
-    number = store.storage.get_trial_number_from_id(pk)
-    return Claim(number, pk, cfg.trial_id, 1, cfg, dict(params))
-
-
 # -------------------------------------------------------------------- pruning (issue 6)
 #: how often a pruning callback re-reads the other trials of the sweep
 PRUNING_REFRESH_S = 10.0
@@ -307,7 +288,7 @@ class _Pruning:
             warnings.warn(f"search.pruner {spec.search.pruner!r} needs a single objective; "
                           f"with {spec.search.objectives} no trial is pruned", stacklevel=2)
             self.pruner = None
-        self._views: dict[str, tuple[float, Any, dict]] = {}  # sae_type -> (time, view study, {pk: view pk})
+        self._views: dict[str, tuple[float, Any, Any, dict]] = {}  # sae_type -> (time, view, its storage, {number: view pk})
         self._mirrored: dict[int, set] = {}
 
     def _view(self, sae_type: str):
@@ -320,8 +301,10 @@ class _Pruning:
         now = time.monotonic()
         cached = self._views.get(sae_type)
         if cached and now - cached[0] < PRUNING_REFRESH_S:
-            return cached[1], cached[2]
-        view = optuna.create_study(direction="minimize", storage=optuna.storages.InMemoryStorage())
+            return cached[1:]
+        storage = optuna.storages.InMemoryStorage()
+        view = optuna.create_study(direction="minimize", storage=storage)
+        study_id = storage.get_study_id_from_name(view.study_name)
         ids = {}
         for t in self.store.trials([COMPLETE, PRUNED, RUNNING]):
             if t.user_attrs.get("sae_type") != sae_type or (t.state == COMPLETE and not t.values):
@@ -332,9 +315,9 @@ class _Pruning:
                                params={}, distributions={}, user_attrs={},
                                system_attrs={k: v for k, v in t.system_attrs.items() if k.startswith("completed_rung")},
                                intermediate_values=dict(t.intermediate_values))
-            ids[t._trial_id] = view._storage.create_new_trial(view._study_id, template_trial=copy)
-        self._views[sae_type] = (now, view, ids)
-        return view, ids
+            ids[t.number] = storage.create_new_trial(study_id, template_trial=copy)
+        self._views[sae_type] = (now, view, storage, ids)
+        return view, storage, ids
 
     def __call__(self, config: ExperimentConfig, record: dict) -> bool:
         c = self.by_id.get(config.trial_id)
@@ -351,14 +334,14 @@ class _Pruning:
         try:
             from optuna.trial import FrozenTrial
 
-            view, ids = self._view(config.sae_type)
-            vpk = ids.get(c.trial_pk)
+            view, storage, ids = self._view(config.sae_type)
+            vpk = ids.get(c.number)
             if vpk is None:
                 return False
-            view._storage.set_trial_intermediate_value(vpk, step, float(value))
-            frozen: FrozenTrial = view._storage.get_trial(vpk)
+            storage.set_trial_intermediate_value(vpk, step, float(value))
+            frozen: FrozenTrial = storage.get_trial(vpk)
             prune = bool(self.pruner.prune(view, frozen))
-            self._mirror_rungs(c.trial_pk, view._storage.get_trial(vpk).system_attrs)
+            self._mirror_rungs(c.trial_pk, storage.get_trial(vpk).system_attrs)
             return prune
         except Exception as e:  # a pruner problem never fails a trial
             warnings.warn(f"pruning disabled for this pack: {type(e).__name__}: {e}", stacklevel=2)

@@ -366,7 +366,7 @@ class SweepStore:
             except KeyError:
                 names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
                 raise ConfigError(f"no sweep named {name!r} in {redact(url)} (sweeps there: {', '.join(names) or 'none'})") from None
-        self._study_id = self.study._study_id
+        self.study_id = self.storage.get_study_id_from_name(name)
 
     # ------------------------------------------------------------------ helpers
     def rdb_engine(self):
@@ -409,7 +409,7 @@ class SweepStore:
         return server, (t0 + t1) / 2
 
     def trials(self, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
-        return self.storage.get_all_trials(self._study_id, deepcopy=False, states=tuple(states) if states else None)
+        return self.storage.get_all_trials(self.study_id, deepcopy=False, states=tuple(states) if states else None)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -431,15 +431,15 @@ class SweepStore:
                     continue
                 known.add(cfg.trial_id)
                 dists = spaces[i] if spaces else {k: _distribution(v) for k, v in p.items()}
-                self._create_waiting(cfg, p, dists, attempt=1)
+                self.add_waiting(cfg, p, dists, attempt=1)
                 added += 1
             return added
 
-    def _create_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int,
-                        avoid: Sequence[str] = ()) -> None:
-
-        trial = optuna.trial.create_trial(
-            state=WAITING,
+    @staticmethod
+    def _trial(state: TrialState, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int,
+               avoid: Sequence[str] = ()) -> FrozenTrial:
+        return optuna.trial.create_trial(
+            state=state,
             params=params,
             distributions=dists,
             user_attrs={
@@ -451,7 +451,22 @@ class SweepStore:
                 **({"avoid": list(avoid)} if avoid else {}),
             },
         )
-        self.study.add_trial(trial)
+
+    def add_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int = 1,
+                    avoid: Sequence[str] = ()) -> None:
+        """Queue one attempt of a trial (``avoid``: workers it should not go back to)."""
+        self.study.add_trial(self._trial(WAITING, cfg, params, dists, attempt, avoid))
+
+    def add_running(self, cfg: ExperimentConfig, params: dict, dists: dict, worker: str) -> Claim:
+        """A first attempt that ``worker`` runs at once (sampled search): created RUNNING with
+        its lease, never visible as waiting to other workers."""
+        pk = self.storage.create_new_trial(self.study_id, template_trial=self._trial(RUNNING, cfg, params, dists, 1))
+        self.beat(pk, worker)
+        return Claim(self.storage.get_trial_number_from_id(pk), pk, cfg.trial_id, 1, cfg, dict(params))
+
+    def pk_of(self, t: FrozenTrial) -> int:
+        """The storage's id of a trial (what its write methods take), by public API."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
 
     # ------------------------------------------------------------------ claiming
     def claim(self, worker: str, max_members: int = 1, accept: Optional[Callable[[FrozenTrial], bool]] = None,
@@ -470,22 +485,25 @@ class SweepStore:
             group = group[: min(max_members, -(-len(group) // max(1, share)))]
             claims = []
             for t in group:
+                pk = self.pk_of(t)
                 try:
-                    won = self.storage.set_trial_state_values(t._trial_id, RUNNING)
+                    won = self.storage.set_trial_state_values(pk, RUNNING)
                 except UpdateFinishedTrialError:  # our view was stale: someone ran and finished it
                     won = False
                 if won:
-                    self._beat(t._trial_id, worker)
-                    claims.append(self._claim_of(t))
+                    self.beat(pk, worker)
+                    claims.append(self._claim_of(t, pk))
             if claims:
                 return claims
         return []
 
-    def _claim_of(self, t: FrozenTrial) -> Claim:
+    def _claim_of(self, t: FrozenTrial, pk: Optional[int] = None) -> Claim:
         cfg = parse_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
-        return Claim(t.number, t._trial_id, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params))
+        pk = self.pk_of(t) if pk is None else pk
+        return Claim(t.number, pk, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params))
 
-    def _beat(self, trial_pk: int, worker: str) -> None:
+    def beat(self, trial_pk: int, worker: str) -> None:
+        """Renew (or start) the lease of a RUNNING trial."""
         self.storage.set_trial_system_attr(trial_pk, LEASE_ATTR, {"t": self.now(), "worker": worker, "host": host_id()})
 
     def heartbeat(self, claims: Sequence[Claim], worker: str) -> list[Claim]:
@@ -493,7 +511,7 @@ class SweepStore:
         lost = []
         for c in claims:
             try:
-                self._beat(c.trial_pk, worker)
+                self.beat(c.trial_pk, worker)
             except UpdateFinishedTrialError:
                 lost.append(c)
         return lost
@@ -533,7 +551,7 @@ class SweepStore:
         if retry and (same_attempt or claim.attempt <= max_retries):
             attempt = claim.attempt if same_attempt else claim.attempt + 1
             avoid = list(t.user_attrs.get("avoid", [])) + ([avoid_slot] if avoid_slot else [])
-            self._create_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid)
+            self.add_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid)
             return True, True
         return True, False
 
@@ -562,14 +580,14 @@ class SweepStore:
             if isinstance(beat, dict) and isinstance(beat.get("t"), (int, float)):
                 last = float(beat["t"])
             else:
-                last = seen[t._trial_id] = unbeaten.get(t._trial_id, now)
+                last = seen[t.number] = unbeaten.get(t.number, now)
             if now - last > lease_s:
                 who = beat.get("worker") if isinstance(beat, dict) else "?"
                 ok, _ = self.fail(self._claim_of(t), f"lease expired: no heartbeat from {who} for {now - last:.0f}s",
                                   retry=True, max_retries=max_retries)
                 if ok:
                     reaped.append(t.user_attrs["trial_id"])
-                seen.pop(t._trial_id, None)
+                seen.pop(t.number, None)
         self._unbeaten = seen
         return reaped
 
