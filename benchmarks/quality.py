@@ -95,12 +95,17 @@ def run_saesweep(sae_type: str, base: dict, coeffs: list[float]) -> list[dict]:
 
 def run_saelens(base: dict, coeffs: list[float]) -> list[dict]:
     """SAELens's standard SAE and trainer on saesweep's activation stream, evaluated by saesweep."""
-    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens import (
+        LoggingConfig,
+        SAETrainer,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+    )
     from sae_lens.config import SAETrainerConfig
 
     from saesweep import saes
-    from saesweep.data import open_source
     from saesweep.config.experiment import parse_config
+    from saesweep.data import open_source
     from saesweep.metrics.reconstruction import evaluate
 
     cfg = parse_config({**base, "sae_type": "relu"})

@@ -176,8 +176,8 @@ def step_rate(sae_type: str, d: int, m: int, n: int, dev: torch.device, *, dtype
               extra: Optional[dict] = None) -> dict:
     """Seconds per training step of a pack (what the trainer does per step: fused or autograd
     gradients, finiteness check, per-member clipping, Adam, decoder renormalisation)."""
-    from saesweep.training.optim import clip_grad_norm_per_member
     from saesweep.saes.kernels import StepPlan, plan_for
+    from saesweep.training.optim import clip_grad_norm_per_member
 
     sae, opt = make_pack(sae_type, d, m, n, dev, extra)
     rule = plan_for(dev, n, m, BATCH)
@@ -474,7 +474,12 @@ def saelens_section(tokens: int, quick: bool, cache_dir: Path, max_trials: Optio
     """The same 48 ReLU configs trained with SAELens's own trainer on the same activations."""
     try:
         import sae_lens  # noqa: F401
-        from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens import (
+            LoggingConfig,
+            SAETrainer,
+            StandardTrainingSAE,
+            StandardTrainingSAEConfig,
+        )
         from sae_lens.config import SAETrainerConfig
     except ImportError as e:
         return {"skipped": f"sae_lens is not installed ({e}); pip install 'saesweep[bench]'"}

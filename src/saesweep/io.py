@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

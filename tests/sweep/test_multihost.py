@@ -29,14 +29,8 @@ from pg import PASSWORD, PostgresServer, postgres_server, postgres_url  # noqa: 
 from sweep_helpers import TINY_BASE, complete_count_by_trial, env
 
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.store import (
-    COMPLETE,
-    FAIL,
-    LEASE_ATTR,
-    RUNNING,
-    SweepStore,
-    pg_engine_kwargs,
-)
+from saesweep.sweep.backends import pg_engine_kwargs
+from saesweep.sweep.store import COMPLETE, FAIL, LEASE_ATTR, RUNNING, SweepStore
 from saesweep.sweep.worker import open_sweep
 
 pytestmark = pytest.mark.postgres
@@ -276,10 +270,10 @@ def test_unbeaten_claim_is_reaped_after_a_lease_seen_by_the_reaper(tmp_path):
 
 
 def test_connection_settings_bound_every_wait(postgres_url, monkeypatch):
-    import saesweep.sweep.store as store_mod
+    from saesweep.sweep import backends
 
     # a setting this server does not know (an older PostgreSQL's) is skipped, the others apply
-    monkeypatch.setitem(store_mod.PG_SESSION_SETTINGS, "no_such_setting", 1)
+    monkeypatch.setitem(backends.PG_SESSION_SETTINGS, "no_such_setting", 1)
     store = SweepStore(postgres_url, "s")
     from sqlalchemy import text
 

@@ -15,7 +15,8 @@ from sweep_helpers import TINY_BASE, env, saesweep, write_spec
 
 from saesweep.cli import main
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.store import SweepStore, redact, redact_text
+from saesweep.sweep.store import SweepStore
+from saesweep.sweep.urls import redact, redact_text
 from saesweep.sweep.worker import open_sweep, queue_trials
 
 pytestmark = pytest.mark.postgres

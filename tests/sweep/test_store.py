@@ -20,7 +20,8 @@ from sweep_helpers import (
 
 from saesweep.config.experiment import ConfigError
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.store import SweepStore, redact
+from saesweep.sweep.store import SweepStore
+from saesweep.sweep.urls import redact
 from saesweep.sweep.worker import open_sweep, queue_trials
 
 

@@ -84,7 +84,7 @@ def cmd_launch(args) -> int:
         submit,
         wait_for,
     )
-    from saesweep.sweep.store import redact
+    from saesweep.sweep.urls import redact
 
     spec = None
     uses_spec = bool(args.spec or args.sae_types or args.limit or args.set)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from saesweep.cli.common import EXIT_OK, flag, parse_overrides, positive_int, set_flag
 from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config
-from saesweep.sweep.store import redact
+from saesweep.sweep.urls import redact
 
 PREVIEW = 5
 
@@ -309,7 +309,8 @@ def cmd_worker(args) -> int:
     from saesweep.config.sweep import ExecutionSpec
     from saesweep.devices import detect
     from saesweep.sweep.local import plan_workers, print_worker_table, run_workers
-    from saesweep.sweep.store import WAITING, SweepStore, password_to_env
+    from saesweep.sweep.store import WAITING, SweepStore
+    from saesweep.sweep.urls import password_to_env
 
     # a password in the URL moves to PGPASSWORD (read by libpq): the worker processes then get
     # the URL without it on their command lines, which every user of the host can read
@@ -352,7 +353,7 @@ def open_existing(args):
         if journal.exists():
             import optuna
 
-            from saesweep.sweep.store import open_storage
+            from saesweep.sweep.backends import open_storage
 
             names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(journal))[2])]
             name = folder.name if folder.name in names else (names[0] if names else folder.name)

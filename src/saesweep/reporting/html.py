@@ -417,7 +417,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, sortable: b
 
 
 def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None) -> str:
-    from saesweep.sweep.store import redact
+    from saesweep.sweep.urls import redact
 
     info = store.info
     spec = info.get("spec", {}) or {}

@@ -46,7 +46,8 @@ from saesweep.devices import (
     parse_devices,
 )
 from saesweep.progress import is_terminal, rich_progress
-from saesweep.sweep.store import SweepStore, password_to_env, split_password
+from saesweep.sweep.store import SweepStore
+from saesweep.sweep.urls import password_to_env, split_password
 from saesweep.sweep.worker import SweepAborted, Worker, WorkerStats
 
 ASSIGNMENT_ATTR = "assignment"

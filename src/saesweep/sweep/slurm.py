@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from saesweep.config.experiment import ConfigError
-from saesweep.sweep.store import PASSWORD_ENV, password_to_env, redact, split_password
+from saesweep.sweep.urls import PASSWORD_ENV, password_to_env, redact, split_password
 
 
 @contextlib.contextmanager

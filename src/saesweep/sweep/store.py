@@ -5,7 +5,7 @@ stable id (``trial_id``), its full config, its pack key and attempt number in us
 and the swept parameters as Optuna params (so Optuna's samplers, importance evaluators and
 dashboard work on it directly).
 
-Backends, chosen by URL:
+Backends, chosen by URL (:mod:`.backends`):
 
 * a file path or ``journal:PATH`` -- Optuna's append-only journal file (the embedded default;
   safe for many processes on one host, or on a shared filesystem with working locks);
@@ -27,17 +27,13 @@ or, before the first one, of its claim. A RUNNING trial whose lease is older tha
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
 import socket
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import optuna
 from optuna.distributions import (
@@ -49,102 +45,14 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig, parse_config
-from saesweep.io import file_lock
+from saesweep.sweep.backends import SweepLock, open_storage
+from saesweep.sweep.urls import redact
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
                                             TrialState.FAIL, TrialState.PRUNED)
 LEASE_ATTR = "saesweep:heartbeat"
-
-
-_QUERY_SECRET = re.compile(r"([?&](?:ssl)?pass(?:word|wd)=)[^&#]*", re.IGNORECASE)
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs, reports and exceptions).
-
-    The user-info part ends at the *last* ``@`` of the URL, so a password containing ``/``,
-    ``?``, ``:`` or an unencoded ``@`` is hidden whole (an ``@`` in a query value can make it
-    hide more than the password, never less); ``password=`` / ``sslpassword=`` query
-    parameters are hidden too. Text without ``://`` (a journal path) is returned unchanged.
-    """
-    if not isinstance(url, str) or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    at = rest.rfind("@")
-    if at >= 0 and ":" in rest[:at]:
-        user = rest[: rest.index(":")]
-        rest = f"{user}:***{rest[at:]}"
-    return _QUERY_SECRET.sub(r"\1***", f"{scheme}://{rest}")
-
-
-PASSWORD_ENV = "PGPASSWORD"
-
-
-def _pg_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgresql+", "postgres://"))
-
-
-def split_password(url: str) -> tuple[str, Optional[str]]:
-    """``(url without its password, the password or None)`` for a PostgreSQL URL.
-
-    The password is taken as SQLAlchemy reads it (percent-decoded), from the user info or a
-    ``password=`` query parameter. Other URLs and paths come back unchanged.
-    """
-    if not _pg_url(url):
-        return url, None
-    from sqlalchemy.engine import URL, make_url
-
-    try:
-        u = make_url("postgresql://" + url[len("postgres://"):] if url.startswith("postgres://") else url)
-    except Exception:
-        raise ConfigError(f"--storage {redact(url)}: not a valid PostgreSQL URL") from None
-    query = dict(u.query)
-    password = u.password
-    if password is None:
-        for k in ("password", "PASSWORD"):
-            if k in query:
-                password = query.pop(k)
-    else:
-        query.pop("password", None)
-    if isinstance(password, (tuple, list)):
-        password = password[0]
-    if password is None:
-        return url, None
-    bare = URL.create(u.drivername, username=u.username, password=None, host=u.host, port=u.port,
-                      database=u.database, query=query)
-    return bare.render_as_string(hide_password=False), str(password)
-
-
-def password_to_env(url: str, env: Optional[dict] = None) -> str:
-    """The URL without its password, which goes into ``env`` (default: this process's
-    environment) as ``PGPASSWORD``, where libpq finds it; the URL itself is then safe on
-    command lines (visible to every user in ``ps``) and in job files."""
-    bare, password = split_password(url)
-    if password is not None:
-        (os.environ if env is None else env)[PASSWORD_ENV] = password
-    return bare
-
-
-def redact_text(text: str, url: str) -> str:
-    """``text`` (an error message, say) with ``url`` redacted and its password, in every
-    spelling (as written, decoded, encoded), replaced by ``***``."""
-    from urllib.parse import quote, unquote
-
-    if not url or "://" not in url:
-        return text
-    out = text.replace(url, redact(url))
-    rest = url.split("://", 1)[1]
-    secrets = [m.group(0).split("=", 1)[1] for m in _QUERY_SECRET.finditer(url)]
-    at = rest.rfind("@")
-    if at >= 0 and ":" in rest[:at]:
-        secrets.append(rest[rest.index(":") + 1 : at])
-    for secret in secrets:
-        for form in sorted({secret, unquote(secret), quote(unquote(secret), safe="")}, key=len, reverse=True):
-            if form:
-                out = out.replace(form, "***")
-    return out
 
 
 def host_id() -> str:
@@ -185,170 +93,13 @@ class TrialRecord:
     number: Optional[int] = None
 
 
-class SweepLock:
-    """A sweep-wide mutex for rare multi-step updates (populating, budgeted sampling).
-
-    Journal / SQLite: an ``flock`` beside the file. PostgreSQL: ``pg_advisory_xact_lock`` held
-    by a transaction on its own connection for as long as the block runs. A holder that
-    vanishes releases it when the server drops its session: a dead host or a cut network
-    within about half a minute (TCP keepalives and ``tcp_user_timeout``, see
-    :func:`open_storage`); a process that hangs with its connection open after
-    ``LOCK_IDLE_S`` (``idle_in_transaction_session_timeout``). Waiting for the lock has no
-    statement timeout: a long populate (minutes for a large grid over a slow link) is waited for.
-    """
-
-    LOCK_IDLE_S = 1800
-
-    def __init__(self, store: "SweepStore") -> None:
-        self.store = store
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        kind = self.store.kind
-        if kind in ("journal", "sqlite"):
-            with file_lock(str(self.store.path) + ".saesweep-lock"):
-                yield
-        elif kind == "postgresql":
-            engine = self.store.rdb_engine()
-            key = zlib.crc32(f"saesweep:{self.store.name}".encode()) & 0x7FFFFFFF
-            from sqlalchemy import text
-
-            with engine.connect() as conn, conn.begin():
-                conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{int(self.LOCK_IDLE_S)}s'"))
-                conn.execute(text("SET LOCAL statement_timeout = 0"))
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-                yield
-        else:  # in-memory
-            yield
-
-
-#: libpq settings of every PostgreSQL connection (a key given in the URL's query wins):
-#: connecting gives up after 10 s; an idle connection to a vanished server is detected by TCP
-#: keepalives in about 25 s, and a request whose data goes unacknowledged (a cut network)
-#: fails after ``tcp_user_timeout`` (libpq 12 or later), so a worker never hangs on a dead
-#: connection.
-PG_CONNECT_ARGS: dict[str, Any] = {
-    "connect_timeout": 10,
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 30_000,
-    "application_name": "saesweep",
-}
-#: the server side of each session, set when it opens (one by one: a setting this server does
-#: not know, an older PostgreSQL's, is skipped): the server drops the session of a vanished
-#: client as fast (its row and advisory locks go with it), no statement runs for more than five
-#: minutes, and a session idle inside a transaction is ended after one.
-PG_SESSION_SETTINGS = {
-    "tcp_keepalives_idle": 10,
-    "tcp_keepalives_interval": 5,
-    "tcp_keepalives_count": 3,
-    "tcp_user_timeout": 30_000,
-    "statement_timeout": 300_000,
-    "idle_in_transaction_session_timeout": 60_000,
-}
-
-
-def _libpq_version(driver: str) -> int:
-    try:
-        if driver == "psycopg":
-            import psycopg
-
-            return int(psycopg.pq.version())
-        import psycopg2.extensions
-
-        return int(psycopg2.extensions.libpq_version())
-    except Exception:
-        return 0
-
-
-def pg_engine_kwargs(url: str) -> dict[str, Any]:
-    """SQLAlchemy engine options for a PostgreSQL ``url`` (see PG_CONNECT_ARGS).
-
-    ``pool_pre_ping`` replaces connections that died while idle in the pool (a server restart,
-    a network cut) before they are used. The connection settings are libpq's, so they are
-    given only for the psycopg / psycopg2 drivers; a setting named in the URL's query (for
-    example ``?connect_timeout=30``) is left to the URL.
-    """
-    from sqlalchemy.engine import make_url
-
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 8, "pool_timeout": 60,
-                              "pool_recycle": 1800}
-    try:
-        u = make_url(url)
-        driver = u.get_driver_name()
-    except Exception:
-        return kwargs
-    if driver not in ("psycopg", "psycopg2"):
-        return kwargs
-    args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in u.query}
-    if _libpq_version(driver) < 120000:
-        args.pop("tcp_user_timeout", None)
-    kwargs["connect_args"] = args
-    return kwargs
-
-
-def _session_settings(engine) -> None:
-    """Apply PG_SESSION_SETTINGS to every new connection of ``engine``."""
-    from sqlalchemy import event
-
-    def apply(dbapi_conn, record) -> None:
-        for name, value in PG_SESSION_SETTINGS.items():
-            cur = dbapi_conn.cursor()
-            try:
-                cur.execute(f"SET {name} = {int(value)}")
-                dbapi_conn.commit()
-            except Exception:  # unknown to this server, or refused by a pooler in front of it
-                dbapi_conn.rollback()
-            finally:
-                cur.close()
-
-    event.listen(engine, "connect", apply)
-    engine.dispose()  # connections opened while Optuna set the storage up have none of it
-
-
-def open_storage(url: str):
-    """An Optuna storage for ``url`` (see the module docstring)."""
-    if url.startswith(("postgresql://", "postgresql+", "postgres://")):
-        if url.startswith("postgres://"):
-            url = "postgresql://" + url[len("postgres://"):]
-        try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=pg_engine_kwargs(url))
-            _session_settings(storage.engine)
-            return "postgresql", None, storage
-        except ImportError as e:
-            raise ConfigError(f"--storage {redact(url)}: PostgreSQL needs psycopg (pip install 'saesweep[postgres]'): "
-                              f"{redact_text(str(e), url)}") from None
-        except Exception as e:  # sqlalchemy.exc.OperationalError and friends
-            first = redact_text(str(e), url).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"--storage {redact(url)}: cannot connect ({first})") from None
-    if url.startswith("sqlite:///"):
-        return "sqlite", Path(url[len("sqlite:///"):]), optuna.storages.RDBStorage(url)
-    if url == ":memory:":
-        return "memory", None, optuna.storages.InMemoryStorage()
-    if "://" in url:
-        raise ConfigError(f"--storage {redact(url)}: unknown scheme; use a journal file path, postgresql://... or sqlite:///...")
-    path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
-    if path.exists() and path.is_dir():
-        raise ConfigError(f"--storage {url}: is a folder; give a journal file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import (
-        JournalFileBackend,
-        JournalFileOpenLock,
-        JournalStorage,
-    )
-
-    return "journal", path, JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-
-
 class SweepStore:
     """Trials, states, leases, metrics and artifact paths of one sweep."""
 
     def __init__(self, url: str, name: str, *, directions: Optional[Sequence[str]] = None, create: bool = True) -> None:
         self.url, self.name = url, name
         self.kind, self.path, self.storage = open_storage(url)
-        self.lock = SweepLock(self)
+        self.lock = SweepLock(self.kind, self.path, self.storage, name)
         if create:
             directions = list(directions or ["minimize"])
             try:
@@ -630,7 +381,6 @@ class SweepStore:
         for r in self.records():
             c[r.state] += 1
         return c
-
 
 
 def _distribution(value: Any) -> BaseDistribution:

@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import ExecutionSpec, SweepSpec
-from saesweep.sweep.store import Claim, SweepStore, new_worker_id, redact
+from saesweep.sweep.store import Claim, SweepStore, new_worker_id
+from saesweep.sweep.urls import redact
 from saesweep.training.run import INTERRUPTED, RunResult
 
 
