@@ -23,14 +23,13 @@ from sweep_helpers import REPO, env
 from saesweep import devices
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.devices import DeviceInfo, estimate_pack_bytes, param_count, parse_devices
-from saesweep.sweep.local import (
+from saesweep.sweep.local import _worker_command, worker_env
+from saesweep.sweep.planning import (
     CUDA_CONTEXT_BYTES,
     MEMORY_SAFETY,
-    _worker_command,
     pack_estimator,
     plan_lines,
     plan_workers,
-    worker_env,
 )
 
 FAKE = Path(__file__).parent / "fake_gpu"

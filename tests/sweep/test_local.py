@@ -17,13 +17,9 @@ import pytest
 from sweep_helpers import REPO, complete_count_by_trial, env, saesweep, write_spec
 
 from saesweep.config.sweep import expand, load_spec
-from saesweep.sweep.local import (
-    ASSIGNMENT_ATTR,
-    WORKER_STATS_PREFIX,
-    plan_workers,
-    run_workers,
-    slot_of_worker,
-)
+from saesweep.sweep.display import WORKER_STATS_PREFIX, slot_of_worker
+from saesweep.sweep.local import run_workers
+from saesweep.sweep.planning import ASSIGNMENT_ATTR, plan_workers
 from saesweep.sweep.store import SweepStore
 from saesweep.sweep.worker import open_sweep, queue_trials
 

@@ -20,7 +20,8 @@ import torch
 from sweep_helpers import TINY_BASE, complete_count_by_trial, env, saesweep, write_spec
 
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.local import SLOTS_ATTR, assigned_to
+from saesweep.sweep.local import SLOTS_ATTR
+from saesweep.sweep.planning import assigned_to
 from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
 from saesweep.sweep.worker import Worker, open_sweep, queue_trials
 from saesweep.training import run as experiment

@@ -156,7 +156,8 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
     # lr 1e30 diverges. The others complete.
     spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 1e30, 3e-3], "dict_size_ratio": [2.0, 1.03], "sparsity_coeff": [0.1]}},
                      execution={"pack_size": 4, "max_retries": 1})
-    from saesweep.sweep.local import plan_workers, run_workers
+    from saesweep.sweep.local import run_workers
+    from saesweep.sweep.planning import plan_workers
 
     store = open_sweep(spec)
     queue_trials(store, spec, expand(spec))
@@ -174,7 +175,8 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
 def test_consecutive_failures_stop_the_sweep(tmp_path):
     spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [1.03], "sparsity_coeff": [0.1]}},
                      execution={"max_retries": 0, "max_consecutive_failures": 2})
-    from saesweep.sweep.local import plan_workers, run_workers
+    from saesweep.sweep.local import run_workers
+    from saesweep.sweep.planning import plan_workers
 
     store = open_sweep(spec)
     queue_trials(store, spec, expand(spec))

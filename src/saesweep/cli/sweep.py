@@ -200,7 +200,7 @@ def cmd_sweep(args) -> int:
 def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
     """Shared by run / sweep: dry run, or queue the trials and run the workers."""
     from saesweep.devices import detect
-    from saesweep.sweep.local import plan_workers
+    from saesweep.sweep.planning import plan_workers
 
     if getattr(args, "show_devices", False):
         return cmd_devices(args)
@@ -217,7 +217,8 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
         )
     if args.dry_run:
         return dry_run(spec, configs, slots, found)
-    from saesweep.sweep.local import print_worker_table, run_workers
+    from saesweep.sweep.display import print_worker_table
+    from saesweep.sweep.local import run_workers
     from saesweep.sweep.worker import open_sweep, queue_trials
 
     t0 = time.perf_counter()
@@ -252,7 +253,7 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
 def print_plan(found, slots, pack_size: int, policy: Optional[str] = None) -> None:
     """The devices found, the ones used (and the policy), and the worker plan."""
     from saesweep.devices import detection_lines
-    from saesweep.sweep.local import device_names, plan_lines
+    from saesweep.sweep.planning import device_names, plan_lines
 
     for line in detection_lines(found):
         print(line)
@@ -264,7 +265,7 @@ def print_plan(found, slots, pack_size: int, policy: Optional[str] = None) -> No
 
 def dry_run(spec, configs, slots, found=None) -> int:
     from saesweep.config.sweep import swept_params
-    from saesweep.sweep.local import deal, distribution_lines
+    from saesweep.sweep.planning import deal, distribution_lines
 
     if configs is None:
         print(f"Would run a {spec.search.method} search: {spec.search.n_trials} trials per type over {spec.sae_types}")
@@ -308,7 +309,9 @@ def cmd_worker(args) -> int:
     from saesweep.config.experiment import parse_config
     from saesweep.config.sweep import ExecutionSpec
     from saesweep.devices import detect
-    from saesweep.sweep.local import plan_workers, print_worker_table, run_workers
+    from saesweep.sweep.display import print_worker_table
+    from saesweep.sweep.local import run_workers
+    from saesweep.sweep.planning import plan_workers
     from saesweep.sweep.store import WAITING, SweepStore
     from saesweep.sweep.urls import password_to_env
 
@@ -381,7 +384,7 @@ def cmd_status(args) -> int:
     if durations and left:
         print(f"  mean trial time {sum(durations) / len(durations):.1f}s; about {left * sum(durations) / len(durations):.0f}s of work left")
     _print_failed(recs)
-    from saesweep.sweep.local import per_slot_totals, print_worker_table
+    from saesweep.sweep.display import per_slot_totals, print_worker_table
 
     print_worker_table(per_slot_totals(store))
     _print_frontier(recs, folder)

@@ -156,7 +156,7 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
 
 def device_stats(store, df) -> list[dict[str, Any]]:
     """Per-slot totals of the sweep's worker runs, or per device from the trials when none were saved."""
-    from saesweep.sweep.local import per_slot_totals
+    from saesweep.sweep.display import per_slot_totals
 
     rows = per_slot_totals(store)
     if rows:

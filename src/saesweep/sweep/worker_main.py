@@ -57,12 +57,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from saesweep.config.sweep import ExecutionSpec
     from saesweep.devices import Slot
-    from saesweep.sweep.local import (
-        ASSIGNMENT_ATTR,
-        SLOW_SLOTS_ENV,
-        assigned_to,
-        save_worker_stats,
-    )
+    from saesweep.sweep.display import save_worker_stats
+    from saesweep.sweep.local import SLOW_SLOTS_ENV
+    from saesweep.sweep.planning import ASSIGNMENT_ATTR, assigned_to
     from saesweep.sweep.store import SweepStore
     from saesweep.sweep.worker import SweepAborted, Worker
 
