@@ -14,7 +14,7 @@ import torch
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
 from saesweep.config.experiment import ConfigError
-from saesweep.data import cache, lm
+from saesweep.data import cache, cache_build, lm, lm_activations
 
 
 @pytest.fixture
@@ -40,16 +40,16 @@ def digest(entry) -> str:
 
 def test_built_once_then_reused(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
     cfg = make_cfg(tiny_lm, tiny_text_jsonl)
-    first = lm.open_hf(cfg)
+    first = lm_activations.open_hf(cfg)
     assert first.entry.built and len(lm_loads) == 1
-    second = lm.open_hf(cfg)
+    second = lm_activations.open_hf(cfg)
     assert not second.entry.built and len(lm_loads) == 1  # the LM did not run again
     assert digest(first.entry) == digest(second.entry)
     # the same hook under its other name, and other batch sizes, share the entry
-    alias = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.0.hook_resid_post", lm_batch_size=3))
+    alias = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.0.hook_resid_post", lm_batch_size=3))
     assert not alias.entry.built and alias.entry.key == first.entry.key and len(lm_loads) == 1
     # a different layer is a different entry
-    other = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.2.hook_resid_pre"))
+    other = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook="blocks.2.hook_resid_pre"))
     assert other.entry.built and other.entry.key != first.entry.key
     m = json.loads((first.entry.path / "manifest.json").read_text())
     assert m["train"]["tokens"] >= 2000 and m["d_in"] == 32 and m["dtype"] == "float32"
@@ -60,23 +60,23 @@ def test_built_once_then_reused(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
 
 
 def test_larger_request_extends_smaller_reuses(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads, monkeypatch):
-    monkeypatch.setattr(cache, "SHARD_BYTES", 10 * 15 * 32 * 4)  # 10 rows of 15 tokens per shard
-    small = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
+    monkeypatch.setattr(cache_build, "SHARD_BYTES", 10 * 15 * 32 * 4)  # 10 rows of 15 tokens per shard
+    small = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
     assert small.entry.built and len(small.entry.manifest["train"]["shards"]) == 7
     before = small.entry.gather(np.arange(0, 1000))
-    big = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 3000}, eval={"tokens": 450}))
+    big = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 3000}, eval={"tokens": 450}))
     assert big.entry.built and big.entry.train_tokens >= 3000 and len(lm_loads) == 2
     assert big.entry.manifest["reused_shards"] == 6  # full shards were relinked, not recomputed
     np.testing.assert_array_equal(big.entry.gather(np.arange(0, 1000)), before)  # prefix-stable
     # held-out rows grew from the end: the old ones are still a prefix
     np.testing.assert_array_equal(big.entry.heldout_activations(300), small.entry.heldout_activations(300))
-    again = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 500}))
+    again = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 500}))
     assert not again.entry.built and len(lm_loads) == 2
     # statistics depend on the requested tokens only, not on what the cache happens to hold
     assert again.scale == pytest.approx(
         float(np.sqrt(1 / (big.entry.gather(np.arange(0, 500)).astype(np.float64) ** 2).sum(1).mean()))
     )
-    assert small.scale == pytest.approx(lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000})).scale)
+    assert small.scale == pytest.approx(lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000})).scale)
     assert cache.verify_entry(again.entry.path)
 
 
@@ -85,7 +85,7 @@ def _open_in_child(cfg_json, barrier, queue):
     from saesweep.config.experiment import parse_config
 
     barrier.wait()
-    acts = lm.open_hf(parse_config(json.loads(cfg_json)))
+    acts = lm_activations.open_hf(parse_config(json.loads(cfg_json)))
     queue.put((acts.entry.built, digest(acts.entry)))
 
 
@@ -112,8 +112,8 @@ def _killed_builder(cfg_json):
     def die(self):  # killed right after the first shard is written
         os.kill(os.getpid(), signal.SIGKILL)
 
-    cache._Writer._close = die
-    lm.open_hf(parse_config(json.loads(cfg_json)))
+    cache_build._Writer._close = die
+    lm_activations.open_hf(parse_config(json.loads(cfg_json)))
 
 
 def test_killed_build_is_ignored(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
@@ -129,19 +129,19 @@ def test_killed_build_is_ignored(tiny_lm, tiny_text_jsonl, make_cfg, lm_loads):
     # make it look as complete as possible: a manifest inside the temp folder changes nothing
     (stale[0] / "manifest.json").write_text("{}")
     assert cache.list_entries(cfg.cache_dir) == []
-    acts = lm.open_hf(cfg)
+    acts = lm_activations.open_hf(cfg)
     assert acts.entry.built and not list(adir.glob(f".tmp-{key}-*"))  # rebuilt; leftovers removed
     # an entry folder without its manifest (or with a truncated shard) is not an entry either
     os.remove(acts.entry.path / "manifest.json")
-    assert lm.open_hf(cfg).entry.built
-    shard = lm.open_hf(cfg).entry.path / "train-00000.npy"
+    assert lm_activations.open_hf(cfg).entry.built
+    shard = lm_activations.open_hf(cfg).entry.path / "train-00000.npy"
     with open(shard, "r+b") as fh:
         fh.truncate(1000)
-    assert lm.open_hf(cfg).entry.built
+    assert lm_activations.open_hf(cfg).entry.built
 
 
 def test_checksums_detect_corruption(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
+    acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
     path = acts.entry.path
     assert cache.verify_entry(path)
     acts.close()
@@ -154,7 +154,7 @@ def test_checksums_detect_corruption(tiny_lm, tiny_text_jsonl, make_cfg):
 
 
 def test_shuffled_order(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
+    acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, train={"tokens": 1000}))
     take = lambda it, k: [next(it) for _ in range(k)]  # noqa: E731
     a = take(acts.train_batches(96, seed=1), 25)  # 2.4 epochs of 1000 tokens
     b = take(acts.train_batches(96, seed=1), 25)
@@ -172,8 +172,8 @@ def test_shuffled_order(tiny_lm, tiny_text_jsonl, make_cfg):
 
 def test_list_and_remove(tiny_lm, tiny_text_jsonl, tiny_tokens_parquet, make_cfg):
     cfg = make_cfg(tiny_lm, tiny_text_jsonl)
-    k1 = lm.open_hf(cfg).entry.key
-    k2 = lm.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet)).entry.key
+    k1 = lm_activations.open_hf(cfg).entry.key
+    k2 = lm_activations.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet)).entry.key
     entries = {e["key"]: e for e in cache.list_entries(cfg.cache_dir)}
     assert set(entries) == {k1, k2}
     e = entries[k1]
@@ -192,10 +192,10 @@ def test_list_and_remove(tiny_lm, tiny_text_jsonl, tiny_tokens_parquet, make_cfg
 def test_progress_bar_and_open_entry(tiny_lm, tiny_text_jsonl, make_cfg, capsys):
     cfg = make_cfg(tiny_lm, tiny_text_jsonl)
     root = cache.cache_root(cfg.cache_dir)
-    entry = cache.open_entry(cfg.source, root, train_rows=10, heldout_rows=4, progress=True)
+    entry = cache_build.open_entry(cfg.source, root, train_rows=10, heldout_rows=4, progress=True)
     assert entry.built and entry.train_tokens == 150 and entry.heldout_rows == 4
     assert "rows" in capsys.readouterr().err  # the rich bar went to stderr
-    entry = cache.open_entry(cfg.source, root, train_rows=5, heldout_rows=2, progress=True)
+    entry = cache_build.open_entry(cfg.source, root, train_rows=5, heldout_rows=2, progress=True)
     assert not entry.built and capsys.readouterr().err == ""
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from saesweep.config.experiment import ConfigError
-from saesweep.data import cache, lm
+from saesweep.data import cache, cache_build, lm, lm_activations
 
 CLONE_NEWUTS = 0x04000000
 
@@ -59,17 +59,17 @@ def _host_builds(name, cfg_json, ready, queue, no_locks):
     if no_locks:
         import contextlib
 
-        cache.file_lock = lambda *a, **k: contextlib.nullcontext()
-        real_publish = cache._publish
+        cache_build.file_lock = lambda *a, **k: contextlib.nullcontext()
+        real_publish = cache_build._publish
 
         def publish_together(*a, **k):
             ready.wait(60)  # both temp folders are complete and present: now both publish
             return real_publish(*a, **k)
 
-        cache._publish = publish_together
+        cache_build._publish = publish_together
     else:
         ready.wait(60)
-    acts = lm.open_hf(parse_config(json.loads(cfg_json)))
+    acts = lm_activations.open_hf(parse_config(json.loads(cfg_json)))
     queue.put((name, named and socket.gethostname() == name, acts.entry.built, len(loads), digest(acts.entry)))
 
 
@@ -104,7 +104,7 @@ def test_stale_temp_folders_only_of_dead_builds_are_removed(tmp_path, monkeypatc
     adir = tmp_path / "activations"
     adir.mkdir()
     key = "0123456789abcdef0123"
-    me = cache._host()
+    me = cache.host_name()
     dead = 2**22 + 12345  # above the default pid_max: no such process
     live_other = adir / f".tmp-{key}-otherhost-{os.getpid()}-abc"  # another host's build, active
     dead_mine = adir / f".tmp-{key}-{me}-{dead}-def"  # this host's build, its process gone
@@ -117,13 +117,13 @@ def test_stale_temp_folders_only_of_dead_builds_are_removed(tmp_path, monkeypatc
     for f in (old_other, old_other / "train-00000.npy"):
         os.utime(f, (hours_ago, hours_ago))
     recent_old = adir / f".old-{key}-{int(time.time())}-aaaa"  # a replaced entry, still read by someone
-    expired_old = adir / f".old-{key}-{int(time.time() - 2 * cache.OLD_GRACE_S)}-bbbb"
+    expired_old = adir / f".old-{key}-{int(time.time() - 2 * cache_build.OLD_GRACE_S)}-bbbb"
     recent_old.mkdir()
     expired_old.mkdir()
-    cache._clear_stale(adir, key)
+    cache_build._clear_stale(adir, key)
     assert live_other.exists() and live_mine.exists() and recent_old.exists()
     assert not dead_mine.exists() and not old_other.exists() and not expired_old.exists()
-    assert set(cache._builds_in_progress(adir, key)) == {f"otherhost (pid {os.getpid()})", f"{me} (pid {os.getpid()})"}
+    assert set(cache_build._builds_in_progress(adir, key)) == {f"otherhost (pid {os.getpid()})", f"{me} (pid {os.getpid()})"}
 
 
 def _waiter(cfg_json, queue):
@@ -135,7 +135,7 @@ def _waiter(cfg_json, queue):
     lm.load_lm = lambda *a, **k: (loads.append(1), real_load(*a, **k))[1]
     os.environ["SAESWEEP_CACHE_WAIT_POLL_S"] = "0.1"
     t0 = time.time()
-    acts = lm.open_hf(parse_config(json.loads(cfg_json)))
+    acts = lm_activations.open_hf(parse_config(json.loads(cfg_json)))
     queue.put((acts.entry.built, len(loads), digest(acts.entry), time.time() - t0))
 
 
@@ -149,7 +149,7 @@ def test_wait_mode_reads_what_another_host_builds(tiny_lm, tiny_text_jsonl, make
     p.start()
     time.sleep(1.5)
     assert p.is_alive() and queue.empty()  # waiting: it did not build
-    built = lm.open_hf(cfg)  # the "other host" builds
+    built = lm_activations.open_hf(cfg)  # the "other host" builds
     w_built, w_loads, w_digest, waited = queue.get(timeout=60)
     p.join(30)
     assert p.exitcode == 0
@@ -165,7 +165,7 @@ def test_wait_mode_times_out_with_a_clear_message(tiny_lm, tiny_text_jsonl, make
     monkeypatch.setattr(lm, "load_lm", lambda *a, **k: loads.append(1))
     key = cache.entry_key(cfg.source)
     with pytest.raises(ConfigError) as e:
-        lm.open_hf(cfg)
+        lm_activations.open_hf(cfg)
     msg = str(e.value)
     assert "cache_mode wait" in msg and key in msg and "nobody is building it" in msg and "saesweep cache warm" in msg
     assert not loads and not list((cache.cache_root(cfg.cache_dir) / "activations").glob(".tmp-*"))
@@ -173,7 +173,7 @@ def test_wait_mode_times_out_with_a_clear_message(tiny_lm, tiny_text_jsonl, make
     busy = cache.cache_root(cfg.cache_dir) / "activations" / f".tmp-{key}-gpu_node_7-{os.getpid()}-x"
     busy.mkdir()
     with pytest.raises(ConfigError, match=rf"in progress on gpu_node_7 \(pid {os.getpid()}\)"):
-        lm.open_hf(cfg)
+        lm_activations.open_hf(cfg)
 
 
 def test_cache_warm_command_then_wait_mode(tmp_path, tiny_lm, tiny_text_jsonl, make_cfg, capsys):
@@ -188,7 +188,7 @@ def test_cache_warm_command_then_wait_mode(tmp_path, tiny_lm, tiny_text_jsonl, m
     assert f"{key}  built" in out
     assert main(["cache", "warm", "--config", str(path), "--device", "cpu"]) == 0
     assert f"{key}  already cached" in capsys.readouterr().out
-    acts = lm.open_hf(cfg.with_updates(cache_mode="wait"))
+    acts = lm_activations.open_hf(cfg.with_updates(cache_mode="wait"))
     assert not acts.entry.built and acts.entry.key == key
     # a sweep spec: every entry its trials need, with the largest token counts among them
     spec = tmp_path / "sweep.yaml"

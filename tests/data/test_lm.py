@@ -12,7 +12,7 @@ import torch
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
 from saesweep.config.experiment import ConfigError, HFSource
-from saesweep.data import lm
+from saesweep.data import lm, lm_activations
 from saesweep.metrics.downstream import spliced_metrics
 
 
@@ -96,7 +96,7 @@ def test_other_architectures(tiny_other_lm, tiny_tokens_parquet, make_cfg):
                                 batch_rows=8)
     assert out[0]["kl"] == pytest.approx(0, abs=1e-6) and out[0]["ce_sae"] == out[0]["ce_clean"]
     assert out[1]["ce_sae"] == out[1]["ce_zero"]
-    acts = lm.open_hf(make_cfg(tiny_other_lm, tiny_tokens_parquet, hook="blocks.1.hook_resid_post"))
+    acts = lm_activations.open_hf(make_cfg(tiny_other_lm, tiny_tokens_parquet, hook="blocks.1.hook_resid_post"))
     assert acts.d_in == 32 and acts.eval_activations().shape == (300, 32)
 
 
@@ -118,8 +118,8 @@ def test_activations_are_the_hooked_residual(
     tmp_path, tiny_lm, tiny_text_jsonl, tiny_tokens_parquet, tiny_model, make_cfg
 ):
     model, _ = tiny_model
-    text = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
-    toks = lm.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet))
+    text = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
+    toks = lm_activations.open_hf(make_cfg(tiny_lm, tiny_tokens_parquet))
     assert text.d_in == 32 and text.entry.train_tokens >= 2000
     # the same documents give the same training activations either way
     np.testing.assert_array_equal(text.entry.gather(np.arange(0, 2000)), toks.entry.gather(np.arange(0, 2000)))
@@ -199,7 +199,7 @@ def test_save_to_disk_folder_and_no_bos(tmp_path, tiny_lm, tiny_docs):
 
 # ----------------------------------------------------------------------------- normalisation, metrics
 def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
+    acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl))
     x = torch.from_numpy(acts.entry.gather(np.arange(0, acts.n_train))) * acts.scale
     assert x.pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-4)  # unit mean squared norm
     torch.testing.assert_close(acts.mean(), x.mean(0), rtol=1e-4, atol=1e-5)
@@ -211,7 +211,7 @@ def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_post"])
 def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, hook):
-    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook=hook))
+    acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook=hook))
     noisy = lambda x: x + 0.3 * torch.randn_like(x)  # noqa: E731
     ident, zero, noise = acts.downstream_metrics([lambda x: x.clone(), torch.zeros_like, noisy])
     assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == pytest.approx(0, abs=1e-6)
@@ -227,15 +227,15 @@ def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, h
 
 
 def test_bfloat16_lm(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, lm_dtype="bfloat16"))
+    acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, lm_dtype="bfloat16"))
     assert next(acts.train_batches(32, seed=0)).dtype == torch.float32
     ident, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
     assert ident["ce_sae"] == ident["ce_clean"] and zero["ce_sae"] == zero["ce_zero"]
-    assert acts.entry.key != lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl)).entry.key
+    assert acts.entry.key != lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl)).entry.key
 
 
 def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
-    acts = lm.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
+    acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
     seen = []
     acts.downstream_metrics([lambda x: seen.append(x.clone()) or x])
     # one row, every position spliced (SAELens's convention): the BOS residual, then the 15
@@ -264,7 +264,7 @@ def test_bad_hook_layer_and_missing_dataset(tiny_lm, tiny_text_jsonl, tmp_path):
 def test_open_hf_checks_before_building(tiny_lm, tmp_path, make_cfg):
     cfg = make_cfg(tiny_lm, tmp_path / "absent.jsonl", hook="blocks.9.hook_resid_pre")
     with pytest.raises(ConfigError, match="source.hook"):
-        lm.open_hf(cfg)
+        lm_activations.open_hf(cfg)
     assert not (tmp_path / "cache" / "activations").exists()  # nothing written
 
 
@@ -273,7 +273,7 @@ def test_stories260k_end_to_end(stories260k, make_cfg):
     model, data = stories260k
     cfg = make_cfg(model, data, context_length=64, hook="blocks.2.hook_resid_pre", eval_split="validation",
                    lm_batch_size=32, train={"tokens": 4096}, eval={"tokens": 1024, "ce_tokens": 2048})
-    acts = lm.open_hf(cfg)
+    acts = lm_activations.open_hf(cfg)
     assert acts.d_in == 64 and acts.describe()["heldout_from"] == "split 'validation'"
     clean, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
     assert all(math.isfinite(v) for v in {**clean, **zero}.values())

@@ -449,7 +449,7 @@ def cache_args(p):
 
 
 def cmd_cache(args) -> int:
-    from saesweep.data import cache
+    from saesweep.data import cache, cache_build
 
     if args.action == "warm":  # build every entry the trials need, here and now (hosts with cache_mode: wait only read)
         from saesweep.training.trainer import resolve_device
@@ -470,7 +470,7 @@ def cmd_cache(args) -> int:
         if not hf_configs:
             print("nothing to warm: these trials use synthetic activations, which are not cached")
             return EXIT_OK
-        for e in cache.warm(hf_configs, device=resolve_device(args.device), progress=None):
+        for e in cache_build.warm(hf_configs, device=resolve_device(args.device), progress=None):
             what = "built" if e["built"] else "already cached"
             print(f"{e['key']}  {what}: {e['model']}  {e['hook']}  {e['dataset']}  {e['tokens']:,} tokens  "
                   f"({e['seconds']}s)  -> {e['path']}")

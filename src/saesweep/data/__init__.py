@@ -14,7 +14,7 @@ def open_source(cfg: ExperimentConfig, device: torch.device | str = "cpu") -> Ac
         from saesweep.data.synthetic import SyntheticActivations
 
         return SyntheticActivations(cfg.source, cfg.eval.tokens)
-    from saesweep.data.lm import open_hf
+    from saesweep.data.lm_activations import open_hf
 
     return open_hf(cfg, device=device)
 

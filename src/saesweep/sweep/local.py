@@ -41,9 +41,9 @@ from saesweep.devices import (
 )
 from saesweep.sweep.display import (
     WORKER_STATS_PREFIX,
-    watch,
     save_worker_stats,
     stats_dict,
+    watch,
 )
 from saesweep.sweep.planning import distribution_lines, round_robin
 from saesweep.sweep.store import SweepStore
