@@ -30,7 +30,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from saesweep import saes
+from saesweep.config.sweep import sweepable
+from saesweep.io import atomic_write_json, atomic_write_text
 from saesweep.metrics import registry as metrics
+from saesweep.reporting.importance import param_importances
+from saesweep.reporting.table import degenerate_trials, results_table
+from saesweep.sweep.display import per_slot_totals
+from saesweep.sweep.urls import redact
 
 #: colours of the SAE types (matplotlib's tab10, in the registry's order)
 TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -93,7 +100,6 @@ class Report:
 
 
 def type_colors(types: Sequence[str]) -> dict[str, str]:
-    from saesweep import saes
 
     order = list(saes.names()) + [t for t in types if t not in saes.names()]
     return {t: TYPE_COLORS[order.index(t) % len(TYPE_COLORS)] for t in types}
@@ -105,9 +111,6 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
     import matplotlib
 
     matplotlib.use("Agg")
-    from saesweep.io import atomic_write_json, atomic_write_text
-    from saesweep.reporting.importance import param_importances
-    from saesweep.reporting.table import results_table
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,6 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
 
 def device_stats(store, df) -> list[dict[str, Any]]:
     """Per-slot totals of the sweep's worker runs, or per device from the trials when none were saved."""
-    from saesweep.sweep.display import per_slot_totals
 
     rows = per_slot_totals(store)
     if rows:
@@ -417,7 +419,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, sortable: b
 
 
 def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None) -> str:
-    from saesweep.sweep.urls import redact
 
     info = store.info
     spec = info.get("spec", {}) or {}
@@ -492,7 +493,6 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
 
 def _degenerate_block(df) -> str:
     """A visible warning naming the complete trials whose SAEs are degenerate."""
-    from saesweep.reporting.table import degenerate_trials
 
     bad = degenerate_trials(df)
     if not bad:
@@ -525,7 +525,6 @@ def _frontier_table(df, f: dict, colors) -> str:
 
 
 def _param_cols(df) -> list[str]:
-    from saesweep.config.sweep import sweepable
 
     return [c for c in sweepable() if c in df]
 
@@ -536,7 +535,6 @@ def _trials_table(df, frontier, colors) -> str:
     on = set(frontier.get("l0_fvu", {}).get("all", []))
     params = _param_cols(df)
     shown = [m for m in metrics.table_metrics() if m in df]
-    from saesweep.reporting.table import degenerate_trials
 
     why = dict(degenerate_trials(df))
     df = df.assign(warning=[why.get(t, "") for t in df["trial_id"]])

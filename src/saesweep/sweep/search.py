@@ -46,6 +46,7 @@ from optuna.distributions import (
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.config.sweep import Range, SweepSpec, sweepable, swept_params
 from saesweep.metrics import registry as metrics
+from saesweep.sweep.store import COMPLETE, PRUNED, RUNNING, WAITING
 
 
 def distribution(space: Any) -> BaseDistribution:
@@ -171,7 +172,6 @@ def _view_study(directions: Sequence[str], trials, space: dict[str, BaseDistribu
     """An in-memory study holding copies of ``trials`` (one type's history) for a sampler."""
     import optuna
 
-    from saesweep.sweep.store import COMPLETE, PRUNED, RUNNING, WAITING
 
     view = optuna.create_study(directions=list(directions), storage=optuna.storages.InMemoryStorage())
     for t in trials:
@@ -296,7 +296,6 @@ class _Pruning:
         import optuna
         from optuna.trial import FrozenTrial
 
-        from saesweep.sweep.store import COMPLETE, PRUNED, RUNNING
 
         now = time.monotonic()
         cached = self._views.get(sae_type)
