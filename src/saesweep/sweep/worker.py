@@ -23,9 +23,18 @@ from typing import Any, Callable, Optional, Sequence
 
 from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import ExecutionSpec, SweepSpec
-from saesweep.sweep.store import Claim, SweepStore, new_worker_id
+from saesweep.data import open_source
+from saesweep.sweep.search import (
+    ask_trials,
+    grid_spaces,
+    inferred_spaces,
+    pruning_callback,
+)
+from saesweep.sweep.store import RUNNING, WAITING, Claim, SweepStore, new_worker_id
 from saesweep.sweep.urls import redact
-from saesweep.training.run import INTERRUPTED, RunResult
+from saesweep.tracking import make_tracker
+from saesweep.training.run import INTERRUPTED, RunResult, run_pack
+from saesweep.training.trainer import resolve_device
 
 
 class SweepAborted(RuntimeError):
@@ -157,7 +166,6 @@ class Worker:
         self.spec = SweepSpec.model_validate(info["spec"]) if "spec" in info else None
         self.tracker = None
         if self.spec is not None:
-            from saesweep.tracking import make_tracker
 
             self.tracker = make_tracker(self.spec, store)
 
@@ -170,7 +178,6 @@ class Worker:
                 self.store.reap_expired(self.ex.lease_s, self.ex.max_retries)
                 claims = self.store.claim(self.worker_id, self.ex.pack_size, accept=self._accepts, share=self.share)
                 if not claims and self.spec is not None and self.spec.search.method != "grid":
-                    from saesweep.sweep.search import ask_trials
 
                     claims = ask_trials(self.store, self.spec, self.worker_id, self.ex.pack_size)
                 if not claims:
@@ -199,13 +206,11 @@ class Worker:
 
     def _more_may_come(self) -> bool:
         """Trials this worker could still get: waiting ones, or running ones whose lease may expire."""
-        from saesweep.sweep.store import RUNNING, WAITING
 
         return any(self._accepts(t) for t in self.store.trials([WAITING, RUNNING]))
 
     def run_claims(self, claims: list[Claim]) -> tuple[int, int]:
         """Train one pack; returns (trials completed, trials failed)."""
-        from saesweep.training.run import run_pack
 
         configs = [c.config for c in claims]
         beat = _Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
@@ -214,7 +219,6 @@ class Worker:
         ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
         should_prune = None
         if self.spec is not None and self.spec.search.pruner != "none":
-            from saesweep.sweep.search import pruning_callback
 
             should_prune = pruning_callback(self.store, self.spec, claims)
         try:
@@ -275,8 +279,6 @@ class Worker:
         """The activations ``cfg`` trains and evaluates on, kept from one pack to the next: a
         sweep's packs mostly share them, so the cache entry, the held-out set and the LM for the
         CE metrics are opened once per worker instead of once per pack."""
-        from saesweep.data import open_source
-        from saesweep.training.trainer import resolve_device
 
         dev = resolve_device(self.device or cfg.train.device)
         key = json.dumps([cfg.source.model_dump(mode="json"), cfg.cache_dir, cfg.cache_mode, cfg.train.tokens,
@@ -382,7 +384,6 @@ def open_sweep(spec: SweepSpec) -> SweepStore:
 
 def queue_trials(store: SweepStore, spec: SweepSpec, configs: Sequence[ExperimentConfig], *, from_files: bool = False) -> int:
     """Queue ``configs`` (idempotent: trial ids the sweep already holds are kept as they are)."""
-    from saesweep.sweep.search import grid_spaces, inferred_spaces
 
     params, spaces = inferred_spaces(configs) if from_files else grid_spaces(spec, configs)
     return store.add_trials(configs, params, spaces)
