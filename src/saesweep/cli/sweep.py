@@ -1,6 +1,7 @@
 """Sweep subcommands: grid, generate, run, sweep, worker, status, results, devices, cache.
 
-All of them expand the one sweep spec (grid.py) and run through the one engine (engine.py).
+All of them expand the one sweep spec (:mod:`saesweep.config.sweep`) and run through the one
+engine (:mod:`saesweep.sweep.worker`).
 """
 
 from __future__ import annotations

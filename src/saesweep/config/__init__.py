@@ -1,0 +1,2 @@
+"""Configuration, torch-free: one experiment (:mod:`.experiment`) and the sweep spec with its grids
+(:mod:`.sweep`)."""

@@ -1,0 +1,2 @@
+"""What a finished (or running) sweep shows: its results table, the HTML report with Pareto plots,
+hyperparameter importance."""

@@ -10,7 +10,7 @@ Two policies share the engine (claims, leases, packs):
   or one whose device ran out of memory on it may go to any device.
 
 :func:`.planning.plan_workers` turns ``--devices`` and ``--max_parallel`` into worker slots. A GPU gets
-several workers when the estimated memory of the sweep's largest pack (devices.py) fits
+several workers when the estimated memory of the sweep's largest pack (:mod:`saesweep.devices`) fits
 several times in it, and a pack-size cap when a full pack would not fit.
 
 With one CPU slot and the dynamic policy the worker runs in this process. Otherwise each slot

@@ -1,4 +1,4 @@
-"""One worker process on one device slot (started by the scheduler; see scheduler.py).
+"""One worker process on one device slot (started by :mod:`saesweep.sweep.local`).
 
 The scheduler gives it its device through the environment (``CUDA_VISIBLE_DEVICES`` naming one
 GPU, so ``--device cuda:0`` is that GPU; empty for a CPU worker) and its thread count. It
