@@ -28,16 +28,31 @@ def _reexec_in_venv(error: ModuleNotFoundError) -> None:
     os.execv(str(python), [str(python), sys.argv[0], *sys.argv[1:]])
 
 
+#: what every command needs besides saesweep itself (the CLI imports it only when a command runs)
+NEEDS = ("torch", "optuna")
+
+
+def _import_main():
+    import importlib.util
+
+    from saesweep.cli.app import main
+
+    for name in NEEDS:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return main
+
+
 def run(subcommand: str, *defaults: str) -> None:
     """``defaults`` are flags added unless the user gave that flag (e.g. ``--policy round_robin``)."""
     try:
-        from saesweep.cli.app import main
+        main = _import_main()
     except ModuleNotFoundError as e:
         if e.name != "saesweep":
             _reexec_in_venv(e)
         sys.path.insert(0, str(REPO / "src"))  # not installed: the source tree next to this script
         try:
-            from saesweep.cli.app import main
+            main = _import_main()
         except ModuleNotFoundError as e2:
             _reexec_in_venv(e2)
     args = sys.argv[1:]

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from saesweep.config.experiment import ConfigError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
@@ -77,3 +79,18 @@ def file_lock(path: str | os.PathLike, *, timeout: float | None = None, poll: fl
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def ensure_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) or raise a ConfigError naming ``what``
+    (a field or flag) and why: under a file, on a read-only or pseudo filesystem, no permission."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{what} {path}: exists and is not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(p, os.W_OK):
+        raise ConfigError(f"{what} {path}: not writable")
+    return p

@@ -20,13 +20,13 @@ import torch
 from sweep_helpers import TINY_BASE, complete_count_by_trial, env, saesweep, write_spec
 
 from saesweep.config.sweep import expand, parse_spec
+from saesweep.sweep import worker as worker_module
 from saesweep.sweep.local import SLOTS_ATTR
 from saesweep.sweep.planning import assigned_to
 from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
 from saesweep.sweep.worker import Worker, open_sweep, queue_trials
-from saesweep.training import run as experiment
 
-REAL_RUN_PACK = experiment.run_pack
+REAL_RUN_PACK = worker_module.run_pack
 
 
 def tiny_sweep(tmp_path, n: int, pack_size: int):
@@ -63,7 +63,7 @@ def test_oom_splits_the_pack_and_frees_the_failed_attempt(tmp_path, monkeypatch)
     spec, store = tiny_sweep(tmp_path, n=4, pack_size=4)
     store.set_info(**{SLOTS_ATTR: ["cuda:0"]})
     fake = FakeOOM(lambda cfgs: len(cfgs) > 1)  # only single trials fit on this "device"
-    monkeypatch.setattr(experiment, "run_pack", fake)
+    monkeypatch.setattr(worker_module, "run_pack", fake)
     w = Worker(store, spec.execution, device="cpu", slot="cuda:0", poll_s=0.1)
     w.run()
     assert fake.sizes[:3] == [4, 2, 1]  # split in halves until it fits
@@ -80,7 +80,7 @@ def test_oom_splits_the_pack_and_frees_the_failed_attempt(tmp_path, monkeypatch)
 def test_a_slot_pack_cap_limits_the_packs_it_claims(tmp_path, monkeypatch):
     spec, store = tiny_sweep(tmp_path, n=5, pack_size=4)
     sizes = FakeOOM(lambda cfgs: False)
-    monkeypatch.setattr(experiment, "run_pack", sizes)
+    monkeypatch.setattr(worker_module, "run_pack", sizes)
     w = Worker(store, spec.execution, device="cpu", slot="cuda:0", poll_s=0.1, max_pack=2)
     assert w.ex.pack_size == 2 and spec.execution.pack_size == 4
     w.run()
@@ -90,14 +90,14 @@ def test_a_slot_pack_cap_limits_the_packs_it_claims(tmp_path, monkeypatch):
 def test_oom_of_one_trial_moves_it_to_another_slot(tmp_path, monkeypatch):
     spec, store = tiny_sweep(tmp_path, n=2, pack_size=1)
     store.set_info(**{SLOTS_ATTR: ["cuda:0", "cuda:1"]})
-    monkeypatch.setattr(experiment, "run_pack", FakeOOM(lambda cfgs: True))
+    monkeypatch.setattr(worker_module, "run_pack", FakeOOM(lambda cfgs: True))
     small = Worker(store, spec.execution, device="cpu", slot="cuda:0", poll_s=0.1)
     small.run()  # runs out of memory on both, then finds nothing it may take and stops
     assert store.counts() == {"waiting": 2, "running": 0, "complete": 0, "failed": 0, "pruned": 0}
     assert small.stats.trials_failed == 2
     for t in store.trials([FAIL]):
         assert t.user_attrs["reason"] == "out of memory on cuda:0; retried on another slot"
-    monkeypatch.setattr(experiment, "run_pack", REAL_RUN_PACK)
+    monkeypatch.setattr(worker_module, "run_pack", REAL_RUN_PACK)
     big = Worker(store, spec.execution, device="cpu", slot="cuda:1", poll_s=0.1)
     big.run()
     assert big.stats.trials_done == 2
@@ -109,7 +109,7 @@ def test_oom_of_one_trial_moves_it_to_another_slot(tmp_path, monkeypatch):
 def test_oom_on_every_slot_fails_the_trial(tmp_path, monkeypatch):
     spec, store = tiny_sweep(tmp_path, n=1, pack_size=1)
     store.set_info(**{SLOTS_ATTR: ["cuda:0", "cuda:1"]})
-    monkeypatch.setattr(experiment, "run_pack", FakeOOM(lambda cfgs: True))
+    monkeypatch.setattr(worker_module, "run_pack", FakeOOM(lambda cfgs: True))
     for slot in ("cuda:0", "cuda:1"):
         Worker(store, spec.execution, device="cpu", slot=slot, poll_s=0.1).run()
     [rec] = store.records()

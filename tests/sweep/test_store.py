@@ -151,11 +151,29 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     assert after[killed[0]].metrics["resumed_from_step"] > 0
 
 
-def test_failing_and_nan_trials_are_isolated(tmp_path):
-    # dict_size_ratio 1.03 x d_in 8 is not a whole number of features: those trials raise;
-    # lr 1e30 diverges. The others complete.
-    spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 1e30, 3e-3], "dict_size_ratio": [2.0, 1.03], "sparsity_coeff": [0.1]}},
-                     execution={"pack_size": 4, "max_retries": 1})
+def test_a_grid_value_no_config_can_take_is_refused_before_anything_runs(tmp_path):
+    # dict_size_ratio 1.03 x d_in 8 is not a whole number of features
+    with pytest.raises(ConfigError, match="dict_size_ratio: 1.03 times d_in 8"):
+        tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3], "dict_size_ratio": [2.0, 1.03], "sparsity_coeff": [0.1]}})
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failing_and_nan_trials_are_isolated(tmp_path, monkeypatch):
+    # trials of dict_size_ratio 4 raise (an error inside training); lr 1e30 diverges; the
+    # others complete; the diverged member's pack leaves no checkpoint behind.
+    from saesweep.training import trainer
+
+    real = trainer.build_sae
+
+    def build(configs, d_in, device):
+        if configs[0].dict_size_ratio == 4.0:
+            raise RuntimeError("broken on purpose")
+        return real(configs, d_in, device)
+
+    monkeypatch.setattr(trainer, "build_sae", build)
+    spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 1e30, 3e-3], "dict_size_ratio": [2.0, 4.0], "sparsity_coeff": [0.1]}},
+                     execution={"pack_size": 4, "max_retries": 1, "checkpoint_every_s": 0.001},
+                     base={**TINY_BASE, "train": {**TINY_BASE["train"], "tokens": 16384, "batch_size": 256}})
     from saesweep.sweep.local import run_workers
     from saesweep.sweep.planning import plan_workers
 
@@ -168,12 +186,19 @@ def test_failing_and_nan_trials_are_isolated(tmp_path):
     nan = recs[(1e30, 2.0)]
     assert nan.state == "failed" and "diverged" in nan.reason and nan.attempts == 1  # not retried
     for lr in (1e-3, 1e30, 3e-3):
-        r = recs[(lr, 1.03)]
-        assert r.state == "failed" and "whole number" in r.reason and r.attempts == 2  # retried once
+        r = recs[(lr, 4.0)]
+        assert r.state == "failed" and "broken on purpose" in r.reason and r.attempts == 2  # retried once
+    assert list((spec.sweep_dir / "checkpoints").glob("*")) == []
 
 
-def test_consecutive_failures_stop_the_sweep(tmp_path):
-    spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [1.03], "sparsity_coeff": [0.1]}},
+def test_consecutive_failures_stop_the_sweep(tmp_path, monkeypatch):
+    from saesweep.training import trainer
+
+    def broken(configs, d_in, device):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(trainer, "build_sae", broken)
+    spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [2.0], "sparsity_coeff": [0.1]}},
                      execution={"max_retries": 0, "max_consecutive_failures": 2})
     from saesweep.sweep.local import run_workers
     from saesweep.sweep.planning import plan_workers

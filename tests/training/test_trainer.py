@@ -100,6 +100,26 @@ def test_checkpoint_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     assert [r["step"] for r in resumed.members[0].log] == [r["step"] for r in full.members[1].log]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_a_damaged_checkpoint_is_discarded_and_training_starts_over(tiny_cfg, tmp_path, damage):
+    cfgs = [tiny_cfg(lr=lr, train={"tokens": 20_000}) for lr in (1e-3, 3e-3)]
+    data = open_source(cfgs[0])
+    ckpt = tmp_path / "pack.safetensors"
+    calls = {"n": 0}
+
+    def stop_after_10():
+        calls["n"] += 1
+        return calls["n"] > 10
+
+    train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after_10)
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"\xff" * 64 + blob[64:])
+    with pytest.warns(UserWarning, match="damaged.*start from step 0"):
+        again = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt)
+    assert again.resumed_from == 0 and [m.status for m in again.members] == ["complete", "complete"]
+    assert again.members[0].log[0]["step"] < 10
+
+
 def test_schedules():
     class T:
         lr_warmup_frac, lr_decay, min_lr_factor, sparsity_warmup_frac = 0.1, "cosine", 0.1, 0.5

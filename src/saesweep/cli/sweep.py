@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from saesweep.cli.common import EXIT_OK, flag, parse_overrides, positive_int, set_flag
 from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config
+from saesweep.io import ensure_folder
 from saesweep.sweep.urls import redact
 
 PREVIEW = 5
@@ -113,7 +114,7 @@ def cmd_generate(args) -> int:
 
     spec = spec_from_args(args)
     configs = expand(spec)
-    out = Path(args.output_dir)
+    out = ensure_folder(args.output_dir, "--output_dir")
     written = 0
     for i, cfg in enumerate(configs):
         cfg = cfg.with_updates(output_dir="runs")  # `saesweep run` decides where results go
@@ -359,7 +360,7 @@ def open_existing(args):
 
             from saesweep.sweep.backends import open_storage
 
-            names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(journal))[2])]
+            names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(journal), create=False)[2])]
             name = folder.name if folder.name in names else (names[0] if names else folder.name)
             return SweepStore(str(journal), name, create=False), folder
     raise ConfigError(f"sweep {args.sweep!r}: no sweep folder with a sweep.journal at {ref} or {Path(args.output_dir) / args.sweep}; "
@@ -418,7 +419,12 @@ def cmd_results(args) -> int:
 
     store, folder = open_existing(args)
     df = results_table(store)
-    paths = write_table(df, Path(args.output) if args.output else folder / "results")
+    stem = Path(args.output) if args.output else folder / "results"
+    ensure_folder(stem.parent, "--output" if args.output else "the sweep folder")
+    try:
+        paths = write_table(df, stem)
+    except OSError as e:  # a full disk, a read-only file system: no partial file is left
+        raise ConfigError(f"{'--output ' + str(args.output) if args.output else stem}: cannot write ({e.strerror})") from None
     print(f"{len(df)} trials -> " + ", ".join(str(p) for p in paths))
     return EXIT_OK
 

@@ -27,10 +27,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         updates["train.device"] = args.device
     if updates:
         cfg = cfg.with_updates(**updates)
-    if cfg.source.kind == "hf":
-        from saesweep.data.lm import check_source
+    if cfg.source.kind == "hf":  # before anything is built or written
+        from saesweep.data.lm import check_source, d_model
 
-        check_source(cfg.source)
+        cfg.d_sae(d_model(check_source(cfg.source)))
     result = run(cfg)
     if not result.ok:
         print(f"{result.trial_id}: failed: {result.reason}", file=sys.stderr)

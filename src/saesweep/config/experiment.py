@@ -287,6 +287,24 @@ class ExperimentConfig(Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.trial_id
 
+    def d_sae(self, d_in: int) -> int:
+        """Dictionary size for activations of dimension ``d_in``; a ConfigError unless
+        ``dict_size_ratio * d_in`` is a whole number of features."""
+        d_sae = round(d_in * self.dict_size_ratio)
+        if d_sae < 1 or abs(d_sae - d_in * self.dict_size_ratio) > 1e-6:
+            raise ConfigError(f"dict_size_ratio: {self.dict_size_ratio} times d_in {d_in} = "
+                              f"{d_in * self.dict_size_ratio:g} is not a whole number of features")
+        return d_sae
+
+    @model_validator(mode="after")
+    def _whole_dictionary(self) -> "ExperimentConfig":
+        if self.source.kind == "synthetic":  # d_in is known here (an hf model's when it is read)
+            try:
+                self.d_sae(self.source.d_in)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
     def with_updates(self, **updates: Any) -> "ExperimentConfig":
         """A validated copy with (dotted) fields replaced: ``with_updates(**{"train.tokens": 1000})``."""
         d = self.to_dict()

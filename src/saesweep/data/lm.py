@@ -83,6 +83,14 @@ def num_layers(config: Any) -> int:
     raise ConfigError(f"source.model: cannot tell how many blocks {type(config).__name__} has")
 
 
+def d_model(config: Any) -> int:
+    """The residual-stream width of a model config (``hidden_size``, or GPT-2's ``n_embd``)."""
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    raise ConfigError(f"source.model: cannot tell the residual width of {type(config).__name__}")
+
+
 def lm_config(source: HFSource) -> Any:
     """The model's ``AutoConfig`` (reads config.json only)."""
     from transformers import AutoConfig

@@ -6,6 +6,7 @@ and the sweep-wide lock each offers (:class:`SweepLock`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -13,7 +14,7 @@ from typing import Any, Iterator, Optional
 import optuna
 
 from saesweep.config.experiment import ConfigError
-from saesweep.io import file_lock
+from saesweep.io import ensure_folder, file_lock
 from saesweep.sweep.urls import redact, redact_text
 
 
@@ -143,8 +144,10 @@ def _session_settings(engine) -> None:
     engine.dispose()  # connections opened while Optuna set the storage up have none of it
 
 
-def open_storage(url: str):
-    """An Optuna storage for ``url`` (see the module docstring)."""
+def open_storage(url: str, *, create: bool = True):
+    """``(kind, path, storage)`` for ``url``: ``journal`` / ``postgresql`` / ``sqlite`` /
+    ``memory``, the file for the file-based kinds, and the Optuna storage. With ``create``
+    false a journal file must exist already (nothing is created for a sweep that is not there)."""
     if url.startswith(("postgresql://", "postgresql+", "postgres://")):
         if url.startswith("postgres://"):
             url = "postgresql://" + url[len("postgres://"):]
@@ -167,11 +170,36 @@ def open_storage(url: str):
     path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
     if path.exists() and path.is_dir():
         raise ConfigError(f"--storage {url}: is a folder; give a journal file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not create and not path.exists():
+        raise ConfigError(f"--storage {url}: no such sweep journal")
+    if create:
+        ensure_folder(path.parent, "--storage")
     from optuna.storages.journal import (
         JournalFileBackend,
         JournalFileOpenLock,
         JournalStorage,
     )
 
-    return "journal", path, JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    try:
+        storage = JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except (UnicodeDecodeError, ValueError) as e:  # a damaged line (json.JSONDecodeError is a ValueError)
+        raise ConfigError(journal_damage(path, e)) from None
+    return "journal", path, storage
+
+
+def journal_damage(path: Path, error: Exception) -> str:
+    """A one-line message naming the first line of a journal that does not parse and how to
+    recover the sweep from the lines before it."""
+    bad, why = None, str(error).splitlines()[0] if str(error) else type(error).__name__
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                bad, why = n, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                break
+    where = f"line {bad}" if bad else "a line"
+    keep = (f"keep the {bad - 1} intact lines before it (`head -n {bad - 1} {path} > {path}.fixed` and use "
+            f"{path}.fixed); trials recorded after that line will run again") if bad and bad > 1 else \
+        "nothing before it is readable: restore the file from a backup or start the sweep again"
+    return f"--storage {path}: {where} of the sweep journal is damaged ({why}); {keep}"

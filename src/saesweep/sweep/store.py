@@ -98,7 +98,7 @@ class SweepStore:
 
     def __init__(self, url: str, name: str, *, directions: Optional[Sequence[str]] = None, create: bool = True) -> None:
         self.url, self.name = url, name
-        self.kind, self.path, self.storage = open_storage(url)
+        self.kind, self.path, self.storage = open_storage(url, create=create)
         self.lock = SweepLock(self.kind, self.path, self.storage, name)
         if create:
             directions = list(directions or ["minimize"])

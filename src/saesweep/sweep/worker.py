@@ -268,7 +268,7 @@ class Worker:
                 self.store.fail(c, r.reason or "failed", retry=False, extra=extra)  # divergence is not retried
                 failed += 1
             self._track_finish(c, r)
-        if all(r.ok for r in results):
+        if not any(r.reason == INTERRUPTED for r in results):  # every member is finished, whatever its end
             ckpt.unlink(missing_ok=True)
         self.stats.trials_done += done
         self.stats.trials_failed += failed

@@ -26,7 +26,7 @@ from saesweep.config.experiment import (
 )
 from saesweep.data import Activations, open_source
 from saesweep.export import export_member
-from saesweep.io import atomic_write_json, atomic_write_text
+from saesweep.io import atomic_write_json, atomic_write_text, ensure_folder
 from saesweep.metrics.reconstruction import evaluate, first_nonfinite
 from saesweep.saes import LOSS_CONVENTION
 from saesweep.training.trainer import check_pack, resolve_device, train_pack
@@ -88,6 +88,8 @@ def run_pack(
     configs = [as_config(c) for c in configs]
     check_pack(configs)
     dev = resolve_device(device or configs[0].train.device)
+    for out in {c.output_dir for c in configs}:
+        ensure_folder(out, "output_dir")
     t_start = time.perf_counter()
     if data is None:
         data = open_source(configs[0], device=dev)

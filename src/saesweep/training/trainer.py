@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from saesweep import saes
-from saesweep.config.experiment import ExperimentConfig
+from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.data.base import Activations
 from saesweep.io import atomic_save_tensors
 from saesweep.progress import progress_bar
@@ -89,13 +90,27 @@ class PackResult:
 
 
 def resolve_device(spec: str) -> torch.device:
+    """``auto`` (the first GPU, else Apple's MPS, else the CPU) or a device this machine has;
+    a ConfigError naming the device otherwise."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(spec)
+        return torch.device("mps" if mps else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ConfigError(f"train.device: {spec} is not on this machine ({n} CUDA device(s); "
+                              f"`saesweep devices` lists them)")
+    elif dev.type == "mps" and not mps:
+        raise ConfigError(f"train.device: {spec} is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device: {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def check_pack(configs: Sequence[ExperimentConfig]) -> None:
@@ -106,11 +121,8 @@ def check_pack(configs: Sequence[ExperimentConfig]) -> None:
 
 def build_sae(configs: Sequence[ExperimentConfig], d_in: int, device: torch.device) -> saes.PackedSAE:
     c0 = configs[0]
-    d_sae = int(round(d_in * c0.dict_size_ratio))
-    if d_sae < 1 or abs(d_sae - d_in * c0.dict_size_ratio) > 1e-6:
-        raise ValueError(f"dict_size_ratio {c0.dict_size_ratio} times d_in {d_in} is not a whole number of features")
     cls = saes.get(c0.sae_type)
-    return cls(d_in, d_sae, [c.sae_hparams for c in configs], [c.train.seed for c in configs], device=device)
+    return cls(d_in, c0.d_sae(d_in), [c.sae_hparams for c in configs], [c.train.seed for c in configs], device=device)
 
 
 def train_pack(
@@ -279,12 +291,26 @@ def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive
 
 
 def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Member]):
-    """Resume from ``path`` when it covers every member; returns (sae, optimiser, step, alive) or None."""
+    """Resume from ``path`` when it covers every member; returns (sae, optimiser, step, alive) or
+    None. A damaged checkpoint (a torn or truncated file, a header or tensors that do not fit)
+    is removed with a warning, and the members start from step 0: it never fails a trial."""
+    if not path.exists():
+        return None
+    try:
+        return _read_checkpoint(path, configs, d_in, device, members)
+    except Exception as e:  # safetensors' SafetensorError, JSON, shapes, missing keys...
+        warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "removed, and its trials start from step 0", stacklevel=2)
+        for m in members:
+            m.log, m.resampled = [], 0
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _read_checkpoint(path: Path, configs, d_in: int, device, members: list[Member]):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if not path.exists():
-        return None
     with safe_open(str(path), "pt") as fh:
         meta = json.loads(fh.metadata()["saesweep"])
     ids = [m.config.trial_id for m in members]
