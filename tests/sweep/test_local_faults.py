@@ -183,3 +183,39 @@ def test_ctrl_c_stops_all_workers_and_the_same_command_resumes(tmp_path):
         assert recs[tid].metrics["resumed_from_step"] > 0  # picked up from its checkpoint
     for t in store.trials([COMPLETE]):
         assert t.user_attrs["attempt"] == 1  # a stop is not an attempt
+    assert list(ckpt_dir.glob("*")) == []  # nothing left once the sweep is done
+
+
+def test_an_interrupted_pack_resumes_with_another_worker_count(tmp_path):
+    """A pack of 4 stopped mid-training by Ctrl-C, then the sweep run again on two workers:
+    the four are claimed first, together, and resume from their step (nothing trained twice,
+    no checkpoint left, status counts one attempt each)."""
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "tokens": 600_000, "batch_size": 512, "log_every": 100}}
+    write_spec(tmp_path, name="p", base=base, sae_types=["relu"],
+               grids={"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3], "dict_size_ratio": [4.0], "sparsity_coeff": [0.1]}},
+               execution={"pack_size": 4, "checkpoint_every_s": 0.2, "heartbeat_s": 0.5})
+    proc = subprocess.Popen([sys.executable, "-m", "saesweep", "sweep"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    journal = tmp_path / "runs" / "p" / "sweep.journal"
+    ckpt_dir = tmp_path / "runs" / "p" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ckpt_dir.glob("*.safetensors")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    store = SweepStore(str(journal), "p", create=False)
+    interrupted = {t.user_attrs["trial_id"] for t in store.trials([FAIL]) if "interrupted" in t.user_attrs["reason"]}
+    assert len(interrupted) == 4
+    status = saesweep("status", "runs/p", cwd=tmp_path, check=True)
+    assert "checkpoints of interrupted packs: 1 file(s)" in status.stdout
+
+    again = saesweep("sweep", "--devices", "cpu:0,cpu:1", cwd=tmp_path, check=True, timeout=240)
+    assert "6 complete, 0 failed" in again.stdout
+    store = SweepStore(str(journal), "p", create=False)
+    assert set(complete_count_by_trial(store).values()) == {1} and len(complete_count_by_trial(store)) == 6
+    recs = {r.trial_id: r for r in store.records()}
+    for tid in interrupted:
+        assert recs[tid].metrics["resumed_from_step"] > 0 and recs[tid].attempts == 1
+    assert list(ckpt_dir.glob("*")) == []

@@ -386,6 +386,12 @@ def cmd_status(args) -> int:
     if durations and left:
         print(f"  mean trial time {sum(durations) / len(durations):.1f}s; about {left * sum(durations) / len(durations):.0f}s of work left")
     _print_failed(recs)
+    ckpt_dir = Path(store.info.get("checkpoint_dir", folder / "checkpoints"))
+    held = list(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []
+    if held:
+        size = sum(f.stat().st_size for f in held)
+        print(f"  checkpoints of interrupted packs: {len(held)} file(s), {size / 2**20:.1f} MiB in {ckpt_dir} "
+              "(resumed by the next run, removed when the sweep completes)")
     from saesweep.sweep.display import per_slot_totals, print_worker_table
 
     print_worker_table(per_slot_totals(store))

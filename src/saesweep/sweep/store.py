@@ -53,6 +53,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
                                             TrialState.FAIL, TrialState.PRUNED)
 LEASE_ATTR = "saesweep:heartbeat"
+WRITES_ATTR = "writes_checkpoint"
 
 
 def host_id() -> str:
@@ -73,6 +74,9 @@ class Claim:
     attempt: int
     config: ExperimentConfig
     params: dict[str, Any]
+    #: the pack checkpoint (a file name in the sweep's checkpoint folder) holding this trial's
+    #: training state when an earlier attempt was interrupted
+    checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -188,7 +192,7 @@ class SweepStore:
 
     @staticmethod
     def _trial(state: TrialState, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int,
-               avoid: Sequence[str] = ()) -> FrozenTrial:
+               avoid: Sequence[str] = (), checkpoint: Optional[str] = None) -> FrozenTrial:
         return optuna.trial.create_trial(
             state=state,
             params=params,
@@ -200,13 +204,15 @@ class SweepStore:
                 "attempt": attempt,
                 "config": cfg.to_dict(),
                 **({"avoid": list(avoid)} if avoid else {}),
+                **({"checkpoint": checkpoint} if checkpoint else {}),
             },
         )
 
     def add_waiting(self, cfg: ExperimentConfig, params: dict, dists: dict, attempt: int = 1,
-                    avoid: Sequence[str] = ()) -> None:
-        """Queue one attempt of a trial (``avoid``: workers it should not go back to)."""
-        self.study.add_trial(self._trial(WAITING, cfg, params, dists, attempt, avoid))
+                    avoid: Sequence[str] = (), checkpoint: Optional[str] = None) -> None:
+        """Queue one attempt of a trial (``avoid``: workers it should not go back to;
+        ``checkpoint``: the pack checkpoint it resumes from)."""
+        self.study.add_trial(self._trial(WAITING, cfg, params, dists, attempt, avoid, checkpoint))
 
     def add_running(self, cfg: ExperimentConfig, params: dict, dists: dict, worker: str) -> Claim:
         """A first attempt that ``worker`` runs at once (sampled search): created RUNNING with
@@ -231,9 +237,15 @@ class SweepStore:
             waiting = [t for t in self.trials([WAITING]) if accept is None or accept(t)]
             if not waiting:
                 return []
-            key = waiting[0].user_attrs.get("pack_key")
-            group = [t for t in waiting if t.user_attrs.get("pack_key") == key]
-            group = group[: min(max_members, -(-len(group) // max(1, share)))]
+            # interrupted trials first, with the pack they were checkpointed in (so that they
+            # resume from it); then the queue in order
+            waiting.sort(key=lambda t: "checkpoint" not in t.user_attrs)
+            key, ckpt = waiting[0].user_attrs.get("pack_key"), waiting[0].user_attrs.get("checkpoint")
+            if ckpt:
+                group = [t for t in waiting if t.user_attrs.get("checkpoint") == ckpt][:max_members]
+            else:
+                group = [t for t in waiting if t.user_attrs.get("pack_key") == key and "checkpoint" not in t.user_attrs]
+                group = group[: min(max_members, -(-len(group) // max(1, share)))]
             claims = []
             for t in group:
                 pk = self.pk_of(t)
@@ -251,7 +263,14 @@ class SweepStore:
     def _claim_of(self, t: FrozenTrial, pk: Optional[int] = None) -> Claim:
         cfg = parse_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
         pk = self.pk_of(t) if pk is None else pk
-        return Claim(t.number, pk, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params))
+        return Claim(t.number, pk, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params),
+                     t.user_attrs.get("checkpoint"))
+
+    def set_checkpoint(self, claims: Sequence[Claim], name: str) -> None:
+        """Record the pack checkpoint the claims' worker writes (a trial whose lease expires is
+        re-queued to resume from it)."""
+        for c in claims:
+            self.storage.set_trial_user_attr(c.trial_pk, WRITES_ATTR, name)
 
     def beat(self, trial_pk: int, worker: str) -> None:
         """Renew (or start) the lease of a RUNNING trial."""
@@ -284,8 +303,10 @@ class SweepStore:
         return self.storage.get_trial(claim.trial_pk).state == COMPLETE
 
     def fail(self, claim: Claim, reason: str, *, retry: bool, max_retries: int = 2, extra: Optional[dict] = None,
-             same_attempt: bool = False, avoid_slot: Optional[str] = None) -> tuple[bool, bool]:
-        """Mark the attempt failed; queue the next attempt when ``retry`` and attempts remain.
+             same_attempt: bool = False, avoid_slot: Optional[str] = None,
+             checkpoint: Optional[str] = None) -> tuple[bool, bool]:
+        """Mark the attempt failed; queue the next attempt when ``retry`` and attempts remain
+        (``same_attempt``: an interruption, not counted; ``checkpoint``: where it resumes from).
 
         Returns (this call recorded the failure, a retry was queued).
         """
@@ -302,7 +323,8 @@ class SweepStore:
         if retry and (same_attempt or claim.attempt <= max_retries):
             attempt = claim.attempt if same_attempt else claim.attempt + 1
             avoid = list(t.user_attrs.get("avoid", [])) + ([avoid_slot] if avoid_slot else [])
-            self.add_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid)
+            self.add_waiting(claim.config, dict(t.params), dict(t.distributions), attempt=attempt, avoid=avoid,
+                             checkpoint=checkpoint)
             return True, True
         return True, False
 
@@ -335,7 +357,7 @@ class SweepStore:
             if now - last > lease_s:
                 who = beat.get("worker") if isinstance(beat, dict) else "?"
                 ok, _ = self.fail(self._claim_of(t), f"lease expired: no heartbeat from {who} for {now - last:.0f}s",
-                                  retry=True, max_retries=max_retries)
+                                  retry=True, max_retries=max_retries, checkpoint=t.user_attrs.get(WRITES_ATTR))
                 if ok:
                     reaped.append(t.user_attrs["trial_id"])
                 seen.pop(t.number, None)
@@ -362,7 +384,8 @@ class SweepStore:
                     trial_id=tid,
                     sae_type=ua.get("sae_type", "?"),
                     state=state,
-                    attempts=sum(1 for t in attempts if t.state != WAITING),
+                    # an interrupted run keeps its attempt number: it is not counted again
+                    attempts=len({t.user_attrs.get("attempt", 1) for t in attempts if t.state != WAITING}),
                     params=dict(last.params),
                     metrics=dict(ua.get("metrics", {})),
                     reason=(done[-1].user_attrs.get("reason") if done else

@@ -182,6 +182,7 @@ class Worker:
                     claims = ask_trials(self.store, self.spec, self.worker_id, self.ex.pack_size)
                 if not claims:
                     if not self._more_may_come():
+                        self._clear_checkpoints()
                         break
                     self.stop.wait(self.poll_s)  # others are running: wait, maybe reclaim later
                     continue
@@ -217,13 +218,18 @@ class Worker:
         beat.start()
         t0 = time.perf_counter()
         ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
+        # trials interrupted in a pack are claimed together again (store.claim) and resume from
+        # its checkpoint, also when fewer of them fit in this pack; this pack saves its own file
+        earlier = {c.checkpoint for c in claims}
+        resume = self.checkpoint_dir / earlier.pop() if len(earlier) == 1 and None not in earlier else None
+        self.store.set_checkpoint(claims, ckpt.name)
         should_prune = None
         if self.spec is not None and self.spec.search.pruner != "none":
 
             should_prune = pruning_callback(self.store, self.spec, claims)
         try:
             results = run_pack(configs, device=self.device, show_progress=self.show_progress, data=self._data_for(configs[0]),
-                               checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
+                               checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s, resume_from=resume,
                                on_log=self.tracker.log if self.tracker else None,
                                should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
                                should_prune=should_prune)
@@ -262,7 +268,8 @@ class Worker:
             elif r.status == "pruned":
                 self.store.prune(c, r.reason or "pruned", r.metrics.get("last_log"))
             elif r.reason == INTERRUPTED:  # stopped on request: back in the queue, the attempt not counted
-                self.store.fail(c, r.reason, retry=True, max_retries=self.ex.max_retries, extra=extra, same_attempt=True)
+                self.store.fail(c, r.reason, retry=True, max_retries=self.ex.max_retries, extra=extra, same_attempt=True,
+                                checkpoint=ckpt.name if ckpt.exists() else None)
             else:
                 self._last_reason = r.reason or "failed"
                 self.store.fail(c, r.reason or "failed", retry=False, extra=extra)  # divergence is not retried
@@ -270,10 +277,24 @@ class Worker:
             self._track_finish(c, r)
         if not any(r.reason == INTERRUPTED for r in results):  # every member is finished, whatever its end
             ckpt.unlink(missing_ok=True)
+        if resume is not None and resume != ckpt:
+            self._drop_if_unused(resume)
         self.stats.trials_done += done
         self.stats.trials_failed += failed
         return done, failed
 
+
+    def _clear_checkpoints(self) -> None:
+        """Nothing left to run anywhere in the sweep: no checkpoint can be resumed any more."""
+        if self.store.trials([WAITING, RUNNING]) or not self.checkpoint_dir.is_dir():
+            return
+        for f in self.checkpoint_dir.glob("*.safetensors"):
+            f.unlink(missing_ok=True)
+
+    def _drop_if_unused(self, path: Path) -> None:
+        """Delete an interrupted pack's checkpoint once no queued or running trial resumes from it."""
+        if not any(t.user_attrs.get("checkpoint") == path.name for t in self.store.trials([WAITING, RUNNING])):
+            path.unlink(missing_ok=True)
 
     def _data_for(self, cfg: ExperimentConfig) -> Any:
         """The activations ``cfg`` trains and evaluates on, kept from one pack to the next: a

@@ -79,6 +79,7 @@ def run_pack(
     show_progress: Optional[bool] = None,
     checkpoint: Optional[Path] = None,
     checkpoint_every_s: float = 300.0,
+    resume_from: Optional[Path] = None,
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     data: Optional[Activations] = None,
     should_stop: Optional[Callable[[], bool]] = None,
@@ -96,7 +97,8 @@ def run_pack(
     t_data = time.perf_counter() - t_start
     res = train_pack(
         configs, data, device=dev, show_progress=show_progress,
-        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, on_log=on_log, should_stop=should_stop,
+        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, resume_from=resume_from, on_log=on_log,
+        should_stop=should_stop,
         should_prune=should_prune,
     )
     t_eval = time.perf_counter()

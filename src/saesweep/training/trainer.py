@@ -133,6 +133,7 @@ def train_pack(
     show_progress: Optional[bool] = None,
     checkpoint: Optional[Path] = None,
     checkpoint_every_s: float = 300.0,
+    resume_from: Optional[Path] = None,
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
@@ -145,7 +146,8 @@ def train_pack(
     members = [Member(c) for c in configs]
     alive = list(range(len(configs)))
 
-    resumed = _load_checkpoint(checkpoint, configs, data.d_in, device, members) if checkpoint else None
+    source = resume_from or checkpoint  # a pack re-formed from part of an interrupted one resumes from its file
+    resumed = _load_checkpoint(source, configs, data.d_in, device, members) if source else None
     if resumed is not None:
         sae, opt, start, alive = resumed
     else:
