@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 from saesweep.config.experiment import ConfigError
 
@@ -79,6 +79,46 @@ def file_lock(path: str | os.PathLike, *, timeout: float | None = None, poll: fl
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+class HeldLock:
+    """An exclusive ``flock`` on ``path`` held until :meth:`release` or the process's end (the
+    kernel drops it even on ``kill -9``): a liveness signal that costs no writes."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        for _ in range(10):  # another holder may remove the (then empty) folder meanwhile
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                break
+            except FileNotFoundError:
+                continue
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        """Let go, and remove the file (and its folder when that is left empty)."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+
+
+def is_held(path: str | os.PathLike) -> bool:
+    """Whether some process (this one included) holds an exclusive flock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def ensure_folder(path: str | os.PathLike, what: str) -> Path:

@@ -230,3 +230,22 @@ def test_bad_storage_urls():
         SweepStore("postgresql://user:hunter2@127.0.0.1:1/db", "x")
     assert "hunter2" not in str(e.value) and "***" in str(e.value)
     assert redact("postgresql://a:b@h:5/d") == "postgresql://a:***@h:5/d"
+
+
+def test_journal_grows_with_trials_not_with_training_time(tmp_path):
+    """A journal worker holds a liveness lock instead of writing heartbeats: one lease record
+    per claim, however long the trials train (the old way wrote one per trial per beat)."""
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "tokens": 200_000, "batch_size": 512, "log_every": 100}}
+    spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-3, 2e-3], "dict_size_ratio": [2.0], "sparsity_coeff": [0.1]}},
+                     base=base, execution={"pack_size": 1, "heartbeat_s": 0.01})
+    from saesweep.sweep.local import run_workers
+    from saesweep.sweep.planning import plan_workers
+
+    store = open_sweep(spec)
+    queue_trials(store, spec, expand(spec))
+    t0 = time.time()
+    run_workers(store, spec.execution, plan_workers("cpu", None), show_progress=False)
+    beats = Path(spec.storage_url).read_text().count("saesweep:heartbeat")
+    assert time.time() - t0 > 0.2  # long enough for many beats the old way
+    assert beats <= 2, beats  # one per claim
+    assert not any(Path(f"{spec.storage_url}.leases").glob("*"))  # the worker let its lock go

@@ -22,7 +22,13 @@ Exactly-once rests on Optuna's state transitions, which are atomic in both backe
 
 A lease is the time of a trial's last heartbeat (a system attribute written by its worker)
 or, before the first one, of its claim. A RUNNING trial whose lease is older than
-``lease_s`` is reaped by any worker: marked FAIL ("lease expired") and re-queued.
+``lease_s`` is reaped by any worker: marked FAIL ("lease expired") and re-queued. On a
+journal file a worker that runs trials also holds a ``flock`` on ``<journal>.leases/<worker>``
+(:meth:`SweepStore.hold_lease`): while it is held the worker is alive, its trials are not
+reaped and it writes no heartbeats, so the journal grows with the trials, not with training
+time; the kernel drops the lock when the worker dies (even by ``kill -9``), and its trials
+expire ``lease_s`` after their last heartbeat (the claim). PostgreSQL updates heartbeats in
+place.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import optuna
@@ -45,6 +52,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig, parse_config
+from saesweep.io import HeldLock, is_held
 from saesweep.sweep.backends import SweepLock, open_storage
 from saesweep.sweep.urls import redact
 
@@ -104,6 +112,7 @@ class SweepStore:
         self.url, self.name = url, name
         self.kind, self.path, self.storage = open_storage(url, create=create)
         self.lock = SweepLock(self.kind, self.path, self.storage, name)
+        self._held: dict[str, HeldLock] = {}  # liveness locks this process holds, by worker
         if create:
             directions = list(directions or ["minimize"])
             try:
@@ -276,8 +285,24 @@ class SweepStore:
         """Renew (or start) the lease of a RUNNING trial."""
         self.storage.set_trial_system_attr(trial_pk, LEASE_ATTR, {"t": self.now(), "worker": worker, "host": host_id()})
 
+    def _lease_file(self, worker: str) -> Path:
+        return Path(f"{self.path}.leases") / f"{worker.replace('/', '_')}.lock"
+
+    def hold_lease(self, worker: str) -> None:
+        """On a journal file: hold ``worker``'s liveness lock (see the module docstring)."""
+        if self.kind == "journal" and worker not in self._held:
+            self._held[worker] = HeldLock(self._lease_file(worker))
+
+    def release_lease(self, worker: str) -> None:
+        held = self._held.pop(worker, None)
+        if held is not None:
+            held.release()
+
     def heartbeat(self, claims: Sequence[Claim], worker: str) -> list[Claim]:
-        """Renew the leases; returns the claims whose lease was lost (reaped by someone)."""
+        """Renew the leases; returns the claims whose lease was lost (reaped by someone). A
+        journal worker holding its liveness lock writes nothing: nobody can reap its trials."""
+        if worker in self._held:
+            return []
         lost = []
         for c in claims:
             try:
@@ -350,6 +375,9 @@ class SweepStore:
         seen: dict[int, float] = {}
         for t in self.trials([RUNNING]):
             beat = t.system_attrs.get(LEASE_ATTR)
+            if self.kind == "journal" and isinstance(beat, dict) and isinstance(beat.get("worker"), str) \
+                    and is_held(self._lease_file(beat["worker"])):
+                continue  # its worker is alive
             if isinstance(beat, dict) and isinstance(beat.get("t"), (int, float)):
                 last = float(beat["t"])
             else:

@@ -173,6 +173,7 @@ class Worker:
     def run(self) -> WorkerStats:
         t0 = time.perf_counter()
         consecutive = 0
+        self.store.hold_lease(self.worker_id)
         try:
             while not self.stop.is_set():
                 self.store.reap_expired(self.ex.lease_s, self.ex.max_retries)
@@ -194,6 +195,7 @@ class Worker:
                     self.stats.aborted = msg
                     raise SweepAborted(msg)
         finally:
+            self.store.release_lease(self.worker_id)
             self._drop_data()
             self.stats.wall_s = time.perf_counter() - t0
         return self.stats
