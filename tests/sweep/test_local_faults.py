@@ -24,7 +24,7 @@ from saesweep.sweep import worker as worker_module
 from saesweep.sweep.local import SLOTS_ATTR
 from saesweep.sweep.planning import assigned_to
 from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
-from saesweep.sweep.worker import Worker, open_sweep, queue_trials
+from saesweep.sweep.worker import SweepAborted, Worker, open_sweep, queue_trials
 
 REAL_RUN_PACK = worker_module.run_pack
 
@@ -219,3 +219,22 @@ def test_an_interrupted_pack_resumes_with_another_worker_count(tmp_path):
     for tid in interrupted:
         assert recs[tid].metrics["resumed_from_step"] > 0 and recs[tid].attempts == 1
     assert list(ckpt_dir.glob("*")) == []
+
+
+def test_a_full_disk_stops_the_worker_at_once_and_fails_nothing(tmp_path, monkeypatch):
+    import errno
+
+    spec, store = tiny_sweep(tmp_path, n=4, pack_size=1)
+    calls = []
+
+    def full(configs, **kw):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.json")
+
+    monkeypatch.setattr(worker_module, "run_pack", full)
+    with pytest.raises(SweepAborted, match="disk full"):
+        Worker(store, spec.execution, device="cpu", poll_s=0.1).run()
+    assert len(calls) == 1  # the first ENOSPC stops it
+    c = store.counts()
+    assert c["waiting"] == 4 and c["failed"] == 0 and c["running"] == 0
+    assert all(r.attempts <= 1 for r in store.records())

@@ -12,6 +12,7 @@ the sweep has no waiting and no running trials, when told to stop, or after
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import threading
@@ -38,7 +39,7 @@ from saesweep.training.trainer import resolve_device
 
 
 class SweepAborted(RuntimeError):
-    """Too many failures in a row: the sweep stops with a clear message."""
+    """Too many failures in a row, or a full disk: the sweep stops with a clear message."""
 
 
 @dataclass
@@ -240,6 +241,13 @@ class Worker:
             self.stats.busy_s += time.perf_counter() - t0
             if _is_oom(e):
                 return self._out_of_memory(claims)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # no trial is at fault: stop here
+                for c in claims:
+                    self.store.fail(c, "disk full", retry=True, same_attempt=True,
+                                    checkpoint=ckpt.name if ckpt.exists() else None)
+                msg = f"disk full ({e.filename or 'a write'}): stopping this worker; free some space and run again"
+                self.stats.aborted = msg
+                raise SweepAborted(msg) from None
             reason = f"{type(e).__name__}: {e}".strip()
             self._last_reason = reason
             for c in claims:  # the whole pack failed: every member is retried
