@@ -396,3 +396,14 @@ def test_max_parallel_adds_workers_to_gpus_or_splits_the_cpu():
         [("cpu:0", 2), ("cpu:1", 2), ("cpu:2", 2), ("cpu:3", 2)]
     assert [s.name for s in plan_workers("cpu:0,cpu:1", 3, None, None, found=[CPU])] == ["cpu:0", "cpu:1", "cpu:2"]
     assert [s.name for s in plan_workers("cpu:0,cpu:1", 1, None, None, found=[CPU])] == ["cpu:0", "cpu:1"]
+
+
+def test_more_cpu_threads_than_cores_is_named_in_the_plan():
+    from saesweep.devices import Slot
+    from saesweep.sweep.planning import oversubscription
+
+    four = [Slot(f"cpu:{i}", "cpu", "cpu", threads=1) for i in range(4)]
+    msg = oversubscription(four, cores=2)
+    assert msg and "4 CPU workers with 4 threads in all on 2 cores" in msg and "--max_parallel 2" in msg
+    assert oversubscription(four[:2], cores=2) is None
+    assert oversubscription([Slot("cpu:0", "cpu", "cpu", threads=3), Slot("cpu:1", "cpu", "cpu", threads=3)], cores=4)

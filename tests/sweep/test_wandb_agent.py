@@ -211,3 +211,28 @@ def test_agent_program_runs_offline_with_an_injected_config(tmp_path, no_wandb_l
     p = subprocess.run([sys.executable, str(agent)], cwd=tmp_path, env=agent_env(tmp_path, args, "run3"),
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 2 and "trains sae_type relu" in p.stderr
+
+
+def test_agent_program_help_and_ctrl_c(tmp_path, no_wandb_login, monkeypatch, capsys):
+    """--help prints what the program does and exits 0 without starting a run; Ctrl-C exits 130
+    with one line and no traceback."""
+    from sweep_helpers import saesweep
+
+    from saesweep.sweep import wandb_agent
+
+    grids = {"gated": {"lr": [1e-3], "sparsity_coeff": [0.1], "aux_coeff": [1.0]}}
+    spec_path = write_spec(tmp_path, name="h", sae_types=["gated"], grids=grids)
+    saesweep("wandb-sweep", "--sae_type", "gated", "--spec", spec_path, "--create_agent_script",
+             "--agent_dir", tmp_path / "scripts", cwd=tmp_path, check=True)
+    p = subprocess.run([sys.executable, str(tmp_path / "scripts" / "sweep_agent_gated.py"), "--help"], cwd=tmp_path,
+                       env=agent_env(tmp_path, {}, "help"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "usage:" in p.stdout and "aux_coeff" in p.stdout, p.stdout + p.stderr
+    assert not list((tmp_path / "wb" / "wandb").glob("offline-run-*"))  # no run was started
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wandb_agent, "_agent", interrupted)
+    assert wandb_agent.agent_main("gated", spec_path=str(spec_path), argv=[]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "saesweep agent: interrupted"

@@ -384,7 +384,14 @@ def cmd_status(args) -> int:
     durations = [r.duration_s for r in recs if r.state == "complete" and r.duration_s]
     left = total["waiting"] + total["running"]
     if durations and left:
-        print(f"  mean trial time {sum(durations) / len(durations):.1f}s; about {left * sum(durations) / len(durations):.0f}s of work left")
+        # a trial's duration is its pack's: packs of pack_size run side by side on the slots
+        info = store.info
+        pack = int(((info.get("spec") or {}).get("execution") or {}).get("pack_size") or 1)
+        slots = max(1, len(info.get("slots") or []) or 1)
+        mean = sum(durations) / len(durations)
+        packs = -(-left // pack)
+        print(f"  mean trial (pack) time {mean:.1f}s; {left} trials left in about {packs} pack(s) of up to {pack} "
+              f"on {slots} slot(s): about {mean * -(-packs // slots):.0f}s")
     _print_failed(recs)
     ckpt_dir = Path(store.info.get("checkpoint_dir", folder / "checkpoints"))
     held = list(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []

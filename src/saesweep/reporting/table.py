@@ -94,6 +94,8 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
     """
     from saesweep.reporting.html import frontier_ids
 
+    if "state" in df:  # mid-run, only finished trials count
+        df = df[df["state"] == "complete"]
     fronts = frontier_ids(df, "l0", "fvu", by_type=True)
     if not fronts:
         return []
@@ -103,7 +105,7 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
     out = ["L0-FVU frontier per type (a few points; `saesweep report` draws them all):"]
     for t, ids in fronts.items():
         pick = ids if len(ids) <= max_rows else [ids[round(i * (len(ids) - 1) / (max_rows - 1))] for i in range(max_rows)]
-        out.append(f"  {t}: {len(ids)} of {int((df['sae_type'] == t).sum())} trials on the frontier")
+        out.append(f"  {t}: {len(ids)} of {int((df['sae_type'] == t).sum())} complete trials on the frontier")
         for tid in pick:
             r = by_id.loc[tid]
             cols = [f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"] + [f"{k} {r[k]:.3f}" for k in extra]

@@ -3,6 +3,7 @@ trials are dealt to devices (round robin) or taken as they come (dynamic)."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
@@ -145,7 +146,22 @@ def plan_lines(slots: Sequence[Slot], pack_size: int) -> list[str]:
         if s.pack_bytes is not None and s.total_bytes and s.pack_bytes > (_budget(s, len(mine)) or 0):
             warn = "  (warning: one trial may not fit; out-of-memory trials move to another device)"
         lines.append(f"  {dev}: " + ", ".join(parts) + warn)
+    over = oversubscription(slots)
+    if over:
+        lines.append(f"  warning: {over}")
     return lines
+
+
+def oversubscription(slots: Sequence[Slot], cores: Optional[int] = None) -> Optional[str]:
+    """A sentence when the CPU workers' threads outnumber the cores (they would slow each other
+    down far more than they gain), else None."""
+    cpu = [s for s in slots if s.kind == "cpu"]
+    cores = cores or os.cpu_count() or 1
+    threads = sum(s.threads or 1 for s in cpu)
+    if len(cpu) < 2 or threads <= cores:
+        return None
+    return (f"{len(cpu)} CPU workers with {threads} threads in all on {cores} cores compete for them; "
+            f"use --max_parallel {max(1, min(len(cpu), cores))} (or fewer threads per slot: cpu:K=T)")
 
 
 def deal(trial_ids: Sequence[str], slots: Sequence[Slot]) -> dict[str, str]:

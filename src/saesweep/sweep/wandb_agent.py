@@ -280,12 +280,32 @@ def parse_agent_args(argv: Sequence[str]) -> dict[str, Any]:
 
 def agent_main(sae_type: str, *, spec_path: Optional[str] = None, overrides: Optional[dict] = None,
                argv: Optional[Sequence[str]] = None) -> int:
-    """One W&B sweep run: ``wandb.init()``, train the chosen config with ``saesweep.run``, log it."""
+    """One W&B sweep run: ``wandb.init()``, train the chosen config with ``saesweep.run``, log it.
+    ``--help`` prints what it does and which parameters it takes; Ctrl-C exits 130 quietly."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(f"usage: {Path(sys.argv[0]).name} [--PARAM=VALUE ...]\n\n"
+              f"One W&B sweep run of a saesweep {sae_type} SAE: `wandb agent SWEEP_ID` starts it with the\n"
+              f"parameters the sweep chose; by hand it trains one trial (offline unless logged in).\n"
+              f"Parameters: {', '.join(p for p in sweepable() if p in ('lr', 'dict_size_ratio', 'sparsity_coeff') or p in _own(sae_type))}")
+        return 0
     try:
-        return _agent(sae_type, spec_path, overrides or {}, list(sys.argv[1:] if argv is None else argv))
+        return _agent(sae_type, spec_path, overrides or {}, args)
     except ConfigError as e:
         print(f"saesweep agent: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("saesweep agent: interrupted", file=sys.stderr)
+        return 130
+
+
+def _own(sae_type: str) -> list[str]:
+    from saesweep import saes
+
+    try:
+        return list(saes.get(sae_type).hyperparams)
+    except ValueError:
+        return []
 
 
 def _agent(sae_type: str, spec_path: Optional[str], overrides: dict, argv: list[str]) -> int:
