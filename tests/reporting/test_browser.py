@@ -1,0 +1,74 @@
+"""The report in a real browser (headless Chromium, through the DevTools protocol): its plots
+load, a click on a column header sorts the trials table, and a degenerate-SAE warning shows.
+Marked ``browser``; CI installs Debian's chromium, and there a missing browser is a failure."""
+
+import os
+
+import optuna
+import pytest
+from cdp import Browser, find_chromium
+from optuna.distributions import CategoricalDistribution
+
+from saesweep.reporting.html import build_report
+from saesweep.sweep.store import COMPLETE, SweepStore
+
+pytestmark = pytest.mark.browser
+
+SHAPE = {"d_in": 64, "d_sae": 512}
+TRIALS = [  # (trial id, l0, fvu, dead fraction): one dense, one mostly dead, three fine
+    ("relu-dense", 300.0, 0.01, 0.0),
+    ("relu-dead", 5.0, 0.30, 0.8),
+    ("relu-b", 8.0, 0.10, 0.02),
+    ("relu-c", 20.0, 0.06, 0.01),
+    ("relu-d", 12.0, 0.08, 0.0),
+]
+
+
+@pytest.fixture
+def chromium():
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium for the browser test (.ci/run installs it)")
+        pytest.skip("no chromium on this machine")
+    return binary
+
+
+def report(tmp_path):
+    store = SweepStore(str(tmp_path / "b" / "sweep.journal"), "b", directions=["minimize"])
+    store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
+    lr = CategoricalDistribution([1e-3, 3e-3])
+    for i, (tid, l0, fvu, dead) in enumerate(TRIALS):
+        store.study.add_trial(optuna.trial.create_trial(
+            state=COMPLETE, values=[fvu], params={"lr": [1e-3, 3e-3][i % 2]}, distributions={"lr": lr},
+            user_attrs={"trial_id": tid, "sae_type": "relu", "attempt": 1, "device": "cpu", "run_dir": f"/runs/{tid}",
+                        "metrics": {"l0": l0, "fvu": fvu, "dead_fraction": dead, "tokens_per_s": 1000.0 + i, **SHAPE}}))
+    return build_report(store, tmp_path / "report").html
+
+
+def test_report_in_a_real_browser(chromium, tmp_path):
+    page = report(tmp_path)
+    b = Browser(chromium, tmp_path / "profile")
+    try:
+        s = b.open(page.resolve().as_uri())
+        images = b.eval(s, "[...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        assert len(images) >= 2 and all(images), images  # every plot decoded
+        warning = b.eval(s, "(() => {const e = document.getElementById('degenerate');"
+                            " return e && e.offsetParent !== null && e.getBoundingClientRect().height > 0"
+                            " ? e.innerText : null})()")
+        assert warning and "degenerate" in warning and "relu-dense" in warning and "relu-dead" in warning
+        column = """(() => {
+            const th = [...document.querySelectorAll('table.sortable th')].find(h => h.textContent.trim() === 'l0');
+            const table = th.closest('table'), idx = [...th.parentNode.children].indexOf(th);
+            return [...table.tBodies[0].rows].map(r => parseFloat(r.cells[idx].textContent));
+        })()"""
+        click = ("[...document.querySelectorAll('table.sortable th')].find(h => h.textContent.trim() === 'l0')"
+                 ".click()")
+        before = b.eval(s, column)
+        assert sorted(before) == sorted(t[1] for t in TRIALS)
+        b.eval(s, click)
+        assert b.eval(s, column) == sorted(before)
+        b.eval(s, click)
+        assert b.eval(s, column) == sorted(before, reverse=True)
+    finally:
+        b.close()
