@@ -17,6 +17,7 @@ from sweep_helpers import REPO, TINY_BASE, env, write_spec  # noqa: E402
 from wandb_files import read_run_file  # noqa: E402
 
 from saesweep.config.sweep import SEED_GRIDS, load_spec, parse_spec  # noqa: E402
+from saesweep.sweep.store import SweepStore  # noqa: E402
 from saesweep.sweep.wandb_agent import (  # noqa: E402
     combinations,
     schema_violations,
@@ -197,6 +198,11 @@ def test_agent_program_runs_offline_with_an_injected_config(tmp_path, no_wandb_l
     assert r["config"]["experiment"]["lr"] == 0.003 and r["config"]["experiment"]["train"]["tokens"] == 2048
     assert len(r["history"]) == 2 and "train/loss" in r["history"][0]
     assert r["exit_code"] == 0
+    # the run is a trial of the saesweep sweep as well: status, results and report see it
+    status = saesweep("status", "runs/ag", cwd=tmp_path, check=True)
+    assert "Sweep 'ag' (1 trials)" in status.stdout and "relu" in status.stdout
+    [rec] = SweepStore(str(tmp_path / "runs" / "ag" / "sweep.journal"), "ag", create=False).records()
+    assert rec.trial_id == tid and rec.state == "complete" and rec.metrics["fvu"] == pytest.approx(metrics["fvu"])
 
     # the config file alone carries the parameters (the flags are a convenience)
     args["lr"] = {"value": 0.001}

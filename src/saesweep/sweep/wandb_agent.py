@@ -312,6 +312,8 @@ def _agent(sae_type: str, spec_path: Optional[str], overrides: dict, argv: list[
     import wandb
 
     from saesweep.config.sweep import load_spec
+    from saesweep.sweep.search import search_space
+    from saesweep.sweep.worker import Heartbeat, open_sweep
     from saesweep.tracking.wandb import WandbTracker, resolve_mode
     from saesweep.training.run import run as run_experiment
 
@@ -347,13 +349,28 @@ def _agent(sae_type: str, spec_path: Optional[str], overrides: dict, argv: list[
     tracker = WandbTracker(spec)
     tracker.attach(cfg, run)
     print(f"saesweep agent: training {cfg.trial_id} ({', '.join(f'{k}={v}' for k, v in params.items())})")
-    result = run_experiment(cfg, on_log=tracker.log)
-
-    class _Claim:  # what the tracker reads from a sweep claim
-        attempt = 1
-        config = cfg
-
-    tracker.finish(_Claim, result)
+    # the run is a trial of the spec's saesweep sweep too, so `status`, `results` and `report` show it
+    store = open_sweep(spec)
+    space = search_space(spec, sae_type)
+    worker = f"wandb:{run.id}"
+    claim = store.add_running(cfg, params, {k: space[k] for k in params if k in space}, worker)
+    store.hold_lease(worker)
+    beat = Heartbeat(store, [claim], worker, spec.execution.heartbeat_s)
+    beat.start()
+    try:
+        result = run_experiment(cfg, on_log=tracker.log)
+    except BaseException:
+        store.fail(claim, "the W&B agent run stopped", retry=False)
+        raise
+    finally:
+        beat.stop()
+        store.release_lease(worker)
+    extra = {"run_dir": str(Path(result.run_dir).resolve()), "worker": worker, "wandb_run": run.id}
+    if result.ok:
+        store.complete(claim, result.metrics, objectives=spec.search.objectives, extra=extra)
+    else:
+        store.fail(claim, result.reason or result.status, retry=False, extra=extra)
+    tracker.finish(claim, result)
     if not result.ok:
         print(f"saesweep agent: {cfg.trial_id} {result.status}: {result.reason}", file=sys.stderr)
         return 1

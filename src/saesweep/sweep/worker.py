@@ -69,7 +69,10 @@ class WorkerStats:
         return d
 
 
-class _Heartbeat(threading.Thread):
+class Heartbeat(threading.Thread):
+    """Renews the leases of a pack's claims every ``every_s`` while it trains; ``lost`` holds
+    the trials another worker reaped meanwhile."""
+
     def __init__(self, store: SweepStore, claims: list[Claim], worker: str, every_s: float) -> None:
         super().__init__(daemon=True)
         self.store, self.claims, self.worker, self.every_s = store, claims, worker, every_s
@@ -217,7 +220,7 @@ class Worker:
         """Train one pack; returns (trials completed, trials failed)."""
 
         configs = [c.config for c in claims]
-        beat = _Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
+        beat = Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
         beat.start()
         t0 = time.perf_counter()
         ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
