@@ -301,8 +301,9 @@ class Worker:
         """Nothing left to run anywhere in the sweep: no checkpoint can be resumed any more."""
         if self.store.trials([WAITING, RUNNING]) or not self.checkpoint_dir.is_dir():
             return
-        for f in self.checkpoint_dir.glob("*.safetensors"):
-            f.unlink(missing_ok=True)
+        for f in self.checkpoint_dir.iterdir():  # checkpoints, and temp files of killed writers
+            if f.is_file():
+                f.unlink(missing_ok=True)
 
     def _drop_if_unused(self, path: Path) -> None:
         """Delete an interrupted pack's checkpoint once no queued or running trial resumes from it."""
