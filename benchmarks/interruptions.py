@@ -13,7 +13,6 @@ Needs PostgreSQL's server binaries (initdb, pg_ctl) and psycopg (``pip install '
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -24,21 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def saved_steps(ckpt_dir: Path) -> dict[str, int]:
-    from safetensors import safe_open
-
-    out: dict[str, int] = {}
-    for f in ckpt_dir.glob("*.safetensors"):
-        try:
-            with safe_open(str(f), "pt") as fh:
-                meta = json.loads(fh.metadata()["saesweep"])
-        except Exception:
-            continue
-        for tid in meta["alive"]:
-            out[tid] = max(out.get(tid, 0), int(meta["step"]))
-    return out
 
 
 def workers(n: int, url: str, name: str, cwd: Path) -> list[subprocess.Popen]:
@@ -60,6 +44,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per trial")
     args = ap.parse_args()
     from pg import PostgresServer
+    from sweep_helpers import saved_steps
 
     from saesweep.config.sweep import expand, parse_spec
     from saesweep.sweep.store import COMPLETE, SweepStore

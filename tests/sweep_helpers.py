@@ -27,6 +27,24 @@ def complete_count_by_trial(store) -> dict[str, int]:
     return out
 
 
+def saved_steps(ckpt_dir: Path) -> dict[str, int]:
+    """Trial id -> the step its newest pack checkpoint in ``ckpt_dir`` holds (unreadable files skipped)."""
+    import json
+
+    from safetensors import safe_open
+
+    out: dict[str, int] = {}
+    for f in Path(ckpt_dir).glob("*.safetensors"):
+        try:
+            with safe_open(str(f), "pt") as fh:
+                meta = json.loads(fh.metadata()["saesweep"])
+        except Exception:
+            continue
+        for tid in meta["alive"]:
+            out[tid] = max(out.get(tid, 0), int(meta["step"]))
+    return out
+
+
 def write_spec(folder: Path, **fields) -> Path:
     spec = {"base": TINY_BASE, **fields}
     path = Path(folder) / "saesweep.yaml"

@@ -8,7 +8,6 @@ group of a real ``saesweep sweep --devices cpu:0,cpu:1``, as a terminal sends it
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,11 +15,17 @@ import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
-from sweep_helpers import TINY_BASE, complete_count_by_trial, env, saesweep, write_spec
+from sweep_helpers import (
+    TINY_BASE,
+    complete_count_by_trial,
+    env,
+    saesweep,
+    saved_steps,
+    write_spec,
+)
 
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep import worker as worker_module
@@ -241,19 +246,6 @@ def test_a_full_disk_stops_the_worker_at_once_and_fails_nothing(tmp_path, monkey
     c = store.counts()
     assert c["waiting"] == 4 and c["failed"] == 0 and c["running"] == 0
     assert all(r.attempts <= 1 for r in store.records())
-
-
-def saved_steps(ckpt_dir: Path) -> dict[str, int]:
-    """Trial id -> the step its newest pack checkpoint holds."""
-    from safetensors import safe_open
-
-    out: dict[str, int] = {}
-    for f in ckpt_dir.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as fh:
-            meta = json.loads(fh.metadata()["saesweep"])
-        for tid in meta["alive"]:
-            out[tid] = max(out.get(tid, 0), int(meta["step"]))
-    return out
 
 
 def test_random_interruptions_keep_the_trained_steps(tmp_path):
