@@ -46,6 +46,7 @@ from saesweep.sweep.display import (
     watch,
 )
 from saesweep.sweep.planning import distribution_lines, round_robin
+from saesweep.sweep.signals import SignalRelay
 from saesweep.sweep.store import SweepStore
 from saesweep.sweep.urls import password_to_env, split_password
 from saesweep.sweep.worker import SweepAborted, Worker
@@ -102,23 +103,19 @@ def _run_in_process(store: SweepStore, execution: ExecutionSpec, slot: Slot, sho
     interrupted = False
     aborted = None
 
-    def on_signal(signum, frame):
+    def on_signal(n: int) -> None:
         nonlocal interrupted
-        if stop.is_set():
-            raise KeyboardInterrupt
         interrupted = True
         stop.set()
         print("\nstopping: checkpointing the running pack (Ctrl-C again to abort)", file=sys.stderr)
 
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    relay = SignalRelay(on_signal, raise_after=1)  # a second Ctrl-C aborts at once
     try:
         worker.run()
     except SweepAborted as e:
         aborted = str(e)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        relay.restore()
         save_worker_stats(store, worker.stats, slot, "local")
     return SweepOutcome(store.counts(), [stats_dict(worker.stats, slot, "local")], aborted, interrupted)
 
@@ -153,13 +150,12 @@ def _run_processes(store, execution, slots, policy, show_progress, echo) -> Swee
     stopping = threading.Event()
     kill = threading.Event()
 
-    def on_signal(signum, frame):
-        if stopping.is_set():
+    def on_signal(n: int) -> None:
+        if n > 1:
             kill.set()
         stopping.set()
 
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    relay = SignalRelay(on_signal)
     procs: list[tuple[Slot, subprocess.Popen]] = []
     try:
         for slot in slots:
@@ -182,8 +178,7 @@ def _run_processes(store, execution, slots, policy, show_progress, echo) -> Swee
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for s, h in old.items():
-            signal.signal(s, h)
+        relay.restore()
     info = store.info
     workers = [v for k, v in info.items() if k.startswith(WORKER_STATS_PREFIX) and v.get("run") == run_id]
     aborted = next((w.get("aborted") for w in workers if w.get("aborted")), None)

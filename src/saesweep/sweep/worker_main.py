@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 import time
+
+from saesweep.sweep.signals import SignalRelay
 
 
 def slow_slots(value: str | None) -> dict[str, float]:
@@ -48,8 +49,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before the slow imports: a stop asked at start-up is kept
-        signal.signal(sig, lambda *_: stop.set())
+    SignalRelay(lambda n: stop.set())  # before the slow imports: a stop asked at start-up is kept
 
     import torch
 
