@@ -87,13 +87,15 @@ class HeldLock:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        for _ in range(10):  # another holder may remove the (then empty) folder meanwhile
+        self.fd: Optional[int] = None
+        for attempt in range(10):  # another holder may remove the (then empty) folder meanwhile
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self.fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 break
             except FileNotFoundError:
-                continue
+                if attempt == 9:
+                    raise
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self) -> None:

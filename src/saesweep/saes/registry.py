@@ -71,10 +71,6 @@ def names() -> list[str]:
     return sorted(reg, key=lambda n: (BUILTIN.index(n) if n in BUILTIN else len(BUILTIN), list(reg).index(n)))
 
 
-def is_registered(name: str) -> bool:
-    return name in _load_builtin()
-
-
 def hyperparams(name: str) -> dict[str, HyperParam]:
     """The hyperparameters ``name`` takes beyond lr / dict_size_ratio / sparsity_coeff."""
     return dict(get(name).hyperparams)
