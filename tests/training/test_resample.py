@@ -48,10 +48,14 @@ def test_resampling_revives_a_feature_forced_dead(sae_type):
     # that direction scaled to a fifth of the living features' mean norm
     cos = torch.nn.functional.cosine_similarity(x - sae.b_dec[1], w[None], dim=-1)
     assert cos.max().item() == pytest.approx(1.0, abs=1e-5)
-    enc = getattr(sae, sae.encoder_weights[0])[1][:, 5]
     alive = ~dead
-    ref = before[sae.encoder_weights[0]][1][:, alive].norm(dim=0).mean() * ENCODER_NORM_FRACTION
-    assert enc.norm().item() == pytest.approx(ref.item(), rel=1e-5)
+    if sae_type == "hard_concrete":  # its own start: see the next test
+        x_enc = torch.matmul(x - sae.b_dec[1], sae.W_gate[1][:, 5]) + sae.b_gate[1, 5]
+        assert 0.03 < (x_enc > 0).float().mean().item() < 0.07
+    else:
+        enc = getattr(sae, sae.encoder_weights[0])[1][:, 5]
+        ref = before[sae.encoder_weights[0]][1][:, alive].norm(dim=0).mean() * ENCODER_NORM_FRACTION
+        assert enc.norm().item() == pytest.approx(ref.item(), rel=1e-5)
     for st in (opt.exp_avg, opt.exp_avg_sq):
         assert (st["W_dec"][1, 5] == 0).all() and (st["W_dec"][1, alive] == 1).all()
         assert (st["W_dec"][0] == 1).all()
@@ -60,6 +64,24 @@ def test_resampling_revives_a_feature_forced_dead(sae_type):
         torch.testing.assert_close(p[0], before[k][0], rtol=0, atol=0)
         if k == "W_dec":
             torch.testing.assert_close(p[1, alive], before[k][1, alive], rtol=0, atol=0)
+
+
+def test_a_resampled_hard_concrete_gate_opens_on_the_inputs_along_its_direction():
+    """Gate logit = 4 (proj - q95) / sd(proj) for proj = (x - b_dec) . w_dec; magnitude = proj."""
+    d, m = 4, 8
+    sae = saes.get("hard_concrete")(d, m, [{"sparsity_coeff": 0.1, **HP["hard_concrete"]}], [0])
+    x = torch.randn(20_000, d, generator=torch.Generator().manual_seed(1)) * torch.tensor([3.0, 1, 1, 1])
+    dirs = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.reinit_features(0, torch.tensor([2, 6]), dirs, x)
+    # N(0, 3) along e0, N(0, 1) along e1: the 95th percentile is 1.645 sd
+    torch.testing.assert_close(sae.W_gate[0][:, 2], torch.tensor([4 / 3.0, 0, 0, 0]), rtol=0.03, atol=0.01)
+    assert sae.b_gate[0, 2].item() == pytest.approx(-4 * 1.645, rel=0.05)
+    assert sae.b_gate[0, 6].item() == pytest.approx(-4 * 1.645, rel=0.05)
+    torch.testing.assert_close(sae.W_mag[0][:, 6], dirs[1])
+    la = sae.log_alpha_of(x[None])[0][:, [2, 6]]
+    assert ((la > 0).float().mean(0) - 0.05).abs().max() < 0.01
 
 
 def test_schedule():

@@ -136,6 +136,12 @@ class PackedSAE(nn.Module):
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(self.n, *shape, device=self.device_)
 
+    def reinit_features(self, row: int, idx: Tensor, dirs: Tensor, window: Tensor) -> None:
+        """Called by dead-feature resampling after the generic re-initialisation of member
+        ``row``'s features ``idx`` (decoder rows = ``dirs``, unit directions of drawn inputs
+        minus b_dec; encoder columns small; per-feature vectors 0), with the recent inputs
+        ``window`` ``[N, d]``: an architecture whose gates need another start overrides it."""
+
     def _init_parameters(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

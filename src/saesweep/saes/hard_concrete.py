@@ -45,6 +45,12 @@ LOG_RATIO = math.log(-GAMMA / ZETA)  # log(-gamma / zeta) < 0
 #: can learn when to open.
 GATE_INIT_STD = 2.0
 
+#: a resampled feature's gate opens (log_alpha > 0) on this top fraction of the recent inputs,
+#: ranked by their projection on its new decoder direction ...
+RESAMPLE_OPEN_FRACTION = 0.05
+#: ... and its logit rises by this much per standard deviation of that projection
+RESAMPLE_GATE_SLOPE = 4.0
+
 BETA_PARAMS = {
     "initial_beta": HyperParam(float, 0.5, "hard-concrete temperature at the start of training"),
     "final_beta": HyperParam(
@@ -187,6 +193,28 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         # shared logits start at 0 (P(open) ~ sigmoid(2.4 beta)); input-dependent ones
         # start with the gate bias at 0 as well
         self._param("b_gate" if self.input_dependent else "log_alpha", self._zeros(self.d_sae))
+
+    def reinit_features(self, row: int, idx: Tensor, dirs: Tensor, window: Tensor) -> None:
+        """A selective gate and a full-size magnitude for each resampled feature.
+
+        The generic start (gate bias 0, encoder columns at 0.2x) opens the new gate on every
+        token while its magnitude is tiny: the expected-L0 penalty then costs the feature a
+        whole count per token for almost no reconstruction, closes it within a few hundred
+        steps, and it is dead at the next check (stories260K, c = 0.1: 86 % of the features
+        dead at the end). Here the gate opens only on the top :data:`RESAMPLE_OPEN_FRACTION` of
+        the recent inputs along the new direction (the ones it can help), and the magnitude is
+        the input's projection on it (a unit decoder row), so what the feature adds is worth
+        its cost from the first step (measured: 24 % dead at c = 0.1, FVU 0.222 -> 0.18).
+        """
+        if not self.input_dependent:
+            return
+        proj = torch.matmul(window - self.b_dec[row], dirs.T)  # [N, k]
+        sample = proj[:: max(1, proj.shape[0] // 8192)]
+        open_at = torch.quantile(sample, 1 - RESAMPLE_OPEN_FRACTION, dim=0)
+        slope = RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6)
+        self.W_gate.data[row][:, idx] = dirs.T * slope
+        self.b_gate.data[row, idx] = -slope * open_at
+        self.W_mag.data[row][:, idx] = dirs.T
 
     def log_alpha_of(self, xc: Tensor) -> Tensor:
         if self.input_dependent:

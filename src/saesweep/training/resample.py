@@ -11,7 +11,9 @@ each member's features are checked on the most recent training activations (a wi
 * each encoder weight's column (``encoder_weights``: W_enc, or W_gate and W_mag) becomes that
   direction times 0.2 times the mean norm of the living features' columns;
 * its per-feature parameters (b_enc, b_gate, b_mag, r_mag, shared gate logits) are reset to 0;
-* its Adam moments are zeroed.
+* its Adam moments are zeroed;
+* the architecture may then adjust the start (:meth:`PackedSAE.reinit_features`: the
+  hard-concrete SAE gives its gates a selective opening and its magnitudes full size).
 
 It works on parameters between optimiser steps, so it is the same for the fused and the
 autograd step, and it touches only the member whose features died. Draws use the member's own
@@ -102,4 +104,5 @@ def resample_member(sae: PackedSAE, opt: Optional[PackedAdam], row: int, x: Tens
                     s[row][:, idx] = 0
                 else:
                     s[row, idx] = 0
+    sae.reinit_features(row, idx, dirs, x)
     return int(idx.numel())
