@@ -9,7 +9,8 @@ same activations with the same budget, compared at equal L0.
 For each source, every type is trained at dict_size_ratio 16 and lr 1e-3 with the default
 budget (``train.tokens`` and ``train.batch_size`` of the experiment config; 1.9M tokens on
 stories260K, which holds 1.97M) across a range of
-sparsity coefficients; SAELens's ``StandardTrainingSAE`` + ``SAETrainer`` trains on exactly the
+sparsity coefficients (the TopK types, which take none, across ``k``: their ``coeff`` column
+holds k); SAELens's ``StandardTrainingSAE`` + ``SAETrainer`` trains on exactly the
 same stream of normalised activations (saesweep's source, unit mean squared norm) with the same
 lr schedule, across the same coefficients (its loss, SSE + l1 * sum_i |f_i| ||W_dec,i||, has the
 form of saesweep's ReLU loss). Every SAE, the peer's included, is evaluated by saesweep's own
@@ -46,7 +47,10 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories260K-sampled"
 RESULTS = REPO / "benchmarks" / "results"
-TYPES = ("relu", "gated", "hard_concrete", "gated_hard_concrete")
+TYPES = ("relu", "gated", "hard_concrete", "gated_hard_concrete", "topk", "batchtopk", "jumprelu", "matryoshka")
+#: the TopK types set L0 with k, not a coefficient: their frontier runs over these
+KS = [4, 8, 16, 32, 64]
+QUICK_KS = [8, 16, 32]
 COEFFS = [0.01, 0.03, 0.06, 0.1, 0.17, 0.3, 0.5]
 QUICK_COEFFS = [0.03, 0.1, 0.3]
 L0_RANGE = (5.0, 40.0)
@@ -77,11 +81,15 @@ def row_of(kind: str, coeff: float, m: dict, wall: float) -> dict:
     return {"trainer": kind, "coeff": coeff, **{k: m.get(k) for k in keys}, "train_s": wall}
 
 
-def run_saesweep(sae_type: str, base: dict, coeffs: list[float]) -> list[dict]:
+def run_saesweep(sae_type: str, base: dict, coeffs: list[float], ks: list[int]) -> list[dict]:
+    """One pack of ``sae_type`` across the coefficients (or, for the TopK types, the ks)."""
+    from saesweep import saes
     from saesweep.config.experiment import parse_config
     from saesweep.training.run import run_pack
 
-    cfgs = [parse_config({**base, "sae_type": sae_type, "sparsity_coeff": c}) for c in coeffs]
+    knob = "sparsity_coeff" if saes.get(sae_type).uses_sparsity_coeff else "k"
+    coeffs = coeffs if knob == "sparsity_coeff" else ks
+    cfgs = [parse_config({**base, "sae_type": sae_type, knob: c}) for c in coeffs]
     t = time.perf_counter()
     res = run_pack(cfgs, show_progress=False)
     wall = time.perf_counter() - t
@@ -243,6 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--types", default=",".join(TYPES), help="saesweep SAE types to train")
     p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default: the config default)")
     p.add_argument("--coeffs", default=None, help="comma-separated sparsity coefficients")
+    p.add_argument("--ks", default=None, help="comma-separated k values for the TopK types")
     p.add_argument("--no-peer", action="store_true", help="skip SAELens")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/quality-<time>)")
     args = p.parse_args(argv)
@@ -262,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    result: dict[str, Any] = {"coeffs": coeffs, "types": types, "tokens": tokens, "sources": {}}
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else KS)
+    result: dict[str, Any] = {"coeffs": coeffs, "ks": ks, "types": types, "tokens": tokens, "sources": {}}
     text = [f"# SAE quality: saesweep vs SAELens ({time.strftime('%Y-%m-%d %H:%M')})", "",
             f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace("  ", " "), ""]
     for source in sources:
@@ -272,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         base = base_config(source, tokens, out / source)
         rows: list[dict] = []
         for t in types:
-            rows += run_saesweep(t, base, coeffs)
+            rows += run_saesweep(t, base, coeffs, ks)
         if not args.no_peer:
             try:
                 rows += run_saelens(base, coeffs)

@@ -1,4 +1,6 @@
-"""Exported SAEs load in SAELens (ReLU, gated) and in saesweep (all types) with the same codes."""
+"""Exported SAEs of every type load in SAELens (its own architectures, or the classes
+``import saesweep.export`` registers for the hard-concrete types) and in saesweep, with the
+codes the trained SAE gives."""
 
 import json
 
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 import saesweep
+import saesweep.export  # noqa: F401  (registers the hard-concrete types with SAELens)
 from saesweep.data import open_source
 from saesweep.export import load_sae, load_sae_pack
 
@@ -29,9 +32,15 @@ def trained_member_codes(result, x_norm):
     return pack.sae.encode(x_norm, train=False)[0]
 
 
-@pytest.mark.parametrize("sae_type, arch", [("relu", "standard"), ("gated", "gated")])
-def test_saelens_loads_relu_and_gated_with_identical_codes(tiny_cfg, sae_lens, sae_type, arch):
-    r = saesweep.run(tiny_cfg(sae_type=sae_type, train={"tokens": 20_000}))
+SAELENS = [("relu", "standard", {}), ("gated", "gated", {}),
+           ("hard_concrete", "hard_concrete", {}), ("gated_hard_concrete", "gated_hard_concrete", {}),
+          ("topk", "topk", {"k": 4, "sparsity_coeff": None}), ("batchtopk", "jumprelu", {"k": 4, "sparsity_coeff": None}),
+          ("jumprelu", "jumprelu", {}), ("matryoshka", "jumprelu", {"k": 4, "sparsity_coeff": None})]
+
+
+@pytest.mark.parametrize("sae_type, arch, extra", SAELENS, ids=[t for t, _, _ in SAELENS])
+def test_saelens_loads_its_architectures_with_identical_codes(tiny_cfg, sae_lens, sae_type, arch, extra):
+    r = saesweep.run(tiny_cfg(sae_type=sae_type, train={"tokens": 20_000}, **extra))
     assert json.loads((r.run_dir / "cfg.json").read_text())["architecture"] == arch
     sl = sae_lens.SAE.load_from_disk(str(r.run_dir), device="cpu")
     x_raw, x_norm = raw_and_normalised(r.config)
@@ -44,9 +53,10 @@ def test_saelens_loads_relu_and_gated_with_identical_codes(tiny_cfg, sae_lens, s
     assert fvu < 0.5
 
 
-@pytest.mark.parametrize("sae_type", ["relu", "gated", "hard_concrete", "gated_hard_concrete"])
+@pytest.mark.parametrize("sae_type", saesweep.saes.names())
 def test_load_sae_roundtrip_every_type(tiny_cfg, sae_type):
-    r = saesweep.run(tiny_cfg(sae_type=sae_type, train={"tokens": 20_000}))
+    extra = {} if saesweep.saes.get(sae_type).uses_sparsity_coeff else {"k": 4, "sparsity_coeff": None}
+    r = saesweep.run(tiny_cfg(sae_type=sae_type, train={"tokens": 20_000}, **extra))
     cfg = json.loads((r.run_dir / "cfg.json").read_text())
     assert cfg["metadata"]["sae_type"] == sae_type and cfg["d_sae"] == 64
     conv = cfg["metadata"]["loss_convention"]  # the convention the SAE was trained under

@@ -1,76 +1,24 @@
-"""Saving trained SAEs in the folder layout SAELens loads, and loading them back.
+"""Loading exported SAEs (folders written by :mod:`saesweep.sae_files`), here and in SAELens.
 
-A folder holds ``sae_weights.safetensors`` and ``cfg.json``. Weights take raw (un-normalised)
-activations: the normalisation scale is folded in (see ``PackedSAE.member_state``). ReLU and
-gated SAEs use SAELens's ``standard`` and ``gated`` architectures and load with
-``sae_lens.SAE.load_from_disk``; the hard-concrete types use the same layout under their own
-architecture names and load with :func:`load_sae` here (one SAE, shaped as in SAELens) or
-:func:`load_sae_pack` (the one-member pack the trainer uses).
+Every type loads with :func:`load_sae` (one SAE, shaped as in SAELens) or :func:`load_sae_pack`
+(the one-member pack the trainer uses), and with ``sae_lens.SAE.load_from_disk``: ReLU, gated,
+TopK and JumpReLU as SAELens's own ``standard``, ``gated``, ``topk`` and ``jumprelu``
+architectures, BatchTopK and Matryoshka as ``jumprelu``; for the two hard-concrete types,
+importing this module registers SAELens classes (:mod:`saesweep.saelens_classes`) when sae_lens
+is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saesweep import __version__, saes
-from saesweep.config.experiment import ExperimentConfig
-from saesweep.io import atomic_save_tensors, atomic_write_json
-
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
-SAELENS_FORMAT_VERSION = "6.0.0"
-
-
-def saelens_cfg(sae: saes.PackedSAE, i: int, config: ExperimentConfig) -> dict[str, Any]:
-    src = config.source
-    meta: dict[str, Any] = {
-        "sae_lens_version": SAELENS_FORMAT_VERSION,
-        "sae_lens_training_version": None,
-        "saesweep_version": __version__,
-        "trial_id": config.trial_id,
-        "sae_type": config.sae_type,
-        "hyperparameters": {"lr": config.lr, "dict_size_ratio": config.dict_size_ratio, **config.sae_hparams},
-        "loss_convention": {
-            "version": saes.LOSS_CONVENTION,
-            "loss": "sum_d (x - x_hat)^2 + sparsity_coeff * penalty_scale * P + aux, each a mean over tokens",
-            "penalty_scale": type(sae).penalty_scale,
-            "normalisation": "trained on x * s with E||x s||^2 = 1; s is folded into these weights, which take raw activations",
-        },
-    }
-    if src.kind == "hf":
-        meta.update(
-            model_name=src.model,
-            hook_name=src.hook,
-            hook_head_index=None,
-            context_size=src.context_length,
-            prepend_bos=src.prepend_bos,
-            dataset_path=src.dataset,
-        )
-    else:
-        meta.update(model_name=None, hook_name=None, dataset_path=f"synthetic:{src.model_dump_json()}")
-    return {
-        "architecture": type(sae).saelens_architecture,
-        "d_in": sae.d_in,
-        "d_sae": sae.d_sae,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        **sae.saelens_extra_cfg(i),
-        "metadata": meta,
-    }
-
-
-def export_member(sae: saes.PackedSAE, i: int, config: ExperimentConfig, scale: float, folder: Path) -> None:
-    """Write member ``i`` to ``folder`` (atomically, weights before cfg.json)."""
-    folder = Path(folder)
-    atomic_save_tensors(folder / WEIGHTS_FILE, sae.member_state(i, scale))
-    atomic_write_json(folder / CFG_FILE, saelens_cfg(sae, i, config))
+from saesweep import saes
+from saesweep.sae_files import CFG_FILE, WEIGHTS_FILE, export_member, saelens_cfg  # noqa: F401  (the writers)
 
 
 def _type_of_architecture(architecture: str) -> str:
@@ -137,8 +85,18 @@ def load_sae_pack(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
     cls = saes.get(sae_type)
     hp = {k: v for k, v in cfg.get("metadata", {}).get("hyperparameters", {}).items() if k != "lr"}
     sae = cls(cfg["d_in"], cfg["d_sae"], [hp], [0], device=device)
-    state = load_file(str(folder / WEIGHTS_FILE), device=device)
-    with torch.no_grad():
-        for name, p in sae.named_parameters(recurse=False):
-            p.copy_(state[name].unsqueeze(0))
+    sae.load_member_state(load_file(str(folder / WEIGHTS_FILE), device=device))
     return sae
+
+
+def register_saelens() -> bool:
+    """Register the hard-concrete types with SAELens (idempotent); False without sae_lens."""
+    if importlib.util.find_spec("sae_lens") is None:
+        return False
+    from saesweep import saelens_classes
+
+    saelens_classes.register()
+    return True
+
+
+register_saelens()

@@ -108,7 +108,7 @@ def test_approach_3_dynamic_runner(here):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["sweep", "--sae_types", "relu,topk"], "topk"),
+        (["sweep", "--sae_types", "relu,top_k"], "top_k"),
         (["sweep", "--max_parallel", "0"], "--max_parallel"),
         (["sweep", "--limit", "-3"], "--limit"),
         (["sweep", "--storage", "mysql://u:pw@h/db"], "unknown scheme"),
@@ -204,3 +204,15 @@ def test_done_line_counts_the_selected_types_only(here):
     out = saesweep("sweep", "--sae_types", "gated", "--limit", "1", cwd=here, check=True).stdout
     done = next(line for line in out.splitlines() if line.startswith("Done in"))
     assert "1 complete, 0 failed, 0 waiting, 0 running" in done, done
+
+
+def test_a_sweep_over_the_modern_types_from_the_seed_script(tmp_path):
+    """`run_dynamic_sweep.py --sae_types topk,jumprelu`: 2-member packs of each train and record."""
+    write_spec(tmp_path, grids={"topk": {"lr": [1e-3, 3e-3], "k": [4]},
+                                "jumprelu": {"lr": [1e-3, 3e-3], "sparsity_coeff": [0.1]}})
+    run = script("run_dynamic_sweep.py", "--sae_types", "topk,jumprelu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "4 complete, 0 failed" in run.stdout
+    store = SweepStore(str(tmp_path / "runs" / "seed" / "sweep.journal"), "seed", create=False)
+    types = sorted(r.sae_type for r in store.records() if r.state == "complete")
+    assert types == ["jumprelu", "jumprelu", "topk", "topk"]

@@ -9,9 +9,9 @@ import torch
 from saesweep import saes
 from saesweep.config.experiment import parse_config
 from saesweep.data import lm
-from saesweep.export import export_member
 from saesweep.metrics.downstream import spliced_metrics
 from saesweep.metrics.reconstruction import raw_reconstructor
+from saesweep.sae_files import export_member
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens.evals import get_recons_loss  # noqa: E402

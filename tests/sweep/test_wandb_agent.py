@@ -127,7 +127,7 @@ def test_cli_bad_input_exits_2(tmp_path, no_wandb_login):
     r = saesweep("wandb-sweep", "--sae_type", "relu", "--metric", "accuracy", "--agent_dir", tmp_path / "a", cwd=tmp_path)
     assert r.returncode == 2 and "--metric accuracy" in r.stderr
     assert not (tmp_path / "a").exists()
-    r = saesweep("wandb-sweep", "--sae_type", "topk", cwd=tmp_path)
+    r = saesweep("wandb-sweep", "--sae_type", "top_k", cwd=tmp_path)
     assert r.returncode == 2 and "--sae_type" in r.stderr
 
 

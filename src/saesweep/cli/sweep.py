@@ -99,6 +99,10 @@ def cmd_grid(args) -> int:
             print(f"    {k}: {v if isinstance(v, list) else v.model_dump()}")
         total += n
     print(f"Grand total: {total} experiments" + (f" (limit {spec.limit})" if spec.limit else ""))
+    others = [t for t in spec.grids if t not in spec.sae_types]
+    if others:
+        print("Not in this sweep (add with --sae_types): "
+              + ", ".join(f"{t} {spec.grid_size(t)}" for t in others) + " experiments")
     return EXIT_OK
 
 

@@ -210,9 +210,15 @@ class ExperimentConfig(Strict):
         sae_type = data.get("sae_type", "relu")
         if sae_type not in saes.names():
             raise ValueError(f"sae_type {sae_type!r} is not one of: {', '.join(saes.names())}")
-        own = saes.get(sae_type).hyperparams
+        cls_ = saes.get(sae_type)
+        own = cls_.hyperparams
         every = saes.all_hyperparams()
         data = dict(data)
+        if not cls_.uses_sparsity_coeff:
+            if data.get("sparsity_coeff") is not None:
+                raise ValueError(
+                    f"field 'sparsity_coeff' does not apply to sae_type {sae_type!r}: its sparsity is set by k")
+            data.pop("sparsity_coeff", None)
         for key in list(data):
             if key in cls.model_fields or key in own:
                 continue
@@ -239,11 +245,15 @@ class ExperimentConfig(Strict):
     def sae_hparams(self) -> dict[str, Any]:
         """The hyperparameters the SAE module takes, with the trainer's ones."""
         own = saes.get(self.sae_type).hyperparams
-        return {"sparsity_coeff": self.sparsity_coeff, **{k: getattr(self, k) for k in own}}
+        common = {"sparsity_coeff": self.sparsity_coeff} if saes.get(self.sae_type).uses_sparsity_coeff else {}
+        return {**common, **{k: getattr(self, k) for k in own}}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict without the fields that do not apply to this sae_type."""
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if not saes.get(self.sae_type).uses_sparsity_coeff:
+            d.pop("sparsity_coeff")
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

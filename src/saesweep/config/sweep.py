@@ -39,6 +39,21 @@ SEED_GRIDS: dict[str, dict[str, list]] = {
     "gated": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1]},
     "gated_hard_concrete": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1], "initial_beta": [0.1, 0.5, 1.0]},
 }
+#: grids of the architectures the seed does not have (TopK types: k instead of sparsity_coeff);
+#: a sweep runs them when asked (``--sae_types topk,jumprelu``), never by default
+MODERN_GRIDS: dict[str, dict[str, list]] = {
+    "topk": {"lr": COMMON_GRID["lr"], "dict_size_ratio": COMMON_GRID["dict_size_ratio"], "k": [8, 16, 32, 64]},
+    "batchtopk": {"lr": COMMON_GRID["lr"], "dict_size_ratio": COMMON_GRID["dict_size_ratio"], "k": [8, 16, 32, 64]},
+    "jumprelu": {**COMMON_GRID},
+    "matryoshka": {"lr": COMMON_GRID["lr"], "dict_size_ratio": COMMON_GRID["dict_size_ratio"], "k": [8, 16, 32, 64]},
+}
+
+
+def default_grids() -> dict[str, dict[str, list]]:
+    """A fresh copy of every built-in grid: the seed's, then the modern types'."""
+    return {k: dict(v) for k, v in {**SEED_GRIDS, **MODERN_GRIDS}.items()}
+
+
 #: the hyperparameters every architecture takes
 COMMON_PARAMS = ("lr", "dict_size_ratio", "sparsity_coeff")
 
@@ -146,7 +161,7 @@ class SweepSpec(Strict):
     name: str = Field("seed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig fields shared by every trial")
     sae_types: list[str] = Field(default_factory=lambda: list(SEED_GRIDS), min_length=1)
-    grids: dict[str, dict[str, Any]] = Field(default_factory=lambda: {k: dict(v) for k, v in SEED_GRIDS.items()})
+    grids: dict[str, dict[str, Any]] = Field(default_factory=default_grids)
     search: SearchSpec = Field(default_factory=SearchSpec)
     storage: Optional[str] = Field(None, description="journal file path, postgresql://..., default <output_dir>/<name>/sweep.journal")
     output_dir: str = "runs"
@@ -206,10 +221,16 @@ class SweepSpec(Strict):
             n *= len(space) if isinstance(space, list) else 0
         return n
 
-    def base_config(self, sae_type: str, **params: Any) -> ExperimentConfig:
-        own = saes.get(sae_type).hyperparams  # base may set e.g. final_beta for the types that take it
+    def base_for(self, sae_type: str) -> dict[str, Any]:
+        """The base fields that apply to ``sae_type``: base may set e.g. final_beta for the types
+        that take it, or sparsity_coeff, which the TopK types do not use."""
+        cls = saes.get(sae_type)
         every = saes.all_hyperparams()
-        data = {k: v for k, v in self.base.items() if k not in every or k in own}
+        return {k: v for k, v in self.base.items()
+                if (k not in every or k in cls.hyperparams) and (k != "sparsity_coeff" or cls.uses_sparsity_coeff)}
+
+    def base_config(self, sae_type: str, **params: Any) -> ExperimentConfig:
+        data = self.base_for(sae_type)
         data.update(sae_type=sae_type, output_dir=str(self.trials_dir), **params)
         return parse_config(data, where=f"sweep {self.name} ({sae_type})")
 
@@ -263,16 +284,13 @@ def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> Swe
 def parse_spec(data: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
     if isinstance(data.get("grids"), dict):
         # a spec lists only the grids it changes; the others stay the seed's
-        data = {**data, "grids": {**{k: dict(v) for k, v in SEED_GRIDS.items()}, **data["grids"]}}
+        data = {**data, "grids": {**default_grids(), **data["grids"]}}
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
-    every = saes.all_hyperparams()
     for t in spec.sae_types:  # the base config, and every grid value, must be valid for each type
-        own = saes.get(t).hyperparams
-        parse_config({**{k: v for k, v in spec.base.items() if k not in every or k in own}, "sae_type": t},
-                     where=f"{where}: base")
+        parse_config({**spec.base_for(t), "sae_type": t}, where=f"{where}: base")
         for p, space in spec.grids[t].items():
             for v in space if isinstance(space, list) else [space.low, space.high]:
                 spec.base_config(t, **{p: v})

@@ -66,6 +66,9 @@ class PackedSAE(nn.Module):
     fused: ClassVar[bool] = False
     #: factor between ``sparsity_coeff`` and the weight of the penalty P (see LOSS_CONVENTION)
     penalty_scale: ClassVar[float] = 1.0
+    #: whether ``sparsity_coeff`` means anything to the architecture (TopK types: no; a config
+    #: that sets it for them is refused by name)
+    uses_sparsity_coeff: ClassVar[bool] = True
     #: memory hint for planning (:func:`saesweep.devices.estimate_pack_bytes`): live
     #: ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, for the
     #: largest way a step is computed (the autograd reference keeps its forward tensors and
@@ -357,6 +360,12 @@ class PackedSAE(nn.Module):
                 t = t / scale
             out[name] = t.contiguous()
         return out
+
+    @torch.no_grad()
+    def load_member_state(self, state: Mapping[str, Tensor]) -> None:
+        """Inverse of :meth:`member_state` for a one-member pack (scale 1)."""
+        for name, p in self.named_parameters(recurse=False):
+            p.copy_(state[name].to(p).unsqueeze(0))
 
     def saelens_extra_cfg(self, i: int) -> dict[str, Any]:
         """Architecture-specific entries for cfg.json (hard-concrete constants, ...)."""

@@ -2,8 +2,8 @@
 
 Each architecture is one module (``saes/<name>.py``) holding everything about it: its
 hyperparameters, its math, its optional fused CPU step, its SAELens export name and its memory
-hint. It registers itself with :func:`register` when imported. The seed's four built-in
-modules are imported on the first lookup, in :data:`BUILTIN` order (the display order);
+hint. It registers itself with :func:`register` when imported. The built-in modules (the
+seed's four, then TopK, BatchTopK, JumpReLU, Matryoshka) are imported on the first lookup, in :data:`BUILTIN` order (the display order);
 another one (a plugin, or a test's throwaway) registers itself by being imported, and becomes
 a ``sae_type`` the config, grids, trainer and export all accept.
 """
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from saesweep.saes.base import PackedSAE
 
 #: the built-in architectures' modules under ``saesweep.saes``, in display order
-BUILTIN = ("relu", "hard_concrete", "gated", "gated_hard_concrete")
+BUILTIN = ("relu", "hard_concrete", "gated", "gated_hard_concrete", "topk", "batchtopk", "jumprelu", "matryoshka")
 
 _REGISTRY: dict[str, type[PackedSAE]] = {}
 _loaded = False

@@ -25,9 +25,9 @@ from saesweep.config.experiment import (
     parse_config,
 )
 from saesweep.data import Activations, open_source
-from saesweep.export import export_member
 from saesweep.io import atomic_write_json, atomic_write_text, ensure_folder
 from saesweep.metrics.reconstruction import evaluate, first_nonfinite
+from saesweep.sae_files import export_member
 from saesweep.saes import LOSS_CONVENTION
 from saesweep.training.trainer import check_pack, resolve_device, train_pack
 

@@ -1,0 +1,79 @@
+"""Matryoshka BatchTopK SAE (Bussmann, Nabeshima et al. 2025; Nabeshima 2024).
+
+The latents are split into nested prefixes: ``group_fractions`` (increasing, the last 1) mark
+where each prefix ends, as fractions of ``d_sae``. Codes are BatchTopK codes (:mod:`.batchtopk`,
+threshold and inference included). Every prefix must reconstruct the input on its own:
+
+``loss = sum_j SSE(x, W_dec[:p_j] f[:p_j] + b_dec) + AuxK``
+
+(the last prefix is the whole dictionary, the base class's SSE; the others are the ``aux``
+term), so early latents learn general features and later ones refine them. Partial
+reconstructions are cumulative sums of per-group decodes: one full decode's cost. Exported as
+SAELens's ``jumprelu`` (inference is BatchTopK's). ``sparsity_coeff`` does not apply.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import AfterValidator
+from torch import Tensor
+
+from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.batchtopk import BatchTopKCodes
+from saesweep.saes.registry import register
+from saesweep.saes.topk import AUXK_PARAMS, K_PARAM
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0.0625,0.25,1"`` -> (0.0625, 0.25, 1.0): increasing, in (0, 1], ending at 1."""
+    try:
+        fr = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated fractions such as '0.125,0.5,1', got {text!r}") from None
+    if not fr or fr[0] <= 0 or fr[-1] != 1.0 or any(a >= b for a, b in zip(fr, fr[1:])):
+        raise ValueError(f"fractions must increase within (0, 1] and end at 1, got {text!r}")
+    return fr
+
+
+GroupFractions = Annotated[str, AfterValidator(lambda s: ",".join(f"{v:g}" for v in parse_fractions(s)))]
+
+
+@register
+class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
+    name = "matryoshka"
+    saelens_architecture = "jumprelu"
+    hyperparams = {
+        **K_PARAM,
+        **AUXK_PARAMS,
+        "group_fractions": HyperParam(
+            GroupFractions, "0.0625,0.125,0.25,0.5,1",
+            "where the nested prefixes end, as fractions of d_sae (comma-separated, ending at 1)",
+            per_member=False,
+        ),
+    }
+
+    def _init_parameters(self) -> None:
+        fractions = {m.get("group_fractions") or "0.0625,0.125,0.25,0.5,1" for m in self.hp}
+        if len(fractions) != 1:
+            raise ValueError("members of one pack must share group_fractions")
+        ends = [max(1, round(f * self.d_sae)) for f in parse_fractions(fractions.pop())]
+        self.bounds = [0, *sorted(set(ends))]
+        self._init_batchtopk()
+
+    def prefix_sse(self, x: Tensor, f: Tensor) -> Tensor:
+        """Sum over the prefixes but the whole dictionary of each one's SSE per token: ``[n]``."""
+        part = self.b_dec[:, None, :].expand(self.n, x.shape[0], self.d_in)
+        total = x.new_zeros(self.n)
+        for a, b in zip(self.bounds[:-2], self.bounds[1:-1]):
+            part = part + torch.matmul(f[..., a:b], self.W_dec[:, a:b])
+            total = total + (part - x).pow(2).sum(-1).mean(-1)
+        return total
+
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+        pre = self.pre_activations(x)
+        f = self.codes(pre, train)
+        if not train:
+            return f, x.new_zeros(self.n), x.new_zeros(self.n)
+        return f, x.new_zeros(self.n), self.prefix_sse(x, f) + self.auxk_loss(x, pre, f)
