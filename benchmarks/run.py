@@ -45,7 +45,7 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories260K-sampled"
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("peak", "flops", "modes", "alloc", "sweep", "saelens", "share")
+SECTIONS = ("peak", "flops", "modes", "alloc", "sweep", "saelens", "share", "eval")
 BATCH = 4096
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -579,6 +579,41 @@ def fmt_s(s: Optional[float]) -> str:
     return f"{s / 3600:.2f} h" if s >= 7200 else (f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s")
 
 
+def eval_section(quick: bool, pack: int = 16, repeats: int = 3) -> dict:
+    """Spliced CE/KL of a pack of ``pack`` SAEs on stories260K (hook blocks.2, 16,384 held-out
+    tokens; quick: 4,096): a full LM forward per SAE (the plain path) against the pack-wide
+    pass (blocks before the hook once per batch, only the blocks after it per SAE). Medians of
+    ``repeats``, alternated, in one run; the metrics must agree."""
+    from saesweep import saes
+    from saesweep.config.experiment import parse_config
+    from saesweep.data import lm
+    from saesweep.metrics.downstream import spliced_metrics
+    from saesweep.metrics.reconstruction import raw_reconstructor
+
+    cfg = parse_config({"source": {"kind": "hf", "model": str(MODEL), "dataset": str(DATA), "hook": "blocks.2.hook_resid_pre",
+                                   "context_length": 256}})
+    model, _ = lm.load_lm(cfg.source, "cpu", tokenizer=False)
+    d = model.config.hidden_size
+    sae = saes.get("relu")(d, 16 * d, [{"sparsity_coeff": 0.1}] * pack, list(range(pack)))
+    recs = [raw_reconstructor(sae.member(i), 1.0) for i in range(pack)]
+    rows = torch.randint(3, int(model.config.vocab_size), ((4_096 if quick else 16_384) // 255, 256),
+                         generator=torch.Generator().manual_seed(0)).numpy()
+    times: dict[str, list[float]] = {"plain": [], "pack_wide": []}
+    results = {}
+    for _ in range(repeats):
+        for name, shortcut in (("plain", False), ("pack_wide", True)):
+            hooked = lm.HookedLM(model, 2)
+            wait_quiet(f"eval {name}")
+            t = time.perf_counter()
+            results[name] = spliced_metrics(hooked, rows, recs, batch_rows=32, shortcut=shortcut)[0]
+            times[name].append(time.perf_counter() - t)
+    worst = max(abs(a[k] - b[k]) for a, b in zip(results["plain"], results["pack_wide"]) for k in a)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    log(f"eval: spliced metrics for {pack} SAEs: plain {med['plain']:.2f} s, pack-wide {med['pack_wide']:.2f} s")
+    return {"pack": pack, "rows": int(rows.shape[0]), "plain_s": med["plain"], "pack_wide_s": med["pack_wide"],
+            "speedup": med["plain"] / med["pack_wide"], "max_abs_difference": worst, "all_s": times}
+
+
 def report(res: dict) -> str:
     lines = []
     meta = res["meta"]
@@ -672,6 +707,11 @@ def report(res: dict) -> str:
             gates = "" if "input_dependent_gates" not in r else (" dep" if r["input_dependent_gates"] else " shared")
             lines.append(f"  {r['sae_type'] + gates:24} m={r['m']:5} {r['tok_sae_per_s'] / 1e3:7.0f}K tok*SAE/s "
                          f"x{r['trials']:3} trials: {fmt_s(r['train_s'])}")
+    if "eval" in res and "plain_s" in res["eval"]:
+        ev = res["eval"]
+        lines.append(f"\nSpliced CE/KL, pack of {ev['pack']} on stories260K ({ev['rows']} rows x 256): full forward per "
+                     f"SAE {fmt_s(ev['plain_s'])}, pack-wide pass {fmt_s(ev['pack_wide_s'])} ({ev['speedup']:.2f}x; "
+                     f"metrics differ by at most {ev['max_abs_difference']:.1e})")
     return "\n".join(lines)
 
 
@@ -756,6 +796,8 @@ def main() -> int:
                     rate = (m["train"]["tokens"] + m["heldout"]["tokens"]) / (time.perf_counter() - t)
                     data.close()
                 res["share"] = share_section(dev, quick, rate, evs)
+            if "eval" in sections:
+                res["eval"] = eval_section(quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["meta"]["load_end"] = load_avg()

@@ -16,7 +16,8 @@ def tiny_cfg(tmp_path):
         base = dict(
             sae_type="relu", lr=3e-3, dict_size_ratio=4, sparsity_coeff=0.1,
             source={"kind": "synthetic", "d_in": 16, "n_features": 32, "sparsity": 0.05},
-            train={"tokens": 100_000, "batch_size": 512, "log_every": 10},
+            # float32, not auto: results must not depend on whether this CPU has native bf16
+            train={"tokens": 100_000, "batch_size": 512, "log_every": 10, "dtype": "float32"},
             eval={"tokens": 4096}, output_dir=str(tmp_path / "runs"),
         )
         for k, v in kw.items():

@@ -12,7 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = {
     "source": {"kind": "synthetic", "d_in": 8, "n_features": 16, "sparsity": 0.1},
-    "train": {"tokens": 2048, "batch_size": 1024, "log_every": 1},
+    "train": {"tokens": 2048, "batch_size": 1024, "log_every": 1, "dtype": "float32"},  # the same on every CPU
     "eval": {"tokens": 512},
 }
 

@@ -407,3 +407,41 @@ def test_more_cpu_threads_than_cores_is_named_in_the_plan():
     assert msg and "4 CPU workers with 4 threads in all on 2 cores" in msg and "--max_parallel 2" in msg
     assert oversubscription(four[:2], cores=2) is None
     assert oversubscription([Slot("cpu:0", "cpu", "cpu", threads=3), Slot("cpu:1", "cpu", "cpu", threads=3)], cores=4)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "amx_bf16", "amx_tile"}, "bfloat16"),  # Sapphire Rapids and later
+    ({"avx512f", "avx512_bf16"}, "bfloat16"),  # Zen 4, Cooper Lake
+    ({"avx512f", "avx512bw"}, "float32"),  # AVX-512 without BF16: bf16 would be emulated
+    (set(), "float32"),  # no /proc/cpuinfo
+])
+def test_dtype_auto_follows_the_cpu_flags(monkeypatch, flags, expected):
+    from saesweep import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: set(flags))
+    assert devices.resolve_dtype("auto", "cpu") == expected
+    assert devices.resolve_dtype("float32", "cpu") == "float32"  # a fixed dtype is kept
+    assert devices.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert devices.resolve_dtype("auto", "mps") == "float32"
+
+
+def test_dtype_auto_on_cuda_asks_torch(monkeypatch):
+    import torch
+
+    from saesweep import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert devices.resolve_dtype("auto", "cuda:1") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert devices.resolve_dtype("auto", "cuda") == "float32"
+
+
+@pytest.mark.parametrize("flags, expected", [({"amx_bf16"}, "bfloat16"), ({"avx2"}, "float32")])
+def test_a_run_records_the_dtype_auto_chose(tiny_cfg, monkeypatch, flags, expected):
+    import saesweep
+    from saesweep import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: set(flags))
+    r = saesweep.run(tiny_cfg(train={"tokens": 4096, "device": "cpu", "dtype": "auto"}))
+    assert r.config.train.dtype == "auto" and r.metrics["dtype"] == expected

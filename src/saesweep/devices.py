@@ -92,6 +92,44 @@ class Slot:
 
 
 # ---------------------------------------------------------------------- detection
+#: CPU flags (Linux /proc/cpuinfo names) of native bf16 matrix products: AMX tiles, or AVX-512
+#: BF16 dot products. Without them PyTorch emulates bf16 products through fp32, which is slower
+#: (measured 0.6x fp32 on an AVX-512 Xeon without BF16; 2.0x on an EPYC with AVX512-BF16).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not available)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` (cpu, cuda[:N], mps) multiplies bf16 matrices natively."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``train.dtype`` for ``device``: ``auto`` is bfloat16 where the device has native bf16
+    products (:func:`native_bf16`), float32 elsewhere; a fixed dtype stays as it is."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def _cpu_info() -> DeviceInfo:
     import platform
 

@@ -75,3 +75,55 @@ def test_spliced_metrics_equal_sae_lens_get_recons_loss(tiny_lm, tmp_path):
     assert ours["ce_loss_score"] == pytest.approx(score, rel=1e-4, abs=1e-6)
     assert ours["kl_div_score"] == pytest.approx(kl_score, rel=1e-4, abs=1e-6)
     assert 0 < ours["kl"] and math.isfinite(ours["ce_loss_score"])
+
+
+def _pack_reconstructors(d, n=3):
+    sae = saes.get("relu")(d, 4 * d, [{"sparsity_coeff": 0.1}] * n, list(range(n)))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    return [raw_reconstructor(sae.member(i), 0.5) for i in range(n)]
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])  # the first block, a middle one, after the last
+def test_the_pack_wide_pass_equals_a_full_forward_per_sae(tiny_lm, layer):
+    """Blocks before the hook run once per batch, each SAE only runs the blocks after it: the
+    metrics equal the full-forward-per-SAE path's."""
+    model, _ = lm.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl"}}).source,
+                          "cpu", tokenizer=False)
+    hooked = lm.HookedLM(model, layer)
+    rows = torch.randint(3, 60, (5, 16), generator=torch.Generator().manual_seed(4)).numpy()
+    recs = _pack_reconstructors(model.config.hidden_size)
+    fast, base_fast = spliced_metrics(hooked, rows, recs, batch_rows=2)
+    assert hooked._tail_ok is True  # the shortcut was taken
+    plain, base_plain = spliced_metrics(lm.HookedLM(model, layer), rows, recs, batch_rows=2, shortcut=False)
+    for a, b in zip(fast + [base_fast], plain + [base_plain]):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
+
+
+def test_the_shortcut_runs_only_the_blocks_after_the_hook(tiny_lm):
+    model, _ = lm.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl"}}).source,
+                          "cpu", tokenizer=False)
+    hooked = lm.HookedLM(model, 1)
+    counts = [0] * hooked.n_layers
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+               for i, b in enumerate(hooked.blocks)]
+    rows = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(4)).numpy()
+    spliced_metrics(hooked, rows, _pack_reconstructors(model.config.hidden_size, n=4), batch_rows=2)
+    for h in handles:
+        h.remove()
+    # one batch: block 0 only in the clean pass; blocks >= 1 in it, the check, the ablation and 4 SAEs
+    assert counts[0] == 1 and counts[1:] == [7] * (hooked.n_layers - 1)
+
+
+def test_other_model_families_take_the_shortcut_or_fall_back_exactly(tiny_other_lm):
+    model, _ = lm.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_other_lm), "dataset": "x.jsonl"}}).source,
+                          "cpu", tokenizer=False)
+    rows = torch.randint(3, 60, (4, 12), generator=torch.Generator().manual_seed(5)).numpy()
+    recs = _pack_reconstructors(model.config.hidden_size, n=2)
+    fast, _ = spliced_metrics(lm.HookedLM(model, 1), rows, recs, batch_rows=2)
+    plain, _ = spliced_metrics(lm.HookedLM(model, 1), rows, recs, batch_rows=2, shortcut=False)
+    for a, b in zip(fast, plain):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k

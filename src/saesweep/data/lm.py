@@ -211,6 +211,24 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"source.model: found no list of {n} blocks in {type(model).__name__}")
 
 
+class Tail:
+    """What follows the hook point, for one batch: the blocks from the hook on, called as the
+    clean forward called them but for the residual, then the final norm and the unembedding.
+    ``residual`` is the clean residual at the hook point."""
+
+    def __init__(self, blocks: list, calls: list, final: Optional[nn.Module], head: nn.Module, residual: Tensor):
+        self.blocks, self.calls, self.final, self.head, self.residual = blocks, calls, final, head, residual
+
+    @torch.inference_mode()
+    def __call__(self, h: Tensor) -> Tensor:
+        for block, (args, kwargs) in zip(self.blocks, self.calls):
+            out = block(h, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": h})
+            h = out[0] if isinstance(out, tuple) else out
+        if self.final is not None:
+            h = self.final(h)
+        return self.head(h)
+
+
 class HookedLM:
     """A causal LM with its residual stream at ``layer`` readable and replaceable."""
 
@@ -221,6 +239,7 @@ class HookedLM:
         if not 0 <= layer <= self.n_layers:
             raise ConfigError(f"source.hook: layer {layer} is not in 0..{self.n_layers}")
         self.layer = layer
+        self._tail_ok: Optional[bool] = None  # whether clean_and_tail's shortcut reproduces the model
 
     @contextlib.contextmanager
     def _hooked(self, fn: Callable[[Tensor], Optional[Tensor]]) -> Iterator[None]:
@@ -267,6 +286,63 @@ class HookedLM:
         if not box:
             raise RuntimeError("the hook point was never reached in the forward pass")
         return box[0]
+
+    @torch.inference_mode()
+    def clean_and_tail(self, ids: Tensor) -> tuple[Tensor, Optional[Tail]]:
+        """Clean logits of ``ids``, and (when this model allows it) a :class:`Tail` that turns a
+        replaced residual at the hook point into logits by running only what follows the hook.
+
+        During the clean forward every block from the hook on records its call (arguments
+        other than the residual: masks, position embeddings), and the modules outside the
+        blocks record what they were given and returned, which finds the final norm between the
+        last block and the unembedding. The first time, the tail is checked: on the clean
+        residual it must give the clean logits (else, e.g. for a model that post-processes its
+        logits, every edit falls back to a full forward).
+        """
+        calls: list[tuple[tuple, dict]] = []
+        seen: dict[nn.Module, tuple[Any, Any]] = {}
+        handles = []
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append((args, kwargs))
+
+        for block in list(self.blocks)[self.layer:]:
+            handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+        last_out: list[Tensor] = []
+        handles.append(self.blocks[-1].register_forward_hook(
+            lambda m, a, out: last_out.append(out[0] if isinstance(out, tuple) else out)))
+        head = self.model.get_output_embeddings()
+        inside = {id(m) for b in self.blocks for m in b.modules()}
+        for module in self.model.modules():
+            if id(module) not in inside and module is not head and not list(module.children()):
+                handles.append(module.register_forward_hook(
+                    lambda m, a, out: seen.__setitem__(m, (a[0] if a else None, out))))
+        head_in: list[Tensor] = []
+        handles.append(head.register_forward_pre_hook(lambda m, a: head_in.append(a[0])))
+        try:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        if self._tail_ok is False or not last_out or not head_in:
+            return logits, None
+        final = None
+        if not torch.equal(last_out[0], head_in[0]):
+            final = next((m for m, (a, out) in seen.items() if isinstance(a, Tensor) and isinstance(out, Tensor)
+                          and a.shape == last_out[0].shape and torch.equal(a, last_out[0])
+                          and torch.equal(out, head_in[0])), None)
+            if final is None:
+                self._tail_ok = False
+                return logits, None
+        if calls:
+            args, kwargs = calls[0]
+            residual = args[0] if args else kwargs["hidden_states"]
+        else:
+            residual = last_out[0]
+        tail = Tail(list(self.blocks)[self.layer:], calls, final, head, residual)
+        if self._tail_ok is None:
+            self._tail_ok = bool(torch.allclose(tail(residual), logits, rtol=1e-5, atol=1e-5))
+        return logits, tail if self._tail_ok else None
 
     @torch.inference_mode()
     def logits(self, ids: Tensor, edit: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:

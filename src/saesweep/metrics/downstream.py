@@ -25,6 +25,7 @@ def spliced_metrics(
     *,
     batch_rows: int,
     baseline: Optional[dict[str, float]] = None,
+    shortcut: bool = True,
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """SAEBench core's downstream metrics per reconstructor, with SAELens's convention
     (``sae_lens.evals.get_recons_loss``): every position of the hooked residual, the BOS one
@@ -35,7 +36,10 @@ def spliced_metrics(
     * ``ce_clean``, ``ce_sae``, ``ce_zero``; ``ce_loss_score`` = (ce_zero - ce_sae) / (ce_zero - ce_clean);
     * ``kl`` (with the SAE), ``kl_zero`` (zero-ablated); ``kl_div_score`` = (kl_zero - kl) / kl_zero.
 
-    The clean pass runs once per batch for all reconstructors; the zero-ablated pass only
+    The clean pass runs once per batch for all reconstructors, and with ``shortcut`` the blocks
+    before the hook too: each edit then runs only the blocks after it (:meth:`HookedLM.clean_and_tail`,
+    which falls back to full forwards for a model where that does not reproduce the logits);
+    ``shortcut=False`` is the plain path, a full forward per edit. The zero-ablated pass only
     when ``baseline`` (the ``ce_clean``/``ce_zero``/``kl_zero`` of these rows, returned by an
     earlier call) is not given. Each reconstructor gets raw float32 activations ``[N, d]`` on
     the LM's device and returns raw reconstructions of the same shape.
@@ -67,17 +71,24 @@ def spliced_metrics(
     for i in range(0, rows.shape[0], batch_rows):
         ids = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_rows])).to(device)
         targets = ids[:, 1:].unsqueeze(-1)
-        ce, lp_clean = ce_and_logprobs(lm.logits(ids), targets)
+        clean, tail = lm.clean_and_tail(ids) if shortcut else (lm.logits(ids), None)
+
+        def edited(f: Optional[Reconstructor]) -> Tensor:
+            if tail is None:
+                return lm.logits(ids, splice(f))
+            return tail(splice(f)(tail.residual))
+
+        ce, lp_clean = ce_and_logprobs(clean, targets)
         p_clean = lp_clean.exp()
         n_pred += targets.numel()
         n_pos += ids.numel()
         if baseline is None:
             sums["ce_clean"] += ce
-            ce, lp = ce_and_logprobs(lm.logits(ids, splice(None)), targets)
+            ce, lp = ce_and_logprobs(edited(None), targets)
             sums["ce_zero"] += ce
             sums["kl_zero"] += kl(lp_clean, p_clean, lp)
         for j, f in enumerate(reconstructors):
-            ce, lp = ce_and_logprobs(lm.logits(ids, splice(f)), targets)
+            ce, lp = ce_and_logprobs(edited(f), targets)
             ce_sae_sum[j] += ce
             kl_sum[j] += kl(lp_clean, p_clean, lp)
     n_pred, n_pos = max(n_pred, 1), max(n_pos, 1)

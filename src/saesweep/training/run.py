@@ -115,7 +115,7 @@ def run_pack(
         "tokens_per_s": res.tokens_per_s,
         "pack_size": len(configs),
         "device": str(dev),
-        "dtype": configs[0].train.dtype,
+        "dtype": res.dtype,
         "resumed_from_step": res.resumed_from,
         "d_in": data.d_in,
         "d_sae": res.sae.d_sae,

@@ -40,6 +40,7 @@ from torch import Tensor
 from saesweep import saes
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.data.base import Activations
+from saesweep.devices import resolve_dtype
 from saesweep.io import atomic_save_tensors
 from saesweep.progress import progress_bar
 from saesweep.saes.kernels import plan_for
@@ -83,6 +84,7 @@ class PackResult:
     tokens: int
     wall_s: float
     resumed_from: int = 0
+    dtype: str = "float32"  # the compute dtype used (``train.dtype`` resolved for the device)
 
     @property
     def tokens_per_s(self) -> float:
@@ -158,6 +160,7 @@ def train_pack(
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+    dtype = resolve_dtype(tc.dtype, str(device))
     resampler = Resampler(total, tc.resample_every, tc.resample_until, tc.batch_size) if tc.resample_every > 0 else None
     t0 = time.perf_counter()
     last_ckpt = t0
@@ -172,7 +175,7 @@ def train_pack(
             progress = step / max(1, total - 1)
             logging = step % tc.log_every == 0 or step == total - 1
             losses = sae.train_step(x, progress=progress, sparsity_scale=sparsity_factor(step, total, tc),
-                                    plan=plan, dtype=tc.dtype, stats=logging)
+                                    plan=plan, dtype=dtype, stats=logging)
             finite = torch.isfinite(losses.total)
             if not bool(finite.all()):  # stop the diverged members; the others take this step as usual
                 keep = _drop_diverged(finite, losses, step, sae, opt, members, alive)
@@ -214,7 +217,8 @@ def train_pack(
     for i in alive:
         if done:
             members[i].status = "complete"
-    return PackResult(sae, members, alive, steps=step, tokens=(step - start) * tc.batch_size, wall_s=wall, resumed_from=start)
+    return PackResult(sae, members, alive, steps=step, tokens=(step - start) * tc.batch_size, wall_s=wall,
+                      resumed_from=start, dtype=dtype)
 
 
 def _prune(should_prune, step, sae, opt, members, alive) -> list[int]:
