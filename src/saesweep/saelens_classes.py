@@ -17,11 +17,17 @@ from torch import nn
 
 
 @dataclass
-class HardConcreteSAEConfig(SAEConfig):
+class _HardConcreteGateConfig(SAEConfig):
+    """The gate constants and temperatures saesweep writes into cfg.json."""
+
     hard_concrete_gamma: float = -0.1
     hard_concrete_zeta: float = 1.1
     initial_beta: float = 0.5
     final_beta: Optional[float] = None
+
+
+@dataclass
+class HardConcreteSAEConfig(_HardConcreteGateConfig):
     input_dependent_gates: bool = True
 
     @classmethod
@@ -30,12 +36,7 @@ class HardConcreteSAEConfig(SAEConfig):
 
 
 @dataclass
-class GatedHardConcreteSAEConfig(SAEConfig):
-    hard_concrete_gamma: float = -0.1
-    hard_concrete_zeta: float = 1.1
-    initial_beta: float = 0.5
-    final_beta: Optional[float] = None
-
+class GatedHardConcreteSAEConfig(_HardConcreteGateConfig):
     @classmethod
     def architecture(cls) -> str:
         return "gated_hard_concrete"
