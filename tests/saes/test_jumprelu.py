@@ -62,4 +62,4 @@ def test_a_resampled_latent_starts_at_the_initial_threshold():
         sae.b_enc[0, 3] = -100.0  # latent 3 never fires
     x = torch.randn(512, 4, generator=torch.Generator().manual_seed(0))
     assert resample_member(sae, None, 0, x) >= 1
-    assert sae.log_threshold[0, 3].exp().item() == pytest.approx(0.01)
+    assert sae.threshold[0, 3].item() == pytest.approx(0.01)
