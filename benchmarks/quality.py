@@ -61,12 +61,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def base_config(source: str, tokens: Optional[int], out: Path) -> dict:
+def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "auto") -> dict:
     from saesweep.config.experiment import TrainConfig
 
     # stories260K-sampled holds 1.97M training tokens: its runs take 1.9M unless told otherwise
     default = TrainConfig().tokens if source == "synthetic" else min(TrainConfig().tokens, STORIES_TOKENS)
-    train: dict[str, Any] = {"tokens": tokens or default}
+    train: dict[str, Any] = {"tokens": tokens or default, "dtype": dtype}
     cfg: dict[str, Any] = {"lr": 1e-3, "dict_size_ratio": 16, "train": train, "output_dir": str(out / "runs"),
                            "cache_dir": str(out.parent / "cache")}
     if source == "stories260k":
@@ -253,6 +253,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--coeffs", default=None, help="comma-separated sparsity coefficients")
     p.add_argument("--ks", default=None, help="comma-separated k values for the TopK types")
     p.add_argument("--no-peer", action="store_true", help="skip SAELens")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="saesweep's training dtype (default auto, as a user gets; SAELens trains in float32)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/quality-<time>)")
     args = p.parse_args(argv)
     from saesweep import saes
@@ -279,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if source == "stories260k" and not (MODEL.is_dir() and DATA.is_dir()):
             log(f"skipping stories260k: {MODEL} or {DATA} not found")
             continue
-        base = base_config(source, tokens, out / source)
+        base = base_config(source, tokens, out / source, args.dtype)
         rows: list[dict] = []
         for t in types:
             rows += run_saesweep(t, base, coeffs, ks)

@@ -11,6 +11,8 @@ Sections (``--sections`` picks some; see benchmarks/README.md for what each row 
                fp32 and bf16, saesweep's fused step and the plain autograd step
 * ``modes``    packs: loop vs stacked members and the CPU chunk size (the rule in saes/kernels.py)
 * ``alloc``    glibc allocator tuning on/off (child processes)
+* ``types``    every registered architecture's training step, fused vs autograd, a pack of 4 at
+               d = 64, m = 1024 (and 4096 in a full run), fp32 and bf16: where a fused step pays
 * ``sweep``    the seed's 48-trial ReLU grid on stories260K layer-2 activations (d = 64):
                (a) one process per trial recomputing activations, (b) sequential with the
                cache, (c) packed, (d) packed + bf16; bf16-vs-fp32 metric agreement
@@ -45,7 +47,7 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories260K-sampled"
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("peak", "flops", "modes", "alloc", "sweep", "saelens", "share", "eval")
+SECTIONS = ("peak", "flops", "modes", "alloc", "types", "sweep", "saelens", "share", "eval")
 BATCH = 4096
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -221,6 +223,26 @@ def flops_section(dev: torch.device, peak: dict, quick: bool) -> dict:
             a = next(q for q in rows if (q["d"], q["m"], q["dtype"], q["kernel"]) == (r["d"], r["m"], r["dtype"], "autograd"))
             r["speedup_vs_autograd"] = r["gflops_best"] / a["gflops_best"]
     return {"rows": rows}
+
+
+def types_section(dev: torch.device, quick: bool, n: int = 4) -> dict:
+    """Each architecture's step, fused and autograd, in one run (ratios, not absolute times)."""
+    from saesweep import saes
+
+    rows = []
+    widths = (1024,) if quick else (1024, 4096)
+    for sae_type, m, dtype in itertools.product(saes.names(), widths, ("float32", "bfloat16")):
+        wait_quiet(f"types {sae_type} m={m} {dtype}")
+        row = {"sae_type": sae_type, "d": 64, "m": m, "n": n, "dtype": dtype, "fused_kernel": saes.get(sae_type).fused}
+        for kernel in ("fused", "autograd") if row["fused_kernel"] else ("autograd",):
+            r = step_rate(sae_type, 64, m, n, dev, dtype=dtype, kernel=kernel, steps=5 if quick else 9)
+            row[f"{kernel}_ms"] = r["step_s"] * 1e3
+        if row["fused_kernel"]:
+            row["speedup"] = row["autograd_ms"] / row["fused_ms"]
+        rows.append(row)
+        log(f"types {sae_type} m={m} {dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("_ms"))
+            + (f" ({row['speedup']:.2f}x)" if "speedup" in row else ""))
+    return {"rows": rows, "batch": BATCH}
 
 
 def modes_section(dev: torch.device, quick: bool) -> dict:
@@ -655,6 +677,15 @@ def report(res: dict) -> str:
         for r in res["alloc"]["rows"]:
             lines.append(f"  {r['kernel']:9} d={r['d']} m={r['m']}: default {r['default_step_s'] * 1e3:.1f} ms, "
                          f"tuned {r['tuned_step_s'] * 1e3:.1f} ms ({r['speedup']:.2f}x)")
+    if "types" in res:
+        ty = res["types"]
+        lines.append(f"\nEvery architecture's training step, pack of {ty['rows'][0]['n']}, d=64, batch {ty['batch']}: "
+                     "median ms per step; fused over autograd")
+        lines.append(f"  {'type':20} {'m':>5} {'dtype':9} {'fused':>8} {'autograd':>9} {'speed-up':>8}")
+        for r in ty["rows"]:
+            fu = f"{r['fused_ms']:.1f}" if "fused_ms" in r else "-"
+            sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+            lines.append(f"  {r['sae_type']:20} {r['m']:>5} {r['dtype']:9} {fu:>8} {r['autograd_ms']:9.1f} {sp:>8}")
     if "sweep" in res:
         sw = res["sweep"]
         if "skipped" in sw:
@@ -765,6 +796,8 @@ def main() -> int:
             res["modes"] = modes_section(dev, quick)
         if "alloc" in sections and dev.type == "cpu":
             res["alloc"] = alloc_section(quick)
+        if "types" in sections:
+            res["types"] = types_section(dev, quick)
         need_lm = [s for s in ("sweep", "saelens", "share") if s in sections]
         cache_dir = None
         if need_lm and not have_stories():

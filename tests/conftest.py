@@ -25,6 +25,10 @@ def tiny_cfg(tmp_path):
                 base[k] = {**base[k], **v}
             else:
                 base[k] = v
+        from saesweep import saes
+
+        if "sparsity_coeff" not in kw and not saes.get(base["sae_type"]).uses_sparsity_coeff:
+            del base["sparsity_coeff"]  # TopK types refuse it by name
         return ExperimentConfig(**base)
 
     return make

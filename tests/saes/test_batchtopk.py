@@ -36,3 +36,19 @@ def test_evaluation_is_a_jumprelu_at_the_threshold():
     torch.testing.assert_close(sae.encode(x)[0], torch.tensor([[3.0, 0.0, 2.6], [0.0, 0.0, 9.0]]))
     state = sae.member_state(0)
     torch.testing.assert_close(state["threshold"], torch.full((3,), 2.5))
+
+
+def test_batch_top_equals_topk_on_the_candidate_path_and_the_fallbacks():
+    from saesweep.saes.batchtopk import batch_top
+
+    flat = torch.randn(300_000, generator=torch.Generator().manual_seed(3))
+    for count in (5_000, 100_000):  # candidates from the sample; more than a quarter: plain topk
+        vals, idx = batch_top(flat, count, sorted=True)
+        ref = flat.topk(count, sorted=True)
+        torch.testing.assert_close(vals, ref.values)
+        assert torch.equal(flat[idx], vals)
+    # a sample that misses the top: every large entry sits off the sampled stride
+    spiky = torch.zeros(300_000)
+    spiky[1::7] = torch.arange(1, 42_858, dtype=torch.float32)
+    vals, idx = batch_top(spiky, 10_000, sorted=True)
+    torch.testing.assert_close(vals, spiky.topk(10_000).values)

@@ -44,22 +44,37 @@ PLANS = [
 
 
 def make_pack(sae_type, extra, n=3, d=16, m=64):
-    members = [{"sparsity_coeff": 0.1 * (i + 1), **extra} for i in range(n)]
-    sae = saes.get(sae_type)(d, m, members, list(range(n)))
+    """A pack whose members differ in their coefficient and in every integer hyperparameter
+    (TopK's k: members of a stacked pack select different counts), with non-trivial biases and,
+    for an architecture that tracks dead latents, some of them dead (AuxK's path)."""
+    cls = saes.get(sae_type)
+    ints = {k: hp.default for k, hp in cls.hyperparams.items() if hp.type is int and hp.default}
+    members = [{"sparsity_coeff": 0.1 * (i + 1), **extra, **{k: max(1, v // 4 - 2 * i) for k, v in ints.items()}}
+               for i in range(n)]
+    sae = cls(d, m, members, list(range(n)))
+    gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # non-trivial biases, so that every gradient term is exercised
-        gen = torch.Generator().manual_seed(7)
         for name, p in sae.named_parameters():
             if name.startswith("b_") or name in ("r_mag", "log_alpha"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        if hasattr(sae, "since_fired"):  # a third of the latents dead, the first member none
+            sae.since_fired.copy_((torch.rand(sae.since_fired.shape, generator=gen) < 1 / 3) * 1e9)
+            sae.since_fired[0] = 0
     return sae
 
 
 def step(sae, x, plan, dtype="float32"):
+    """One step from the pack's current state (its buffers, such as dead-latent trackers and
+    thresholds, restored afterwards); returns the losses, the gradients and the updated buffers."""
     for streams in sae.noise:  # the same gate noise for every computation
         for j, g in enumerate(streams):
             g.manual_seed(123 + j)
+    before = {k: b.clone() for k, b in sae.named_buffers()}
     losses = sae.train_step(x, progress=0.3, sparsity_scale=0.7, plan=plan, dtype=dtype)
-    return losses, {k: p.grad.clone() for k, p in sae.named_parameters()}
+    after = {f"buffer {k}": b.clone() for k, b in sae.named_buffers()}
+    for k, b in sae.named_buffers():
+        b.copy_(before[k])
+    return losses, {**{k: p.grad.clone() for k, p in sae.named_parameters()}, **after}
 
 
 @pytest.mark.parametrize("sae_type,extra", VARIANTS, ids=IDS)
@@ -87,12 +102,21 @@ def test_fused_bf16_is_within_tolerance_of_fp32(sae_type, extra):
     for plan in (StepPlan("fused", "loop", 256), StepPlan("fused", "stacked", None)):
         losses, grads = step(sae, x, plan, "bfloat16")
         for k in ("total", "mse", "sparsity", "l0"):
-            rel = ((getattr(losses, k) - getattr(ref_losses, k)).abs() / getattr(ref_losses, k).abs()).max()
+            ref_k = getattr(ref_losses, k)  # (a TopK type's penalty is 0: 0 / 0 counts as equal)
+            rel = ((getattr(losses, k) - ref_k).abs() / ref_k.abs().clamp_min(1e-30)).max()
             assert rel < 3e-3, (k, float(rel))  # bf16 keeps 8 bits: 3.9e-3 relative
         for k, g in ref.items():
+            if not g.is_floating_point():
+                assert torch.equal(grads[k], g), k
+                continue
             err = float((grads[k] - g).norm() / g.norm())
             auto_err = float((auto[k] - g).norm() / g.norm())
-            assert err < 3e-2 and err < 5 * auto_err + 1e-3, (k, err, auto_err)
+            # 3 %, or no worse than autocast where bf16 itself is that coarse (JumpReLU's threshold
+            # kernel, 1e-3 wide, is finer than bf16's spacing at the pre-activations' size)
+            assert err < 3e-2 or err < 1.2 * auto_err, (k, err, auto_err)
+            # codes chosen by rank (TopK types, no sparsity coefficient) flip at near-ties under
+            # any rounding, so only the 3 % bound holds for them; smooth codes track autocast
+            assert err < 5 * auto_err + 1e-3 or not saes.get(sae_type).uses_sparsity_coeff, (k, err, auto_err)
 
 
 @pytest.mark.parametrize("sae_type,extra", VARIANTS, ids=IDS)

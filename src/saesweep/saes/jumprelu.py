@@ -15,7 +15,9 @@ paper and SAELens: with ``K(u) = 1[|u| < 1/2]``,
 * ``d/dtheta H(pre - theta) = -(1/eps) K((pre - theta)/eps)`` and ``d/dpre H = 0``;
 * ``d/dtheta JumpReLU = -(theta/eps) K((pre - theta)/eps)``, ``d/dpre JumpReLU = H(pre - theta)``.
 
-Exported as SAELens's ``jumprelu`` (``threshold`` = theta). No fused step (autograd).
+Exported as SAELens's ``jumprelu`` (``threshold`` = theta). The fused CPU step
+(:meth:`JumpReLUSAE._fused_rows`) replaces the autograd graph's dozen passes over ``[B, m]``
+with five; ``benchmarks/run.py --sections types`` measures both (README, Performance).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import Optional
+
 from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
 
@@ -51,6 +56,9 @@ class JumpFn(torch.autograd.Function):
 class JumpReLUSAE(PackedSAE):
     name = "jumprelu"
     saelens_architecture = "jumprelu"
+    fused = True
+    # memory hint: pre, the gradient, theta's kernel scratch, codes; autograd keeps more
+    train_wide, eval_wide = 8, 6
     # a count penalty, as the hard-concrete SAE's (see HardConcreteGates)
     penalty_scale = 0.1
     hyperparams = {
@@ -74,3 +82,64 @@ class JumpReLUSAE(PackedSAE):
         theta = self.threshold.clamp_min(0)[:, None, :]
         gate, f = JumpFn.apply(pre, theta, self.bandwidth[:, None, None])
         return f, gate.sum(-1).mean(-1), x.new_zeros(self.n)
+
+    def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
+        """With e = 2 (x_hat - x) / B, D = pre - theta, kappa the penalty's weight per token,
+        and the rectangle kernel K = 1[|D| < eps / 2] / eps:
+
+        F = pre 1[D > 0]; g_f = e W_dec^T; g_pre = 1[D > 0] g_f; dW_enc = xc^T g_pre;
+        db_enc = sum_t g_pre; dW_dec = F^T e; db_dec = sum_t e - W_enc db_enc;
+        dtheta_j = -sum_t K_tj (kappa + theta_j g_f,tj), through theta = max(threshold, 0).
+        Passes over [chunk, m]: D, the gate (zeroing pre in place), |D| and the kernel's mask,
+        the kernel's sums, the gradient's gate.
+        """
+        k = rows.stop - rows.start
+        B, d = x.shape
+        m, f32 = self.d_sae, torch.float32
+        W_enc, b_enc, W_dec, b_dec, thr = (
+            p.detach()[rows] for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold))
+        theta = thr.clamp_min(0)  # [k, m]
+        theta_c = theta.to(cdt)[:, None, :]
+        half = (self.bandwidth[rows] / 2).to(cdt)[:, None, None]
+        xa = self._centered_ones(x, b_dec, cdt)
+        wea = self._weight_with_bias("Wea", W_enc, b_enc, cdt)
+        wd = self._ws("Wd", (k, m, d), cdt)
+        wd.copy_(W_dec)
+        T = chunk or B
+        pre, dd, g = (self._ws(name, (k, T, m), cdt) for name in ("pre", "D", "g"))
+        r, e = (self._ws(name, (k, T, d), cdt) for name in ("r", "e"))
+        two_s, kappa = self._step_scales(rows, B, sparsity_scale)
+        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
+        sse, nnz = x.new_zeros(k), x.new_zeros(k)
+        sum_diff = x.new_zeros(k, d)
+        band = x.new_zeros(k, m)  # sum_t 1[|D| < eps/2]
+        band_g = x.new_zeros(k, m)  # sum_t 1[|D| < eps/2] g_f
+        offset = b_dec[:, None, :]
+        for i, (s0, s1) in enumerate(chunks(B, chunk)):
+            t = s1 - s0
+            P, D, G, R, E = pre[:, :t], dd[:, :t], g[:, :t], r[:, :t], e[:, :t]
+            xs = xa[:, s0:s1]
+            bmm(xs, wea, P)
+            torch.sub(P, theta_c, out=D)
+            threshold_backward(P, D, 0.0, grad_input=P)  # F = pre where pre > theta, in place
+            nnz += torch.count_nonzero(P, dim=(1, 2))
+            bmm(P, wd, R)
+            diff = torch.add(R, offset).sub_(x[s0:s1])
+            sse += diff.square().sum((1, 2))
+            sum_diff += diff.sum(1)
+            torch.mul(diff, two_s, out=E)
+            bmm(E, wd.transpose(1, 2), G)  # g_f
+            torch.sub(half, D.abs_(), out=D)  # > 0 inside the kernel's band
+            band += (D > 0).sum(1, dtype=f32)
+            band_g += threshold_backward(G, D, 0.0, grad_input=D).sum(1, dtype=f32)  # (D reused)
+            threshold_backward(G, P, 0.0, grad_input=G)  # g_pre
+            bmm_acc(g_wea, xs.transpose(1, 2), G, i == 0, tmp_e)
+            bmm_acc(g_wdt, E.transpose(1, 2), P, i == 0, tmp_d)
+        db_enc = g_wea[:, d]
+        self.W_enc.grad[rows].copy_(g_wea[:, :d])
+        self.b_enc.grad[rows].copy_(db_enc)
+        self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
+        self.b_dec.grad[rows].copy_(sum_diff.mul_(two_s).sub_(torch.bmm(W_enc, db_enc[..., None])[..., 0]))
+        g_theta = -(band * kappa[:, None] + theta * band_g) / self.bandwidth[rows][:, None]
+        self.threshold.grad[rows].copy_(g_theta * (thr >= 0))
+        self._write_stats(out, B, d, sse, nnz, nnz)

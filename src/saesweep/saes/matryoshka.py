@@ -44,6 +44,7 @@ GroupFractions = Annotated[str, AfterValidator(lambda s: ",".join(f"{v:g}" for v
 class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
     name = "matryoshka"
     saelens_architecture = "jumprelu"
+    fused = False  # the prefix losses are not in BatchTopK's fused step: autograd (measured below)
     hyperparams = {
         **K_PARAM,
         **AUXK_PARAMS,

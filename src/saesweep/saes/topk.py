@@ -14,8 +14,11 @@ reconstruction error ``e = x - x_hat`` held fixed, ``e_hat = W_dec a`` where ``a
 miss. Gao et al. use ``k_aux = 512`` at d 4096-ish widths and coefficient 1/32; here ``k_aux``
 defaults to ``d_in / 2`` (dictionary_learning's choice).
 
-No fused step: the autograd step is used (the top-k selection dominates, and a hand-written
-gradient of a scatter saves little).
+Fused CPU step (:meth:`AuxK._fused_rows`, shared with BatchTopK): the ReLU SAE's step with
+the ReLU replaced by a top-k selection scattered into a reused ``[chunk, m]`` buffer, and AuxK's
+products only when a member has dead latents. Measured against the autograd step by
+``benchmarks/run.py --sections step`` (packs of 5, d 64, m 1024, batch 512, fp32, this
+project's 2-core Xeon): see the README's performance table.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import Optional
+
 from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
 K_PARAM = {"k": HyperParam(int, 32, "active latents per token (members of a pack may differ)")}
@@ -50,6 +56,9 @@ class AuxK:
     """Mixin: ``k``, the dead-latent tracker and the AuxK loss (TopK, BatchTopK, Matryoshka)."""
 
     uses_sparsity_coeff = False
+    fused = True
+    # memory hint: the ReLU step's buffers plus the code buffer and AuxK's
+    train_wide, eval_wide = 7, 6
 
     def _init_auxk(self: PackedSAE) -> None:
         self.register_buffer("k", self._member_tensor("k", K_PARAM["k"].default).long())
@@ -76,16 +85,122 @@ class AuxK:
     def auxk_loss(self: PackedSAE, x: Tensor, pre: Tensor, f: Tensor) -> Tensor:
         """AuxK per member (``[n]``), then the firing tracker advances by this batch."""
         dead = self.dead()
+        coeff = self.auxk_coeff * dead.any(-1)  # a member without dead latents has no AuxK term
         aux = x.new_zeros(self.n)
-        if bool(dead.any()) and bool((self.auxk_coeff > 0).any()):
+        if bool((coeff > 0).any()):
             e = (x - self.decode(f)).detach()
             a = keep_top(pre.masked_fill(~dead[:, None, :], float("-inf")), self.k_aux)
             e_hat = torch.matmul(a, self.W_dec)
-            aux = self.auxk_coeff * (e - e_hat).pow(2).sum(-1).mean(-1)
+            aux = coeff * (e - e_hat).pow(2).sum(-1).mean(-1)
         with torch.no_grad():
             fired = (f.detach() > 0).any(1)
             self.since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
         return aux
+
+    # ------------------------------------------------------------------ fused step
+    def _select(self: PackedSAE, P: Tensor, rows: slice) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(vals, idx, keep)`` of the kept pre-activations of ``P`` ``[k, t, m]``: per token, the
+        ``k`` largest (``keep`` masks ranks beyond a member's own k in a stacked pack, else None)."""
+        kk = self.k[rows]
+        kmax = max(1, min(int(kk.max()), P.shape[-1]))
+        vals, idx = P.topk(kmax, dim=-1, sorted=kmax != int(kk.min()))
+        keep = None if kmax == int(kk.min()) else torch.arange(kmax, device=P.device) < kk[:, None, None]
+        return vals, idx, keep
+
+    def _fused_chunk(self: PackedSAE, rows: slice, chunk: Optional[int]) -> Optional[int]:
+        return chunk
+
+    def _after_select(self: PackedSAE, rows: slice, vals: Tensor, keep: Optional[Tensor]) -> None:
+        """Hook for what the selection updates (BatchTopK's threshold)."""
+
+    def _fused_rows(self, x, rows, chunk, cdt, progress, sparsity_scale, stats, out) -> None:
+        """With e = 2 (x_hat - x) / B and F the kept codes (top-k of ``pre``, through a ReLU):
+
+        g_pre = 1[F > 0] (e W_dec^T); dW_enc = xc^T g_pre; db_enc = sum_t g_pre; dW_dec = F^T e;
+        db_dec = sum_t e - W_enc db_enc. AuxK, for members with dead latents: A keeps the k_aux
+        largest dead pre-activations (ReLU), r = (x - x_hat) - A W_dec per token, loss
+        coeff ||r||^2, so with ea = -2 coeff r / B: g_pre += 1[A > 0] (ea W_dec^T), dW_dec += A^T ea.
+        """
+        k = rows.stop - rows.start
+        B, d = x.shape
+        m, f32 = self.d_sae, torch.float32
+        chunk = self._fused_chunk(rows, chunk)
+        W_enc, b_enc, W_dec, b_dec = (p.detach()[rows] for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec))
+        xa = self._centered_ones(x, b_dec, cdt)  # [k, B, d+1]
+        wea = self._weight_with_bias("Wea", W_enc, b_enc, cdt)  # [k, d+1, m]
+        wd = self._ws("Wd", (k, m, d), cdt)
+        wd.copy_(W_dec)
+        T = chunk or B
+        pre = self._ws("pre", (k, T, m), cdt)
+        F = self._ws("F", (k, T, m), cdt)
+        g = self._ws("g", (k, T, m), cdt)
+        r = self._ws("r", (k, T, d), cdt)
+        e = self._ws("e", (k, T, d), cdt)
+        dead = self.dead()[rows]
+        coeff = self.auxk_coeff[rows] * dead.any(-1)
+        use_aux = bool((coeff > 0).any())
+        if use_aux:
+            A = self._ws("A", (k, T, m), cdt)
+            ga = self._ws("ga", (k, T, m), cdt)
+            ea = self._ws("ea", (k, T, d), cdt)
+            k_aux = self.k_aux[rows]
+            kax = max(1, min(int(k_aux.max()), m))
+            aux_keep = torch.arange(kax, device=x.device) < k_aux[:, None, None]
+            aux_sum = x.new_zeros(k)
+            two_c = (-2.0 / B) * coeff[:, None, None]
+        g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
+        two_s = 2.0 / B
+        sse = x.new_zeros(k)
+        nnz = x.new_zeros(k)
+        fired = x.new_zeros(k, m)
+        sum_diff = x.new_zeros(k, d)
+        offset = b_dec[:, None, :]
+        for i, (s0, s1) in enumerate(chunks(B, chunk)):
+            t = s1 - s0
+            P, Fc, G, R, E = pre[:, :t], F[:, :t], g[:, :t], r[:, :t], e[:, :t]
+            xs = xa[:, s0:s1]
+            bmm(xs, wea, P)
+            vals, idx, keep = self._select(P, rows)
+            vals.clamp_min_(0)
+            if keep is not None:
+                vals.mul_(keep)
+            self._after_select(rows, vals, keep)
+            # the codes: per token (idx over m) or, for a batch-wide selection, over t * m
+            Fc.zero_().view(k, vals.shape[1], -1).scatter_(-1, idx, vals)
+            latent = idx if vals.shape[1] == t else idx % m
+            fired.scatter_add_(-1, latent.flatten(1), (vals > 0).flatten(1).to(f32))
+            bmm(Fc, wd, R)  # x_hat - b_dec
+            diff = torch.add(R, offset).sub_(x[s0:s1])  # x_hat - x, float32
+            sse += diff.square().sum((1, 2))
+            sum_diff += diff.sum(1)
+            torch.mul(diff, two_s, out=E)
+            bmm(E, wd.transpose(1, 2), G)
+            threshold_backward(G, Fc, 0.0, grad_input=G)
+            if use_aux:
+                Ac, GA, EA = A[:, :t], ga[:, :t], ea[:, :t]
+                avals, aidx = P.masked_fill(~dead[:, None, :], float("-inf")).topk(kax, dim=-1, sorted=True)
+                avals.clamp_min_(0).mul_(aux_keep)
+                Ac.zero_().scatter_(-1, aidx, avals)
+                bmm(Ac, wd, EA)  # e_hat
+                res = diff.neg_().sub_(EA)  # (x - x_hat) - e_hat
+                aux_sum += coeff * res.square().sum((1, 2))
+                torch.mul(res, two_c, out=EA)
+                bmm(EA, wd.transpose(1, 2), GA)
+                threshold_backward(GA, Ac, 0.0, grad_input=GA)
+                G.add_(GA)
+            if stats:
+                nnz += (vals > 0).sum((1, 2))
+            bmm_acc(g_wea, xs.transpose(1, 2), G, i == 0, tmp_e)
+            bmm_acc(g_wdt, E.transpose(1, 2), Fc, i == 0, tmp_d)
+            if use_aux:
+                bmm_acc(g_wdt, EA.transpose(1, 2), Ac, False, tmp_d)
+        db_enc = g_wea[:, d]
+        self.W_enc.grad[rows].copy_(g_wea[:, :d])
+        self.b_enc.grad[rows].copy_(db_enc)
+        self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
+        self.b_dec.grad[rows].copy_(sum_diff.mul_(two_s).sub_(torch.bmm(W_enc, db_enc[..., None])[..., 0]))
+        self.since_fired[rows].add_(B).masked_fill_(fired > 0, 0)
+        self._write_stats(out, B, d, sse, x.new_zeros(k), nnz, aux_sum if use_aux else None)
 
 
 @register
