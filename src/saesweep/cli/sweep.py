@@ -73,7 +73,9 @@ def spec_from_args(args: argparse.Namespace, **extra: Any):
 
 
 def describe_params(cfg: ExperimentConfig, fields: Sequence[str]) -> str:
-    return " ".join(f"{f}={getattr(cfg, f)}" for f in fields if getattr(cfg, f, None) is not None)
+    from saesweep.config.experiment import get_dotted
+
+    return " ".join(f"{f}={get_dotted(cfg, f)}" for f in fields if get_dotted(cfg, f) is not None)
 
 
 # --------------------------------------------------------------------------- grid

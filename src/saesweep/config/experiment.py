@@ -330,6 +330,15 @@ class ExperimentConfig(Strict):
 
 
 # ------------------------------------------------------------------------ parsing
+def get_dotted(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj.a.b`` for ``key`` "a.b" (a config's nested field), else ``default``."""
+    for p in key.split("."):
+        obj = getattr(obj, p, None)
+        if obj is None:
+            return default
+    return obj
+
+
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:

@@ -8,6 +8,7 @@ same spec with :func:`expand`, so editing a grid happens here or in the spec fil
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from saesweep.config.experiment import (
     ExperimentConfig,
     Strict,
     format_validation_error,
+    get_dotted,
     parse_config,
     read_yaml,
     set_dotted,
@@ -56,6 +58,10 @@ def default_grids() -> dict[str, dict[str, list]]:
 
 #: the hyperparameters every architecture takes
 COMMON_PARAMS = ("lr", "dict_size_ratio", "sparsity_coeff")
+#: sections of the experiment config whose fields a grid may sweep by dotted name: above all
+#: ``source.hook`` (layers as a sweep axis: trials of several hooks get their activations from
+#: one LM pass, see :func:`saesweep.data.cache_build.warm`, and train in per-hook packs)
+NESTED_AXES = ("source", "train", "eval")
 
 
 def sweepable() -> tuple[str, ...]:
@@ -193,8 +199,9 @@ class SweepSpec(Strict):
                 raise ValueError(f"grids: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
             own = {"lr", "dict_size_ratio", "sparsity_coeff", *saes.get(t).hyperparams}
             for p, space in grid.items():
-                if p not in own:
-                    raise ValueError(f"grids.{t}.{p}: not a parameter of {t} (its parameters: {', '.join(sorted(own))})")
+                if p not in own and p.split(".")[0] not in NESTED_AXES:
+                    raise ValueError(f"grids.{t}.{p}: not a parameter of {t} (its parameters: {', '.join(sorted(own))}; "
+                                     f"or a nested field such as source.hook)")
                 if isinstance(space, Range) and self.search.method == "grid":
                     raise ValueError(f"grids.{t}.{p}: a range needs search.method random or tpe, not grid")
         for key in self.base:
@@ -221,6 +228,17 @@ class SweepSpec(Strict):
             n *= len(space) if isinstance(space, list) else 0
         return n
 
+    def hooks(self) -> list[str]:
+        """The hooks the grids sweep (``source.hook`` axes), in first-seen order: their
+        activations come from one LM pass (:func:`saesweep.data.open_source`'s ``hooks``)."""
+        out: list[str] = []
+        for t in self.sae_types:
+            space = self.grids.get(t, {}).get("source.hook")
+            for h in space if isinstance(space, list) else []:
+                if h not in out:
+                    out.append(h)
+        return out
+
     def base_for(self, sae_type: str) -> dict[str, Any]:
         """The base fields that apply to ``sae_type``: base may set e.g. final_beta for the types
         that take it, or sparsity_coeff, which the TopK types do not use."""
@@ -230,8 +248,12 @@ class SweepSpec(Strict):
                 if (k not in every or k in cls.hyperparams) and (k != "sparsity_coeff" or cls.uses_sparsity_coeff)}
 
     def base_config(self, sae_type: str, **params: Any) -> ExperimentConfig:
-        data = self.base_for(sae_type)
-        data.update(sae_type=sae_type, output_dir=str(self.trials_dir), **params)
+        """The trial of ``sae_type`` with ``params``; a dotted name (``source.hook``) sets a
+        nested field."""
+        data = copy.deepcopy(self.base_for(sae_type))
+        data.update(sae_type=sae_type, output_dir=str(self.trials_dir))
+        for k, v in params.items():
+            set_dotted(data, k, v)
         return parse_config(data, where=f"sweep {self.name} ({sae_type})")
 
 
@@ -251,7 +273,7 @@ def expand(spec: SweepSpec, sae_types: Optional[list[str]] = None) -> list[Exper
 
 def swept_params(spec: SweepSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     """The values of ``cfg`` for the parameters its type's grid varies."""
-    return {p: getattr(cfg, p) for p in spec.grids[cfg.sae_type]}
+    return {p: get_dotted(cfg, p) for p in spec.grids[cfg.sae_type]}
 
 
 # -------------------------------------------------------------------- loading

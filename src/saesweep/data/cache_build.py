@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import sys
@@ -120,81 +121,98 @@ def _version() -> str:
 
 
 def _build(
-    source: HFSource,
+    targets: Sequence[tuple[HFSource, str, Optional[dict]]],
     root: Path,
-    key: str,
     train_rows: int,
     heldout_rows: int,
-    old: Optional[dict],
     *,
     device: Any,
     progress: Optional[bool],
     shard_bytes: int,
-) -> tuple[dict, bool]:
-    """Compute an entry in a temp folder and rename it into place; ``(manifest, ours)`` (see _publish)."""
+) -> list[tuple[dict, bool]]:
+    """Compute entries in temp folders and rename each into place; ``(manifest, ours)`` per target
+    (see _publish). ``targets`` are ``(source, key, old manifest)`` that differ only in the hook:
+    one LM pass fills them all. A single target growing an older entry reuses its full shards."""
     adir = root / "activations"
-    final = adir / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{host_name()}-{os.getpid()}-", dir=adir))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    tmps: list[Path] = []
     t0 = time.time()
     try:
+        for _, key, _ in targets:
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{host_name()}-{os.getpid()}-", dir=adir))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+            tmps.append(tmp)
+        source = targets[0][0]
+        layers = [t[0].layer for t in targets]
         producer = ActivationProducer(source, train_rows, heldout_rows, device=device, datasets_cache=root / "datasets")
         per = tokens_per_row(source)
-        np.save(tmp / "heldout_ids.npy", producer.rows.heldout)
-        ids_info = {"file": "heldout_ids.npy", "rows": heldout_rows, "bytes": (tmp / "heldout_ids.npy").stat().st_size,
-                    "sha256": sha256_file(tmp / "heldout_ids.npy")}
-        with _progress(progress, heldout_rows + train_rows, f"activations {source.hook}") as advance:
-            held = _Writer(tmp, iter(["heldout.npy"]), [heldout_rows * per])
-            for a in producer.activations(producer.rows.heldout):
-                held.write(a)
-                advance(a.shape[0] // per)
-            (held_info,) = held.finish()
-            d = int(np.load(tmp / "heldout.npy", mmap_mode="r").shape[1])
+        ids_infos = []
+        for tmp in tmps:
+            np.save(tmp / "heldout_ids.npy", producer.rows.heldout)
+            ids_infos.append({"file": "heldout_ids.npy", "rows": heldout_rows, "bytes": (tmp / "heldout_ids.npy").stat().st_size,
+                              "sha256": sha256_file(tmp / "heldout_ids.npy")})
+        hooks = ", ".join(t[0].hook for t in targets)
+        with _progress(progress, heldout_rows + train_rows, f"activations {hooks}") as advance:
+            held = [_Writer(tmp, iter(["heldout.npy"]), [heldout_rows * per]) for tmp in tmps]
+            for acts in producer.activations_by_layer(producer.rows.heldout, layers):
+                for w, layer in zip(held, layers):
+                    w.write(acts[layer])
+                advance(acts[layers[0]].shape[0] // per)
+            held_infos = [w.finish()[0] for w in held]
+            d = int(np.load(tmps[0] / "heldout.npy", mmap_mode="r").shape[1])
 
             shard_rows = max(1, shard_bytes // (per * d * 4))
             reused: list[dict] = []
-            if old and old["d_in"] == d and old["train"]["shard_rows"] == shard_rows:
+            old, final = targets[0][2], adir / targets[0][1]
+            if len(targets) == 1 and old and old["d_in"] == d and old["train"]["shard_rows"] == shard_rows:
                 full = [s for s in old["train"]["shards"] if s["tokens"] == shard_rows * per]
                 for s in full[: train_rows // shard_rows]:
                     with contextlib.suppress(OSError):
-                        os.link(final / s["file"], tmp / s["file"])
-                    if not (tmp / s["file"]).exists():
-                        shutil.copyfile(final / s["file"], tmp / s["file"])
+                        os.link(final / s["file"], tmps[0] / s["file"])
+                    if not (tmps[0] / s["file"]).exists():
+                        shutil.copyfile(final / s["file"], tmps[0] / s["file"])
                     reused.append(s)
             skip = len(reused) * shard_rows
             advance(skip)
             n_shards = -(-train_rows // shard_rows)
             sizes = [min(shard_rows, train_rows - i * shard_rows) * per for i in range(len(reused), n_shards)]
-            train = _Writer(tmp, (f"train-{i:05d}.npy" for i in itertools.count(len(reused))), sizes)
-            for a in producer.activations(_advancing(itertools.islice(producer.rows.train, skip, None), advance)):
-                train.write(a)
-            shards = reused + train.finish()
-        arrays = [np.load(tmp / s["file"], mmap_mode="r") for s in shards]
-        n_stats = min(train_rows * per, NORM_TOKENS)
-        scale, mean = norm_stats(arrays, n_stats)
-        del arrays
-        manifest = {
-            "format": FORMAT,
-            "key": key,
-            "key_fields": key_fields(source),
-            "source": source.model_dump(mode="json", exclude={"lm_batch_size"}),
-            "d_in": d,
-            "dtype": "float32",
-            "context_length": source.context_length,
-            "tokens_per_row": per,
-            "train": {"rows": train_rows, "tokens": train_rows * per, "shard_rows": shard_rows, "shards": shards},
-            "heldout": {"rows": heldout_rows, "tokens": heldout_rows * per, "from": producer.rows.heldout_from,
-                        "activations": held_info, "token_ids": ids_info},
-            "stats": {"tokens": n_stats, "scale": scale, "mean": mean},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "build_seconds": round(time.time() - t0, 3),
-            "reused_shards": len(reused),
-            "saesweep_version": _version(),
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
-        return _publish(tmp, adir, key, manifest)
+            trains = [_Writer(tmp, (f"train-{i:05d}.npy" for i in itertools.count(len(reused))), sizes) for tmp in tmps]
+            rows = _advancing(itertools.islice(producer.rows.train, skip, None), advance)
+            for acts in producer.activations_by_layer(rows, layers):
+                for w, layer in zip(trains, layers):
+                    w.write(acts[layer])
+            all_shards = [reused + w.finish() for w in trains]
+        seconds = round(time.time() - t0, 3)
+        out = []
+        for (src, key, _), tmp, held_info, ids_info, shards in zip(targets, tmps, held_infos, ids_infos, all_shards):
+            arrays = [np.load(tmp / s["file"], mmap_mode="r") for s in shards]
+            n_stats = min(train_rows * per, NORM_TOKENS)
+            scale, mean = norm_stats(arrays, n_stats)
+            del arrays
+            manifest = {
+                "format": FORMAT,
+                "key": key,
+                "key_fields": key_fields(src),
+                "source": src.model_dump(mode="json", exclude={"lm_batch_size"}),
+                "d_in": d,
+                "dtype": "float32",
+                "context_length": src.context_length,
+                "tokens_per_row": per,
+                "train": {"rows": train_rows, "tokens": train_rows * per, "shard_rows": shard_rows, "shards": shards},
+                "heldout": {"rows": heldout_rows, "tokens": heldout_rows * per, "from": producer.rows.heldout_from,
+                            "activations": held_info, "token_ids": ids_info},
+                "stats": {"tokens": n_stats, "scale": scale, "mean": mean},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_seconds": seconds,
+                "built_with": [t[1] for t in targets],  # the entries filled by the same LM pass
+                "reused_shards": len(reused),
+                "saesweep_version": _version(),
+            }
+            atomic_write_json(tmp / "manifest.json", manifest)
+            out.append(_publish(tmp, adir, key, manifest))
+        return out
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -346,31 +364,77 @@ def open_entry(
         if old is not None:
             train_rows = max(train_rows, old["train"]["rows"])
             heldout_rows = max(heldout_rows, old["heldout"]["rows"])
-        manifest, ours = _build(source, Path(root), key, train_rows, heldout_rows, old,
-                                device=device, progress=progress, shard_bytes=shard_bytes or SHARD_BYTES)
+        ((manifest, ours),) = _build([(source, key, old)], Path(root), train_rows, heldout_rows,
+                                     device=device, progress=progress, shard_bytes=shard_bytes or SHARD_BYTES)
         return CacheEntry(adir / key, manifest, built=ours)
     finally:
         held.__exit__(None, None, None)
 
 
-def warm(configs: Sequence[Any], *, device: Any = "cpu", progress: Optional[bool] = None) -> list[dict]:
+def open_entries(sources: Sequence[HFSource], root: Path, train_rows: int, heldout_rows: int, *,
+                 device: Any = "cpu", progress: Optional[bool] = None,
+                 shard_bytes: Optional[int] = None) -> list[CacheEntry]:
+    """The entries of several hooks of one model, dataset and token budget (``sources`` differ
+    only in ``hook``), building the missing ones together: one LM pass for every hook. Each
+    key's lock is held while it is built, as in :func:`open_entry`."""
+    by_key = {entry_key(s): s for s in sources}  # resid_post of L and resid_pre of L + 1 share one
+    adir = Path(root) / "activations"
+    adir.mkdir(parents=True, exist_ok=True)
+    found = {k: try_open(adir / k, train_rows, heldout_rows) for k in by_key}
+    missing = sorted(k for k, e in found.items() if e is None)
+    if missing:
+        with contextlib.ExitStack() as stack:
+            for k in missing:  # in key order, so that two builders cannot deadlock
+                stack.enter_context(file_lock(adir / f"{k}.lock"))
+            targets = []
+            for k in missing:
+                found[k] = try_open(adir / k, train_rows, heldout_rows)  # built meanwhile by another
+                if found[k] is None:
+                    _clear_stale(adir, k)
+                    targets.append((by_key[k], k, read_manifest(adir / k)))
+            if targets:
+                olds = [t[2] for t in targets if t[2] is not None]
+                train_rows = max([train_rows, *(o["train"]["rows"] for o in olds)])
+                heldout_rows = max([heldout_rows, *(o["heldout"]["rows"] for o in olds)])
+                built = _build(targets, Path(root), train_rows, heldout_rows, device=device, progress=progress,
+                               shard_bytes=shard_bytes or SHARD_BYTES)
+                for (_, k, _), (manifest, ours) in zip(targets, built):
+                    found[k] = CacheEntry(adir / k, manifest, built=ours)
+    return [found[entry_key(s)] for s in sources]
+
+
+def pass_group(source: HFSource) -> str:
+    """What the entries one LM pass can fill share: every key field but the layer."""
+    fields = {k: v for k, v in key_fields(source).items() if k != "layer"}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+
+def warm(configs: Sequence[Any], *, device: Any = "cpu", progress: Optional[bool] = None,
+         only_shared: bool = False) -> list[dict]:
     """Build (or find) every entry the configs' hf sources need, each with the largest request
-    among them, so that hosts with ``cache_mode: wait`` only read. Returns one dict per entry."""
-    groups: dict[tuple[str, str], list] = {}
+    among them, so that hosts with ``cache_mode: wait`` only read; the hooks of one model and
+    dataset come from one LM pass. ``only_shared``: just the groups with several hooks (what a
+    sweep does before its workers start). Returns one dict per entry."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
     for cfg in configs:
         if getattr(cfg.source, "kind", None) != "hf":
             continue
         check_source(cfg.source)
         train_rows, heldout_rows = needed_rows(cfg)
         root = cache_root(cfg.cache_dir)
-        g = groups.setdefault((str(root), entry_key(cfg.source)), [cfg.source, 0, 0])
-        g[1], g[2] = max(g[1], train_rows), max(g[2], heldout_rows)
+        g = groups.setdefault((str(root), pass_group(cfg.source)), {"sources": {}, "train": 0, "heldout": 0})
+        g["sources"].setdefault(entry_key(cfg.source), cfg.source)
+        g["train"], g["heldout"] = max(g["train"], train_rows), max(g["heldout"], heldout_rows)
     out = []
-    for (root, key), (source, train_rows, heldout_rows) in groups.items():
+    for (root, _), g in groups.items():
+        sources = list(g["sources"].values())
+        if only_shared and len(sources) < 2:
+            continue
         t0 = time.perf_counter()
-        entry = open_entry(source, Path(root), train_rows, heldout_rows, device=device, progress=progress)
-        out.append({"key": key, "root": root, "built": entry.built, "tokens": entry.train_tokens,
-                    "model": source.model, "hook": source.hook, "dataset": source.dataset,
-                    "seconds": round(time.perf_counter() - t0, 1), "path": str(entry.path)})
-        entry.close()
+        entries = open_entries(sources, Path(root), g["train"], g["heldout"], device=device, progress=progress)
+        for source, entry in zip(sources, entries):
+            out.append({"key": entry.key, "root": root, "built": entry.built, "tokens": entry.train_tokens,
+                        "model": source.model, "hook": source.hook, "dataset": source.dataset,
+                        "seconds": round(time.perf_counter() - t0, 1), "path": str(entry.path)})
+            entry.close()
     return out

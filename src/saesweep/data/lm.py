@@ -38,7 +38,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -272,20 +272,45 @@ class HookedLM:
     @torch.inference_mode()
     def capture(self, ids: Tensor) -> Tensor:
         """Residual ``[batch, ctx, d]`` at the hook point; nothing after it is computed."""
-        box: list[Tensor] = []
+        return self.capture_layers(ids, [self.layer])[self.layer]
 
-        def grab(h: Tensor) -> None:
-            box.append(h)
-            raise _Stop
+    @torch.inference_mode()
+    def capture_layers(self, ids: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+        """The residual entering each block in ``layers`` (``n_layers``: the last block's output),
+        all from one forward pass that stops after the deepest of them."""
+        want = sorted(set(layers))
+        for layer in want:
+            if not 0 <= layer <= self.n_layers:
+                raise ConfigError(f"source.hook: layer {layer} is not in 0..{self.n_layers}")
+        box: dict[int, Tensor] = {}
+        handles = []
 
-        with self._hooked(grab):
-            try:
-                self.model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-        if not box:
+        def grab(layer: int, h: Tensor) -> None:
+            box[layer] = h
+            if layer == want[-1]:
+                raise _Stop
+
+        for layer in want:
+            if layer < self.n_layers:
+                def pre(module: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
+                    grab(layer, args[0] if args else kwargs["hidden_states"])
+
+                handles.append(self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(module: nn.Module, args: tuple, out: Any) -> None:
+                    grab(self.n_layers, out[0] if isinstance(out, tuple) else out)
+
+                handles.append(self.blocks[-1].register_forward_hook(post))
+        try:
+            self.model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(box) != len(want):
             raise RuntimeError("the hook point was never reached in the forward pass")
-        return box[0]
+        return box
 
     @torch.inference_mode()
     def clean_and_tail(self, ids: Tensor) -> tuple[Tensor, Optional[Tail]]:
@@ -582,14 +607,22 @@ class ActivationProducer:
 
     def activations(self, rows: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """float32 ``[rows_in_batch * tokens_per_row, d]`` per LM batch of ``lm_batch_size`` rows."""
+        for acts in self.activations_by_layer(rows, [self.source.layer]):
+            yield acts[self.source.layer]
+
+    def activations_by_layer(self, rows: Iterable[np.ndarray], layers: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
+        """The same for several layers at once, from one forward pass per LM batch."""
         it = iter(rows)
         while True:
             batch = list(itertools.islice(it, self.source.lm_batch_size))
             if not batch:
                 return
             ids = torch.from_numpy(np.stack(batch)).to(self.device)
-            h = self.lm.capture(ids)[:, self.start :]
-            yield h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+            out = {}
+            for layer, h in self.lm.capture_layers(ids, layers).items():
+                h = h[:, self.start :]
+                out[layer] = h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+            yield out
 
 
 def needed_rows(cfg: ExperimentConfig) -> tuple[int, int]:

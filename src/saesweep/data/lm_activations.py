@@ -115,16 +115,25 @@ class HFActivations(Activations):
 
 
 def open_hf(
-    cfg: ExperimentConfig, device: str | torch.device = "cpu", *, progress: Optional[bool] = None
+    cfg: ExperimentConfig, device: str | torch.device = "cpu", *, progress: Optional[bool] = None,
+    hooks: Sequence[str] = (),
 ) -> HFActivations:
     """Activations for ``cfg`` (an hf source): the cache entry, built first when needed (``cache_mode:
-    build``) or waited for until another process has built it (``cache_mode: wait``)."""
+    build``) or waited for until another process has built it (``cache_mode: wait``). When it is
+    built, the other ``hooks`` missing from the cache are built with it, in the same LM pass."""
     if not isinstance(cfg.source, HFSource):
         raise ConfigError(f"source.kind: open_hf needs an hf source, got {cfg.source.kind!r}")
     lm.check_source(cfg.source)
     train_rows, heldout_rows = lm.needed_rows(cfg)
-    entry = cache_build.open_entry(
-        cfg.source, cache.cache_root(cfg.cache_dir), train_rows, heldout_rows, device=device, progress=progress,
-        mode=cfg.cache_mode,
-    )
+    root = cache.cache_root(cfg.cache_dir)
+    others = [cfg.source.model_copy(update={"hook": h}) for h in hooks if h != cfg.source.hook]
+    entry = cache.try_open(root / "activations" / cache.entry_key(cfg.source), train_rows, heldout_rows)
+    if entry is None and others and cfg.cache_mode == "build":
+        entry, *rest = cache_build.open_entries([cfg.source, *others], root, train_rows, heldout_rows,
+                                                device=device, progress=progress)
+        for e in rest:
+            e.close()
+    elif entry is None:
+        entry = cache_build.open_entry(cfg.source, root, train_rows, heldout_rows, device=device, progress=progress,
+                                       mode=cfg.cache_mode)
     return HFActivations(cfg, entry, device)

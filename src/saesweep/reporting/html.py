@@ -35,11 +35,14 @@ from saesweep.config.sweep import sweepable
 from saesweep.io import atomic_write_json, atomic_write_text
 from saesweep.metrics import registry as metrics
 from saesweep.reporting.importance import param_importances
-from saesweep.reporting.table import degenerate_trials, results_table
+from saesweep.reporting.table import HOOK_AXIS, degenerate_trials, results_table
 from saesweep.sweep.display import per_slot_totals
 from saesweep.sweep.urls import redact
 
 #: colours of the SAE types (matplotlib's tab10, in the registry's order)
+#: in a sweep over hooks, each hook's points and frontiers get a marker and a line style
+HOOK_MARKERS = ["o", "s", "^", "D", "v", "P"]
+HOOK_LINES = ["-", ":", "-.", (0, (5, 2, 1, 2))]
 TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 # --------------------------------------------------------------------- Pareto
 def pareto_mask(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -68,8 +71,10 @@ def pareto_mask(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
 def frontier_ids(df, x: str = "l0", y: str = "fvu", *, by_type: bool = False) -> Any:
     """Trial ids on the (x, y) Pareto frontier of the complete trials (directions from the metrics).
 
-    With ``by_type`` a dict ``{sae_type: [ids]}``; otherwise one list over all types. Ids are
-    ordered by ``x``.
+    With ``by_type`` a dict ``{series: [ids]}`` (series: the SAE type, or type @ hook in a sweep
+    over hooks, see :func:`~saesweep.reporting.table.series_labels`); otherwise one list over
+    all types, and in a sweep over hooks the union of each hook's frontier (activations of
+    different layers are not compared). Ids are ordered by ``x`` (per hook).
     """
     if df is None or len(df) == 0 or x not in df or y not in df:
         return {} if by_type else []
@@ -77,8 +82,19 @@ def frontier_ids(df, x: str = "l0", y: str = "fvu", *, by_type: bool = False) ->
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
     dirs = [metrics.direction(x), metrics.direction(y)]
     if by_type:
-        return {t: _frontier(g, x, y, dirs) for t, g in d.groupby("sae_type", sort=False)}
-    return _frontier(d, x, y, dirs)
+        return {t: _frontier(g, x, y, dirs) for t, g in d.groupby(_series(d), sort=False)}
+    return [i for _, g in _by_hook(d) for i in _frontier(g, x, y, dirs)]
+
+
+def _series(d) -> Any:
+    return d["series"] if "series" in d else d["sae_type"]
+
+
+def _by_hook(d) -> list[tuple[Optional[str], Any]]:
+    """``[(hook, rows)]`` in a sweep over hooks, else ``[(None, d)]``."""
+    if HOOK_AXIS in d and d[HOOK_AXIS].nunique(dropna=True) > 1:
+        return list(d.groupby(d[HOOK_AXIS].fillna("?"), sort=False))
+    return [(None, d)]
 
 
 def _frontier(d, x, y, dirs) -> list[str]:
@@ -238,21 +254,31 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
     d = df[(df["state"] == "complete")].copy()
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
     ydir = metrics.direction(y)
-    several = d["sae_type"].nunique() > 1
+    series = _series(d)
+    several = series.nunique() > 1
+    # a sweep over hooks: colour per type, marker and line style per hook, a frontier per hook
+    hooks = [h for h, _ in _by_hook(d)]
+    style = {h: (HOOK_MARKERS[i % len(HOOK_MARKERS)], HOOK_LINES[i % len(HOOK_LINES)]) for i, h in enumerate(hooks)}
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    for t, g in d.groupby("sae_type", sort=False):
-        c = colors.get(t, "#555555")
-        ax.scatter(g[x], g[y], s=30, color=c, alpha=0.55, edgecolors="none", label=f"{t} ({len(g)} trials)", zorder=2)
-        f = g.set_index("trial_id").loc[per_type.get(t, [])]
-        if len(f) > 1 and several:  # with one type its frontier is the black one
-            ax.step(f[x], f[y], where="post", color=c, lw=1.2, ls="--", alpha=0.9, zorder=3)
-    if len(ids):
-        f = d.set_index("trial_id").loc[list(ids)]
-        ax.step(f[x], f[y], where="post", color="black", lw=2.2, zorder=4, label=f"Pareto frontier, all types ({len(f)})")
-        ax.scatter(f[x], f[y], s=70, facecolors="none", edgecolors="black", linewidths=1.6, zorder=5)
-        for t in f["sae_type"].unique():  # frontier points in their type's colour
-            ft = f[f["sae_type"] == t]
-            ax.scatter(ft[x], ft[y], s=30, color=colors.get(t, "#555555"), zorder=6)
+    for hook, rows in _by_hook(d):
+        marker, ls = style[hook]
+        for t, g in rows.groupby(_series(rows), sort=False):
+            c = colors.get(g["sae_type"].iloc[0], "#555555")
+            ax.scatter(g[x], g[y], s=30, color=c, marker=marker, alpha=0.55, edgecolors="none",
+                       label=f"{t} ({len(g)} trials)", zorder=2)
+            f = g.set_index("trial_id").loc[per_type.get(t, [])]
+            if len(f) > 1 and several:  # with one type its frontier is the black one
+                ax.step(f[x], f[y], where="post", color=c, lw=1.2, ls="--" if hook is None else ls, alpha=0.9, zorder=3)
+        on = [i for i in ids if i in set(rows["trial_id"])]
+        if on:
+            f = rows.set_index("trial_id").loc[on]
+            what = "all types" if hook is None else f"all types @ {hook}"
+            ax.step(f[x], f[y], where="post", color="black", lw=2.2, ls="-" if hook is None else ls, zorder=4,
+                    label=f"Pareto frontier, {what} ({len(f)})")
+            ax.scatter(f[x], f[y], s=70, marker=marker, facecolors="none", edgecolors="black", linewidths=1.6, zorder=5)
+            for t in f["sae_type"].unique():  # frontier points in their type's colour
+                ft = f[f["sae_type"] == t]
+                ax.scatter(ft[x], ft[y], s=30, marker=marker, color=colors.get(t, "#555555"), zorder=6)
     if several and any(len(v) > 1 for v in per_type.values()):
         ax.plot([], [], color="gray", ls="--", lw=1.2, label="frontier of each type")
     if _log_scale(d[x].to_numpy(dtype=float)):

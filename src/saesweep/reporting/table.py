@@ -24,7 +24,23 @@ def results_table(store: SweepStore | Sequence[TrialRecord]) -> pd.DataFrame:
         row.update(reason=r.reason, device=r.device, worker=r.worker, duration_s=r.duration_s, run_dir=r.run_dir)
         rows.append(row)
     df = pd.DataFrame(rows)
-    return df.dropna(axis=1, how="all") if len(df) else df
+    if not len(df):
+        return df
+    df = df.dropna(axis=1, how="all")
+    df["series"] = series_labels(df)
+    return df
+
+
+#: the grid axis that splits a sweep's frontiers beyond the SAE type (layers as a sweep axis)
+HOOK_AXIS = "source.hook"
+
+
+def series_labels(df: pd.DataFrame) -> pd.Series:
+    """What a frontier is drawn per: the SAE type, or ``"<type> @ <hook>"`` when the sweep
+    trains at several hooks (a frontier across layers would compare unlike activations)."""
+    if HOOK_AXIS in df and df[HOOK_AXIS].nunique(dropna=True) > 1:
+        return df["sae_type"] + " @ " + df[HOOK_AXIS].fillna("?").astype(str)
+    return df["sae_type"].copy()
 
 
 def write_table(df: pd.DataFrame, stem: Path) -> list[Path]:
@@ -100,12 +116,13 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
     if not fronts:
         return []
     by_id = df.set_index("trial_id")
-    params = [p for p in sweepable() if p in df and df[p].nunique(dropna=True) > 1]
+    params = [p for p in sweepable() if p in df and df[p].nunique(dropna=True) > 1 and p != HOOK_AXIS]
     extra = [k for k in ("ce_loss_score", "frac_recovered") if k in df and df[k].notna().any()]
     out = ["L0-FVU frontier per type (a few points; `saesweep report` draws them all):"]
+    series = df["series"] if "series" in df else df["sae_type"]
     for t, ids in fronts.items():
         pick = ids if len(ids) <= max_rows else [ids[round(i * (len(ids) - 1) / (max_rows - 1))] for i in range(max_rows)]
-        out.append(f"  {t}: {len(ids)} of {int((df['sae_type'] == t).sum())} complete trials on the frontier")
+        out.append(f"  {t}: {len(ids)} of {int((series == t).sum())} complete trials on the frontier")
         for tid in pick:
             r = by_id.loc[tid]
             cols = [f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"] + [f"{k} {r[k]:.3f}" for k in extra]

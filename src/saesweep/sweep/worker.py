@@ -320,7 +320,8 @@ class Worker:
                           cfg.eval.model_dump(mode="json"), str(dev)], sort_keys=True)
         if key != self._data_key:
             self._drop_data()
-            self._data = open_source(cfg, device=dev)
+            # a sweep over hooks: the first worker to need one of them fills them all, one LM pass
+            self._data = open_source(cfg, device=dev, hooks=self.spec.hooks() if self.spec is not None else ())
             self._data_key = key
         return self._data
 
