@@ -78,7 +78,8 @@ class JumpReLUSAE(PackedSAE):
         self.threshold.data[row, idx] = float(self.hp[row].get("jumprelu_init_threshold", 0.001))
 
     def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
-        pre = torch.matmul(self.centered(x), self.W_enc) + self.b_enc[:, None, :]
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 pre (see _fused_rows)
+            pre = torch.matmul(self.centered(x).float(), self.W_enc.float()) + self.b_enc[:, None, :]
         theta = self.threshold.clamp_min(0)[:, None, :]
         gate, f = JumpFn.apply(pre, theta, self.bandwidth[:, None, None])
         return f, gate.sum(-1).mean(-1), x.new_zeros(self.n)
@@ -99,14 +100,20 @@ class JumpReLUSAE(PackedSAE):
         W_enc, b_enc, W_dec, b_dec, thr = (
             p.detach()[rows] for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold))
         theta = thr.clamp_min(0)  # [k, m]
-        theta_c = theta.to(cdt)[:, None, :]
-        half = (self.bandwidth[rows] / 2).to(cdt)[:, None, None]
-        xa = self._centered_ones(x, b_dec, cdt)
-        wea = self._weight_with_bias("Wea", W_enc, b_enc, cdt)
+        theta_c = theta[:, None, :]
+        half = (self.bandwidth[rows] / 2)[:, None, None]
+        # the pre-activations stay float32 in a bf16 step: the kernel's band (eps = 1e-3) is
+        # narrower than bf16's spacing at their size, so a bf16 pre-activation would count
+        # the tokens inside it wrongly (measured: L0 1.4-1.6x fp32's at the same coefficient)
+        xa = self._centered_ones(x, b_dec, f32)
+        xc = xa if cdt == f32 else self._ws("xa_c", tuple(xa.shape), cdt).copy_(xa)
+        wea = self._weight_with_bias("Wea", W_enc, b_enc, f32)
         wd = self._ws("Wd", (k, m, d), cdt)
         wd.copy_(W_dec)
         T = chunk or B
-        pre, dd, g = (self._ws(name, (k, T, m), cdt) for name in ("pre", "D", "g"))
+        pre, dd = (self._ws(name, (k, T, m), f32) for name in ("pre", "D"))
+        g = self._ws("g", (k, T, m), cdt)
+        codes = pre if cdt == f32 else self._ws("F", (k, T, m), cdt)
         r, e = (self._ws(name, (k, T, d), cdt) for name in ("r", "e"))
         two_s, kappa = self._step_scales(rows, B, sparsity_scale)
         g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
@@ -117,13 +124,14 @@ class JumpReLUSAE(PackedSAE):
         offset = b_dec[:, None, :]
         for i, (s0, s1) in enumerate(chunks(B, chunk)):
             t = s1 - s0
-            P, D, G, R, E = pre[:, :t], dd[:, :t], g[:, :t], r[:, :t], e[:, :t]
-            xs = xa[:, s0:s1]
-            bmm(xs, wea, P)
+            P, D, G, R, E, F = pre[:, :t], dd[:, :t], g[:, :t], r[:, :t], e[:, :t], codes[:, :t]
+            bmm(xa[:, s0:s1], wea, P)
             torch.sub(P, theta_c, out=D)
             threshold_backward(P, D, 0.0, grad_input=P)  # F = pre where pre > theta, in place
             nnz += torch.count_nonzero(P, dim=(1, 2))
-            bmm(P, wd, R)
+            if F is not P:
+                F.copy_(P)
+            bmm(F, wd, R)
             diff = torch.add(R, offset).sub_(x[s0:s1])
             sse += diff.square().sum((1, 2))
             sum_diff += diff.sum(1)
@@ -131,10 +139,13 @@ class JumpReLUSAE(PackedSAE):
             bmm(E, wd.transpose(1, 2), G)  # g_f
             torch.sub(half, D.abs_(), out=D)  # > 0 inside the kernel's band
             band += (D > 0).sum(1, dtype=f32)
-            band_g += threshold_backward(G, D, 0.0, grad_input=D).sum(1, dtype=f32)  # (D reused)
-            threshold_backward(G, P, 0.0, grad_input=G)  # g_pre
-            bmm_acc(g_wea, xs.transpose(1, 2), G, i == 0, tmp_e)
-            bmm_acc(g_wdt, E.transpose(1, 2), P, i == 0, tmp_d)
+            if G.dtype == f32:
+                band_g += threshold_backward(G, D, 0.0, grad_input=D).sum(1)  # (D reused)
+            else:
+                band_g += torch.where(D > 0, G, 0).sum(1, dtype=f32)
+            threshold_backward(G, F, 0.0, grad_input=G)  # g_pre
+            bmm_acc(g_wea, xc[:, s0:s1].transpose(1, 2), G, i == 0, tmp_e)
+            bmm_acc(g_wdt, E.transpose(1, 2), F, i == 0, tmp_d)
         db_enc = g_wea[:, d]
         self.W_enc.grad[rows].copy_(g_wea[:, :d])
         self.b_enc.grad[rows].copy_(db_enc)
