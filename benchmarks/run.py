@@ -16,6 +16,9 @@ Sections (``--sections`` picks some; see benchmarks/README.md for what each row 
 * ``sweep``    the seed's 48-trial ReLU grid on stories260K layer-2 activations (d = 64):
                (a) one process per trial recomputing activations, (b) sequential with the
                cache, (c) packed, (d) packed + bf16; bf16-vs-fp32 metric agreement
+* ``efficiency`` the packed seed ReLU sweep end to end, split into activations, training, eval
+               and overhead, training FLOP/s as a share of the dtype's matrix peak, and the eval
+               share with the pack-wide splice against a full LM forward per SAE
 * ``saelens``  the same 48 configs trained with SAELens's SAETrainer on the same activations
 * ``share``    the activation-generation share of the full 912-trial seed sweep (extrapolated
                from measured per-type, per-width packed throughput)
@@ -47,7 +50,7 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories260K-sampled"
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("peak", "flops", "modes", "alloc", "types", "sweep", "saelens", "share", "eval")
+SECTIONS = ("peak", "flops", "modes", "alloc", "types", "sweep", "efficiency", "saelens", "share", "eval")
 BATCH = 4096
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -427,6 +430,51 @@ def summarize(units: list[list]) -> dict:
     }
 
 
+def efficiency_section(tokens: int, quick: bool, work: Path, peak: dict) -> dict:
+    """The packed seed ReLU grid (48 trials) end to end, as a user runs it: the activation build,
+    then packs of 16. Wall time split into activations, training, eval and the rest; training
+    FLOP/s (12 d m per token per SAE) against the dtype's matrix peak; the same sweep with a full
+    LM forward per SAE in the spliced metrics (SAESWEEP_SPLICE=full, the path before the
+    pack-wide splice), for the eval share before and after."""
+    from saesweep.data import open_source
+
+    rows = {}
+    for name, dtype, splice in (("packed_fp32", "float32", "tail"), ("packed_fp32_full_splice", "float32", "full"),
+                                ("packed_bf16", "bfloat16", "tail")):
+        vdir = work / f"eff-{name}"
+        wait_quiet(name)
+        cfgs = configs_for(relu_grid(tokens, quick, dtype), vdir / "cache", vdir / "runs")
+        t0 = time.perf_counter()
+        data = open_source(cfgs[0])
+        build_s = time.perf_counter() - t0
+        d = data.d_in
+        data.close()
+        old = os.environ.get("SAESWEEP_SPLICE")
+        os.environ["SAESWEEP_SPLICE"] = splice
+        try:
+            wall, units = run_packed(cfgs)
+        finally:
+            if old is None:
+                os.environ.pop("SAESWEEP_SPLICE", None)
+            else:
+                os.environ["SAESWEEP_SPLICE"] = old
+        s = summarize(units)
+        total = wall + build_s
+        flop = sum(12 * d * round(d * r.config.dict_size_ratio) * r.config.train.tokens
+                   for u in units for r in u if r.ok)
+        gflops = flop / s["train_s"] / 1e9
+        row = {"dtype": dtype, "splice": splice, "wall_s": total, "activations_s": build_s, "train_s": s["train_s"],
+               "eval_s": s["eval_s"], "overhead_s": total - build_s - s["train_s"] - s["eval_s"],
+               "completed": s["completed"], "train_gflops": gflops, "pct_of_peak": 100 * gflops / peak[dtype]["gflops"]}
+        for k in ("activations", "train", "eval", "overhead"):
+            row[f"{k}_share"] = row[f"{k}_s"] / total
+        rows[name] = row
+        log(f"efficiency {name}: {total:.1f} s = activations {build_s:.1f} + train {s['train_s']:.1f} + eval "
+            f"{s['eval_s']:.1f} + other {row['overhead_s']:.1f}; training {gflops:.0f} GFLOP/s "
+            f"({row['pct_of_peak']:.0f}% of {dtype} peak)")
+    return {"tokens_per_trial": tokens, "trials": len(relu_grid(tokens, quick)), "rows": rows}
+
+
 def sweep_section(tokens: int, quick: bool, a_trials: int, a_fused_trials: int, work: Path) -> dict:
     from saesweep.data import open_source
 
@@ -711,6 +759,22 @@ def report(res: dict) -> str:
                 if k in ag:
                     lines.append(f"  bf16 vs fp32 {k}: median rel diff {100 * ag[k]['median_rel']:.2f}%, max "
                                  f"{100 * ag[k]['max_rel']:.2f}%, within 2%: {100 * ag[k]['within_2pct']:.0f}% of {ag['pairs']} pairs")
+    if "efficiency" in res and "rows" in res["efficiency"]:
+        ef = res["efficiency"]
+        lines.append(f"\nThe packed seed ReLU sweep end to end ({ef['trials']} trials x {ef['tokens_per_trial']:,} tokens, "
+                     "stories260K, packs of 16): share of the wall time")
+        lines.append(f"  {'variant':26} {'wall':>8} {'activations':>11} {'train':>7} {'eval':>6} {'other':>6} "
+                     f"{'train GFLOP/s':>13} {'% peak':>7}")
+        for name, r in ef["rows"].items():
+            lines.append(f"  {name:26} {fmt_s(r['wall_s']):>8} {100 * r['activations_share']:10.1f}% "
+                         f"{100 * r['train_share']:6.1f}% {100 * r['eval_share']:5.1f}% {100 * r['overhead_share']:5.1f}% "
+                         f"{r['train_gflops']:13.0f} {r['pct_of_peak']:6.0f}%")
+        best = ef["rows"]["packed_bf16" if "packed_bf16" in ef["rows"] else "packed_fp32"]
+        rest = 1 - best["train_share"]
+        lines.append(f"  targets: training >= 60% of peak: {'MET' if best['pct_of_peak'] >= 60 else 'not met'}; "
+                     f"eval + activations + other <= 15% of the wall time: {'MET' if rest <= 0.15 else 'not met'} "
+                     f"({100 * rest:.0f}%); eval share {100 * ef['rows']['packed_fp32_full_splice']['eval_share']:.0f}% "
+                     f"with a full forward per SAE -> {100 * ef['rows']['packed_fp32']['eval_share']:.0f}% pack-wide")
     if "saelens" in res:
         sl = res["saelens"]
         if "skipped" in sl:
@@ -798,7 +862,7 @@ def main() -> int:
             res["alloc"] = alloc_section(quick)
         if "types" in sections:
             res["types"] = types_section(dev, quick)
-        need_lm = [s for s in ("sweep", "saelens", "share") if s in sections]
+        need_lm = [s for s in ("sweep", "efficiency", "saelens", "share") if s in sections]
         cache_dir = None
         if need_lm and not have_stories():
             msg = f"stories260K model or data not found ({MODEL}, {DATA}); skipping {', '.join(need_lm)}"
@@ -809,6 +873,10 @@ def main() -> int:
             if "sweep" in sections:
                 res["sweep"] = sweep_section(tokens, quick, a_trials, a_fused, work)
                 cache_dir = Path(res["sweep"]["cache_dir"])
+            if "efficiency" in sections:
+                if "peak" not in res:
+                    res["peak"] = matrix_peak(dev, quick)
+                res["efficiency"] = efficiency_section(tokens, quick, work, res["peak"])
             if "saelens" in sections:
                 if cache_dir is None:
                     cache_dir = work / "saelens-cache"

@@ -4,6 +4,7 @@ metrics on held-out token rows."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -90,6 +91,7 @@ class HFActivations(Activations):
         rows = self.entry.heldout_token_ids(self.ce_rows)
         out, self._baseline = spliced_metrics(
             self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
+            shortcut=os.environ.get("SAESWEEP_SPLICE", "tail") != "full",  # full: a whole forward per SAE
         )
         return out
 

@@ -10,11 +10,16 @@ threshold and inference included). Every prefix must reconstruct the input on it
 term), so early latents learn general features and later ones refine them. Partial
 reconstructions are cumulative sums of per-group decodes: one full decode's cost. Exported as
 SAELens's ``jumprelu`` (inference is BatchTopK's). ``sparsity_coeff`` does not apply.
+
+The fused step is BatchTopK's with the reconstruction part replaced (:meth:`MatryoshkaSAE._fused_decode`):
+a latent of group g is in every prefix from g on, so its gradient is ``(sum_{j >= g} e_j) W_dec^T``
+with ``e_j`` prefix j's error: one product per group over suffix sums of the errors, the
+same FLOPs as one full product.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 from pydantic import AfterValidator
@@ -22,6 +27,7 @@ from torch import Tensor
 
 from saesweep.saes.base import HyperParam, PackedSAE
 from saesweep.saes.batchtopk import BatchTopKCodes
+from saesweep.saes.kernels import bmm, bmm_acc, threshold_backward
 from saesweep.saes.registry import register
 from saesweep.saes.topk import AUXK_PARAMS, K_PARAM
 
@@ -44,7 +50,6 @@ GroupFractions = Annotated[str, AfterValidator(lambda s: ",".join(f"{v:g}" for v
 class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
     name = "matryoshka"
     saelens_architecture = "jumprelu"
-    fused = False  # the prefix losses are not in BatchTopK's fused step: autograd (measured below)
     hyperparams = {
         **K_PARAM,
         **AUXK_PARAMS,
@@ -71,6 +76,35 @@ class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
             part = part + torch.matmul(f[..., a:b], self.W_dec[:, a:b])
             total = total + (part - x).pow(2).sum(-1).mean(-1)
         return total
+
+    def _fused_decode(self, F: Tensor, wd: Tensor, offset: Tensor, x: Tensor, two_s: float, R: Tensor, E: Tensor,
+                      G: Tensor, g_wdt: Tensor, first: bool, tmp_d: Optional[Tensor], sse: Tensor,
+                      sum_diff: Tensor, aux_sum: Tensor) -> Tensor:
+        """Every prefix's error ``e_j`` (cumulative per-group decodes), the full one's SSE in
+        ``sse`` and the others' in ``aux_sum``; then, from the last group back, the suffix sum
+        ``S_g = sum_{j >= g} e_j`` gives group g's ``G = 2 S_g W_dec[g]^T / B`` and
+        ``dW_dec[g] = F[g]^T 2 S_g / B``; b_dec's error sum is ``S_1``'s."""
+        groups = list(zip(self.bounds[:-1], self.bounds[1:]))
+        errors, part = [], offset
+        for a, b in groups:
+            bmm(F[..., a:b], wd[:, a:b], R)
+            part = part + R  # float32
+            errors.append(part - x)
+        diff = errors[-1]
+        sse += diff.square().sum((1, 2))
+        for e in errors[:-1]:
+            aux_sum += e.square().sum((1, 2))
+        suffix = diff.clone()
+        for g in range(len(groups) - 1, -1, -1):
+            if g < len(groups) - 1:
+                suffix += errors[g]
+            a, b = groups[g]
+            torch.mul(suffix, two_s, out=E)
+            bmm(E, wd[:, a:b].transpose(1, 2), G[..., a:b])
+            bmm_acc(g_wdt[..., a:b], E.transpose(1, 2), F[..., a:b], first, None if tmp_d is None else tmp_d[..., a:b])
+        sum_diff += suffix.sum(1)
+        threshold_backward(G, F, 0.0, grad_input=G)
+        return diff
 
     def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)

@@ -113,6 +113,22 @@ class AuxK:
     def _after_select(self: PackedSAE, rows: slice, vals: Tensor, keep: Optional[Tensor]) -> None:
         """Hook for what the selection updates (BatchTopK's threshold)."""
 
+    def _fused_decode(self, F: Tensor, wd: Tensor, offset: Tensor, x: Tensor, two_s: float, R: Tensor, E: Tensor,
+                      G: Tensor, g_wdt: Tensor, first: bool, tmp_d: Optional[Tensor], sse: Tensor,
+                      sum_diff: Tensor, aux_sum: Tensor) -> Tensor:
+        """The reconstruction's part of the fused step for one chunk: ``G`` = dL/dF where F > 0,
+        ``W_dec``'s gradient accumulated (transposed) into ``g_wdt``, the sums updated (SSE, the
+        error summed over tokens for b_dec); returns ``x_hat - x`` (float32)."""
+        bmm(F, wd, R)  # x_hat - b_dec
+        diff = torch.add(R, offset).sub_(x)  # x_hat - x, float32
+        sse += diff.square().sum((1, 2))
+        sum_diff += diff.sum(1)
+        torch.mul(diff, two_s, out=E)
+        bmm(E, wd.transpose(1, 2), G)
+        threshold_backward(G, F, 0.0, grad_input=G)
+        bmm_acc(g_wdt, E.transpose(1, 2), F, first, tmp_d)
+        return diff
+
     def _fused_rows(self, x, rows, chunk, cdt, progress, sparsity_scale, stats, out) -> None:
         """With e = 2 (x_hat - x) / B and F the kept codes (top-k of ``pre``, through a ReLU):
 
@@ -146,11 +162,11 @@ class AuxK:
             k_aux = self.k_aux[rows]
             kax = max(1, min(int(k_aux.max()), m))
             aux_keep = torch.arange(kax, device=x.device) < k_aux[:, None, None]
-            aux_sum = x.new_zeros(k)
             two_c = (-2.0 / B) * coeff[:, None, None]
         g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
         two_s = 2.0 / B
         sse = x.new_zeros(k)
+        aux_sum = x.new_zeros(k)  # the weighted auxiliary SSEs (AuxK; Matryoshka's prefixes)
         nnz = x.new_zeros(k)
         fired = x.new_zeros(k, m)
         sum_diff = x.new_zeros(k, d)
@@ -169,13 +185,8 @@ class AuxK:
             Fc.zero_().view(k, vals.shape[1], -1).scatter_(-1, idx, vals)
             latent = idx if vals.shape[1] == t else idx % m
             fired.scatter_add_(-1, latent.flatten(1), (vals > 0).flatten(1).to(f32))
-            bmm(Fc, wd, R)  # x_hat - b_dec
-            diff = torch.add(R, offset).sub_(x[s0:s1])  # x_hat - x, float32
-            sse += diff.square().sum((1, 2))
-            sum_diff += diff.sum(1)
-            torch.mul(diff, two_s, out=E)
-            bmm(E, wd.transpose(1, 2), G)
-            threshold_backward(G, Fc, 0.0, grad_input=G)
+            diff = self._fused_decode(Fc, wd, offset, x[s0:s1], two_s, R, E, G, g_wdt, i == 0, tmp_d,
+                                      sse, sum_diff, aux_sum)
             if use_aux:
                 Ac, GA, EA = A[:, :t], ga[:, :t], ea[:, :t]
                 avals, aidx = P.masked_fill(~dead[:, None, :], float("-inf")).topk(kax, dim=-1, sorted=True)
@@ -191,7 +202,6 @@ class AuxK:
             if stats:
                 nnz += (vals > 0).sum((1, 2))
             bmm_acc(g_wea, xs.transpose(1, 2), G, i == 0, tmp_e)
-            bmm_acc(g_wdt, E.transpose(1, 2), Fc, i == 0, tmp_d)
             if use_aux:
                 bmm_acc(g_wdt, EA.transpose(1, 2), Ac, False, tmp_d)
         db_enc = g_wea[:, d]
@@ -200,7 +210,7 @@ class AuxK:
         self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
         self.b_dec.grad[rows].copy_(sum_diff.mul_(two_s).sub_(torch.bmm(W_enc, db_enc[..., None])[..., 0]))
         self.since_fired[rows].add_(B).masked_fill_(fired > 0, 0)
-        self._write_stats(out, B, d, sse, x.new_zeros(k), nnz, aux_sum if use_aux else None)
+        self._write_stats(out, B, d, sse, x.new_zeros(k), nnz, aux_sum)
 
 
 @register

@@ -61,14 +61,19 @@ class Resampler:
 
 
 @torch.no_grad()
-def dead_features(view: PackedSAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """``(dead [m] bool, squared error per token [N])`` of a one-member view on ``x``."""
+def dead_features(view: PackedSAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Optional[Tensor]]:
+    """``(dead [m] bool, squared error per token [N])`` of a one-member view on ``x``; the error
+    is None when no feature is dead, and the check stops as soon as every feature has fired
+    (a dense member's check costs one chunk: checks were 48 % of a 400K-token seed pack's
+    training time when every one read the whole window)."""
     fired = torch.zeros(view.d_sae, dtype=torch.bool, device=x.device)
     err = torch.empty(x.shape[0], device=x.device)
     for s in range(0, x.shape[0], chunk):
         xs = x[s : s + chunk]
         f = view.encode(xs, train=False)[0]
         fired |= (f != 0).any(0)
+        if bool(fired.all()):
+            return ~fired, None
         err[s : s + chunk] = (view.decode(f[None])[0] - xs).pow(2).sum(-1)
     return ~fired, err
 
@@ -78,7 +83,7 @@ def resample_member(sae: PackedSAE, opt: Optional[PackedAdam], row: int, x: Tens
     """Resample member ``row``'s features that never fire on ``x``; returns how many."""
     dead, err = dead_features(sae.member(row), x)
     idx = dead.nonzero()[:, 0]
-    if idx.numel() == 0 or idx.numel() == sae.d_sae:
+    if err is None or idx.numel() == 0 or idx.numel() == sae.d_sae:
         return 0
     weights = err.clamp_min(0).double()
     if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
