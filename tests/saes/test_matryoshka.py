@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saesweep import saes
-from saesweep.saes.matryoshka import parse_fractions
+from saesweep.saes.hparam_types import parse_fractions
 
 
 def test_prefix_losses_by_hand():

@@ -66,3 +66,16 @@ def test_a_new_architecture_needs_only_its_own_file(topk_lite, tmp_path):
         assert ((sae.encode(x) != 0).sum(-1) <= 2).all()
     with pytest.raises(Exception, match="does not apply"):
         parse_config({"sae_type": "relu", "k": 3})
+
+
+def test_the_generated_declarations_match_the_architecture_modules():
+    """saes/declared.py (what configs read without importing torch) is what the modules declare;
+    regenerate it with `python -m saesweep.saes.registry` after changing an architecture's fields."""
+    from saesweep.saes import registry
+
+    from_modules = registry.declared_source()
+    with open(registry.__file__.replace("registry.py", "declared.py")) as fh:
+        assert fh.read() == from_modules, "saes/declared.py is stale: run python -m saesweep.saes.registry"
+    from saesweep.saes.declared import DECLARED
+
+    assert list(DECLARED) == list(registry.BUILTIN)

@@ -211,7 +211,7 @@ class ExperimentConfig(Strict):
         sae_type = data.get("sae_type", "relu")
         if sae_type not in saes.names():
             raise ValueError(f"sae_type {sae_type!r} is not one of: {', '.join(saes.names())}")
-        cls_ = saes.get(sae_type)
+        cls_ = saes.declaration(sae_type)
         own = cls_.hyperparams
         every = saes.all_hyperparams()
         data = dict(data)
@@ -245,14 +245,14 @@ class ExperimentConfig(Strict):
     @property
     def sae_hparams(self) -> dict[str, Any]:
         """The hyperparameters the SAE module takes, with the trainer's ones."""
-        own = saes.get(self.sae_type).hyperparams
-        common = {"sparsity_coeff": self.sparsity_coeff} if saes.get(self.sae_type).uses_sparsity_coeff else {}
+        own = saes.declaration(self.sae_type).hyperparams
+        common = {"sparsity_coeff": self.sparsity_coeff} if saes.declaration(self.sae_type).uses_sparsity_coeff else {}
         return {**common, **{k: getattr(self, k) for k in own}}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict without the fields that do not apply to this sae_type."""
         d = self.model_dump(mode="json")
-        if not saes.get(self.sae_type).uses_sparsity_coeff:
+        if not saes.declaration(self.sae_type).uses_sparsity_coeff:
             d.pop("sparsity_coeff")
         return d
 
@@ -281,7 +281,7 @@ class ExperimentConfig(Strict):
     def per_member_fields(self) -> tuple[str, ...]:
         """Fields a member of a pack may set on its own (``lr``, ``sparsity_coeff`` and the
         architecture's per-member hyperparameters); everything else must match across a pack."""
-        own = saes.get(self.sae_type).hyperparams
+        own = saes.declaration(self.sae_type).hyperparams
         return ("lr", "sparsity_coeff", *(k for k, hp in own.items() if hp.per_member))
 
     @property

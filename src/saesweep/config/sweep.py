@@ -197,7 +197,7 @@ class SweepSpec(Strict):
         for t, grid in self.grids.items():
             if t not in saes.names():
                 raise ValueError(f"grids: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
-            own = {"lr", "dict_size_ratio", "sparsity_coeff", *saes.get(t).hyperparams}
+            own = {"lr", "dict_size_ratio", "sparsity_coeff", *saes.declaration(t).hyperparams}
             for p, space in grid.items():
                 if p not in own and p.split(".")[0] not in NESTED_AXES:
                     raise ValueError(f"grids.{t}.{p}: not a parameter of {t} (its parameters: {', '.join(sorted(own))}; "
@@ -242,7 +242,7 @@ class SweepSpec(Strict):
     def base_for(self, sae_type: str) -> dict[str, Any]:
         """The base fields that apply to ``sae_type``: base may set e.g. final_beta for the types
         that take it, or sparsity_coeff, which the TopK types do not use."""
-        cls = saes.get(sae_type)
+        cls = saes.declaration(sae_type)
         every = saes.all_hyperparams()
         return {k: v for k, v in self.base.items()
                 if (k not in every or k in cls.hyperparams) and (k != "sparsity_coeff" or cls.uses_sparsity_coeff)}

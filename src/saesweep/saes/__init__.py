@@ -9,7 +9,7 @@ Importing this package loads no torch; :class:`PackedSAE` and friends load on fi
 
 from __future__ import annotations
 
-from saesweep.saes.registry import HyperParam, all_hyperparams, get, names, register
+from saesweep.saes.registry import HyperParam, all_hyperparams, declaration, get, names, register
 
 #: The loss convention (recorded in every run's cfg.json and metrics.json, and part of the
 #: trial id, so runs trained under another convention are never mixed with these). Version 2,
@@ -32,4 +32,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LOSS_CONVENTION", "HyperParam", "Losses", "PackedSAE", "register", "get", "names", "all_hyperparams"]
+__all__ = ["LOSS_CONVENTION", "HyperParam", "Losses", "PackedSAE", "register", "get", "names", "all_hyperparams", "declaration"]

@@ -19,31 +19,17 @@ same FLOPs as one full product.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Optional
 
 import torch
-from pydantic import AfterValidator
 from torch import Tensor
 
 from saesweep.saes.base import HyperParam, PackedSAE
 from saesweep.saes.batchtopk import BatchTopKCodes
+from saesweep.saes.hparam_types import GroupFractions, parse_fractions
 from saesweep.saes.kernels import bmm, bmm_acc, threshold_backward
 from saesweep.saes.registry import register
 from saesweep.saes.topk import AUXK_PARAMS, K_PARAM
-
-
-def parse_fractions(text: str) -> tuple[float, ...]:
-    """``"0.0625,0.25,1"`` -> (0.0625, 0.25, 1.0): increasing, in (0, 1], ending at 1."""
-    try:
-        fr = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        raise ValueError(f"expected comma-separated fractions such as '0.125,0.5,1', got {text!r}") from None
-    if not fr or fr[0] <= 0 or fr[-1] != 1.0 or any(a >= b for a, b in zip(fr, fr[1:])):
-        raise ValueError(f"fractions must increase within (0, 1] and end at 1, got {text!r}")
-    return fr
-
-
-GroupFractions = Annotated[str, AfterValidator(lambda s: ",".join(f"{v:g}" for v in parse_fractions(s)))]
 
 
 @register

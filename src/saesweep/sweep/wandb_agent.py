@@ -303,7 +303,7 @@ def _own(sae_type: str) -> list[str]:
     from saesweep import saes
 
     try:
-        return list(saes.get(sae_type).hyperparams)
+        return list(saes.declaration(sae_type).hyperparams)
     except ValueError:
         return []
 
