@@ -16,7 +16,7 @@ Two implementations of a training step compute the same numbers: :meth:`PackedSA
 (the math as written in DESIGN.md, differentiated by autograd: the reference, and the
 fallback for an architecture that brings no fused step) and :meth:`PackedSAE._fused_rows`
 (hand-written gradients, see :mod:`.kernels`), which the trainer uses through
-:meth:`PackedSAE.train_step`. tests/test_fastpath.py checks that they agree for every
+:meth:`PackedSAE.train_step`. tests/saes/test_fused.py checks that they agree for every
 architecture, in loop and stacked mode, chunked or not, fp32 and bf16.
 """
 

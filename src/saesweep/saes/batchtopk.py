@@ -11,7 +11,9 @@ Evaluation and export: a JumpReLU with that one threshold for every latent,
 ``f = pre * 1[pre > theta]``; exported as SAELens's ``jumprelu`` with ``threshold`` = theta
 repeated per latent (as SAELens and dictionary_learning do). ``sparsity_coeff`` does not apply;
 AuxK trains dead latents as in :mod:`.topk`, and the fused step is TopK's with the selection
-over the whole batch (so it ignores the token-chunk plan: the batch is one chunk).
+over the whole batch (so it ignores the token-chunk plan: the batch is one chunk); measured
+against autograd (packs of 4, d 64, batch 4096, 2-core AMX Xeon): 1.66x (fp32) / 2.09x (bf16)
+at m 1024, 1.84x / 1.91x at m 4096.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ paper and SAELens: with ``K(u) = 1[|u| < 1/2]``,
 
 Exported as SAELens's ``jumprelu`` (``threshold`` = theta). The fused CPU step
 (:meth:`JumpReLUSAE._fused_rows`) replaces the autograd graph's dozen passes over ``[B, m]``
-with five; ``benchmarks/run.py --sections types`` measures both (README, Performance).
+with five; ``benchmarks/run.py --sections types`` measured 1.89x / 1.94x the autograd step in
+fp32 at m 1024 / 4096 (packs of 4, d 64, batch 4096, 2-core AMX Xeon) and 1.6x in bf16, where
+its pre-activations stay fp32 (below): bf16 gains JumpReLU nothing on that machine.
 """
 
 from __future__ import annotations

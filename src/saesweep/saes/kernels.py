@@ -7,7 +7,7 @@ own pass over memory, keeps every intermediate alive for the backward pass, allo
 afresh each step and sums bias gradients in separate passes; on a CPU at d = 64 that left the
 matrix units idle most of the time (15-20 % of the matrix peak measured in benchmarks/). The
 architectures therefore write their gradients out by hand (``PackedSAE._fused_rows``), checked
-against autograd in tests/test_fastpath.py, with three tricks:
+against autograd in tests/saes/test_fused.py, with three tricks:
 
 * **bias folding**: the centred input gets a column of ones and the encoder weight the bias as
   an extra row, so ``x W + b`` is one product and the bias gradient is the extra row of the
