@@ -16,6 +16,8 @@ from saesweep.saes.hard_concrete import (
     BETA_PARAMS,
     GAMMA,
     GATE_INIT_STD,
+    RESAMPLE_GATE_SLOPE,
+    RESAMPLE_OPEN_FRACTION,
     ZETA,
     HardConcreteGates,
     expected_l0,
@@ -40,6 +42,19 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     def _init_parameters(self) -> None:
         self._init_beta()
         self._init_gated(gate_std=GATE_INIT_STD)
+
+    def reinit_features(self, row: int, idx: Tensor, dirs: Tensor, window: Tensor) -> None:
+        """As the hard-concrete SAE's (a gate that opens on the top RESAMPLE_OPEN_FRACTION of the
+        recent inputs along the new direction, a magnitude equal to the projection), through the
+        shared encoder column: W_enc = dirs * slope, b_gate = -slope * cut, exp(r_mag) = 1 / slope."""
+        proj = torch.matmul(window - self.b_dec[row], dirs.T)  # [N, k]
+        sample = proj[:: max(1, proj.shape[0] // 8192)]
+        open_at = torch.quantile(sample, 1 - RESAMPLE_OPEN_FRACTION, dim=0)
+        slope = RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6)
+        self.W_enc.data[row][:, idx] = dirs.T * slope
+        self.b_gate.data[row, idx] = -slope * open_at
+        self.r_mag.data[row, idx] = -torch.log(slope)
+        self.b_mag.data[row, idx] = 0
 
     def aux_weight(self) -> Tensor:
         """``aux_coeff / d``: the gate reconstruction sum_i z_i W_dec,i (z in [0, 1], no
