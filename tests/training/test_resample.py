@@ -52,6 +52,11 @@ def test_resampling_revives_a_feature_forced_dead(sae_type):
     if sae_type == "hard_concrete":  # its own start: see the next test
         x_enc = torch.matmul(x - sae.b_dec[1], sae.W_gate[1][:, 5]) + sae.b_gate[1, 5]
         assert 0.03 < (x_enc > 0).float().mean().item() < 0.07
+    elif sae_type == "gated_hard_concrete":  # the same start through its shared encoder column
+        raw = torch.matmul(x - sae.b_dec[1], sae.W_enc[1][:, 5])
+        assert 0.03 < (raw + sae.b_gate[1, 5] > 0).float().mean().item() < 0.07
+        proj = torch.matmul(x - sae.b_dec[1], w)  # the magnitude is the projection on the new row
+        torch.testing.assert_close(raw * sae.r_mag[1, 5].exp() + sae.b_mag[1, 5], proj, rtol=1e-4, atol=1e-5)
     else:
         enc = getattr(sae, sae.encoder_weights[0])[1][:, 5]
         ref = before[sae.encoder_weights[0]][1][:, alive].norm(dim=0).mean() * ENCODER_NORM_FRACTION

@@ -16,8 +16,6 @@ from saesweep.saes.hard_concrete import (
     BETA_PARAMS,
     GAMMA,
     GATE_INIT_STD,
-    RESAMPLE_GATE_SLOPE,
-    RESAMPLE_OPEN_FRACTION,
     ZETA,
     HardConcreteGates,
     expected_l0,
@@ -25,6 +23,7 @@ from saesweep.saes.hard_concrete import (
     fused_gates,
     fused_penalty,
     gates,
+    selective_gate,
 )
 from saesweep.saes.kernels import bmm, chunks, threshold_backward
 from saesweep.saes.registry import register
@@ -44,13 +43,11 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         self._init_gated(gate_std=GATE_INIT_STD)
 
     def reinit_features(self, row: int, idx: Tensor, dirs: Tensor, window: Tensor) -> None:
-        """As the hard-concrete SAE's (a gate that opens on the top RESAMPLE_OPEN_FRACTION of the
-        recent inputs along the new direction, a magnitude equal to the projection), through the
-        shared encoder column: W_enc = dirs * slope, b_gate = -slope * cut, exp(r_mag) = 1 / slope."""
-        proj = torch.matmul(window - self.b_dec[row], dirs.T)  # [N, k]
-        sample = proj[:: max(1, proj.shape[0] // 8192)]
-        open_at = torch.quantile(sample, 1 - RESAMPLE_OPEN_FRACTION, dim=0)
-        slope = RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6)
+        """As the hard-concrete SAE's (:func:`.hard_concrete.selective_gate`: a gate that opens on
+        the top 5 % of the recent inputs along the new direction; a magnitude equal to the
+        projection), through the shared encoder column: W_enc = dirs * slope, b_gate =
+        -slope * cut, exp(r_mag) = 1 / slope."""
+        slope, open_at = selective_gate(window - self.b_dec[row], dirs)
         self.W_enc.data[row][:, idx] = dirs.T * slope
         self.b_gate.data[row, idx] = -slope * open_at
         self.r_mag.data[row, idx] = -torch.log(slope)

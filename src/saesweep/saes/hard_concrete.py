@@ -51,6 +51,16 @@ RESAMPLE_OPEN_FRACTION = 0.05
 #: ... and its logit rises by this much per standard deviation of that projection
 RESAMPLE_GATE_SLOPE = 4.0
 
+def selective_gate(xc: Tensor, dirs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(slope, cut)`` per new feature (``dirs`` ``[k, d]``, unit) for a gate logit
+    ``slope * (x . dir - cut)`` that is positive on the top RESAMPLE_OPEN_FRACTION of the recent
+    centred inputs ``xc`` along the direction and rises RESAMPLE_GATE_SLOPE per standard deviation."""
+    proj = torch.matmul(xc, dirs.T)  # [N, k]
+    sample = proj[:: max(1, proj.shape[0] // 8192)]
+    cut = torch.quantile(sample, 1 - RESAMPLE_OPEN_FRACTION, dim=0)
+    return RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6), cut
+
+
 BETA_PARAMS = {
     "initial_beta": HyperParam(float, 0.5, "hard-concrete temperature at the start of training"),
     "final_beta": HyperParam(
@@ -208,10 +218,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         """
         if not self.input_dependent:
             return
-        proj = torch.matmul(window - self.b_dec[row], dirs.T)  # [N, k]
-        sample = proj[:: max(1, proj.shape[0] // 8192)]
-        open_at = torch.quantile(sample, 1 - RESAMPLE_OPEN_FRACTION, dim=0)
-        slope = RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6)
+        slope, open_at = selective_gate(window - self.b_dec[row], dirs)
         self.W_gate.data[row][:, idx] = dirs.T * slope
         self.b_gate.data[row, idx] = -slope * open_at
         self.W_mag.data[row][:, idx] = dirs.T
