@@ -157,7 +157,10 @@ class TrainConfig(Strict):
     resample_every: Fraction = Field(
         0.1, description="fraction of the steps between dead-feature resampling checks (0: never resample)"
     )
-    resample_until: Fraction = Field(0.5, description="no resampling after this fraction of the steps")
+    resample_until: Optional[Fraction] = Field(
+        None, description="no resampling after this fraction of the steps (default: the architecture's, "
+        "0.5; 0.8 for the hard-concrete types, whose resampled features keep dying after the last check)"
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="compute dtype of the SAE step: auto = bfloat16 where the device has native bf16 "
         "products (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32 (bfloat16: weights stay fp32)"
@@ -215,6 +218,12 @@ class ExperimentConfig(Strict):
         own = cls_.hyperparams
         every = saes.all_hyperparams()
         data = dict(data)
+        train = data.get("train")
+        if train is None or isinstance(train, dict):  # resample_until: the architecture's default
+            if (train or {}).get("resample_until") is None:
+                data["train"] = {**(train or {}), "resample_until": cls_.resample_until}
+        elif getattr(train, "resample_until", 0) is None:
+            data["train"] = train.model_copy(update={"resample_until": cls_.resample_until})
         if not cls_.uses_sparsity_coeff:
             if data.get("sparsity_coeff") is not None:
                 raise ValueError(

@@ -69,6 +69,9 @@ class PackedSAE(nn.Module):
     #: whether ``sparsity_coeff`` means anything to the architecture (TopK types: no; a config
     #: that sets it for them is refused by name)
     uses_sparsity_coeff: ClassVar[bool] = True
+    #: the default of ``train.resample_until``: the fraction of training after which dead
+    #: features are no longer resampled
+    resample_until: ClassVar[float] = 0.5
     #: memory hint for planning (:func:`saesweep.devices.estimate_pack_bytes`): live
     #: ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, for the
     #: largest way a step is computed (the autograd reference keeps its forward tensors and
