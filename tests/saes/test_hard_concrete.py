@@ -52,12 +52,6 @@ def test_input_dependent_gates_shapes_and_types():
     assert dep.W_gate.shape == (1, 4, 8) and not hasattr(shared, "W_gate")
     assert shared.log_alpha.shape == (1, 8)
 
-def test_unset_temperature_takes_the_architectures_default():
-    hc = make("hard_concrete", 4, 8, sparsity_coeff=0.1)
-    ghc = make("gated_hard_concrete", 4, 8, sparsity_coeff=0.1)
-    assert hc.initial_beta.tolist() == pytest.approx([0.1]) and hc.beta(1.0).tolist() == pytest.approx([0.1])
-    assert ghc.initial_beta.tolist() == pytest.approx([0.5])
-
 def test_beta_annealing_is_exponential():
     init, final = torch.tensor([0.5]), torch.tensor([0.1])
     assert beta_at(init, final, 0.0).item() == pytest.approx(0.5)

@@ -10,7 +10,7 @@ DECLARED = {
     'relu': (True, 0.5, {
     }),
     'hard_concrete': (True, 0.8, {
-        'initial_beta': ('float', 0.1, 'hard-concrete temperature at the start of training', False, True),
+        'initial_beta': ('float', 0.5, 'hard-concrete temperature at the start of training', False, True),
         'final_beta': ('float', None, 'if set, beta anneals exponentially to this value by the end', True, True),
         'input_dependent_gates': ('bool', True, 'gate logits depend on the input (else one learned logit per feature)', False, False),
     }),

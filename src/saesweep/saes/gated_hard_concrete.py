@@ -13,11 +13,11 @@ from torch import Tensor
 from saesweep.saes.base import PackedSAE
 from saesweep.saes.gated import AUX_PARAM, GatedEncoder
 from saesweep.saes.hard_concrete import (
+    BETA_PARAMS,
     GAMMA,
     GATE_INIT_STD,
     ZETA,
     HardConcreteGates,
-    beta_params,
     expected_l0,
     fused_gate_backward,
     fused_gates,
@@ -33,7 +33,7 @@ from saesweep.saes.registry import register
 class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     name = "gated_hard_concrete"
     saelens_architecture = "gated_hard_concrete"
-    hyperparams = {**AUX_PARAM, **beta_params(0.5)}
+    hyperparams = {**AUX_PARAM, **BETA_PARAMS}
     fused = True
     # memory hint: 10 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 12, 6

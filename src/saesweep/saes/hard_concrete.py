@@ -61,15 +61,12 @@ def selective_gate(xc: Tensor, dirs: Tensor) -> tuple[Tensor, Tensor]:
     return RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6), cut
 
 
-def beta_params(initial: float) -> dict[str, HyperParam]:
-    """``initial_beta`` (defaulting to ``initial``: each architecture measures its own) and
-    ``final_beta``."""
-    return {
-        "initial_beta": HyperParam(float, initial, "hard-concrete temperature at the start of training"),
-        "final_beta": HyperParam(
-            float, None, "if set, beta anneals exponentially to this value by the end", optional=True
-        ),
-    }
+BETA_PARAMS = {
+    "initial_beta": HyperParam(float, 0.5, "hard-concrete temperature at the start of training"),
+    "final_beta": HyperParam(
+        float, None, "if set, beta anneals exponentially to this value by the end", optional=True
+    ),
+}
 
 
 def beta_at(initial: Tensor, final: Tensor, progress: float) -> Tensor:
@@ -161,10 +158,13 @@ class HardConcreteGates:
     resample_until = 0.8
 
     def _init_beta(self: PackedSAE) -> None:
-        init = self._member_tensor("initial_beta", self.hyperparams["initial_beta"].default)
-        final = torch.tensor([float("nan") if m.get("final_beta") is None else float(m["final_beta"]) for m in self.hp])
+        init = self._member_tensor("initial_beta", 0.5)
+        final = torch.tensor(
+            [float(m["initial_beta"] if m.get("final_beta") is None else m["final_beta"]) for m in self.hp],
+            device=self.device_,
+        )
         self.register_buffer("initial_beta", init)
-        self.register_buffer("final_beta", torch.where(final.isnan(), init.cpu(), final).to(init.device))
+        self.register_buffer("final_beta", final)
 
     def beta(self, progress: float) -> Tensor:
         return beta_at(self.initial_beta, self.final_beta, progress)
@@ -186,13 +186,8 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     fused = True
     # memory hint: 8 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 10, 8
-    #: initial_beta defaults to 0.1: the count penalty kills fewer features at a low temperature.
-    #: On stories260K (ratio 16, lr 1e-3, 1.9M tokens) at c = 0.1 / 0.3, beta 0.5 -> 0.1 took the
-    #: dead fraction from 25 / 39 % (seed 0) and 18 / 27 % (seed 1) to 12 / 23 % and 10 / 17 %, at
-    #: the same L0-FVU frontier (L0 25.3 / 11.7, FVU 0.158 / 0.276 at seed 0). Gated hard concrete
-    #: keeps 0.5: at 0.1 its c = 0.1 stayed at L0 37, outside the seed span.
     hyperparams = {
-        **beta_params(0.1),
+        **BETA_PARAMS,
         "input_dependent_gates": HyperParam(
             bool, True, "gate logits depend on the input (else one learned logit per feature)", per_member=False
         ),
