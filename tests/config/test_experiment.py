@@ -71,3 +71,14 @@ def test_trial_id_depends_on_the_loss_convention(monkeypatch):
     assert ExperimentConfig(sae_type="relu").identity()["loss_convention"] == saes.LOSS_CONVENTION
     monkeypatch.setattr(saes, "LOSS_CONVENTION", saes.LOSS_CONVENTION + 1)
     assert ExperimentConfig(sae_type="relu").trial_id != before
+
+
+def test_an_architecture_revision_changes_its_trial_ids_only(monkeypatch):
+    from saesweep import saes
+
+    before = {t: ExperimentConfig(sae_type=t).trial_id for t in ("relu", "hard_concrete")}
+    assert ExperimentConfig(sae_type="hard_concrete").identity()["sae_revision"] == 1
+    assert "sae_revision" not in ExperimentConfig(sae_type="relu").identity()  # revision 0: ids as before
+    monkeypatch.setattr(saes.get("hard_concrete"), "revision", 2)
+    assert ExperimentConfig(sae_type="hard_concrete").trial_id != before["hard_concrete"]
+    assert ExperimentConfig(sae_type="relu").trial_id == before["relu"]

@@ -1,5 +1,6 @@
 """The packed Adam and per-member clipping equal torch's own, member by member."""
 
+import pytest
 import torch
 
 from saesweep.training.optim import PackedAdam, clip_grad_norm_per_member
@@ -42,3 +43,26 @@ def test_clip_per_member_matches_clip_grad_norm():
     for i in range(2):
         torch.testing.assert_close(a.grad[i], ref[i][0])
         torch.testing.assert_close(b.grad[i], ref[i][1])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lr_scale_multiplies_the_named_parameters_step(fused):
+    torch.manual_seed(2)
+    lrs = [1e-3, 3e-2]
+    a0, b0 = torch.randn(2, 4, 3), torch.randn(2, 3)
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    opt = PackedAdam([("a", a), ("b", b)], torch.tensor(lrs), lr_scale={"a": 10.0})
+    opt.use_fused = fused and opt.use_fused
+    singles = [(torch.nn.Parameter(a0[i].clone()), torch.nn.Parameter(b0[i].clone())) for i in range(2)]
+    topts = [torch.optim.Adam([{"params": [pa], "lr": 10 * lr}, {"params": [pb], "lr": lr}], foreach=False)
+             for (pa, pb), lr in zip(singles, lrs)]
+    for _ in range(10):
+        ga, gb = torch.randn(2, 4, 3), torch.randn(2, 3)
+        a.grad, b.grad = ga.clone(), gb.clone()
+        opt.step()
+        for i, ((pa, pb), o) in enumerate(zip(singles, topts)):
+            pa.grad, pb.grad = ga[i].clone(), gb[i].clone()
+            o.step()
+    for i in range(2):
+        torch.testing.assert_close(a[i].detach(), singles[i][0].detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b[i].detach(), singles[i][1].detach(), rtol=1e-5, atol=1e-7)

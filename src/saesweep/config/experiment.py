@@ -284,6 +284,9 @@ class ExperimentConfig(Strict):
         if d["source"].get("kind") == "hf":
             d["source"].pop("lm_batch_size", None)
         d["loss_convention"] = saes.LOSS_CONVENTION  # runs under another convention get other ids
+        revision = saes.declaration(self.sae_type).revision
+        if revision:
+            d["sae_revision"] = revision
         return d
 
     @property

@@ -72,6 +72,14 @@ class PackedSAE(nn.Module):
     #: the default of ``train.resample_until``: the fraction of training after which dead
     #: features are no longer resampled
     resample_until: ClassVar[float] = 0.5
+    #: learning-rate multipliers for some parameters (name -> factor; the rest learn at lr):
+    #: Adam moves every weight by about lr per step whatever its gradient's scale, so a
+    #: parameter whose useful values are far larger than lr * steps needs a larger step
+    lr_scale: ClassVar[dict[str, float]] = {}
+    #: bumped when a change to how the architecture trains changes what a config yields: it is
+    #: part of the trial id when not 0, so results from before are never mixed with new ones
+    #: (the ids of architectures still at 0 are unchanged)
+    revision: ClassVar[int] = 0
     #: memory hint for planning (:func:`saesweep.devices.estimate_pack_bytes`): live
     #: ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, for the
     #: largest way a step is computed (the autograd reference keeps its forward tensors and

@@ -16,6 +16,7 @@ from saesweep.saes.hard_concrete import (
     BETA_PARAMS,
     GAMMA,
     GATE_INIT_STD,
+    GATE_LR_SCALE,
     ZETA,
     HardConcreteGates,
     expected_l0,
@@ -34,6 +35,10 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     name = "gated_hard_concrete"
     saelens_architecture = "gated_hard_concrete"
     hyperparams = {**AUX_PARAM, **BETA_PARAMS}
+    #: the gate logit W_enc (x - b_dec) + b_gate learns fast (see GATE_LR_SCALE); the magnitudes
+    #: share W_enc, their own scale exp(r_mag) and b_mag learn at lr
+    lr_scale = {"W_enc": GATE_LR_SCALE, "b_gate": GATE_LR_SCALE}
+    revision = 1  # 1: the gate logits' learning rate (GATE_LR_SCALE)
     fused = True
     # memory hint: 10 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 12, 6

@@ -8,13 +8,14 @@ tests, applied with a per-member step size.
 Where PyTorch has its fused Adam kernel (``torch._fused_adam_``: CPU and CUDA, float32
 parameters) the update is one pass over each member's tensors (one call per member, since a
 call takes one learning rate); elsewhere it falls back to the same arithmetic in plain tensor
-ops (nine passes).
+ops (nine passes). ``lr_scale`` multiplies the step of the named parameters (an architecture's
+:attr:`~saesweep.saes.PackedSAE.lr_scale`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +32,10 @@ class PackedAdam:
         lr: Tensor,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        lr_scale: Optional[dict[str, float]] = None,
     ) -> None:
         self.params = dict(params)
+        self.lr_scale = {k: float(v) for k, v in (lr_scale or {}).items() if float(v) != 1.0}
         self.lr = lr.detach().clone().float()
         self.beta1, self.beta2 = betas
         self.eps = eps
@@ -58,7 +61,8 @@ class PackedAdam:
             m.lerp_(g, 1 - self.beta1)
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            p.sub_(m.div(denom).mul_(_per_member(step_size.to(p.device), p)))
+            size = step_size * self.lr_scale.get(k, 1.0)
+            p.sub_(m.div(denom).mul_(_per_member(size.to(p.device), p)))
 
     def _fused_step(self, lr_factor: float) -> None:
         names = [k for k, p in self.params.items() if p.grad is not None]
@@ -66,17 +70,21 @@ class PackedAdam:
             return
         dev = self.params[names[0]].device
         step = torch.tensor(float(self.steps), device=dev)  # the kernel reads it (already counted)
+        groups: dict[float, list[str]] = {}
+        for k in names:
+            groups.setdefault(self.lr_scale.get(k, 1.0), []).append(k)
         for i, lr in enumerate((self.lr * lr_factor).tolist()):
-            torch._fused_adam_(
-                [self.params[k][i] for k in names],
-                [self.params[k].grad[i] for k in names],
-                [self.exp_avg[k][i] for k in names],
-                [self.exp_avg_sq[k][i] for k in names],
-                [],
-                [step] * len(names),
-                lr=lr, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
-                amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
-            )
+            for scale, group in groups.items():
+                torch._fused_adam_(
+                    [self.params[k][i] for k in group],
+                    [self.params[k].grad[i] for k in group],
+                    [self.exp_avg[k][i] for k in group],
+                    [self.exp_avg_sq[k][i] for k in group],
+                    [],
+                    [step] * len(group),
+                    lr=lr * scale, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
+                    amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+                )
 
     def rebind(self, params: Iterable[tuple[str, nn.Parameter]], keep: Sequence[int]) -> None:
         """Follow a pack that dropped members: new parameter objects, state rows ``keep``."""

@@ -156,7 +156,8 @@ def train_pack(
         start = 0
         sae = build_sae(configs, data.d_in, device)
         sae.init_b_dec(data.mean().to(device))
-        opt = PackedAdam(sae.named_parameters(), torch.tensor([c.lr for c in configs]), (tc.adam_beta1, tc.adam_beta2))
+        opt = PackedAdam(sae.named_parameters(), torch.tensor([c.lr for c in configs]), (tc.adam_beta1, tc.adam_beta2),
+                         lr_scale=sae.lr_scale)
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
@@ -334,7 +335,7 @@ def _read_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
         for j, g in enumerate(streams):
             if f"noise.{row}.{j}" in tensors:
                 g.set_state(tensors[f"noise.{row}.{j}"].cpu())
-    opt = PackedAdam(sae.named_parameters(), tensors["adam.lr"], (tc.adam_beta1, tc.adam_beta2))
+    opt = PackedAdam(sae.named_parameters(), tensors["adam.lr"], (tc.adam_beta1, tc.adam_beta2), lr_scale=sae.lr_scale)
     opt.load_state_tensors(tensors, meta["adam_steps"])
     rows, alive = [], []
     for i, tid in enumerate(ids):
