@@ -170,7 +170,7 @@ class HardConcreteGates:
     #: 0.5 -> 0.8 took gated hard concrete from L0 6.5 / 4.9, FVU 0.35 / 0.38, dead 44 / 41 % to
     #: L0 31.5 / 25.2, FVU 0.18 / 0.22, dead 9 / 12 %, and hard concrete's dead 36 / 54 % to 25 / 39 %.
     #: With the gate logits' learning rate (GATE_LR_SCALE 10), 0.5 still left hard concrete 5-11 %
-    #: dead at c = 0.01-0.3, 0.8 left 1-2 %.
+    #: dead at c = 0.01-0.3, 0.8 left 1-2 % (c = 0.1 / 0.3).
     resample_until = 0.8
 
     def _init_beta(self: PackedSAE) -> None:
