@@ -445,3 +445,26 @@ def test_a_run_records_the_dtype_auto_chose(tiny_cfg, monkeypatch, flags, expect
     monkeypatch.setattr(devices, "cpu_flags", lambda: set(flags))
     r = saesweep.run(tiny_cfg(train={"tokens": 4096, "device": "cpu", "dtype": "auto"}))
     assert r.config.train.dtype == "auto" and r.metrics["dtype"] == expected
+
+
+def test_gpt2_small_packs_on_an_h200_and_on_a_24_gb_card():
+    """The memory plan at a researcher's scale (d 768, m 24576, batch 4096), fed with the
+    memory of an H200 (141 GB) and of a 24 GB card: what each slot may claim."""
+    from saesweep.config.sweep import ExecutionSpec
+
+    ex = ExecutionSpec(pack_size=16)
+    cfgs = [cfg_of(d_in=768, ratio=32.0, batch=4096, lr=1e-4 * (i + 1)) for i in range(16)]
+    est = pack_estimator(cfgs)
+    h200 = gpu(0, total=141, label="NVIDIA H200")
+    big = plan_workers("cuda:0", None, cfgs, ex, found=[h200, CPU])
+    # a full pack of 16 fits twice: two workers, no cap
+    assert [s.name for s in big] == ["cuda:0", "cuda:0#1"] and all(s.max_pack is None for s in big)
+    assert 2 * (est(16) + CUDA_CONTEXT_BYTES) <= 141 * GB * MEMORY_SAFETY
+    small = plan_workers("cuda:0", None, cfgs, ex, found=[gpu(0, total=24), CPU])
+    assert len(small) == 1
+    cap = small[0].max_pack
+    budget = 24 * GB * MEMORY_SAFETY - CUDA_CONTEXT_BYTES
+    assert cap is not None and 1 <= cap < 16 and est(cap) <= budget < est(cap + 1)
+    # the estimate is the same linear cost per member the planner divides by
+    per_member = est(2) - est(1)
+    assert est(16) - est(1) == pytest.approx(15 * per_member, rel=1e-6)

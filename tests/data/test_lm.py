@@ -219,7 +219,8 @@ def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, h
     assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_score"] == 0.0 and zero["kl"] > 0
     assert zero["kl"] == pytest.approx(zero["kl_zero"]) and zero["kl_div_score"] == pytest.approx(0, abs=1e-6)
     assert noise["kl"] > 0 and all(math.isfinite(v) for v in noise.values())
-    assert set(ident) == {"ce_clean", "ce_sae", "ce_zero", "ce_loss_score", "kl", "kl_zero", "kl_div_score"}
+    assert set(ident) == {"ce_clean", "ce_sae", "ce_zero", "ce_loss_score", "kl", "kl_zero", "kl_div_score",
+                          "ce_tokens"}
     assert ident["ce_clean"] == zero["ce_clean"] == noise["ce_clean"]
     # a second evaluation reuses the zero-ablated baseline and agrees
     again = acts.downstream_metrics([lambda x: x.clone()])[0]

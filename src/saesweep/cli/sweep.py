@@ -229,6 +229,8 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     from saesweep.sweep.local import run_workers
     from saesweep.sweep.worker import open_sweep, queue_trials
 
+    if configs is not None:  # before anything is written: the activations must fit on the disk
+        print_activation_plans(configs, spec.execution.pack_size)
     t0 = time.perf_counter()
     store = open_sweep(spec)
     if configs is not None:
@@ -256,6 +258,26 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     if outcome.interrupted:
         print("interrupted: finished trials are recorded; run the same command again to resume", file=sys.stderr)
     return outcome.exit_code
+
+
+def print_activation_plans(configs: list[ExperimentConfig], pack_size: int) -> None:
+    """How each hf source's activations reach the trainer (a ConfigError when the cache cannot
+    fit), and, when streaming, what the packs share and what they compute each for themselves."""
+    from saesweep.data.budget import plan_sweep
+
+    plans = plan_sweep(configs)
+    for p in plans:
+        print(f"activations {p.describe()}")
+    if any(p.stream for p in plans):
+        streamed = [c for c in configs if c.source.kind == "hf"]
+        packs = len({c.pack_key for c in streamed})
+        n_packs = sum(-(-sum(1 for c in streamed if c.pack_key == k) // max(1, pack_size))
+                      for k in {c.pack_key for c in streamed})
+        print(f"streaming: the trials of one pack share one LM pass over their training tokens; each of the "
+              f"~{n_packs} packs ({packs} pack shapes) runs the LM over its own, so the LM runs ~{n_packs} times "
+              f"over the same tokens. Held-out rows and the normalisation prefix are cached once and shared. "
+              f"Larger packs (--pack_size) mean fewer LM passes.")
+    sys.stdout.flush()
 
 
 def print_plan(found, slots, pack_size: int, policy: Optional[str] = None) -> None:

@@ -28,9 +28,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if updates:
         cfg = cfg.with_updates(**updates)
     if cfg.source.kind == "hf":  # before anything is built or written
+        from saesweep.data.budget import plan_activations
         from saesweep.data.lm import check_source, d_model
 
-        cfg.d_sae(d_model(check_source(cfg.source)))
+        model_config = check_source(cfg.source)
+        cfg.d_sae(d_model(model_config))
+        plan = plan_activations(cfg, model_config=model_config)  # refuses what the disk cannot hold
+        print(f"activations: {plan.describe()}", file=sys.stderr)
     result = run(cfg)
     if not result.ok:
         print(f"{result.trial_id}: failed: {result.reason}", file=sys.stderr)

@@ -44,6 +44,10 @@ class Strict(BaseModel):
 PosInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
+#: hf source fields that say how activations reach the trainer, not which they are (left out of
+#: trial ids; a pack shares them)
+DELIVERY_FIELDS = ("cache_dtype", "streaming", "cache_max_gb", "stream_buffer_tokens")
+
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
@@ -111,6 +115,24 @@ class HFSource(Strict):
     prepend_bos: bool = True
     lm_batch_size: PosInt = 32
     lm_dtype: Literal["float32", "bfloat16"] = "float32"
+    cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="how cached activations are stored: auto = float32 for a cache entry up to "
+        "1 GiB in float32, else bfloat16 (half the bytes per token); held-out activations and training "
+        "batches are float32 either way"
+    )
+    streaming: Union[bool, Literal["auto"]] = Field(
+        "auto", description="true: the LM runs alongside training and its activations pass through a "
+        "shuffling buffer, never all stored (only the held-out rows and the normalisation prefix are "
+        "cached); auto: stream when the training cache would exceed cache_max_gb or the free disk"
+    )
+    cache_max_gb: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        None, description="disk budget of one training cache entry in GB (10^9 bytes); larger jobs "
+        "stream (streaming: auto) or are refused (streaming: false). Default: the free disk space"
+    )
+    stream_buffer_tokens: Annotated[int, Field(ge=1024)] = Field(
+        262_144, description="streaming: activations shuffled together (a window of this many tokens, "
+        "shuffled, then served in batches)"
+    )
 
     @field_validator("hook")
     @classmethod
@@ -181,6 +203,11 @@ class EvalConfig(Strict):
         int, Field(ge=0, description="held-out LM tokens for the spliced CE/KL metrics (hf sources)")
     ] = 16_384
     batch_size: PosInt = 4096
+    ce_time_frac: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        0.1, description="the spliced CE/KL metrics start no LM batch that would end past this fraction of "
+        "the pack's training time (the first batch always runs; metrics.json's ce_tokens says how many were "
+        "scored); null: always every ce_tokens"
+    )
 
 
 class ExperimentConfig(Strict):
@@ -281,8 +308,12 @@ class ExperimentConfig(Strict):
             # used is in metrics.json), so sweeps started before auto keep their trial ids
             d["train"]["dtype"] = "float32"
         d["eval"].pop("batch_size", None)
+        d["eval"].pop("ce_time_frac", None)  # a cap on time, not another experiment
         if d["source"].get("kind") == "hf":
-            d["source"].pop("lm_batch_size", None)
+            # how the activations are delivered (batch of the LM, storage dtype, cache or stream)
+            # changes where they live, not which they are: the same experiment, the same trial id
+            for key in ("lm_batch_size", *DELIVERY_FIELDS):
+                d["source"].pop(key, None)
         d["loss_convention"] = saes.LOSS_CONVENTION  # runs under another convention get other ids
         revision = saes.declaration(self.sae_type).revision
         if revision:
@@ -302,6 +333,11 @@ class ExperimentConfig(Strict):
         ident = self.identity()
         for k in self.per_member_fields:
             ident.pop(k, None)
+        if isinstance(self.source, HFSource):  # members share one stream, so one way of delivering it
+            delivery = {k: getattr(self.source, k) for k in DELIVERY_FIELDS
+                        if getattr(self.source, k) != HFSource.model_fields[k].default}
+            if delivery:
+                ident["delivery"] = delivery
         blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return f"{self.sae_type}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 

@@ -47,8 +47,10 @@ class Activations:
         """Mean of a sample of normalised training activations (initial decoder bias)."""
         raise NotImplementedError
 
-    def downstream_metrics(self, reconstructors: Sequence[Reconstructor]) -> list[dict[str, float]]:
-        """Spliced language-model metrics per reconstructor; empty dicts when not an LM source."""
+    def downstream_metrics(self, reconstructors: Sequence[Reconstructor], *,
+                           budget_s: Optional[float] = None) -> list[dict[str, float]]:
+        """Spliced language-model metrics per reconstructor, within about ``budget_s`` seconds
+        when given; empty dicts when not an LM source."""
         return [{} for _ in reconstructors]
 
     def describe(self) -> dict:

@@ -5,7 +5,8 @@ them); :mod:`.cache_build` builds entries.
 Layout under the root (``cfg.cache_dir``, else ``$SAESWEEP_CACHE``, else ``~/.cache/saesweep``)::
 
     activations/<key>/manifest.json     written last: an entry exists when its manifest does
-    activations/<key>/train-00000.npy   float32 [tokens, d] shards of whole token rows (~64 MiB)
+    activations/<key>/train-00000.npy   [tokens, d] shards of whole token rows (~64 MiB), in the
+                                        entry's dtype: float32, float16, or bfloat16 (its bits as uint16)
     activations/<key>/heldout.npy       float32 [tokens, d] held-out activations
     activations/<key>/heldout_ids.npy   int64 [rows, context_length] held-out token ids
     activations/<key>.lock              flock held by the one process that builds the entry
@@ -64,6 +65,33 @@ _SMALL_FILE = 2**20  # files up to this size are fingerprinted by content, large
 STALE_S = 3600.0  # a temp folder of another host untouched this long belongs to a dead build
 MODES = ("build", "wait")
 
+#: how a training shard stores each cache dtype (numpy has no bfloat16: its upper 16 bits as uint16)
+STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+
+
+def encode(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations ``a`` as stored in a shard of ``dtype`` (bfloat16 rounds to nearest even).
+    Raises ValueError when float16 cannot hold them."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == "float32":
+        return a
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            out = a.astype(np.float16)
+        if not np.isfinite(out).all():
+            raise ValueError(f"source.cache_dtype: float16 cannot hold these activations (largest |x| = "
+                             f"{float(np.abs(a).max()):.4g} > 65504); use bfloat16")
+        return out
+    u = a.view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def decode(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored shard rows of ``dtype`` as float32."""
+    if dtype == "bfloat16":
+        return (np.asarray(a, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(a, dtype=np.float32)
+
 
 # ----------------------------------------------------------------------------- keys
 def cache_root(cache_dir: Optional[str | os.PathLike] = None) -> Path:
@@ -96,7 +124,9 @@ def _fingerprint(paths: Sequence[Path]) -> str:
 
 
 def key_fields(source: HFSource) -> dict[str, Any]:
-    """What the activations depend on; local model and data folders by fingerprint, not path."""
+    """What the activations depend on; local model and data folders by fingerprint, not path.
+    A 16-bit ``cache_dtype`` is part of the key (``auto`` must be resolved first, see
+    :func:`saesweep.data.budget.plan_activations`); float32 keeps the keys of earlier entries."""
     if is_local_model(source.model):
         model = {"local": _fingerprint([Path(source.model).expanduser()])}
     else:
@@ -119,6 +149,7 @@ def key_fields(source: HFSource) -> dict[str, Any]:
         "context_length": source.context_length,
         "prepend_bos": source.prepend_bos,
         "lm_dtype": source.lm_dtype,
+        **({"cache_dtype": source.cache_dtype} if source.cache_dtype in ("float16", "bfloat16") else {}),
     }
 
 
@@ -146,8 +177,8 @@ def read_manifest(path: Path) -> Optional[dict]:
         return None
 
 
-def norm_stats(arrays: Sequence[np.ndarray], n: int) -> tuple[float, list[float]]:
-    """``(scale, mean)`` over the first ``n`` rows of the concatenated ``arrays``.
+def norm_stats(arrays: Sequence[np.ndarray], n: int, dtype: str = "float32") -> tuple[float, list[float]]:
+    """``(scale, mean)`` over the first ``n`` rows of the concatenated ``arrays`` (stored as ``dtype``).
 
     The scale gives E||scale x||^2 = d (the manifest's convention; :meth:`CacheEntry.stats`
     converts it to the trainer's unit norm), accumulated in float64 chunks.
@@ -158,7 +189,7 @@ def norm_stats(arrays: Sequence[np.ndarray], n: int) -> tuple[float, list[float]
         for i in range(0, a.shape[0], 65536):
             if seen >= n:
                 break
-            chunk = np.asarray(a[i : min(a.shape[0], i + 65536, i + n - seen)], dtype=np.float64)
+            chunk = decode(a[i : min(a.shape[0], i + 65536, i + n - seen)], dtype).astype(np.float64)
             sq += float(np.einsum("ij,ij->", chunk, chunk))
             total += chunk.sum(0)
             seen += chunk.shape[0]
@@ -181,6 +212,7 @@ class CacheEntry:
         self.path, self.manifest, self.built = Path(path), manifest, built
         self.key: str = manifest["key"]
         self.d_in: int = manifest["d_in"]
+        self.dtype: str = manifest.get("dtype", "float32")  # of the training shards
         self._shards = [np.load(self.path / s["file"], mmap_mode="r") for s in manifest["train"]["shards"]]
         self._starts = np.cumsum([0] + [s.shape[0] for s in self._shards])[:-1]
         self._heldout = np.load(self.path / manifest["heldout"]["activations"]["file"], mmap_mode="r")
@@ -200,7 +232,7 @@ class CacheEntry:
         st = self.manifest["stats"]
         if min(n, NORM_TOKENS) == st["tokens"]:
             return _unit(st["scale"], self.d_in), st["mean"]
-        scale, mean = norm_stats(self._shards, min(n, NORM_TOKENS, self.train_tokens))
+        scale, mean = norm_stats(self._shards, min(n, NORM_TOKENS, self.train_tokens), self.dtype)
         return _unit(scale, self.d_in), mean
 
     def gather(self, idx: np.ndarray) -> np.ndarray:
@@ -214,7 +246,7 @@ class CacheEntry:
         out = np.empty((idx.size, self.d_in), dtype=np.float32)
         for s, (a, b) in enumerate(zip([0, *cuts], [*cuts, idx.size])):
             if a < b:
-                out[order[a:b]] = self._shards[s][sidx[a:b] - self._starts[s]]
+                out[order[a:b]] = decode(self._shards[s][sidx[a:b] - self._starts[s]], self.dtype)
         return out
 
     def heldout_activations(self, n: int) -> np.ndarray:
@@ -309,6 +341,7 @@ def list_entries(root: Optional[str | os.PathLike] = None) -> list[dict]:
             "dataset": src.get("dataset"),
             "context_length": m["context_length"],
             "d_in": m["d_in"],
+            "dtype": m.get("dtype", "float32"),
             "tokens": m["train"]["tokens"],
             "eval_tokens": m["heldout"]["tokens"],
             "size_bytes": _size(path),

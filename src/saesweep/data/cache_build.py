@@ -24,9 +24,11 @@ from saesweep.data.cache import (
     FORMAT,
     MODES,
     NORM_TOKENS,
+    STORAGE,
     CacheEntry,
     builder_of,
     cache_root,
+    encode,
     entry_key,
     host_name,
     key_fields,
@@ -59,41 +61,59 @@ WAIT_POLL_S = 5.0  # and how often to look (env SAESWEEP_CACHE_WAIT_POLL_S)
 
 # ----------------------------------------------------------------------------- building
 class _Writer:
-    """Writes a stream of ``[n, d]`` float32 blocks into .npy files of given token counts."""
+    """Writes a stream of ``[n, d]`` float32 blocks into .npy files of given token counts, stored
+    as ``dtype`` (see :data:`~saesweep.data.cache.STORAGE`).
 
-    def __init__(self, folder: Path, names: Iterator[str], sizes: Sequence[int]) -> None:
-        self.folder, self.names, self.sizes = folder, names, list(sizes)
+    Plain file writes, not a memory map: a full disk is an ``OSError`` (ENOSPC) naming the file,
+    which the caller turns into a clean stop, where a memory map's fault would kill the process.
+    """
+
+    def __init__(self, folder: Path, names: Iterator[str], sizes: Sequence[int], dtype: str = "float32") -> None:
+        self.folder, self.names, self.sizes, self.dtype = folder, names, list(sizes), dtype
         self.done: list[dict] = []
-        self._mm: Optional[np.memmap] = None
+        self._fh: Optional[Any] = None
+        self._rows = 0
         self._pos = 0
 
     def write(self, a: np.ndarray) -> None:
         while a.shape[0]:
-            if self._mm is None:
+            if self._fh is None:
                 if len(self.done) == len(self.sizes):
                     raise RuntimeError("more activations than planned")
                 self._name = next(self.names)
-                shape = (self.sizes[len(self.done)], a.shape[1])
-                self._mm = np.lib.format.open_memmap(self.folder / self._name, mode="w+", dtype=np.float32, shape=shape)
-                self._pos = 0
-            take = min(a.shape[0], self._mm.shape[0] - self._pos)
-            self._mm[self._pos : self._pos + take] = a[:take]
+                self._rows, self._pos = self.sizes[len(self.done)], 0
+                self._fh = open(self.folder / self._name, "wb")
+                header = {"descr": np.lib.format.dtype_to_descr(STORAGE[self.dtype]), "fortran_order": False,
+                          "shape": (self._rows, a.shape[1])}
+                self._guard(lambda: np.lib.format.write_array_header_1_0(self._fh, header))
+            take = min(a.shape[0], self._rows - self._pos)
+            block = encode(a[:take], self.dtype)
+            self._guard(lambda: self._fh.write(block.tobytes()))
             self._pos += take
             a = a[take:]
-            if self._pos == self._mm.shape[0]:
+            if self._pos == self._rows:
                 self._close()
 
+    def _guard(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except OSError as e:
+            self._fh.close()
+            self._fh = None
+            raise OSError(e.errno, f"{e.strerror} (writing the activation cache)", str(self.folder / self._name)) from None
+
     def _close(self) -> None:
-        assert self._mm is not None
-        self._mm.flush()
-        tokens = self._mm.shape[0]
-        self._mm = None
+        assert self._fh is not None
+        self._guard(self._fh.flush)
+        self._guard(lambda: os.fsync(self._fh.fileno()))
+        self._fh.close()
+        self._fh = None
         path = self.folder / self._name
         size, sha = path.stat().st_size, sha256_file(path)
-        self.done.append({"file": self._name, "tokens": tokens, "bytes": size, "sha256": sha})
+        self.done.append({"file": self._name, "tokens": self._rows, "bytes": size, "sha256": sha})
 
     def finish(self) -> list[dict]:
-        if self._mm is not None or len(self.done) != len(self.sizes):
+        if self._fh is not None or len(self.done) != len(self.sizes):
             raise RuntimeError("fewer activations than planned")
         return self.done
 
@@ -160,7 +180,8 @@ def _build(
             held_infos = [w.finish()[0] for w in held]
             d = int(np.load(tmps[0] / "heldout.npy", mmap_mode="r").shape[1])
 
-            shard_rows = max(1, shard_bytes // (per * d * 4))
+            dtype = source.cache_dtype if source.cache_dtype in STORAGE else "float32"
+            shard_rows = max(1, shard_bytes // (per * d * STORAGE[dtype].itemsize))
             reused: list[dict] = []
             old, final = targets[0][2], adir / targets[0][1]
             if len(targets) == 1 and old and old["d_in"] == d and old["train"]["shard_rows"] == shard_rows:
@@ -175,7 +196,8 @@ def _build(
             advance(skip)
             n_shards = -(-train_rows // shard_rows)
             sizes = [min(shard_rows, train_rows - i * shard_rows) * per for i in range(len(reused), n_shards)]
-            trains = [_Writer(tmp, (f"train-{i:05d}.npy" for i in itertools.count(len(reused))), sizes) for tmp in tmps]
+            trains = [_Writer(tmp, (f"train-{i:05d}.npy" for i in itertools.count(len(reused))), sizes, dtype)
+                      for tmp in tmps]
             rows = _advancing(itertools.islice(producer.rows.train, skip, None), advance)
             for acts in producer.activations_by_layer(rows, layers):
                 for w, layer in zip(trains, layers):
@@ -186,7 +208,7 @@ def _build(
         for (src, key, _), tmp, held_info, ids_info, shards in zip(targets, tmps, held_infos, ids_infos, all_shards):
             arrays = [np.load(tmp / s["file"], mmap_mode="r") for s in shards]
             n_stats = min(train_rows * per, NORM_TOKENS)
-            scale, mean = norm_stats(arrays, n_stats)
+            scale, mean = norm_stats(arrays, n_stats, dtype)
             del arrays
             manifest = {
                 "format": FORMAT,
@@ -194,7 +216,7 @@ def _build(
                 "key_fields": key_fields(src),
                 "source": src.model_dump(mode="json", exclude={"lm_batch_size"}),
                 "d_in": d,
-                "dtype": "float32",
+                "dtype": dtype,
                 "context_length": src.context_length,
                 "tokens_per_row": per,
                 "train": {"rows": train_rows, "tokens": train_rows * per, "shard_rows": shard_rows, "shards": shards},
@@ -415,15 +437,17 @@ def warm(configs: Sequence[Any], *, device: Any = "cpu", progress: Optional[bool
     among them, so that hosts with ``cache_mode: wait`` only read; the hooks of one model and
     dataset come from one LM pass. ``only_shared``: just the groups with several hooks (what a
     sweep does before its workers start). Returns one dict per entry."""
+    from saesweep.data.budget import plan_activations
+
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for cfg in configs:
         if getattr(cfg.source, "kind", None) != "hf":
             continue
-        check_source(cfg.source)
-        train_rows, heldout_rows = needed_rows(cfg)
+        plan = plan_activations(cfg)  # the cache dtype, and whether only the streaming prefix is cached
+        train_rows, heldout_rows = plan.cached_rows, plan.heldout_rows
         root = cache_root(cfg.cache_dir)
-        g = groups.setdefault((str(root), pass_group(cfg.source)), {"sources": {}, "train": 0, "heldout": 0})
-        g["sources"].setdefault(entry_key(cfg.source), cfg.source)
+        g = groups.setdefault((str(root), pass_group(plan.source)), {"sources": {}, "train": 0, "heldout": 0})
+        g["sources"].setdefault(entry_key(plan.source), plan.source)
         g["train"], g["heldout"] = max(g["train"], train_rows), max(g["heldout"], heldout_rows)
     out = []
     for (root, _), g in groups.items():

@@ -4,6 +4,7 @@ metrics on held-out token rows."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Iterator, Optional, Sequence
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
-from saesweep.data import cache, cache_build, lm
+from saesweep.data import budget, cache, cache_build, lm
 from saesweep.data.base import Activations, Reconstructor
 from saesweep.metrics.downstream import spliced_metrics
 
@@ -39,7 +40,7 @@ class HFActivations(Activations):
         self.scale, raw_mean = entry.stats(self.n_train)
         self._mean = torch.from_numpy(np.asarray(raw_mean, dtype=np.float64) * self.scale).float()
         self._lm: Optional[lm.HookedLM] = None
-        self._baseline: Optional[dict[str, float]] = None  # clean and zero-ablated CE/KL of the rows
+        self._baseline: Optional[list[dict[str, float]]] = None  # clean and zero-ablated CE/KL per batch
 
     # ---------------------------------------------------------------- training stream
     def _perm(self, seed: int, epoch: int) -> np.ndarray:
@@ -75,7 +76,8 @@ class HFActivations(Activations):
         return self._mean.clone()
 
     # ---------------------------------------------------------------- spliced metrics
-    def downstream_metrics(self, reconstructors: Sequence[Reconstructor]) -> list[dict[str, float]]:
+    def downstream_metrics(self, reconstructors: Sequence[Reconstructor], *,
+                           budget_s: Optional[float] = None) -> list[dict[str, float]]:
         """:func:`~saesweep.metrics.downstream.spliced_metrics` per reconstructor on held-out rows.
 
         Reconstructors map raw activations ``[N, d]`` (float32, on the LM's device) to raw
@@ -92,6 +94,7 @@ class HFActivations(Activations):
         out, self._baseline = spliced_metrics(
             self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
             shortcut=os.environ.get("SAESWEEP_SPLICE", "tail") != "full",  # full: a whole forward per SAE
+            budget_s=budget_s,
         )
         return out
 
@@ -116,17 +119,107 @@ class HFActivations(Activations):
         self.entry.close()
 
 
+class StreamedHFActivations(HFActivations):
+    """Training activations computed by the LM while training runs, never all stored
+    (``source.streaming``); held-out rows and the normalisation statistics come from the cache
+    entry as for :class:`HFActivations`.
+
+    The training rows (the same rows, in the same order, as a cached build's) are cut into
+    windows of ``source.stream_buffer_tokens`` tokens (whole rows). Each window's activations
+    are shuffled by a permutation seeded by (seed, window) and served in batches; batch k is
+    found by arithmetic, so a resumed run skips earlier windows by reading their token rows
+    without running the LM. Each token is used once; the few tokens the last step needs beyond
+    ``train.tokens`` are drawn again from the last window. Every member of a pack trains on
+    this one stream: one LM pass per pack.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, entry: Any, device: str | torch.device = "cpu") -> None:
+        super().__init__(cfg, entry, device)
+        self.per = lm.tokens_per_row(self.source)
+        self.train_rows, self.heldout_rows_needed = lm.needed_rows(cfg)
+        self.window_rows = max(1, self.source.stream_buffer_tokens // self.per)
+        self._producer: Optional[lm.ActivationProducer] = None
+        self.lm_tokens = 0  # tokens this object ran the LM on (training windows)
+
+    def _rows_from(self, first_row: int) -> Iterator[np.ndarray]:
+        """Training token rows from ``first_row`` on (earlier ones are read, not run through the LM)."""
+        datasets_cache = self.entry.path.parent.parent / "datasets"  # <root>/activations/<key>
+        if self._producer is None:
+            self._producer = lm.ActivationProducer(self.source, self.train_rows, self.heldout_rows_needed,
+                                                   device=self.device, datasets_cache=datasets_cache)
+            rows = self._producer.rows.train
+        else:
+            rows = lm.token_rows(self.source, self.train_rows, self.heldout_rows_needed,
+                                 datasets_cache=datasets_cache).train
+        return itertools.islice(rows, first_row, None)
+
+    def _windows(self, first: int) -> Iterator[np.ndarray]:
+        """float32 activations ``[tokens, d]`` of windows ``first, first + 1, ...`` (in stream order)."""
+        rows = self._rows_from(first * self.window_rows)
+        n_windows = -(-self.n_train // (self.window_rows * self.per))
+        for w in range(first, n_windows):
+            chunk = list(itertools.islice(rows, self.window_rows))
+            assert self._producer is not None
+            acts = np.concatenate(list(self._producer.activations(chunk)))
+            self.lm_tokens += acts.shape[0]
+            yield acts[: max(0, self.n_train - w * self.window_rows * self.per)]
+
+    def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+        wt = self.window_rows * self.per
+        n_windows = -(-self.n_train // wt)
+        pos = start * batch_size
+        windows: Optional[Iterator[np.ndarray]] = None
+        have: Optional[tuple[int, int]] = None  # (epoch, window) held in ``buf``
+        buf = last = np.empty((0, self.d_in), np.float32)
+        while True:
+            parts, need = [], batch_size
+            while need:
+                epoch, off = divmod(pos, self.n_train)
+                w, woff = (off // wt, off % wt) if epoch == 0 else (n_windows - 1, off % len(last) if len(last) else 0)
+                if have != (epoch, w):
+                    if epoch == 0:
+                        if windows is None:
+                            windows = self._windows(w)
+                        last = next(windows)
+                    elif not len(last):  # resumed past the end of the stream: the last window again
+                        last = next(self._windows(n_windows - 1))
+                    buf, have = last[self._perm(seed, epoch, w, len(last))], (epoch, w)
+                take = min(need, len(buf) - woff)
+                parts.append(buf[woff : woff + take])
+                pos += take
+                need -= take
+            batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            yield torch.from_numpy(np.ascontiguousarray(batch)).mul_(self.scale)
+
+    @staticmethod
+    def _perm(seed: int, epoch: int, window: int, n: int) -> np.ndarray:
+        state = np.random.SeedSequence([seed, epoch, window]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return torch.randperm(n, generator=g).numpy()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "streamed": True, "stream_buffer_tokens": self.window_rows * self.per}
+
+    def close(self) -> None:
+        self._producer = None
+        super().close()
+
+
 def open_hf(
     cfg: ExperimentConfig, device: str | torch.device = "cpu", *, progress: Optional[bool] = None,
     hooks: Sequence[str] = (),
 ) -> HFActivations:
-    """Activations for ``cfg`` (an hf source): the cache entry, built first when needed (``cache_mode:
-    build``) or waited for until another process has built it (``cache_mode: wait``). When it is
-    built, the other ``hooks`` missing from the cache are built with it, in the same LM pass."""
+    """Activations for ``cfg`` (an hf source), cached or streamed as
+    :func:`~saesweep.data.budget.plan_activations` decides: the cache entry (all training rows,
+    or only the normalisation prefix when streaming, and the held-out rows), built first when
+    needed (``cache_mode: build``) or waited for until another process has built it
+    (``cache_mode: wait``). When it is built, the other ``hooks`` missing from the cache are
+    built with it, in the same LM pass."""
     if not isinstance(cfg.source, HFSource):
         raise ConfigError(f"source.kind: open_hf needs an hf source, got {cfg.source.kind!r}")
-    lm.check_source(cfg.source)
-    train_rows, heldout_rows = lm.needed_rows(cfg)
+    plan = budget.plan_activations(cfg)
+    cfg = cfg.model_copy(update={"source": plan.source})
+    train_rows, heldout_rows = plan.cached_rows, plan.heldout_rows
     root = cache.cache_root(cfg.cache_dir)
     others = [cfg.source.model_copy(update={"hook": h}) for h in hooks if h != cfg.source.hook]
     entry = cache.try_open(root / "activations" / cache.entry_key(cfg.source), train_rows, heldout_rows)
@@ -138,4 +231,6 @@ def open_hf(
     elif entry is None:
         entry = cache_build.open_entry(cfg.source, root, train_rows, heldout_rows, device=device, progress=progress,
                                        mode=cfg.cache_mode)
+    if plan.stream:
+        return StreamedHFActivations(cfg, entry, device)
     return HFActivations(cfg, entry, device)

@@ -4,6 +4,7 @@ hooked residual stream (SAEBench core's ``ce_loss_score`` and ``kl_div_score``).
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
@@ -18,15 +19,20 @@ if TYPE_CHECKING:
 _LOGIT_ELEMENTS = 2**25  # bound on batch * context * vocab when computing CE/KL
 
 
+#: what the clean and zero-ablated passes give for one batch of rows (reused by later calls)
+BatchBaseline = dict[str, float]
+
+
 def spliced_metrics(
     lm: HookedLM,
     rows: np.ndarray,
     reconstructors: Sequence[Reconstructor],
     *,
     batch_rows: int,
-    baseline: Optional[dict[str, float]] = None,
+    baseline: Optional[list[BatchBaseline]] = None,
     shortcut: bool = True,
-) -> tuple[list[dict[str, float]], dict[str, float]]:
+    budget_s: Optional[float] = None,
+) -> tuple[list[dict[str, float]], list[BatchBaseline]]:
     """SAEBench core's downstream metrics per reconstructor, with SAELens's convention
     (``sae_lens.evals.get_recons_loss``): every position of the hooked residual, the BOS one
     included, is replaced by the reconstruction (or by zeros for the ablation); CE is the mean
@@ -34,23 +40,24 @@ def spliced_metrics(
     every position.
 
     * ``ce_clean``, ``ce_sae``, ``ce_zero``; ``ce_loss_score`` = (ce_zero - ce_sae) / (ce_zero - ce_clean);
-    * ``kl`` (with the SAE), ``kl_zero`` (zero-ablated); ``kl_div_score`` = (kl_zero - kl) / kl_zero.
+    * ``kl`` (with the SAE), ``kl_zero`` (zero-ablated); ``kl_div_score`` = (kl_zero - kl) / kl_zero;
+    * ``ce_tokens``: the predictions scored (fewer than the rows hold when ``budget_s`` stopped early).
 
     The clean pass runs once per batch for all reconstructors, and with ``shortcut`` the blocks
     before the hook too: each edit then runs only the blocks after it (:meth:`HookedLM.clean_and_tail`,
     which falls back to full forwards for a model where that does not reproduce the logits);
-    ``shortcut=False`` is the plain path, a full forward per edit. The zero-ablated pass only
-    when ``baseline`` (the ``ce_clean``/``ce_zero``/``kl_zero`` of these rows, returned by an
-    earlier call) is not given. Each reconstructor gets raw float32 activations ``[N, d]`` on
-    the LM's device and returns raw reconstructions of the same shape.
+    ``shortcut=False`` is the plain path, a full forward per edit. ``baseline`` is what an
+    earlier call on the same rows returned (the clean and zero-ablated figures per batch): those
+    batches skip the zero-ablated pass. ``budget_s``: no new batch is started once it would end
+    past this many seconds (the first batch always runs). Each reconstructor gets raw float32
+    activations ``[N, d]`` on the LM's device and returns raw reconstructions of the same shape.
     """
     device = next(lm.model.parameters()).device
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or 1)
     ctx = rows.shape[1]
     batch_rows = max(1, min(batch_rows, _LOGIT_ELEMENTS // (ctx * vocab)))
     k = len(reconstructors)
-    sums = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}
-    n_pred, n_pos = 0, 0
+    base = list(baseline or [])
     ce_sae_sum, kl_sum = [0.0] * k, [0.0] * k
 
     def splice(f: Optional[Reconstructor]) -> Callable[[Tensor], Tensor]:
@@ -68,7 +75,11 @@ def spliced_metrics(
     def kl(lp_clean: Tensor, p_clean: Tensor, lp: Tensor) -> float:
         return (p_clean * (lp_clean - lp)).sum().item()
 
-    for i in range(0, rows.shape[0], batch_rows):
+    t0 = time.perf_counter()
+    used = 0
+    for b, i in enumerate(range(0, rows.shape[0], batch_rows)):
+        if budget_s is not None and b and (time.perf_counter() - t0) * (b + 1) / b > budget_s:
+            break
         ids = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_rows])).to(device)
         targets = ids[:, 1:].unsqueeze(-1)
         clean, tail = lm.clean_and_tail(ids) if shortcut else (lm.logits(ids), None)
@@ -78,24 +89,20 @@ def spliced_metrics(
                 return lm.logits(ids, splice(f))
             return tail(splice(f)(tail.residual))
 
-        ce, lp_clean = ce_and_logprobs(clean, targets)
+        ce_clean, lp_clean = ce_and_logprobs(clean, targets)
         p_clean = lp_clean.exp()
-        n_pred += targets.numel()
-        n_pos += ids.numel()
-        if baseline is None:
-            sums["ce_clean"] += ce
-            ce, lp = ce_and_logprobs(edited(None), targets)
-            sums["ce_zero"] += ce
-            sums["kl_zero"] += kl(lp_clean, p_clean, lp)
+        if b >= len(base):
+            ce_zero, lp = ce_and_logprobs(edited(None), targets)
+            base.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl(lp_clean, p_clean, lp),
+                         "n_pred": targets.numel(), "n_pos": ids.numel()})
         for j, f in enumerate(reconstructors):
             ce, lp = ce_and_logprobs(edited(f), targets)
             ce_sae_sum[j] += ce
             kl_sum[j] += kl(lp_clean, p_clean, lp)
-    n_pred, n_pos = max(n_pred, 1), max(n_pos, 1)
-    if baseline is None:
-        baseline = {"ce_clean": sums["ce_clean"] / n_pred, "ce_zero": sums["ce_zero"] / n_pred,
-                    "kl_zero": sums["kl_zero"] / n_pos}
-    ce_clean, ce_zero, kl_zero = baseline["ce_clean"], baseline["ce_zero"], baseline["kl_zero"]
+        used = b + 1
+    sums = {key: sum(x[key] for x in base[:used]) for key in ("ce_clean", "ce_zero", "kl_zero", "n_pred", "n_pos")}
+    n_pred, n_pos = max(sums["n_pred"], 1), max(sums["n_pos"], 1)
+    ce_clean, ce_zero, kl_zero = sums["ce_clean"] / n_pred, sums["ce_zero"] / n_pred, sums["kl_zero"] / n_pos
     out = []
     for j in range(k):
         ce_sae, kl_sae = ce_sae_sum[j] / n_pred, kl_sum[j] / n_pos
@@ -108,5 +115,6 @@ def spliced_metrics(
             "kl": kl_sae,
             "kl_zero": kl_zero,
             "kl_div_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 1e-12 else math.nan,
+            "ce_tokens": int(sums["n_pred"]),
         })
-    return out, baseline
+    return out, base

@@ -129,15 +129,17 @@ def raw_reconstructor(sae: PackedSAE, scale: float) -> Callable[[Tensor], Tensor
     return fn
 
 
-def evaluate(sae: PackedSAE, data: Activations, batch_size: int = 4096, *, downstream: bool = True) -> list[dict[str, float]]:
-    """Every metric for every member of ``sae`` (one dict per member, in row order)."""
+def evaluate(sae: PackedSAE, data: Activations, batch_size: int = 4096, *, downstream: bool = True,
+             downstream_budget_s: Optional[float] = None) -> list[dict[str, float]]:
+    """Every metric for every member of ``sae`` (one dict per member, in row order).
+    ``downstream_budget_s`` bounds the spliced LM metrics' time (see ``eval.ce_time_frac``)."""
     results = reconstruction_metrics(sae, data.eval_activations(), batch_size)
     if data.ground_truth is not None:
         for r, extra in zip(results, dictionary_recovery(sae, data.ground_truth)):
             r.update(extra)
     if downstream:
         recon = [raw_reconstructor(sae.member(i), data.scale) for i in range(sae.n)]
-        for r, extra in zip(results, data.downstream_metrics(recon)):
+        for r, extra in zip(results, data.downstream_metrics(recon, budget_s=downstream_budget_s)):
             r.update(extra)
     return results
 

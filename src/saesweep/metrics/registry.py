@@ -46,8 +46,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("mse", "minimize", "MSE per dimension (normalised activations)", _RECON, in_table=False),
     Metric("l1", "minimize", "L1 of the codes per token", _RECON, in_table=False, intermediate="sparsity"),
     Metric("ce_sae", "minimize", "CE with the SAE spliced in", _DOWN, in_table=False),
+    Metric("ce_tokens", None, "held-out predictions the CE/KL metrics scored", _DOWN, in_table=False),
     Metric("cossim", "maximize", "cosine(x, x_hat)", _RECON, in_table=False),
-    Metric("tokens_per_s", None, "training tokens per second", _RUN),
+    Metric("tokens_per_s", None, "training tokens per second of this SAE", _RUN),
+    Metric("pack_tokens_per_s", None, "training tokens per second summed over the SAEs of its pack", _RUN),
     Metric("train_time_s", None, "training time (s)", _RUN),
 )}
 

@@ -356,7 +356,7 @@ def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
     a.barh(y, tps, height=0.6, color="#1f77b4")
     a.set_xlim(0, max(tps + [1.0]) * 1.25)
     a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
-    a.set_xlabel("training tokens per second (while busy)")
+    a.set_xlabel("SAE-tokens per second while busy (summed over the SAEs trained at once)")
     a.set_title("Throughput per device slot")
     for i, v in enumerate(tps):
         a.text(v, i, f" {v:,.0f}", va="center", fontsize=9)
@@ -507,7 +507,7 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
             parts.append(_img(fig["Per-device performance"], "devices"))
         rows = [[d["slot"], d.get("trials_done"), d.get("trials_failed"), d.get("tokens"), d.get("tokens_per_s"),
                  d.get("busy_s"), d.get("wall_s"), d.get("busy_fraction")] for d in devices]
-        parts.append(_table(["slot", "done", "failed", "tokens", "tokens/s", "busy s", "wall s", "busy fraction"], rows))
+        parts.append(_table(["slot", "done", "failed", "SAE-tokens", "SAE-tok/s", "busy s", "wall s", "busy fraction"], rows))
     else:
         parts.append("<p class='note'>No per-device statistics recorded yet.</p>")
 

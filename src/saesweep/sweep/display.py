@@ -107,7 +107,8 @@ def print_worker_table(workers: list[dict[str, Any]], echo=print) -> None:
     if not workers:
         return
     echo("Per-device performance:")
-    echo(f"  {'slot':<12} {'done':>5} {'failed':>6} {'packs':>5} {'tokens/s':>12} {'busy':>6} {'wall':>8}")
+    echo("  (SAE-tok/s: training tokens per second summed over the SAEs a slot trained at once)")
+    echo(f"  {'slot':<12} {'done':>5} {'failed':>6} {'packs':>5} {'SAE-tok/s':>12} {'busy':>6} {'wall':>8}")
     for w in sorted(workers, key=lambda w: w.get("slot", "")):
         echo(f"  {w.get('slot', '?'):<12} {w.get('trials_done', 0):>5} {w.get('trials_failed', 0):>6} "
              f"{w.get('packs', 0):>5} {w.get('tokens_per_s', 0):>12,.0f} {100 * w.get('busy_fraction', 0):>5.0f}% "

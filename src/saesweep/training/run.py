@@ -105,7 +105,10 @@ def run_pack(
     # an interrupted pack (Ctrl-C, preemption) has no complete member: nothing to evaluate, so
     # the interruption returns at once and its checkpoint resumes the training later
     finished = any(res.members[i].status == "complete" for i in res.alive)
-    metrics = evaluate(res.sae, data, configs[0].eval.batch_size) if finished else []
+    frac = configs[0].eval.ce_time_frac
+    train_s = res.wall_s * res.steps / max(1, res.steps - res.resumed_from)  # the whole run's, when resumed
+    budget = None if frac is None else frac * train_s
+    metrics = evaluate(res.sae, data, configs[0].eval.batch_size, downstream_budget_s=budget) if finished else []
     t_eval = time.perf_counter() - t_eval
     common = {
         "tokens": res.steps * configs[0].train.batch_size,
@@ -113,6 +116,7 @@ def run_pack(
         "eval_time_s": t_eval,
         "data_time_s": t_data,
         "tokens_per_s": res.tokens_per_s,
+        "pack_tokens_per_s": res.pack_tokens_per_s,
         "pack_size": len(configs),
         "device": str(dev),
         "dtype": res.dtype,

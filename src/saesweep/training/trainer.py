@@ -88,6 +88,12 @@ class PackResult:
 
     @property
     def tokens_per_s(self) -> float:
+        """Training tokens per second of one SAE of the pack (each member sees every token)."""
+        return self.tokens / max(self.wall_s, 1e-9)
+
+    @property
+    def pack_tokens_per_s(self) -> float:
+        """SAE-tokens per second of the whole pack: :attr:`tokens_per_s` times the pack size."""
         return self.tokens * len(self.members) / max(self.wall_s, 1e-9)
 
 
