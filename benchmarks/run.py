@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""saesweep throughput benchmarks (issue 4): one command, a table on stdout, JSON on disk.
+"""saesweep throughput benchmarks: one command, a table on stdout, JSON on disk.
 
     python benchmarks/run.py            # full run (~25 min on 2 cores)
     python benchmarks/run.py --quick    # a few minutes: fewer shapes, smaller token budget
@@ -22,6 +22,11 @@ Sections (``--sections`` picks some; see benchmarks/README.md for what each row 
 * ``saelens``  the same 48 configs trained with SAELens's SAETrainer on the same activations
 * ``share``    the activation-generation share of the full 912-trial seed sweep (extrapolated
                from measured per-type, per-width packed throughput)
+* ``scale``    a GPT-2-small-shaped random model (d = 768, 12 blocks, the stories260K tokenizer):
+               activation generation per cache dtype and streamed, training per SAE and per pack
+               at m = 6144 / 24576 against SAELens's SAETrainer, one trial and a 16-trial sweep
+               split by phase, growth exponents, and a 48-trial 100M-token extrapolation
+               (benchmarks/scale.py)
 
 Results go to benchmarks/results/<time>.json and benchmarks/results/latest.json. Sections that
 need ../shared/models/stories260K and ../shared/data/stories260K-sampled are skipped, with a
@@ -50,7 +55,7 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories260K-sampled"
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("peak", "flops", "modes", "alloc", "types", "sweep", "efficiency", "saelens", "share", "eval")
+SECTIONS = ("peak", "flops", "modes", "alloc", "types", "sweep", "efficiency", "saelens", "share", "eval", "scale")
 BATCH = 4096
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -809,6 +814,10 @@ def report(res: dict) -> str:
         lines.append(f"\nSpliced CE/KL, pack of {ev['pack']} on stories260K ({ev['rows']} rows x 256): full forward per "
                      f"SAE {fmt_s(ev['plain_s'])}, pack-wide pass {fmt_s(ev['pack_wide_s'])} ({ev['speedup']:.2f}x; "
                      f"metrics differ by at most {ev['max_abs_difference']:.1e})")
+    if "scale" in res:
+        from scale import scale_report
+
+        lines += scale_report(res["scale"])
     return "\n".join(lines)
 
 
@@ -901,6 +910,12 @@ def main() -> int:
                 res["share"] = share_section(dev, quick, rate, evs)
             if "eval" in sections:
                 res["eval"] = eval_section(quick)
+        if "scale" in sections:
+            from scale import scale_section
+
+            if "peak" not in res:
+                res["peak"] = matrix_peak(dev, quick)
+            res["scale"] = scale_section(quick, res["peak"], log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["meta"]["load_end"] = load_avg()

@@ -127,3 +127,23 @@ def test_other_model_families_take_the_shortcut_or_fall_back_exactly(tiny_other_
     for a, b in zip(fast, plain):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
+
+
+def test_a_time_budget_stops_after_whole_batches_and_reuses_the_baseline(tiny_lm):
+    model, _ = lm.load_lm(parse_config({"source": {"kind": "hf", "model": str(tiny_lm), "dataset": "x.jsonl"}}).source,
+                          "cpu", tokenizer=False)
+    hooked = lm.HookedLM(model, 1)
+    rows = torch.randint(3, 60, (16, 16), generator=torch.Generator().manual_seed(5)).numpy()
+    recs = _pack_reconstructors(model.config.hidden_size, n=2)
+    full, base = spliced_metrics(hooked, rows, recs, batch_rows=6)
+    assert full[0]["ce_tokens"] == 16 * 15 and [b["n_pos"] for b in base] == [4 * 16, 6 * 16, 6 * 16]
+    first, base1 = spliced_metrics(hooked, rows, recs, batch_rows=6, budget_s=1e-9)  # the small first batch only
+    assert first[0]["ce_tokens"] == 4 * 15 and len(base1) == 1
+    alone, _ = spliced_metrics(hooked, rows[:4], recs, batch_rows=6)
+    for a, b in zip(first, alone):
+        assert a == pytest.approx(b, rel=1e-6)
+    # a later call reuses the first batch's clean and zero-ablated figures and adds the rest
+    again, base2 = spliced_metrics(hooked, rows, recs, batch_rows=6, baseline=base1)
+    assert base2[0] is base1[0] and len(base2) == 3
+    for a, b in zip(again, full):
+        assert a == pytest.approx(b, rel=1e-6)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from saesweep.data.lm import HookedLM
 
 _LOGIT_ELEMENTS = 2**25  # bound on batch * context * vocab when computing CE/KL
+FIRST_ROWS = 4  # rows of the first batch, which times the rest
 
 
 #: what the clean and zero-ablated passes give for one batch of rows (reused by later calls)
@@ -77,10 +78,14 @@ def spliced_metrics(
 
     t0 = time.perf_counter()
     used = 0
-    for b, i in enumerate(range(0, rows.shape[0], batch_rows)):
-        if budget_s is not None and b and (time.perf_counter() - t0) * (b + 1) / b > budget_s:
+    # a small first batch times the work cheaply; then full batches (the same cuts every call)
+    starts = [0, *range(min(FIRST_ROWS, batch_rows), rows.shape[0], batch_rows)]
+    for b, (i, j) in enumerate(zip(starts, [*starts[1:], rows.shape[0]])):
+        if i >= j:
             break
-        ids = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_rows])).to(device)
+        if budget_s is not None and b and (time.perf_counter() - t0) * (1 + (j - i) / i) > budget_s:
+            break
+        ids = torch.from_numpy(np.ascontiguousarray(rows[i:j])).to(device)
         targets = ids[:, 1:].unsqueeze(-1)
         clean, tail = lm.clean_and_tail(ids) if shortcut else (lm.logits(ids), None)
 

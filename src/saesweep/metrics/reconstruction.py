@@ -25,6 +25,7 @@ For a language-model source the spliced metrics (``ce_clean``, ``ce_sae``, ``ce_
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -130,16 +131,19 @@ def raw_reconstructor(sae: PackedSAE, scale: float) -> Callable[[Tensor], Tensor
 
 
 def evaluate(sae: PackedSAE, data: Activations, batch_size: int = 4096, *, downstream: bool = True,
-             downstream_budget_s: Optional[float] = None) -> list[dict[str, float]]:
+             budget_s: Optional[float] = None) -> list[dict[str, float]]:
     """Every metric for every member of ``sae`` (one dict per member, in row order).
-    ``downstream_budget_s`` bounds the spliced LM metrics' time (see ``eval.ce_time_frac``)."""
+    ``budget_s`` bounds the whole evaluation's time where it can: the spliced LM metrics get what
+    the reconstruction metrics left (at least one LM batch; see ``eval.ce_time_frac``)."""
+    t0 = time.perf_counter()
     results = reconstruction_metrics(sae, data.eval_activations(), batch_size)
     if data.ground_truth is not None:
         for r, extra in zip(results, dictionary_recovery(sae, data.ground_truth)):
             r.update(extra)
     if downstream:
         recon = [raw_reconstructor(sae.member(i), data.scale) for i in range(sae.n)]
-        for r, extra in zip(results, data.downstream_metrics(recon, budget_s=downstream_budget_s)):
+        left = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - t0))
+        for r, extra in zip(results, data.downstream_metrics(recon, budget_s=left)):
             r.update(extra)
     return results
 

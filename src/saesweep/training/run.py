@@ -108,7 +108,7 @@ def run_pack(
     frac = configs[0].eval.ce_time_frac
     train_s = res.wall_s * res.steps / max(1, res.steps - res.resumed_from)  # the whole run's, when resumed
     budget = None if frac is None else frac * train_s
-    metrics = evaluate(res.sae, data, configs[0].eval.batch_size, downstream_budget_s=budget) if finished else []
+    metrics = evaluate(res.sae, data, configs[0].eval.batch_size, budget_s=budget) if finished else []
     t_eval = time.perf_counter() - t_eval
     common = {
         "tokens": res.steps * configs[0].train.batch_size,
