@@ -128,13 +128,31 @@ def steps_part(peak: dict, quick: bool, log: Callable[[str], None]) -> list[dict
     return out
 
 
+def _saelens_fit(d: int, m: int, samples: int, batch: int, batches) -> None:
+    """Train one SAELens ``StandardTrainingSAE`` (fp32, CPU) with its ``SAETrainer`` on ``batches``."""
+    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=m, l1_coefficient=0.1, dtype="float32",
+                                                        device="cpu"))
+    tcfg = SAETrainerConfig(total_training_samples=samples, train_batch_size_samples=batch, lr=3e-4,
+                            lr_scheduler_name="constant", lr_warm_up_steps=0, lr_end=3e-4, device="cpu", autocast=False,
+                            logger=LoggingConfig(log_to_wandb=False), save_final_checkpoint=False, n_checkpoints=0)
+    SAETrainer(tcfg, sae, batches).fit()
+
+
+def _have_saelens() -> Optional[str]:
+    try:
+        import sae_lens  # noqa: F401
+    except ImportError as e:
+        return f"sae_lens is not installed ({e})"
+    return None
+
+
 def saelens_steps(shapes: list[int], log: Callable[[str], None]) -> dict:
     """SAELens's SAETrainer (StandardTrainingSAE, fp32) at d 768, batch STEP_BATCH: tokens/s per SAE."""
-    try:
-        from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
-        from sae_lens.config import SAETrainerConfig
-    except ImportError as e:
-        return {"skipped": f"sae_lens is not installed ({e})"}
+    if (missing := _have_saelens()) is not None:
+        return {"skipped": missing}
     out = {}
     x = torch.randn(STEP_BATCH, D)
     for m in shapes:
@@ -146,14 +164,8 @@ def saelens_steps(shapes: list[int], log: Callable[[str], None]) -> dict:
                 times.append(time.perf_counter())
                 yield x
 
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D, d_sae=m, l1_coefficient=0.1, dtype="float32",
-                                                            device="cpu"))
-        tcfg = SAETrainerConfig(total_training_samples=steps * STEP_BATCH, train_batch_size_samples=STEP_BATCH, lr=3e-4,
-                                lr_scheduler_name="constant", lr_warm_up_steps=0, lr_end=3e-4, device="cpu",
-                                autocast=False, logger=LoggingConfig(log_to_wandb=False), save_final_checkpoint=False,
-                                n_checkpoints=0)
         t = time.perf_counter()
-        SAETrainer(tcfg, sae, provider()).fit()
+        _saelens_fit(D, m, steps * STEP_BATCH, STEP_BATCH, provider())
         total = time.perf_counter() - t
         per = statistics.median(np.diff(times)) if len(times) > 2 else total / steps
         out[m] = {"step_s": per, "tok_per_s": STEP_BATCH / per}
@@ -201,9 +213,8 @@ def sweep_part(model: Path, data: Path, work: Path, tokens: int, n: int, log: Ca
                  ce_tokens=2048).with_updates(lr=3e-4 * (1 + i % 4), sparsity_coeff=0.03 * (1 + i // 4))
             for i in range(n)]
     t = time.perf_counter()
-    data_t = time.perf_counter()
     acts = lm_activations.open_hf(cfgs[0], progress=False)
-    data_s = time.perf_counter() - data_t
+    data_s = time.perf_counter() - t
     lm_tok_s = (acts.entry.train_tokens + acts.entry.manifest["heldout"]["tokens"]) / max(data_s, 1e-9)
     results = saesweep.run_pack(cfgs, data=acts)
     wall = time.perf_counter() - t
@@ -230,10 +241,7 @@ def sweep_part(model: Path, data: Path, work: Path, tokens: int, n: int, log: Ca
 
 def saelens_run(d: int, m: int, tokens: int, batch: int) -> Optional[float]:
     """Seconds SAELens's SAETrainer takes for one run of ``tokens`` at batch ``batch`` (random inputs)."""
-    try:
-        from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
-        from sae_lens.config import SAETrainerConfig
-    except ImportError:
+    if _have_saelens() is not None:
         return None
     x = torch.randn(tokens, d)
 
@@ -242,13 +250,8 @@ def saelens_run(d: int, m: int, tokens: int, batch: int) -> Optional[float]:
             for s in range(0, tokens - batch + 1, batch):
                 yield x[s : s + batch]
 
-    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=m, l1_coefficient=0.1, dtype="float32",
-                                                        device="cpu"))
-    tcfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=batch, lr=3e-4,
-                            lr_scheduler_name="constant", lr_warm_up_steps=0, lr_end=3e-4, device="cpu", autocast=False,
-                            logger=LoggingConfig(log_to_wandb=False), save_final_checkpoint=False, n_checkpoints=0)
     t = time.perf_counter()
-    SAETrainer(tcfg, sae, provider()).fit()
+    _saelens_fit(d, m, tokens, batch, provider())
     return time.perf_counter() - t
 
 

@@ -263,16 +263,17 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
 def print_activation_plans(configs: list[ExperimentConfig], pack_size: int) -> None:
     """How each hf source's activations reach the trainer (a ConfigError when the cache cannot
     fit), and, when streaming, what the packs share and what they compute each for themselves."""
+    from collections import Counter
+
     from saesweep.data.budget import plan_sweep
 
     plans = plan_sweep(configs)
     for p in plans:
         print(f"activations {p.describe()}")
     if any(p.stream for p in plans):
-        streamed = [c for c in configs if c.source.kind == "hf"]
-        packs = len({c.pack_key for c in streamed})
-        n_packs = sum(-(-sum(1 for c in streamed if c.pack_key == k) // max(1, pack_size))
-                      for k in {c.pack_key for c in streamed})
+        per_shape = Counter(c.pack_key for c in configs if c.source.kind == "hf")
+        packs = len(per_shape)
+        n_packs = sum(-(-k // max(1, pack_size)) for k in per_shape.values())
         print(f"streaming: the trials of one pack share one LM pass over their training tokens; each of the "
               f"~{n_packs} packs ({packs} pack shapes) runs the LM over its own, so the LM runs ~{n_packs} times "
               f"over the same tokens. Held-out rows and the normalisation prefix are cached once and shared. "

@@ -19,6 +19,13 @@ from saesweep.metrics.downstream import spliced_metrics
 
 
 # ----------------------------------------------------------------------------- Activations
+def permutation(n: int, *key: int) -> np.ndarray:
+    """``torch.randperm(n)`` seeded by ``key`` (e.g. seed and epoch): the same on every host."""
+    state = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(n, generator=g).numpy()
+
+
 class HFActivations(Activations):
     """Activations of an hf source, read from the shared on-disk cache (see :mod:`.cache`).
 
@@ -43,10 +50,6 @@ class HFActivations(Activations):
         self._baseline: Optional[list[dict[str, float]]] = None  # clean and zero-ablated CE/KL per batch
 
     # ---------------------------------------------------------------- training stream
-    def _perm(self, seed: int, epoch: int) -> np.ndarray:
-        state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        return torch.randperm(self.n_train, generator=g).numpy()
 
     def batch_indices(self, batch_size: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
         """Cache token indices of batches ``start, start + 1, ...`` (what ``train_batches`` reads)."""
@@ -58,7 +61,7 @@ class HFActivations(Activations):
             while lo < hi:
                 epoch, off = divmod(lo, n)
                 if epoch not in perms:
-                    perms = {epoch: self._perm(seed, epoch)}  # keep only the current epoch
+                    perms = {epoch: permutation(self.n_train, seed, epoch)}  # keep only the current epoch
                 take = min(hi - lo, n - off)
                 parts.append(perms[epoch][off : off + take])
                 lo += take
@@ -183,19 +186,13 @@ class StreamedHFActivations(HFActivations):
                         last = next(windows)
                     elif not len(last):  # resumed past the end of the stream: the last window again
                         last = next(self._windows(n_windows - 1))
-                    buf, have = last[self._perm(seed, epoch, w, len(last))], (epoch, w)
+                    buf, have = last[permutation(len(last), seed, epoch, w)], (epoch, w)
                 take = min(need, len(buf) - woff)
                 parts.append(buf[woff : woff + take])
                 pos += take
                 need -= take
             batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
             yield torch.from_numpy(np.ascontiguousarray(batch)).mul_(self.scale)
-
-    @staticmethod
-    def _perm(seed: int, epoch: int, window: int, n: int) -> np.ndarray:
-        state = np.random.SeedSequence([seed, epoch, window]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        return torch.randperm(n, generator=g).numpy()
 
     def describe(self) -> dict:
         return {**super().describe(), "streamed": True, "stream_buffer_tokens": self.window_rows * self.per}
