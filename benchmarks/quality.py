@@ -4,7 +4,7 @@ same activations with the same budget, compared at equal L0.
 
     python benchmarks/quality.py              # stories260K (when ../shared has it) + synthetic
     python benchmarks/quality.py --quick      # a smaller token budget, fewer coefficients
-    python benchmarks/quality.py --sources synthetic --types relu,gated
+    python benchmarks/quality.py --sources synthetic --types relu,jumprelu,batchtopk,matryoshka
 
 For each source, every type is trained at dict_size_ratio 16 and lr 1e-3 with the default
 budget (``train.tokens`` and ``train.batch_size`` of the experiment config; 1.9M tokens on
@@ -21,6 +21,12 @@ Writes ``benchmarks/results/quality-<time>/``: ``table.md`` (L0, FVU, ce_loss_sc
 kl_div_score, dead fraction, frac_recovered, per trial), ``quality.json``, and
 ``frontier_<source>.png`` (L0 vs FVU, log L0). The summary compares each type's L0-FVU
 frontier with SAELens's, interpolated in log L0 over L0 5-40 (where both reach).
+
+The synthetic source is a realistic world shaped like SynthSAEBench's (``WORLD``: 2,048
+features in d 128 with true L0 16, SAEs 512 wide: a quarter of the true dictionary, as its
+4,096 latents are of its 16K features; ``--world`` sets another size). There the types are also
+ranked by ``feature_f1`` at the true L0, beside SynthSAEBench's published F1 and the random
+baselines at the same L0 and width.
 """
 
 from __future__ import annotations
@@ -55,13 +61,18 @@ COEFFS = [0.01, 0.03, 0.06, 0.1, 0.17, 0.3, 0.5]
 QUICK_COEFFS = [0.03, 0.1, 0.3]
 L0_RANGE = (5.0, 40.0)
 STORIES_TOKENS = 1_900_000
+#: the synthetic world of the ranking: SynthSAEBench's shape (16K features in d 768, L0 about 25,
+#: SAEs a quarter as wide as the true dictionary) scaled to what a CPU trains in minutes
+WORLD = {"n_features": 2048, "d_in": 128, "true_l0": 16.0}
+#: SynthSAEBench's published feature F1 at L0 25, width 4096, on its 16K x 768 world
+SYNTHSAEBENCH_F1 = {"relu": 0.56, "jumprelu": 0.73, "batchtopk": 0.73, "matryoshka": 0.88}
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "auto") -> dict:
+def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "auto", world: Optional[dict] = None) -> dict:
     from saesweep.config.experiment import TrainConfig
 
     # stories260K-sampled holds 1.97M training tokens: its runs take 1.9M unless told otherwise
@@ -73,11 +84,17 @@ def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "aut
         cfg["source"] = {"kind": "hf", "model": str(MODEL), "dataset": str(DATA), "split": "train",
                          "eval_split": "validation", "context_length": 256, "hook": "blocks.2.hook_resid_pre"}
         cfg["eval"] = {"tokens": 65_536, "ce_tokens": 16_384}
+    else:
+        w = world or WORLD
+        cfg["source"] = {"kind": "synthetic", "n_features": w["n_features"], "d_in": w["d_in"],
+                         "sparsity": w["true_l0"] / w["n_features"]}
+        cfg["dict_size_ratio"] = w["n_features"] / 4 / w["d_in"]
     return cfg
 
 
 def row_of(kind: str, coeff: float, m: dict, wall: float) -> dict:
-    keys = ("l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "frac_recovered", "mmcs")
+    keys = ("l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1", "feature_mcc", "absorption",
+            "frac_f1_50", "decoder_frac_cos90", "probe_f1", "true_l0")
     return {"trainer": kind, "coeff": coeff, **{k: m.get(k) for k in keys}, "train_s": wall}
 
 
@@ -184,6 +201,55 @@ def compare(rows: list[dict], kind: str, peer: str = "saelens_standard") -> dict
             "mean_ratio": float(np.mean([fa / fb for _, fa, fb in diffs]))}
 
 
+def at_l0(rows: list[dict], kind: str, key: str, l0: float) -> Optional[float]:
+    """``key`` of ``kind``'s SAEs at ``l0``, linear in log L0 between the two nearest trained L0s."""
+    pts = sorted((r["l0"], r[key]) for r in rows if r["trainer"] == kind and _ok(r.get("l0")) and r["l0"] > 0
+                 and _ok(r.get(key)))
+    if len(pts) < 2 or not pts[0][0] <= l0 <= pts[-1][0]:
+        return None
+    return float(np.interp(math.log(l0), np.log([p[0] for p in pts]), [p[1] for p in pts]))
+
+
+def ranking(rows: list[dict], l0: float, baselines: list[dict]) -> str:
+    """Each type's feature F1 (and FVU) at ``l0``, best first, beside SynthSAEBench's published F1."""
+    kinds = list(dict.fromkeys(r["trainer"] for r in rows))
+    found = [(k, at_l0(rows, k, "feature_f1", l0), at_l0(rows, k, "fvu", l0), at_l0(rows, k, "absorption", l0))
+             for k in kinds]
+    found.sort(key=lambda t: -(t[1] if t[1] is not None else -1))
+    probe = next((r["probe_f1"] for r in rows if _ok(r.get("probe_f1"))), None)
+    out = [f"Feature F1 at L0 {l0:g} (the world's true L0), interpolated in log L0"
+           + (f"; supervised probe ceiling {probe:.3f}" if probe is not None else "") + ":", "",
+           "| rank | type | feature_f1 | fvu | absorption | SynthSAEBench F1 (L0 25, 16K x 768) |", "|---|---|---|---|---|---|"]
+    for i, (k, f1, fvu, ab) in enumerate(found, 1):
+        cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        pub = SYNTHSAEBENCH_F1.get(k)
+        out.append(f"| {i if f1 is not None else '–'} | {k} | {cell(f1)} | {cell(fvu)} | {cell(ab)} | "
+                   f"{'' if pub is None else pub} |")
+    for b in baselines:
+        out.append(f"| – | baseline: {b['baseline']} | {b.get('feature_f1', float('nan')):.3f} | {b['fvu']:.3f} | "
+                   f"{b.get('absorption', float('nan')):.3f} | |")
+    ours = [k for k, f1, _, _ in found if f1 is not None and k in SYNTHSAEBENCH_F1]
+    theirs = sorted(ours, key=lambda k: -SYNTHSAEBENCH_F1[k])
+    ties = {k for k in ours if sum(SYNTHSAEBENCH_F1[j] == SYNTHSAEBENCH_F1[k] for j in ours) > 1}
+    agree = all(a == b or (a in ties and b in ties) for a, b in zip(ours, theirs))
+    out += ["", f"Order here: {' > '.join(ours)}; SynthSAEBench's: {' > '.join(theirs)} "
+            f"({'the same' if agree else 'different'}{', its tied types in either order' if ties else ''})."]
+    return "\n".join(out)
+
+
+def synthetic_baselines(base: dict, l0: float) -> list[dict]:
+    from saesweep.config.experiment import parse_config
+    from saesweep.data import open_source
+    from saesweep.metrics.baselines import baselines
+
+    cfg = parse_config({**base, "sae_type": "relu"})
+    data = open_source(cfg)
+    rows = baselines(data, cfg.d_sae(data.d_in), [l0], downstream=False)
+    for r in rows:
+        log(f"baseline {r['baseline']}: L0 {r['l0']:.1f} FVU {r['fvu']:.3f} feature_f1 {r['feature_f1']:.3f}")
+    return rows
+
+
 # --------------------------------------------------------------------- output
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
@@ -221,7 +287,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def table(rows: list[dict]) -> str:
     # speed is benchmarks/run.py's business: train_s stays in quality.json only
-    cols = ["trainer", "coeff", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "frac_recovered"]
+    cols = ["trainer", "coeff", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1",
+            "feature_mcc", "absorption", "decoder_frac_cos90"]
     have = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(have) + " |", "|" + "---|" * len(have)]
     for r in rows:
@@ -255,8 +322,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="skip SAELens")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="saesweep's training dtype (default auto, as a user gets; SAELens trains in float32)")
+    p.add_argument("--world", default=None, help="synthetic world as FEATURES,D_IN,TRUE_L0 (default "
+                   f"{WORLD['n_features']},{WORLD['d_in']},{WORLD['true_l0']:g}; SynthSAEBench's is 16384,768,25)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/quality-<time>)")
     args = p.parse_args(argv)
+    world = dict(WORLD)
+    if args.world:
+        try:
+            f, d, l0 = args.world.split(",")
+            world = {"n_features": int(f), "d_in": int(d), "true_l0": float(l0)}
+        except ValueError:
+            p.error(f"--world: expected FEATURES,D_IN,TRUE_L0, got {args.world!r}")
     from saesweep import saes
 
     types = [t for t in args.types.split(",") if t]
@@ -281,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if source == "stories260k" and not (MODEL.is_dir() and DATA.is_dir()):
             log(f"skipping stories260k: {MODEL} or {DATA} not found")
             continue
-        base = base_config(source, tokens, out / source, args.dtype)
+        base = base_config(source, tokens, out / source, args.dtype, world)
         rows: list[dict] = []
         for t in types:
             rows += run_saesweep(t, base, coeffs, ks)
@@ -291,10 +367,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             except ImportError as e:
                 log(f"SAELens not installed ({e}); pip install 'saesweep[bench]'")
         comps = [compare(rows, t) for t in types]
+        extra: list[str] = []
+        if source == "synthetic":
+            base_rows = synthetic_baselines(base, world["true_l0"])
+            result.setdefault("baselines", base_rows)
+            extra = [ranking(rows, world["true_l0"], base_rows), ""]
         plot(rows, out / f"frontier_{source}.png", f"{source}: L0 vs FVU, ratio 16, lr 1e-3")
         result["sources"][source] = {"rows": rows, "vs_saelens": comps}
         text += [f"## {source}", "", table(rows), "", "Frontier vs SAELens standard (negative: saesweep better):", "",
-                 summary(comps), "", f"![frontier](frontier_{source}.png)", ""]
+                 summary(comps), "", *extra, f"![frontier](frontier_{source}.png)", ""]
         (out / "quality.json").write_text(json.dumps(result, indent=1))
         (out / "table.md").write_text("\n".join(text))
     print("\n".join(text))

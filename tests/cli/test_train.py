@@ -19,7 +19,7 @@ def test_train_cli(tmp_path, tiny_cfg, capsys):
     cfg = tiny_cfg(train={"tokens": 20_000}).to_dict()
     assert main(["train", str(write(tmp_path, cfg)), "--set", "train.tokens=10000"]) == 0
     out = capsys.readouterr().out
-    assert "fvu=" in out and "frac_recovered=" in out
+    assert "fvu=" in out and "feature_f1=" in out and out.index("feature_f1=") < out.index("fvu=")
 
 
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):

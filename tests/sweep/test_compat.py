@@ -16,6 +16,9 @@ LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_sweep"
 def test_a_sweep_from_the_old_layout_resumes(tmp_path):
     here = tmp_path / "legacy"
     shutil.copytree(LEGACY, here)
+    # the synthetic source's default world is now the realistic one: the old sweep names its world
+    spec_file = here / "saesweep.yaml"
+    spec_file.write_text(spec_file.read_text().replace("sparsity: 0.1}", "sparsity: 0.1, world: toy}"))
     journal = here / "runs" / "legacy" / "sweep.journal"
     old = SweepStore(str(journal), "legacy", create=False)
     old_done = complete_count_by_trial(old)

@@ -68,7 +68,7 @@ def test_a_real_sweep_writes_one_offline_run_per_trial(tmp_path, offline):
         assert all("train/loss" in h and "train/mse" in h and "train/l0" in h for h in r["history"])
         # final metrics and where it ran, equal to saesweep's own results
         s = r["summary"]
-        for k in ("fvu", "l0", "dead_fraction", "mmcs", "tokens_per_s"):
+        for k in ("fvu", "l0", "dead_fraction", "feature_f1", "tokens_per_s"):
             assert s[k] == pytest.approx(results[tid][k])
         assert s["state"] == "complete" and s["device"] == "cpu" and s["host"]
         assert Path(s["run_dir"]).name == tid and (Path(s["run_dir"]) / "metrics.json").exists()

@@ -8,17 +8,30 @@ import torch
 
 import saesweep
 from saesweep.data import open_source
-from saesweep.metrics.reconstruction import dictionary_recovery
+from saesweep.metrics.recovery import world_recovery
 from saesweep.training.trainer import build_sae, lr_factor, sparsity_factor, train_pack
 
 
 def test_relu_recovers_true_features(tiny_cfg):
-    # easy: 24 true features in 16 dimensions, ~1 active per token, 64 latents
-    cfg = tiny_cfg(sparsity_coeff=0.2, source={"n_features": 24, "sparsity": 0.04}, train={"tokens": 400_000})
+    # easy: 24 independent true features in 16 dimensions, ~1 active per token, 64 latents
+    cfg = tiny_cfg(sparsity_coeff=0.2, source={"world": "toy", "n_features": 24, "sparsity": 0.04},
+                   train={"tokens": 400_000})
     r = saesweep.run(cfg)
     assert r.ok
-    assert r.metrics["frac_recovered"] >= 0.9
-    assert r.metrics["mmcs"] > 0.95 and r.metrics["fvu"] < 0.1
+    assert r.metrics["decoder_frac_cos90"] >= 0.9
+    assert r.metrics["decoder_mmcs"] > 0.95 and r.metrics["fvu"] < 0.1
+    assert 0.6 < r.metrics["feature_f1"] <= r.metrics["probe_f1"] + 0.05, r.metrics
+
+
+def test_a_degenerate_sae_scores_low_on_feature_f1_though_its_decoder_points_right(tiny_cfg):
+    # the realistic world: a good SAE against one whose penalty silences nearly every latent
+    base = dict(source={"n_features": 48, "sparsity": 0.05}, train={"tokens": 300_000})
+    good, silent = saesweep.run_pack([tiny_cfg(sparsity_coeff=c, **base) for c in (1.0, 30.0)])
+    assert good.ok and silent.ok
+    g, s = good.metrics, silent.metrics
+    assert s["l0"] < 1 or s["fvu"] > 0.9
+    assert g["feature_f1"] > 0.25 and s["feature_f1"] < 0.05
+    assert s["feature_f1"] < s["decoder_mmcs"] / 2  # the decoder-only figure would not have told
 
 
 @pytest.mark.parametrize("sae_type", ["hard_concrete", "gated", "gated_hard_concrete"])
@@ -38,7 +51,7 @@ def test_run_folder_contents(tiny_cfg):
     assert {"config.yaml", "metrics.json", "train_log.jsonl", "sae_weights.safetensors", "cfg.json"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     rec = json.loads((r.run_dir / "metrics.json").read_text())
-    for k in ("mse", "fvu", "explained_variance", "l0", "l1", "dead_fraction", "mmcs", "frac_recovered", "tokens_per_s", "train_time_s", "device"):
+    for k in ("mse", "fvu", "explained_variance", "l0", "l1", "dead_fraction", "feature_f1", "absorption", "decoder_frac_cos90", "tokens_per_s", "train_time_s", "device"):
         assert k in rec["metrics"], k
     assert saesweep.load_config(r.run_dir / "config.yaml") == r.config
 
@@ -140,12 +153,12 @@ def test_bfloat16_trains(tiny_cfg):
 
 def test_recovery_comes_from_training_not_from_the_initialisation(tiny_cfg):
     # the ground-truth dictionary and the SAE's decoder are both seeded by 0 here: they must
-    # still be different draws, or frac_recovered is 1 before a single step
+    # still be different draws, or every decoder row matches a true feature before a single step
     cfg = tiny_cfg(source={"n_features": 24, "sparsity": 0.04})
     data = open_source(cfg)
     sae = build_sae([cfg], data.d_in, torch.device("cpu"))
 
-    assert dictionary_recovery(sae, data.ground_truth)[0]["frac_recovered"] < 0.2
+    assert world_recovery(sae, data)[0]["decoder_frac_cos90"] < 0.2
 
 
 def test_a_members_tokens_per_s_is_its_own_rate_and_the_pack_rate_is_named(tiny_cfg):

@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
     "status": Command("summarise a sweep's progress", sweep.sweep_ref_args, sweep.cmd_status),
     "results": Command("export every trial's params and metrics as CSV and Parquet",
                        sweep.results_args, sweep.cmd_results),
+    "baseline": Command("score random baselines (random decoder, random firing, PCA) beside the sweep's trials",
+                        sweep.baseline_args, sweep.cmd_baseline),
     "devices": Command("list the devices saesweep can use", sweep.devices_args, sweep.cmd_devices),
     "cache": Command("list, verify, remove or warm (build ahead) cached activations",
                      sweep.cache_args, sweep.cmd_cache),

@@ -26,7 +26,9 @@ def cmd_report(args) -> int:
 
     store, folder = open_existing(args)
     out = Path(args.out) if args.out else folder / "report"
-    rep = build_report(store, out, metric=args.metric, evaluator=args.evaluator)
+    from saesweep.metrics.baselines import read
+
+    rep = build_report(store, out, metric=args.metric, evaluator=args.evaluator, baselines=read(folder))
     front = rep.frontier.get("l0_fvu", {}).get("all", [])
     print(f"Report of sweep '{store.name}': {rep.html}")
     for p in rep.pngs:

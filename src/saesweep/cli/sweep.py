@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from saesweep.cli.common import EXIT_OK, flag, parse_overrides, positive_int, set_flag
 from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config
-from saesweep.io import ensure_folder
+from saesweep.io import atomic_write_text, ensure_folder
 from saesweep.sweep.urls import redact
 
 PREVIEW = 5
@@ -116,7 +116,6 @@ def generate_args(p):
 
 def cmd_generate(args) -> int:
     from saesweep.config.sweep import expand, swept_params
-    from saesweep.io import atomic_write_text
 
     spec = spec_from_args(args)
     configs = expand(spec)
@@ -252,6 +251,10 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
           f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
     print_worker_table(outcome.workers)
     _print_failed(recs)
+    if spec.baselines and not outcome.interrupted and c["complete"]:
+        from saesweep.metrics.baselines import for_sweep
+
+        for_sweep(recs, spec.sweep_dir)
     _print_frontier(recs, spec.sweep_dir)
     if outcome.aborted:
         print(f"stopped: {outcome.aborted}", file=sys.stderr)
@@ -442,12 +445,13 @@ def _print_failed(recs) -> None:
 
 
 def _print_frontier(recs, folder) -> None:
+    from saesweep.metrics import baselines
     from saesweep.reporting.table import degenerate_lines, frontier_lines, results_table
 
     df = results_table(recs)
     lines = frontier_lines(df)
     if lines:
-        print("\n".join(lines + degenerate_lines(df)))
+        print("\n".join(lines + degenerate_lines(df) + baselines.lines(baselines.read(folder))))
         print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")
 
 
@@ -468,6 +472,53 @@ def cmd_results(args) -> int:
     except OSError as e:  # a full disk, a read-only file system: no partial file is left
         raise ConfigError(f"{'--output ' + str(args.output) if args.output else stem}: cannot write ({e.strerror})") from None
     print(f"{len(df)} trials -> " + ", ".join(str(p) for p in paths))
+    from saesweep.metrics.baselines import lines, read
+
+    rows = read(folder)
+    if rows:
+        import pandas as pd
+
+        out = stem.with_name(stem.name + "_baselines.csv")
+        table = pd.DataFrame(rows)
+        lead = [c for c in ("baseline", "target_l0", "l0", "fvu", "feature_f1") if c in table]
+        atomic_write_text(out, table[lead + sorted(set(table) - set(lead))].to_csv(index=False))
+        print("\n".join(lines(rows)) + f"\n  -> {out}")
+    return EXIT_OK
+
+
+def positive_floats(value: str) -> list[float]:
+    try:
+        vals = [float(v) for v in csv_list(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {value!r}")
+    return vals
+
+
+def baseline_args(p):
+    from saesweep.metrics.registry import BASELINES as KINDS
+
+    sweep_ref_args(p)
+    flag(p, "l0", type=positive_floats, help="comma-separated L0s to compare at (default: three spread over the "
+         "trials' L0s)")
+    flag(p, "kinds", type=csv_list, help=f"comma-separated baselines (default: all: {', '.join(KINDS)})")
+
+
+def cmd_baseline(args) -> int:
+    from saesweep.metrics.baselines import FILE, KINDS, for_sweep, lines
+
+    kinds = args.kinds or list(KINDS)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"--kinds: unknown baseline {bad[0]!r}; choose from {', '.join(KINDS)}")
+    store, folder = open_existing(args)
+    rows = for_sweep(store.records(), folder, args.l0, kinds)
+    if not rows:
+        raise ConfigError(f"sweep {args.sweep!r}: no complete trial to take the source and width from; "
+                          "run the sweep first")
+    print("\n".join(lines(rows)))
+    print(f"-> {folder / FILE}   (saesweep results and saesweep report show them beside the trials)")
     return EXIT_OK
 
 

@@ -40,6 +40,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{result.trial_id}: failed: {result.reason}", file=sys.stderr)
         return EXIT_FAILED
     m = result.metrics
-    shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("fvu", "l0", "dead_fraction", "ce_loss_score", "frac_recovered") if k in m)
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("feature_f1", "fvu", "l0", "dead_fraction", "ce_loss_score", "absorption") if k in m)
     print(f"{result.trial_id}: {shown}\n  -> {result.run_dir}")
     return EXIT_OK

@@ -52,43 +52,73 @@ HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 class SyntheticSource(Strict):
-    """Sparse combinations of known ground-truth directions (a superposition benchmark).
+    """Activations made of sparse combinations of known ground-truth directions: a world where
+    an SAE can be scored against the truth (:mod:`saesweep.data.synthetic`). Nothing is
+    downloaded or stored; the world is fixed by ``seed`` and its sizes.
 
-    The defaults (256 features in d = 64, each active on 1.6 % of tokens: true mean L0 4.1,
-    magnitudes in [1, 2]) were calibrated so that the README's main job (2M tokens) recovers
-    every true feature at an L0 close to the true one; the active features' magnitudes stay
-    above the interference of the others (random directions in R^64 have cosines of about
-    1/8), which is what lets a sparse code find them.
+    ``world: realistic`` (the default) has the structure of real activations, after
+    SynthSAEBench's design: heavy-tailed (Zipf) feature frequencies, a low-rank correlation
+    between features, hierarchies (a child fires only with its parent, siblings exclude each
+    other), per-feature magnitudes that vary per token, and superposition set by
+    ``n_features / d_in``. Its mean L0 is ``n_features * sparsity``.
 
-    Each token activates each of ``n_features`` random unit directions in R^d independently
-    with probability ``sparsity`` (so the true mean L0 is ``n_features * sparsity``), with a
-    magnitude drawn uniformly from [``min_magnitude``, ``max_magnitude``]; the token is their
-    sum plus optional Gaussian noise. Nothing is downloaded; the ground truth lets the
-    evaluation report how many true features an SAE recovered.
+    ``world: toy`` is the easy world: every feature independent, active with probability
+    ``sparsity``, magnitude uniform in [``min_magnitude``, ``max_magnitude``]; the fields of the
+    realistic world do not apply to it.
     """
 
     kind: Literal["synthetic"] = "synthetic"
+    world: Literal["realistic", "toy"] = Field(
+        "realistic", description="realistic: Zipf frequencies, correlations, hierarchies; toy: independent features")
     d_in: Annotated[int, Field(ge=2, description="activation dimension d")] = 64
     n_features: Annotated[int, Field(ge=1, description="number of ground-truth features")] = 256
     sparsity: Annotated[
-        float, Field(gt=0.0, le=1.0, description="probability that a feature is active on a token")
+        float, Field(gt=0.0, le=1.0, description="mean probability that a feature is active on a token "
+                     "(true mean L0 = n_features * sparsity)")
     ] = 0.016
-    min_magnitude: Annotated[float, Field(gt=0.0, description="smallest magnitude of an active feature")] = 1.0
-    max_magnitude: Annotated[float, Field(gt=0.0, description="largest magnitude of an active feature")] = 2.0
+    min_magnitude: Annotated[float, Field(gt=0.0, description="smallest (mean) magnitude of an active feature")] = 1.0
+    max_magnitude: Annotated[float, Field(gt=0.0, description="largest (mean) magnitude of an active feature")] = 2.0
     noise_std: Annotated[float, Field(ge=0.0)] = 0.0
     seed: Annotated[int, Field(ge=0, description="seed of the ground-truth dictionary")] = 0
-
+    zipf_exponent: Annotated[float, Field(ge=0.0, description="realistic: feature frequency ~ (rank + 10)^-exponent")] = 1.0
+    max_frequency: Annotated[float, Field(gt=0.0, le=1.0, description="realistic: no feature fires more often")] = 0.25
+    correlation_rank: Annotated[int, Field(ge=0, description="realistic: rank of the feature correlation (0: none)")] = 8
+    correlation_scale: Annotated[
+        float, Field(ge=0.0, lt=1.0, description="realistic: share of a feature's firing drive that is shared")] = 0.3
+    hierarchy_parents: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="realistic: parent features (the most frequent ones); default n_features // 16")
+    children_per_parent: Annotated[int, Field(ge=1, description="realistic: mutually exclusive children each")] = 4
+    child_probability: Annotated[
+        float, Field(gt=0.0, le=1.0, description="realistic: chance that one child fires with an active parent")] = 0.5
+    magnitude_std: Annotated[float, Field(ge=0.0, description="realistic: per-token log-normal spread of magnitudes")] = 0.3
 
     @model_validator(mode="after")
     def _magnitudes(self) -> "SyntheticSource":
         if self.max_magnitude < self.min_magnitude:
             raise ValueError(f"source.max_magnitude ({self.max_magnitude}) is below source.min_magnitude ({self.min_magnitude})")
+        if self.world == "toy":
+            own = [k for k in REALISTIC_FIELDS if getattr(self, k) != type(self).model_fields[k].default]
+            if own:
+                raise ValueError(f"source.{own[0]}: applies to world: realistic only (this source is world: toy)")
+        elif self.parents * (1 + self.children_per_parent) > self.n_features:
+            raise ValueError(f"source.hierarchy_parents: {self.parents} parents with "
+                             f"{self.children_per_parent} children each need more than n_features = {self.n_features}")
         return self
+
+    @property
+    def parents(self) -> int:
+        """The realistic world's number of parent features."""
+        return self.n_features // 16 if self.hierarchy_parents is None else self.hierarchy_parents
 
     @property
     def true_l0(self) -> float:
         """The expected number of active true features per token."""
         return self.n_features * self.sparsity
+
+
+#: synthetic source fields of the realistic world only (a toy world's trial ids leave them out)
+REALISTIC_FIELDS = ("zipf_exponent", "max_frequency", "correlation_rank", "correlation_scale", "hierarchy_parents",
+                    "children_per_parent", "child_probability", "magnitude_std")
 
 
 class HFSource(Strict):
@@ -204,9 +234,9 @@ class EvalConfig(Strict):
     ] = 16_384
     batch_size: PosInt = 4096
     ce_time_frac: Optional[Annotated[float, Field(gt=0.0)]] = Field(
-        0.1, description="the spliced CE/KL metrics start no LM batch that would end past this fraction of "
-        "the pack's training time (the first batch always runs; metrics.json's ce_tokens says how many were "
-        "scored); null: always every ce_tokens"
+        0.1, description="evaluation starts no spliced CE/KL batch that would end past this fraction of the "
+        "pack's training time (the first batch always runs; metrics.json's ce_tokens says how many predictions "
+        "were scored); null: always every ce_tokens"
     )
 
 
@@ -309,6 +339,9 @@ class ExperimentConfig(Strict):
             d["train"]["dtype"] = "float32"
         d["eval"].pop("batch_size", None)
         d["eval"].pop("ce_time_frac", None)  # a cap on time, not another experiment
+        if d["source"].get("kind") == "synthetic" and d["source"].get("world") == "toy":
+            for key in ("world", *REALISTIC_FIELDS):  # the toy world's trials keep their ids
+                d["source"].pop(key, None)
         if d["source"].get("kind") == "hf":
             # how the activations are delivered (batch of the LM, storage dtype, cache or stream)
             # changes where they live, not which they are: the same experiment, the same trial id
@@ -416,6 +449,16 @@ def parse_config(data: Any, *, where: str = "config") -> "ExperimentConfig":
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+
+
+def stored_config(data: Any, *, where: str = "config") -> "ExperimentConfig":
+    """A trial's resolved config as an earlier version stored it: a synthetic source stored
+    before there were worlds was the toy world (today's default is the realistic one)."""
+    if isinstance(data, dict) and isinstance(data.get("source"), dict):
+        src = data["source"]
+        if src.get("kind") == "synthetic" and "world" not in src and "min_magnitude" in src:
+            data = {**data, "source": {**src, "world": "toy"}}
+    return parse_config(data, where=where)
 
 
 def read_yaml(path: str | Path) -> Any:

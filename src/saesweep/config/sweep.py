@@ -174,6 +174,8 @@ class SweepSpec(Strict):
     limit: Optional[Annotated[int, Field(gt=0)]] = None
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    baselines: bool = Field(False, description="when the sweep ends, score random baselines beside its trials "
+                            "(saesweep baseline)")
 
     @field_validator("grids")
     @classmethod

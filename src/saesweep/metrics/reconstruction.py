@@ -18,8 +18,7 @@ Reconstruction metrics are computed on the normalised activations the SAE was tr
 For a language-model source the spliced metrics (``ce_clean``, ``ce_sae``, ``ce_zero``,
 ``ce_loss_score``, ``kl``, ``kl_zero``, ``kl_div_score``; see
 :func:`saesweep.metrics.downstream.spliced_metrics`) come from the source; for a synthetic source
-``mmcs`` (mean over true features of the best cosine with a decoder row) and
-``frac_recovered`` (share of true features whose best cosine exceeds 0.9).
+the recovery of the true features (:mod:`saesweep.metrics.recovery`: ``feature_f1`` and the rest).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from saesweep.data.base import Activations
 from saesweep.saes import PackedSAE
 from saesweep.saes.kernels import plan_for
 
-RECOVERED_COSINE = 0.9
 
 
 @torch.no_grad()
@@ -103,20 +101,6 @@ def density_histogram(density: Tensor) -> dict:
     return {"log10_edges": DENSITY_EDGES, "counts": [int(c) for c in counts], "dead": int((d == 0).sum())}
 
 
-@torch.no_grad()
-def dictionary_recovery(sae: PackedSAE, ground_truth: Tensor) -> list[dict[str, float]]:
-    """mmcs and frac_recovered of each member's decoder rows against unit true directions."""
-    out = []
-    gt = ground_truth.to(sae.device_, torch.float32)
-    gt = gt / gt.norm(dim=-1, keepdim=True)
-    for i in range(sae.n):
-        dec = sae.W_dec[i].float()
-        dec = dec / dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        best = (gt @ dec.T).max(dim=1).values  # [n_true]
-        out.append({"mmcs": float(best.mean()), "frac_recovered": float((best > RECOVERED_COSINE).float().mean())})
-    return out
-
-
 def raw_reconstructor(sae: PackedSAE, scale: float) -> Callable[[Tensor], Tensor]:
     """A one-member SAE as a function of raw activations: normalise, encode, decode, de-normalise."""
 
@@ -137,8 +121,10 @@ def evaluate(sae: PackedSAE, data: Activations, batch_size: int = 4096, *, downs
     the reconstruction metrics left (at least one LM batch; see ``eval.ce_time_frac``)."""
     t0 = time.perf_counter()
     results = reconstruction_metrics(sae, data.eval_activations(), batch_size)
-    if data.ground_truth is not None:
-        for r, extra in zip(results, dictionary_recovery(sae, data.ground_truth)):
+    if data.ground_truth is not None and hasattr(data, "eval_truth"):
+        from saesweep.metrics.recovery import world_recovery
+
+        for r, extra in zip(results, world_recovery(sae, data, batch_size, probe=data.probe_f1())):
             r.update(extra)
     if downstream:
         recon = [raw_reconstructor(sae.member(i), data.scale) for i in range(sae.n)]

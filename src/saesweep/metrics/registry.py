@@ -30,10 +30,11 @@ class Metric:
 
 _RECON = "saesweep.metrics.reconstruction"
 _DOWN = "saesweep.metrics.downstream"
-_RECOV = "saesweep.data.synthetic"
+_RECOV = "saesweep.metrics.recovery"
 _RUN = "saesweep.training.run"
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("feature_f1", "maximize", "feature F1 (matched latent fires when the true feature is active)", _RECOV),
     Metric("fvu", "minimize", "FVU (fraction of variance unexplained)", _RECON),
     Metric("l0", "minimize", "L0 (active features per token)", _RECON, intermediate="l0"),
     Metric("ce_loss_score", "maximize", "CE loss score (SAEBench)", _DOWN),
@@ -41,8 +42,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("kl", "minimize", "KL(clean || spliced) per token", _DOWN),
     Metric("explained_variance", "maximize", "explained variance (1 - FVU)", _RECON),
     Metric("dead_fraction", "minimize", "dead features (share)", _RECON),
-    Metric("mmcs", "maximize", "MMCS (best cosine per true feature)", _RECOV),
-    Metric("frac_recovered", "maximize", "true features recovered (cosine > 0.9)", _RECOV),
+    Metric("absorption", "minimize", "absorption (parent's latent silent where a child fires)", _RECOV),
+    Metric("feature_mcc", "maximize", "feature MCC (matched latent vs true feature)", _RECOV),
+    Metric("frac_f1_50", "maximize", "true features with F1 >= 0.5 (share)", _RECOV),
+    Metric("feature_f1_greedy", "maximize", "feature F1, greedy best-cosine matching", _RECOV, in_table=False),
+    Metric("true_l0", None, "the source's true mean L0", _RECOV, in_table=False),
+    Metric("probe_f1", None, "supervised linear probe F1 (the world's ceiling)", _RECOV, in_table=False),
+    Metric("decoder_mmcs", "maximize", "decoder MMCS (best cosine per true feature)", _RECOV, in_table=False),
+    Metric("decoder_frac_cos90", "maximize", "true features with a decoder row at cosine > 0.9", _RECOV,
+           in_table=False),
     Metric("mse", "minimize", "MSE per dimension (normalised activations)", _RECON, in_table=False),
     Metric("l1", "minimize", "L1 of the codes per token", _RECON, in_table=False, intermediate="sparsity"),
     Metric("ce_sae", "minimize", "CE with the SAE spliced in", _DOWN, in_table=False),
@@ -52,6 +60,25 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("pack_tokens_per_s", None, "training tokens per second summed over the SAEs of its pack", _RUN),
     Metric("train_time_s", None, "training time (s)", _RUN),
 )}
+
+
+#: the random baselines (:mod:`saesweep.metrics.baselines`): name -> what it is
+BASELINES = {
+    "random_decoder": "random decoder, trained encoder",
+    "random_firing": "random firing at the same L0",
+    "pca": "PCA dictionary, top-k components",
+}
+
+
+#: names earlier versions wrote, read as today's (old run folders and sweeps still load)
+RENAMED = {"mmcs": "decoder_mmcs", "frac_recovered": "decoder_frac_cos90"}
+
+
+def current_names(metrics: dict) -> dict:
+    """``metrics`` with the names of earlier versions (:data:`RENAMED`) read as today's."""
+    if not any(k in metrics for k in RENAMED):
+        return metrics
+    return {RENAMED.get(k, k): v for k, v in metrics.items() if not (k in RENAMED and RENAMED[k] in metrics)}
 
 
 def objectives() -> list[str]:

@@ -122,7 +122,7 @@ def type_colors(types: Sequence[str]) -> dict[str, str]:
 
 
 def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, evaluator: str = "auto",
-                 title: Optional[str] = None) -> Report:
+                 title: Optional[str] = None, baselines: Sequence[dict] = ()) -> Report:
     """Write the report of the sweep in ``store`` into ``out_dir`` (see the module docstring)."""
     import matplotlib
 
@@ -137,14 +137,14 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
 
     figures: list[tuple[str, Path]] = []
     frontier: dict[str, Any] = {}
-    for y in ("fvu", "ce_loss_score"):
+    for y in ("feature_f1", "fvu", "ce_loss_score"):  # the truth first, where the source knows it
         if len(df) and y in df and "l0" in df and df[y].notna().any():
             ids = frontier_ids(df, "l0", y)
             per = frontier_ids(df, "l0", y, by_type=True)
             frontier[f"l0_{y}"] = {"x": "l0", "y": y, "directions": ["minimize", metrics.direction(y)],
                                    "all": ids, "by_type": per}
             path = out / f"frontier_l0_{y}.png"
-            plot_frontier(df, "l0", y, path, colors, ids, per, title=title or store.name)
+            plot_frontier(df, "l0", y, path, colors, ids, per, title=title or store.name, baselines=baselines)
             figures.append((f"Sparsity vs {metrics.label(y)}", path))
     rep.frontier = frontier
     atomic_write_json(out / "frontier.json", frontier)
@@ -169,7 +169,8 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
         plot_devices(devices, path)
         figures.append(("Per-device performance", path))
     rep.pngs = [p for _, p in figures]
-    atomic_write_text(rep.html, render_html(store, df, figures, frontier, imp, devices, colors, title=title))
+    atomic_write_text(rep.html, render_html(store, df, figures, frontier, imp, devices, colors, title=title,
+                                            baselines=baselines))
     return rep
 
 
@@ -247,8 +248,11 @@ def _log_scale(values: np.ndarray) -> bool:
     return len(v) > 1 and (v > 0).all() and v.max() / v.min() > 20
 
 
+BASELINE_MARKERS = {"random_decoder": "X", "random_firing": "P", "pca": "D"}
+
+
 def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: Sequence[str],
-                  per_type: dict[str, list], *, title: str = "") -> Path:
+                  per_type: dict[str, list], *, title: str = "", baselines: Sequence[dict] = ()) -> Path:
     import matplotlib.pyplot as plt
 
     d = df[(df["state"] == "complete")].copy()
@@ -281,6 +285,14 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
                 ax.scatter(ft[x], ft[y], s=30, marker=marker, color=colors.get(t, "#555555"), zorder=6)
     if several and any(len(v) > 1 for v in per_type.values()):
         ax.plot([], [], color="gray", ls="--", lw=1.2, label="frontier of each type")
+    from saesweep.metrics.baselines import KINDS
+
+    for kind in dict.fromkeys(b["baseline"] for b in baselines):
+        pts = [(b[x], b[y]) for b in baselines if b["baseline"] == kind and b.get(x) is not None and b.get(y) is not None]
+        if pts:
+            bx, by = zip(*pts)
+            ax.scatter(bx, by, s=60, marker=BASELINE_MARKERS.get(kind, "x"), color="#888888", edgecolors="black",
+                       linewidths=0.6, zorder=7, label=f"baseline: {KINDS.get(kind, kind)}")
     if _log_scale(d[x].to_numpy(dtype=float)):
         ax.set_xscale("log")
     if _log_scale(d[y].to_numpy(dtype=float)):
@@ -444,7 +456,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, sortable: b
     return "".join(out)
 
 
-def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None) -> str:
+def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None,
+                baselines: Sequence[dict] = ()) -> str:
 
     info = store.info
     spec = info.get("spec", {}) or {}
@@ -482,6 +495,8 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
             parts.append(f"<h2>{html.escape(caption)}</h2>")
             parts.append(_img(path, caption))
             parts.append(_frontier_table(df, f, colors))
+    if baselines:
+        parts.append(_baselines_block(baselines))
     fig = dict((c, p) for c, p in figures)
     if "Feature density" in fig:
         parts.append("<h2>Feature density</h2><p class='note'>How often each feature fires on the held-out "
@@ -515,6 +530,19 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
     parts.append(_trials_table(df, frontier, colors))
     parts.append(f"<script>{JS}</script></body></html>")
     return "".join(parts)
+
+
+def _baselines_block(rows: Sequence[dict]) -> str:
+    """The random baselines (grey markers in the plots above) as a table."""
+    from saesweep.metrics.baselines import KINDS
+
+    cols = [c for c in ("l0", "fvu", "feature_f1", "feature_mcc", "absorption", "ce_loss_score", "kl_div_score")
+            if any(c in r for r in rows)]
+    table = _table(["baseline", *cols], [[KINDS.get(r["baseline"], r["baseline"]), *[r.get(c) for c in cols]] for r in rows],
+                   text_cols=(0,))
+    return ("<h2>Random baselines</h2><p class='note'>Dictionaries that learned nothing, at the sweep's width and "
+            "L0s (<code>saesweep baseline</code>): an SAE is worth its training where it beats them at its L0.</p>"
+            + table)
 
 
 def _degenerate_block(df) -> str:

@@ -57,11 +57,14 @@ def write_table(df: pd.DataFrame, stem: Path) -> list[Path]:
 #: its dictionary is dead
 DENSE_L0_FRACTION = 0.5
 DEAD_FRACTION_LIMIT = 0.5
+#: ... or its codes far sparser than the source's true features (a synthetic source knows them)
+SPARSE_L0_FRACTION = 0.25
 
 
 def degenerate_reason(row: "pd.Series | dict") -> str:
     """Why a complete trial's SAE is degenerate ('' when it is not): L0 above half the
-    dictionary or above d_in (dense codes), or more than half of the features dead."""
+    dictionary or above d_in (dense codes), L0 below a quarter of a synthetic source's true L0,
+    or more than half of the features dead."""
     get = row.get
     l0, dead, d_in, d_sae = get("l0"), get("dead_fraction"), get("d_in"), get("d_sae")
     reasons = []
@@ -69,6 +72,9 @@ def degenerate_reason(row: "pd.Series | dict") -> str:
         reasons.append(f"dense: L0 {l0:.0f} > half of {d_sae:.0f} features")
     elif _num(l0) and _num(d_in) and l0 > d_in:
         reasons.append(f"dense: L0 {l0:.0f} > d_in {d_in:.0f}")
+    true_l0 = get("true_l0")
+    if _num(l0) and _num(true_l0) and l0 < SPARSE_L0_FRACTION * true_l0:
+        reasons.append(f"too sparse: L0 {l0:.2g} < a quarter of the source's true L0 {true_l0:.2g}")
     if _num(dead) and dead > DEAD_FRACTION_LIMIT:
         reasons.append(f"{dead:.0%} of features dead")
     return "; ".join(reasons)
@@ -95,7 +101,7 @@ def degenerate_lines(df: pd.DataFrame) -> list[str]:
     if not bad:
         return []
     lines = [f"warning: {len(bad)} of {len(complete_trials(df))} complete trials trained degenerate SAEs "
-             "(dense codes or mostly dead features); their metrics do not describe a useful SAE:"]
+             "(dense or far too sparse codes, or mostly dead features); their metrics do not describe a useful SAE:"]
     lines += [f"  {tid}: {why}" for tid, why in bad[:5]]
     if len(bad) > 5:
         lines.append(f"  ... and {len(bad) - 5} more (`saesweep report` lists them)")
@@ -117,7 +123,7 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
         return []
     by_id = df.set_index("trial_id")
     params = [p for p in sweepable() if p in df and df[p].nunique(dropna=True) > 1 and p != HOOK_AXIS]
-    extra = [k for k in ("ce_loss_score", "frac_recovered") if k in df and df[k].notna().any()]
+    extra = [k for k in ("feature_f1", "absorption", "ce_loss_score") if k in df and df[k].notna().any()]
     out = ["L0-FVU frontier per type (a few points; `saesweep report` draws them all):"]
     series = df["series"] if "series" in df else df["sae_type"]
     for t, ids in fronts.items():
@@ -125,7 +131,9 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
         out.append(f"  {t}: {len(ids)} of {int((series == t).sum())} complete trials on the frontier")
         for tid in pick:
             r = by_id.loc[tid]
-            cols = [f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"] + [f"{k} {r[k]:.3f}" for k in extra]
+            lead = [f"feature_f1 {r['feature_f1']:.3f}"] if "feature_f1" in extra else []
+            cols = lead + [f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"]
+            cols += [f"{k} {r[k]:.3f}" for k in extra if k != "feature_f1"]
             cols += [f"{p}={r[p]:g}" if isinstance(r[p], float) else f"{p}={r[p]}" for p in params if pd.notna(r[p])]
             out.append("    " + "  ".join(cols))
     return out

@@ -51,8 +51,9 @@ from optuna.distributions import (
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from saesweep.config.experiment import ConfigError, ExperimentConfig, parse_config
+from saesweep.config.experiment import ConfigError, ExperimentConfig, stored_config
 from saesweep.io import HeldLock, is_held
+from saesweep.metrics.registry import current_names
 from saesweep.sweep.backends import SweepLock, open_storage
 from saesweep.sweep.urls import redact
 
@@ -270,7 +271,7 @@ class SweepStore:
         return []
 
     def _claim_of(self, t: FrozenTrial, pk: Optional[int] = None) -> Claim:
-        cfg = parse_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
+        cfg = stored_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
         pk = self.pk_of(t) if pk is None else pk
         return Claim(t.number, pk, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params),
                      t.user_attrs.get("checkpoint"))
@@ -415,7 +416,7 @@ class SweepStore:
                     # an interrupted run keeps its attempt number: it is not counted again
                     attempts=len({t.user_attrs.get("attempt", 1) for t in attempts if t.state != WAITING}),
                     params=dict(last.params),
-                    metrics=dict(ua.get("metrics", {})),
+                    metrics=current_names(dict(ua.get("metrics", {}))),
                     reason=(done[-1].user_attrs.get("reason") if done else
                             attempts[-1].user_attrs.get("reason") if attempts[-1].state == FAIL else None),
                     run_dir=ua.get("run_dir"),
