@@ -27,7 +27,16 @@ def test_every_baseline_fires_k_latents_per_token(world, kind):
     assert fires.max() <= 3 and fires.float().mean() > 2.5
     row = B.score(b, world, downstream=False)
     assert row["l0"] == pytest.approx(fires.float().mean().item())
-    assert 0 < row["fvu"] <= 1.0 and 0 <= row["feature_f1"] < 0.5
+    assert 0 < row["fvu"] <= 1.0 and 0 <= row["feature_f1"] <= 1.0
+    if kind != "true_dictionary":  # learned nothing: far from the true features
+        assert row["feature_f1"] < 0.5
+
+
+def test_the_true_dictionary_scores_far_above_the_random_baselines(world):
+    truth = B.score(B.build("true_dictionary", world, 64, 3), world, downstream=False)
+    rand = B.score(B.build("random_decoder", world, 64, 3), world, downstream=False)
+    assert truth["d_sae"] == 48 and truth["decoder_frac_cos90"] == 1.0
+    assert truth["feature_f1"] > 2 * rand["feature_f1"] and truth["fvu"] < rand["fvu"]
 
 
 def test_pca_at_full_rank_reconstructs_exactly_and_random_firing_is_chance(world):
@@ -49,7 +58,7 @@ def test_a_sweep_shows_its_baselines_in_the_summary_results_and_report(tmp_path)
     proc = saesweep("sweep", cwd=tmp_path, check=True)
     assert "Random baselines" in proc.stdout and "random firing at the same L0" in proc.stdout
     saved = json.loads((tmp_path / "runs" / "seed" / "baselines.json").read_text())
-    assert {r["baseline"] for r in saved["rows"]} == set(B.KINDS)
+    assert {r["baseline"] for r in saved["rows"]} == set(B.KINDS)  # the true dictionary too: a synthetic source
     assert all("feature_f1" in r for r in saved["rows"])
     res = saesweep("results", "seed", cwd=tmp_path, check=True)
     assert "results_baselines.csv" in res.stdout

@@ -109,3 +109,14 @@ def test_correlation_changes_co_occurrence_not_frequency():
     assert torch.allclose(free.mean(0), tied.mean(0), atol=0.01)
     corr = lambda t: torch.corrcoef(t.T).nan_to_num().fill_diagonal_(0).abs().mean()  # noqa: E731
     assert corr(tied) > 3 * corr(free)
+
+
+def test_the_probe_ceiling_is_one_where_features_are_separable_and_chance_where_they_are_not():
+    from saesweep.metrics.recovery import probe_f1
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(4000, 6, generator=g) < 0.2
+    x = truth.float() @ torch.eye(6)  # orthogonal features, no noise: a linear probe separates them
+    assert probe_f1(x[:3000], truth[:3000], x[3000:], truth[3000:]) == pytest.approx(1.0, abs=0.01)
+    noise = torch.randn(4000, 6, generator=g)  # activations that carry nothing about the features
+    assert probe_f1(noise[:3000], truth[:3000], noise[3000:], truth[3000:]) < 0.45

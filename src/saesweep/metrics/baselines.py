@@ -14,6 +14,12 @@ synthetic source, the spliced CE/KL on a language-model source):
 * ``pca``: the principal directions of the activations as the dictionary (at most ``d`` of
   them), each token coded by its ``k`` largest-magnitude components (the best linear
   dictionary of that L0 without sparse structure).
+
+On a synthetic source one reference from above joins them:
+
+* ``true_dictionary``: the world's true feature directions as the decoder (whatever the
+  width), with a top-k encoder trained to reconstruct through them: what an SAE that found
+  every direction reaches with a top-k code. A trained SAE rarely beats it.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class Baseline:
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Codes ``[N, m]`` of normalised activations ``x [N, d]`` (zero where a latent does not fire)."""
-        if self.kind == "random_decoder":
+        if self.W_enc is not None:  # a trained encoder
             return _topk(torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc), self.k)
         proj = (x - self.b_dec) @ self.W_dec.T  # [N, m]
         if self.kind == "pca":
@@ -80,6 +86,12 @@ def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0,
     g = torch.Generator().manual_seed(seed + 0xBA5E)
     d = data.d_in
     b_dec = data.mean().float().cpu()
+    if kind == "true_dictionary":
+        if data.ground_truth is None:
+            raise ValueError("baseline 'true_dictionary': the source has no known true features")
+        W_dec = data.ground_truth.float().cpu()
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+        return _train_encoder(kind, data, W_dec, b_dec, k, seed, 3 * steps, batch_size, lr)
     if kind == "pca":
         x = next(data.train_batches(max(batch_size, 4 * d), seed + 0xBA5E)).float().cpu() - b_dec
         _, _, vt = torch.linalg.svd(x, full_matrices=False)  # rows: principal directions
@@ -87,8 +99,14 @@ def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0,
     W_dec = _unit_rows(d_sae, d, g)
     if kind == "random_firing":
         return Baseline(kind, W_dec, b_dec, k, seed=seed)
+    return _train_encoder(kind, data, W_dec, b_dec, k, seed, steps, batch_size, lr)
+
+
+def _train_encoder(kind: str, data: Activations, W_dec: Tensor, b_dec: Tensor, k: int, seed: int, steps: int,
+                   batch_size: int, lr: float) -> Baseline:
+    """A ReLU top-k encoder trained (Adam, MSE) to reconstruct through the fixed decoder ``W_dec``."""
     W_enc = (W_dec.T.clone() * 0.5).requires_grad_()
-    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_enc = torch.zeros(W_dec.shape[0], requires_grad=True)
     opt = torch.optim.Adam([W_enc, b_enc], lr=lr)
     batches = data.train_batches(batch_size, seed + 0xBA5E)
     for _ in range(steps):
@@ -132,8 +150,10 @@ def score(b: Baseline, data: Activations, batch_size: int = 4096, *, downstream:
 
 def baselines(data: Activations, d_sae: int, l0s: Sequence[float], kinds: Sequence[str] = tuple(KINDS), *,
               seed: int = 0, steps: int = 300, downstream: bool = True) -> list[dict]:
-    """One row per (kind, L0): ``{"baseline", "target_l0", **metrics}``."""
+    """One row per (kind, L0): ``{"baseline", "target_l0", **metrics}`` (``true_dictionary``
+    only where the source knows its true features)."""
     rows = []
+    kinds = [k for k in kinds if k != "true_dictionary" or data.ground_truth is not None]
     for l0 in l0s:
         for kind in kinds:
             b = build(kind, data, d_sae, l0, seed=seed, steps=steps)
@@ -177,7 +197,9 @@ def lines(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     extra = [k for k in ("feature_f1", "absorption", "ce_loss_score") if any(k in r for r in rows)]
-    out = ["Random baselines (what the metrics are without learning; an SAE should beat them at its L0):"]
+    out = ["Random baselines (what the metrics are without learning; an SAE should beat them at its L0)"
+           + (" and the true dictionary (what finding every true direction gives):" if any(
+               r["baseline"] == "true_dictionary" for r in rows) else ":")]
     for r in rows:
         cols = [f"{KINDS.get(r['baseline'], r['baseline']):34s}", f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"]
         cols += [f"{k} {r[k]:.3f}" for k in extra if k in r and r[k] is not None and math.isfinite(r[k])]

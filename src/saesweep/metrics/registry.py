@@ -67,6 +67,7 @@ BASELINES = {
     "random_decoder": "random decoder, trained encoder",
     "random_firing": "random firing at the same L0",
     "pca": "PCA dictionary, top-k components",
+    "true_dictionary": "true dictionary, trained encoder",
 }
 
 

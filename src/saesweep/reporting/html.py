@@ -248,7 +248,7 @@ def _log_scale(values: np.ndarray) -> bool:
     return len(v) > 1 and (v > 0).all() and v.max() / v.min() > 20
 
 
-BASELINE_MARKERS = {"random_decoder": "X", "random_firing": "P", "pca": "D"}
+BASELINE_MARKERS = {"random_decoder": "X", "random_firing": "P", "pca": "D", "true_dictionary": "*"}
 
 
 def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: Sequence[str],
