@@ -218,7 +218,7 @@ def ranking(rows: list[dict], l0: float, baselines: list[dict]) -> str:
     found.sort(key=lambda t: -(t[1] if t[1] is not None else -1))
     probe = next((r["probe_f1"] for r in rows if _ok(r.get("probe_f1"))), None)
     out = [f"Feature F1 at L0 {l0:g} (the world's true L0), interpolated in log L0"
-           + (f"; supervised probe ceiling {probe:.3f}" if probe is not None else "") + ":", "",
+           + (f"; a supervised linear probe reaches {probe:.3f}" if probe is not None else "") + ":", "",
            "| rank | type | feature_f1 | fvu | absorption | SynthSAEBench F1 (L0 25, 16K x 768) |", "|---|---|---|---|---|---|"]
     for i, (k, f1, fvu, ab) in enumerate(found, 1):
         cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -229,6 +229,8 @@ def ranking(rows: list[dict], l0: float, baselines: list[dict]) -> str:
         out.append(f"| – | baseline: {b['baseline']} | {b.get('feature_f1', float('nan')):.3f} | {b['fvu']:.3f} | "
                    f"{b.get('absorption', float('nan')):.3f} | |")
     ours = [k for k, f1, _, _ in found if f1 is not None and k in SYNTHSAEBENCH_F1]
+    if len(ours) < 2:
+        return "\n".join(out + ["", "Fewer than two types have SAEs on both sides of this L0: no order to compare."])
     theirs = sorted(ours, key=lambda k: -SYNTHSAEBENCH_F1[k])
     ties = {k for k in ours if sum(SYNTHSAEBENCH_F1[j] == SYNTHSAEBENCH_F1[k] for j in ours) > 1}
     agree = all(a == b or (a in ties and b in ties) for a, b in zip(ours, theirs))

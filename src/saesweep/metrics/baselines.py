@@ -19,7 +19,8 @@ On a synthetic source one reference from above joins them:
 
 * ``true_dictionary``: the world's true feature directions as the decoder (whatever the
   width), with a top-k encoder trained to reconstruct through them: what an SAE that found
-  every direction reaches with a top-k code. A trained SAE rarely beats it.
+  every direction reaches with a top-k code (a reference, not a bound: its encoder trains
+  for only a few hundred steps).
 """
 
 from __future__ import annotations
