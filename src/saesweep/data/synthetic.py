@@ -120,6 +120,7 @@ class SyntheticActivations(Activations):
         self.world: Optional[World] = make_world(cfg) if cfg.world == "realistic" else None
         self._loadings: Optional[Tensor] = None
         self.eval_tokens = eval_tokens
+        self._eval: Optional[tuple[Tensor, Tensor]] = None
         self.scale = 1.0
         sample = self._raw(norm_sample, _EVAL_STREAM - 1, 0)
         self.scale = norm_scale(sample)
@@ -164,11 +165,14 @@ class SyntheticActivations(Activations):
         return out
 
     def _raw(self, n: int, seed: int, k: int) -> Tensor:
+        return self._raw_and_codes(n, seed, k)[0]
+
+    def _raw_and_codes(self, n: int, seed: int, k: int) -> tuple[Tensor, Tensor]:
         codes, g = self._codes(n, seed, k)
         x = codes @ self.ground_truth
         if self.cfg.noise_std > 0:
             x = x + self.cfg.noise_std * torch.randn(n, self.d_in, generator=g)
-        return x
+        return x, codes
 
     def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
         k = start
@@ -176,13 +180,20 @@ class SyntheticActivations(Activations):
             yield self._raw(batch_size, seed, k) * self.scale
             k += 1
 
+    def _held_out(self) -> tuple[Tensor, Tensor]:
+        """The held-out activations and which features are active on them, generated once."""
+        if self._eval is None:
+            x, codes = self._raw_and_codes(self.eval_tokens, _EVAL_STREAM, 0)
+            self._eval = (x * self.scale, codes > 0)
+        return self._eval
+
     def eval_activations(self) -> Tensor:
-        return self._raw(self.eval_tokens, _EVAL_STREAM, 0) * self.scale
+        return self._held_out()[0]
 
     def eval_truth(self) -> Tensor:
         """Which true features are active on each held-out token ``[N, n_features]`` (bool),
         aligned with :meth:`eval_activations`."""
-        return self.codes(self.eval_tokens, _EVAL_STREAM, 0) > 0
+        return self._held_out()[1]
 
     def probe_f1(self, n_train: int = 32_768) -> float:
         """The world's supervised ceiling (:func:`saesweep.metrics.recovery.probe_f1`): logistic
