@@ -130,7 +130,7 @@ def cmd_launch(args) -> int:
         from saesweep.sweep.worker import open_sweep, queue_trials
 
         store = open_sweep(spec.model_copy(update={"storage": storage}))
-        if spec.search.method == "grid":
+        if spec.search.is_grid:
             configs = expand(spec)
             added = queue_trials(store, spec, configs)
             print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new")

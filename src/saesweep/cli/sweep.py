@@ -201,7 +201,7 @@ def cmd_sweep(args) -> int:
     if args.config_dir:
         return cmd_run(args)
     spec = spec_from_args(args)
-    return execute(args, spec, expand(spec) if spec.search.method == "grid" else None)
+    return execute(args, spec, expand(spec) if spec.search.is_grid else None)
 
 
 def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
@@ -211,6 +211,7 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
 
     if getattr(args, "show_devices", False):
         return cmd_devices(args)
+    check_targets(configs)
     # an explicit --max_parallel (or execution.max_parallel in the spec file) fixes the worker count
     mp = spec.execution.max_parallel if "max_parallel" in spec.execution.model_fields_set else None
     # free memory is shown only by a dry run: asking torch for it would hold a CUDA context in this process
@@ -261,6 +262,18 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     if outcome.interrupted:
         print("interrupted: finished trials are recorded; run the same command again to resume", file=sys.stderr)
     return outcome.exit_code
+
+
+def check_targets(configs: Optional[Sequence[ExperimentConfig]]) -> None:
+    """A ConfigError for a target L0 above the dictionary of an hf source's SAE, before anything
+    starts (a synthetic source's width is known when its config is read, and checked then)."""
+    from saesweep.devices import source_width
+
+    for cfg in configs or ():
+        if cfg.target_l0 is not None and cfg.source.kind == "hf":
+            d_in = source_width(cfg)
+            if d_in:
+                cfg.check_target(d_in)
 
 
 def print_activation_plans(configs: list[ExperimentConfig], pack_size: int) -> None:
@@ -448,10 +461,12 @@ def _print_frontier(recs, folder) -> None:
     from saesweep.metrics import baselines
     from saesweep.reporting.table import degenerate_lines, frontier_lines, results_table
 
+    from saesweep.reporting.matched import matched_lines, missed_lines
+
     df = results_table(recs)
-    lines = frontier_lines(df)
+    lines = matched_lines(df) + frontier_lines(df)
     if lines:
-        print("\n".join(lines + degenerate_lines(df) + baselines.lines(baselines.read(folder))))
+        print("\n".join(lines + missed_lines(df) + degenerate_lines(df) + baselines.lines(baselines.read(folder))))
         print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")
 
 
@@ -563,7 +578,7 @@ def cmd_cache(args) -> int:
             from saesweep.config.sweep import expand
 
             spec = spec_from_args(args)
-            configs = [spec.base_config(t) for t in spec.sae_types] if spec.search.method != "grid" else expand(spec)
+            configs = [spec.base_config(t) for t in spec.sae_types] if not spec.search.is_grid else expand(spec)
         if args.cache_dir:
             configs = [c.with_updates(cache_dir=str(args.cache_dir)) for c in configs]
         hf_configs = [c for c in configs if c.source.kind == "hf"]

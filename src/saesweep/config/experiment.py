@@ -219,6 +219,10 @@ class TrainConfig(Strict):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     log_every: PosInt = 50
+    target_l0_hold_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.2, description="with target_l0: the final fraction of training that runs with the sparsity coefficient "
+        "held at the value the L0 controller reached (one stationary objective to finish on)"
+    )
 
     @property
     def steps(self) -> int:
@@ -253,7 +257,15 @@ class ExperimentConfig(Strict):
     sae_type: str = "relu"
     lr: Annotated[float, Field(gt=0.0, description="Adam learning rate")] = 3e-4
     dict_size_ratio: Annotated[float, Field(gt=0.0, description="dictionary size / d_in")] = 16.0
-    sparsity_coeff: Annotated[float, Field(ge=0.0, description="weight of the sparsity penalty")] = 0.03
+    sparsity_coeff: Optional[Annotated[float, Field(ge=0.0, description="weight of the sparsity penalty")]] = 0.03
+    target_l0: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        None, description="the L0 to reach, instead of sparsity_coeff (or k): TopK types take k = target_l0; the "
+        "others steer their sparsity coefficient during training until the L0 of the training batches is on target"
+    )
+    initial_coeff: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        None, description="with target_l0: the sparsity coefficient the controller starts from (default: the "
+        "architecture's)"
+    )
     source: Source = Field(default_factory=SyntheticSource)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -286,6 +298,7 @@ class ExperimentConfig(Strict):
                 raise ValueError(
                     f"field 'sparsity_coeff' does not apply to sae_type {sae_type!r}: its sparsity is set by k")
             data.pop("sparsity_coeff", None)
+        data = _resolve_target_l0(data, sae_type, cls_.uses_sparsity_coeff)
         for key in list(data):
             if key in cls.model_fields or key in own:
                 continue
@@ -309,17 +322,33 @@ class ExperimentConfig(Strict):
 
     # ------------------------------------------------------------------ helpers
     @property
+    def steers_coeff(self) -> bool:
+        """Whether training steers the sparsity coefficient towards ``target_l0``."""
+        return self.target_l0 is not None and saes.declaration(self.sae_type).uses_sparsity_coeff
+
+    @property
     def sae_hparams(self) -> dict[str, Any]:
-        """The hyperparameters the SAE module takes, with the trainer's ones."""
+        """The hyperparameters the SAE module takes, with the trainer's ones. With
+        ``target_l0``, ``sparsity_coeff`` is the controller's start (None: the architecture's)."""
         own = saes.declaration(self.sae_type).hyperparams
-        common = {"sparsity_coeff": self.sparsity_coeff} if saes.declaration(self.sae_type).uses_sparsity_coeff else {}
+        common = {}
+        if saes.declaration(self.sae_type).uses_sparsity_coeff:
+            common["sparsity_coeff"] = self.initial_coeff if self.steers_coeff else self.sparsity_coeff
         return {**common, **{k: getattr(self, k) for k in own}}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict without the fields that do not apply to this sae_type."""
+        """Plain dict without the fields that do not apply to this sae_type (nor the target-L0
+        fields when no target is set)."""
         d = self.model_dump(mode="json")
-        if not saes.declaration(self.sae_type).uses_sparsity_coeff:
+        if not saes.declaration(self.sae_type).uses_sparsity_coeff or d.get("sparsity_coeff") is None:
             d.pop("sparsity_coeff")
+        if self.target_l0 is None:
+            d.pop("target_l0")
+            d.pop("initial_coeff")
+            d["train"].pop("target_l0_hold_frac")
+        elif not self.steers_coeff:
+            d.pop("initial_coeff")
+            d["train"].pop("target_l0_hold_frac")
         return d
 
     def to_yaml(self) -> str:
@@ -358,7 +387,7 @@ class ExperimentConfig(Strict):
         """Fields a member of a pack may set on its own (``lr``, ``sparsity_coeff`` and the
         architecture's per-member hyperparameters); everything else must match across a pack."""
         own = saes.declaration(self.sae_type).hyperparams
-        return ("lr", "sparsity_coeff", *(k for k, hp in own.items() if hp.per_member))
+        return ("lr", "sparsity_coeff", "target_l0", "initial_coeff", *(k for k, hp in own.items() if hp.per_member))
 
     @property
     def pack_key(self) -> str:
@@ -366,6 +395,8 @@ class ExperimentConfig(Strict):
         ident = self.identity()
         for k in self.per_member_fields:
             ident.pop(k, None)
+        if ident["train"].get("target_l0_hold_frac") == TrainConfig.model_fields["target_l0_hold_frac"].default:
+            del ident["train"]["target_l0_hold_frac"]  # members with and without a target train together
         if isinstance(self.source, HFSource):  # members share one stream, so one way of delivering it
             delivery = {k: getattr(self.source, k) for k in DELIVERY_FIELDS
                         if getattr(self.source, k) != HFSource.model_fields[k].default}
@@ -393,11 +424,21 @@ class ExperimentConfig(Strict):
                               f"{d_in * self.dict_size_ratio:g} is not a whole number of features")
         return d_sae
 
+    def check_target(self, d_in: int) -> None:
+        """A ConfigError unless ``target_l0`` is reachable: at least 1 and at most the dictionary."""
+        if self.target_l0 is None:
+            return
+        d_sae = self.d_sae(d_in)
+        if self.target_l0 > d_sae:
+            raise ConfigError(f"target_l0: {self.target_l0:g} is above the dictionary size {d_sae} "
+                              f"(dict_size_ratio {self.dict_size_ratio:g} x d_in {d_in}); no SAE of this size reaches it")
+
     @model_validator(mode="after")
     def _whole_dictionary(self) -> "ExperimentConfig":
         if self.source.kind == "synthetic":  # d_in is known here (an hf model's when it is read)
             try:
                 self.d_sae(self.source.d_in)
+                self.check_target(self.source.d_in)
             except ConfigError as e:
                 raise ValueError(str(e)) from None
         return self
@@ -408,6 +449,34 @@ class ExperimentConfig(Strict):
         for key, value in updates.items():
             set_dotted(d, key, value)
         return parse_config(d)
+
+
+def _resolve_target_l0(data: dict[str, Any], sae_type: str, uses_coeff: bool) -> dict[str, Any]:
+    """``target_l0`` is an alternative to ``sparsity_coeff`` (or ``k``): both given is an error
+    naming them, a target below 1 is refused, and the TopK types take ``k = round(target_l0)``."""
+    target = data.get("target_l0")
+    if target is None:
+        if data.get("initial_coeff") is not None:
+            raise ValueError("field 'initial_coeff' is the L0 controller's start: it needs target_l0")
+        if "sparsity_coeff" in data and data["sparsity_coeff"] is None:  # unset: the default
+            data = {k: v for k, v in data.items() if k != "sparsity_coeff"}
+        return data
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        return data  # the field's own validation names the problem
+    if target < 1:
+        raise ValueError(f"target_l0: {target:g} is below 1; an SAE's L0 is the number of active latents per token")
+    knob = "sparsity_coeff" if uses_coeff else "k"
+    if data.get(knob) is not None:
+        raise ValueError(f"fields {knob!r} and 'target_l0' are alternatives: give one of them "
+                         f"(target_l0 {'steers ' + knob if uses_coeff else 'sets k'})")
+    data = dict(data)
+    if uses_coeff:
+        data["sparsity_coeff"] = None
+    else:
+        if data.get("initial_coeff") is not None:
+            raise ValueError(f"field 'initial_coeff' does not apply to sae_type {sae_type!r}: target_l0 sets its k")
+        data["k"] = max(1, int(round(target)))
+    return data
 
 
 # ------------------------------------------------------------------------ parsing

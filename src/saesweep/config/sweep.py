@@ -56,8 +56,10 @@ def default_grids() -> dict[str, dict[str, list]]:
     return {k: dict(v) for k, v in {**SEED_GRIDS, **MODERN_GRIDS}.items()}
 
 
-#: the hyperparameters every architecture takes
-COMMON_PARAMS = ("lr", "dict_size_ratio", "sparsity_coeff")
+#: the hyperparameters every architecture takes (``target_l0`` instead of ``sparsity_coeff`` or ``k``)
+COMMON_PARAMS = ("lr", "dict_size_ratio", "sparsity_coeff", "target_l0", "initial_coeff")
+#: the grid axes a target L0 replaces (``search.method: frontier`` drops them)
+SPARSITY_AXES = ("sparsity_coeff", "k", "target_l0")
 #: sections of the experiment config whose fields a grid may sweep by dotted name: above all
 #: ``source.hook`` (layers as a sweep axis: trials of several hooks get their activations from
 #: one LM pass, see :func:`saesweep.data.cache_build.warm`, and train in per-hook packs)
@@ -86,6 +88,9 @@ class Range(Strict):
 
 
 ParamSpace = Union[list, Range]
+#: a frontier search's defaults: this many target L0s over this range
+FRONTIER_POINTS = 5
+FRONTIER_L0_RANGE = (8.0, 128.0)
 
 
 def _param_space(where: str, v: Any) -> ParamSpace:
@@ -104,10 +109,16 @@ def _param_space(where: str, v: Any) -> ParamSpace:
 
 
 class SearchSpec(Strict):
-    """How trials are chosen: the full ``grid``, or ``random`` / ``tpe`` samples with a budget."""
+    """How trials are chosen: the full ``grid``; ``random`` / ``tpe`` samples with a budget; or
+    ``frontier``: the grid with its sparsity axis (``sparsity_coeff``, ``k``) replaced by
+    ``n_trials`` values of ``target_l0`` spread evenly in log L0 over ``l0_range``, so that every
+    architecture gets an evenly spaced L0 / quality frontier without choosing coefficients."""
 
-    method: Literal["grid", "random", "tpe"] = "grid"
-    n_trials: Optional[Annotated[int, Field(gt=0)]] = Field(None, description="budget per sae_type for random/tpe")
+    method: Literal["grid", "random", "tpe", "frontier"] = "grid"
+    n_trials: Optional[Annotated[int, Field(gt=0)]] = Field(
+        None, description="budget per sae_type for random/tpe; the number of target L0s for frontier (default 5)")
+    l0_range: Optional[tuple[Annotated[float, Field(ge=1.0)], Annotated[float, Field(ge=1.0)]]] = Field(
+        None, description="frontier: the lowest and highest target L0 (default 8, 128)")
     objectives: list[str] = Field(default_factory=lambda: ["fvu"], min_length=1, max_length=3)
     seed: int = 0
     pruner: Literal["none", "median", "asha"] = "none"
@@ -121,9 +132,31 @@ class SearchSpec(Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> "SearchSpec":
-        if self.method != "grid" and self.n_trials is None:
+        if self.method in ("random", "tpe") and self.n_trials is None:
             raise ValueError(f"search.method {self.method!r} needs search.n_trials")
+        if self.l0_range is not None:
+            if self.method != "frontier":
+                raise ValueError("search.l0_range applies to search.method frontier")
+            if not self.l0_range[0] < self.l0_range[1]:
+                raise ValueError(f"search.l0_range: low ({self.l0_range[0]:g}) must be below high ({self.l0_range[1]:g})")
         return self
+
+    @property
+    def is_grid(self) -> bool:
+        """Whether the trials are a grid's, known up front (``grid``, and ``frontier``'s grid of targets)."""
+        return self.method in ("grid", "frontier")
+
+    def frontier_targets(self) -> list[float]:
+        """``frontier``'s target L0s: ``n_trials`` (default 5) spread evenly in log L0 over
+        ``l0_range`` (default 8 to 128), to three significant digits."""
+        import math
+
+        low, high = self.l0_range or FRONTIER_L0_RANGE
+        n = self.n_trials or FRONTIER_POINTS
+        if n == 1:
+            return [float(f"{math.sqrt(low * high):.3g}")]
+        step = (math.log(high) - math.log(low)) / (n - 1)
+        return [float(f"{math.exp(math.log(low) + i * step):.3g}") for i in range(n)]
 
     @model_validator(mode="after")
     def _pruning(self) -> "SearchSpec":
@@ -188,6 +221,20 @@ class SweepSpec(Strict):
         return out
 
     @model_validator(mode="after")
+    def _frontier(self) -> "SweepSpec":
+        """A frontier search: each type's sparsity axis becomes the spread target L0s."""
+        if self.search.method == "frontier":
+            targets = self.search.frontier_targets()
+            for grid in self.grids.values():
+                for axis in SPARSITY_AXES:
+                    grid.pop(axis, None)
+                grid["target_l0"] = list(targets)
+            if any(k in self.base for k in ("sparsity_coeff", "k", "target_l0")):
+                raise ValueError("base: a frontier search sets target_l0 for every trial; remove "
+                                 + ", ".join(k for k in ("sparsity_coeff", "k", "target_l0") if k in self.base))
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
         for t in self.sae_types:
             if t not in saes.names():
@@ -199,12 +246,12 @@ class SweepSpec(Strict):
         for t, grid in self.grids.items():
             if t not in saes.names():
                 raise ValueError(f"grids: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
-            own = {"lr", "dict_size_ratio", "sparsity_coeff", *saes.declaration(t).hyperparams}
+            own = {*COMMON_PARAMS, *saes.declaration(t).hyperparams}
             for p, space in grid.items():
                 if p not in own and p.split(".")[0] not in NESTED_AXES:
                     raise ValueError(f"grids.{t}.{p}: not a parameter of {t} (its parameters: {', '.join(sorted(own))}; "
                                      f"or a nested field such as source.hook)")
-                if isinstance(space, Range) and self.search.method == "grid":
+                if isinstance(space, Range) and self.search.is_grid:
                     raise ValueError(f"grids.{t}.{p}: a range needs search.method random or tpe, not grid")
         for key in self.base:
             if key in ("sae_type",):

@@ -3,6 +3,8 @@
 ``build_report(store, out_dir)`` reads the sweep store (trials, metrics, per-worker stats) and
 writes into ``out_dir``:
 
+* ``matched_l0.png`` and ``matched_l0.json`` -- when trials were trained to a ``target_l0``: every
+  architecture at each target L0, best first (:mod:`saesweep.reporting.matched`);
 * ``frontier_l0_fvu.png`` -- the sparsity-fidelity trade-off: L0 against FVU (both lower is
   better) for every complete trial, one colour per SAE type, each type's Pareto frontier as a
   thin step line and the frontier over all types as a thick black one;
@@ -35,6 +37,7 @@ from saesweep.config.sweep import sweepable
 from saesweep.io import atomic_write_json, atomic_write_text
 from saesweep.metrics import registry as metrics
 from saesweep.reporting.importance import param_importances
+from saesweep.reporting.matched import MISS_TOLERANCE, lead_metric, matched_table, missed_targets, plot_matched
 from saesweep.reporting.table import HOOK_AXIS, degenerate_trials, results_table
 from saesweep.sweep.display import per_slot_totals
 from saesweep.sweep.urls import redact
@@ -137,6 +140,10 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
 
     figures: list[tuple[str, Path]] = []
     frontier: dict[str, Any] = {}
+    matched = matched_table(df)
+    if len(matched):
+        atomic_write_text(out / "matched_l0.json", matched.to_json(orient="records", indent=1))
+        figures.append(("Matched L0", plot_matched(matched, out / "matched_l0.png", colors, title=title or store.name)))
     for y in ("feature_f1", "fvu", "ce_loss_score"):  # the truth first, where the source knows it
         if len(df) and y in df and "l0" in df and df[y].notna().any():
             ids = frontier_ids(df, "l0", y)
@@ -474,7 +481,7 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
         f"<p class='meta'>storage {html.escape(redact(store.url))} &middot; {len(df)} trials: "
         + ", ".join(f"{v} {k}" for k, v in counts.items())
         + f" &middot; search {html.escape(str(method))}"
-        + (f" (budget {search.get('n_trials')} per type, seed {search.get('seed', 0)})" if method != "grid" else "")
+        + (f" (budget {search.get('n_trials')} per type, seed {search.get('seed', 0)})" if method not in ("grid", "frontier") else "")
         + f" &middot; objectives {html.escape(', '.join(info.get('objectives', []) or []))}"
         + (f" &middot; pruner {html.escape(str(search.get('pruner')))}" if search.get("pruner", "none") != "none" else "")
         + f" &middot; written {time.strftime('%Y-%m-%d %H:%M')}</p>")
@@ -487,6 +494,10 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
     else:
         parts.append("<p>No trials yet.</p>")
     parts.append(_degenerate_block(df))
+    parts.append(_missed_block(df))
+    fig = dict((c, p) for c, p in figures)
+    if "Matched L0" in fig:
+        parts.append(_matched_block(df, fig["Matched L0"], colors))
 
     for caption, path in figures:
         if caption.startswith("Sparsity"):
@@ -497,7 +508,6 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
             parts.append(_frontier_table(df, f, colors))
     if baselines:
         parts.append(_baselines_block(baselines))
-    fig = dict((c, p) for c, p in figures)
     if "Feature density" in fig:
         parts.append("<h2>Feature density</h2><p class='note'>How often each feature fires on the held-out "
                      "tokens, over all complete trials of a type; dead features (never firing) at the left.</p>")
@@ -543,6 +553,37 @@ def _baselines_block(rows: Sequence[dict]) -> str:
     return ("<h2>Random baselines</h2><p class='note'>Dictionaries that learned nothing, at the sweep's width and "
             "L0s (<code>saesweep baseline</code>): an SAE is worth its training where it beats them at its L0.</p>"
             + table)
+
+
+def _matched_block(df, png: Path, colors) -> str:
+    """Every architecture at each target L0: the plot, and the table with the best per L0 highlighted."""
+    t = matched_table(df)
+    lead = lead_metric(df[df["target_l0"].notna()])
+    cols = [c for c in ("l0", "l0_error", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1",
+                        "feature_mcc", "absorption") if c in t and t[c].notna().any()]
+    rows = [[r["target_l0"], r["series"], *[r[c] for c in cols], r["trials"], r["trial_id"]] for _, r in t.iterrows()]
+    sw = {1: lambda s: f"<span class='swatch' style='background:{colors.get(s.split(' @ ')[0], '#555')}'></span>"}
+    classes = ["front" if b else "" for b in t["best"]]
+    return ("<h2 id='matched'>Matched L0: every architecture at each target</h2>"
+            f"<p class='note'>Trials trained to reach a target L0 (<code>target_l0</code>). Per target, the types "
+            f"are sorted by <b>{html.escape(lead)}</b>, the best highlighted; <i>l0</i> is the held-out L0 and "
+            f"<i>l0_error</i> its distance from the target (beyond &plusmn;{MISS_TOLERANCE:.0%}: flagged above). "
+            "Where a series has several trials at a target, its best is shown (<i>trials</i>).</p>"
+            + _img(png, "matched L0")
+            + _table(["target_l0", "series", *cols, "trials", "trial_id"], rows, text_cols=(1, len(cols) + 3),
+                     row_classes=classes, prefix=sw))
+
+
+def _missed_block(df) -> str:
+    """A visible warning naming the trials whose held-out L0 missed their target."""
+    bad = missed_targets(df)
+    if not bad:
+        return ""
+    items = "".join(f"<li><code>{html.escape(b['trial_id'])}</code>: target {b['target_l0']:g}, held-out L0 "
+                    f"{b['l0']:.2f} ({b['l0_error']:+.0%})</li>" for b in bad[:20])
+    more = f"<li>... and {len(bad) - 20} more</li>" if len(bad) > 20 else ""
+    return (f"<div class='warn' id='missed'><b>Warning: {len(bad)} trial(s) missed their target L0 by more than "
+            f"{MISS_TOLERANCE:.0%}</b>: they are not at the sparsity their target says.<ul>{items}{more}</ul></div>")
 
 
 def _degenerate_block(df) -> str:

@@ -66,6 +66,9 @@ class PackedSAE(nn.Module):
     fused: ClassVar[bool] = False
     #: factor between ``sparsity_coeff`` and the weight of the penalty P (see LOSS_CONVENTION)
     penalty_scale: ClassVar[float] = 1.0
+    #: where the L0 controller starts the coefficient of a member trained for a ``target_l0``
+    #: without an ``initial_coeff``: about the middle of the architecture's useful range
+    initial_coeff: ClassVar[float] = 0.1
     #: whether ``sparsity_coeff`` means anything to the architecture (TopK types: no; a config
     #: that sets it for them is refused by name)
     uses_sparsity_coeff: ClassVar[bool] = True
@@ -107,7 +110,7 @@ class PackedSAE(nn.Module):
         # kernels.NOISE_STREAMS: several streams per member, drawn in parallel)
         self.generators = [torch.Generator(device=self.device_).manual_seed(int(s)) for s in seeds]
         self.noise = [noise_streams(int(s), self.device_) for s in seeds]
-        self.register_buffer("sparsity_coeff", self._member_tensor("sparsity_coeff"))
+        self.register_buffer("sparsity_coeff", self._member_tensor("sparsity_coeff", self.initial_coeff))
         self._init_parameters()
         self.normalize_decoder()
 

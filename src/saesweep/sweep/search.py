@@ -135,7 +135,7 @@ def ask_trials(store, spec: SweepSpec, worker: str, max_n: int) -> list:
     budget of every type is spent.
     """
     search = spec.search
-    if search.method == "grid" or not search.n_trials:
+    if search.is_grid or not search.n_trials:
         return []
     with store.lock():
         trials = store.trials()

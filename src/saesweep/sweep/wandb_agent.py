@@ -29,7 +29,7 @@ from saesweep.config.experiment import ConfigError
 from saesweep.config.sweep import Range, SweepSpec, sweepable
 from saesweep.metrics import registry as metrics
 
-METHODS = {"grid": "grid", "random": "random", "tpe": "bayes"}
+METHODS = {"grid": "grid", "frontier": "grid", "random": "random", "tpe": "bayes"}
 AGENT_FILE = "sweep_agent_{sae_type}.py"
 SWEEP_FILE = "wandb_sweep_{sae_type}.yaml"
 
@@ -42,7 +42,7 @@ def sweep_config(spec: SweepSpec, sae_type: str, *, method: Optional[str] = None
         raise ConfigError(f"--sae_type {sae_type}: the spec has no grid for it (grids: {', '.join(spec.grids)})")
     method = method or METHODS[spec.search.method]
     if method not in METHODS.values():
-        raise ConfigError(f"--method {method}: choose from {', '.join(METHODS.values())}")
+        raise ConfigError(f"--method {method}: choose from {', '.join(dict.fromkeys(METHODS.values()))}")
     metric = metric or spec.search.objectives[0]
     if metric not in metrics.objectives():
         raise ConfigError(f"--metric {metric}: choose from {', '.join(metrics.objectives())}")

@@ -182,7 +182,7 @@ class Worker:
             while not self.stop.is_set():
                 self.store.reap_expired(self.ex.lease_s, self.ex.max_retries)
                 claims = self.store.claim(self.worker_id, self.ex.pack_size, accept=self._accepts, share=self.share)
-                if not claims and self.spec is not None and self.spec.search.method != "grid":
+                if not claims and self.spec is not None and not self.spec.search.is_grid:
 
                     claims = ask_trials(self.store, self.spec, self.worker_id, self.ex.pack_size)
                 if not claims:

@@ -51,6 +51,19 @@ class RunResult:
         return self.status == "complete"
 
 
+def target_metrics(cfg: ExperimentConfig, metrics: dict[str, Any], sae, row: int) -> dict[str, Any]:
+    """For a trial trained to a ``target_l0``: the target, ``l0_error`` (held-out L0 / target - 1)
+    and, where the trainer steered it, the coefficient it ended with."""
+    if cfg.target_l0 is None:
+        return {}
+    out: dict[str, Any] = {"target_l0": float(cfg.target_l0)}
+    if isinstance(metrics.get("l0"), (int, float)):
+        out["l0_error"] = float(metrics["l0"]) / float(cfg.target_l0) - 1.0
+    if cfg.steers_coeff:
+        out["final_sparsity_coeff"] = float(sae.sparsity_coeff[row])
+    return out
+
+
 def as_config(obj: ConfigLike) -> ExperimentConfig:
     if isinstance(obj, ExperimentConfig):
         return obj
@@ -132,7 +145,8 @@ def run_pack(
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in member.log))
         if i in row_of and member.status == "complete":
-            m = {**metrics[row_of[i]], **common, "resampled_features": member.resampled}
+            m = {**metrics[row_of[i]], **common, "resampled_features": member.resampled,
+                 **target_metrics(cfg, metrics[row_of[i]], res.sae, row_of[i])}
             bad = first_nonfinite(m)
             if bad is None:
                 (out / FAILURE_FILE).unlink(missing_ok=True)

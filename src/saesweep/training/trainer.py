@@ -44,6 +44,7 @@ from saesweep.devices import resolve_dtype
 from saesweep.io import atomic_save_tensors
 from saesweep.progress import progress_bar
 from saesweep.saes.kernels import plan_for
+from saesweep.training.l0_control import L0Controller
 from saesweep.training.optim import PackedAdam, clip_grad_norm_per_member
 from saesweep.training.resample import Resampler
 
@@ -148,6 +149,8 @@ def train_pack(
 ) -> PackResult:
     """Train every config of a pack on ``data``; see the module docstring."""
     check_pack(configs)
+    for c in configs:
+        c.check_target(data.d_in)
     device = torch.device(device)
     tc = configs[0].train
     total = tc.steps
@@ -156,14 +159,19 @@ def train_pack(
 
     source = resume_from or checkpoint  # a pack re-formed from part of an interrupted one resumes from its file
     resumed = _load_checkpoint(source, configs, data.d_in, device, members) if source else None
+    control = None
     if resumed is not None:
-        sae, opt, start, alive = resumed
+        sae, opt, start, alive, saved_control = resumed
+        control = L0Controller.for_pack([configs[i] for i in alive], total, device)
+        if control is not None:
+            control.load_state_tensors(*saved_control)
     else:
         start = 0
         sae = build_sae(configs, data.d_in, device)
         sae.init_b_dec(data.mean().to(device))
         opt = PackedAdam(sae.named_parameters(), torch.tensor([c.lr for c in configs]), (tc.adam_beta1, tc.adam_beta2),
                          lr_scale=sae.lr_scale)
+        control = L0Controller.for_pack(configs, total, device)
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
@@ -185,7 +193,7 @@ def train_pack(
                                     plan=plan, dtype=dtype, stats=logging)
             finite = torch.isfinite(losses.total)
             if not bool(finite.all()):  # stop the diverged members; the others take this step as usual
-                keep = _drop_diverged(finite, losses, step, sae, opt, members, alive)
+                keep = _drop_diverged(finite, losses, step, sae, opt, members, alive, control)
                 alive = [alive[i] for i in keep]
                 if not keep:
                     break
@@ -194,8 +202,11 @@ def train_pack(
             sae.remove_parallel_decoder_grad()
             if tc.grad_clip is not None:
                 clip_grad_norm_per_member(sae.parameters(), tc.grad_clip)
-            opt.step(lr_factor(step, total, tc))
+            lrf = lr_factor(step, total, tc)
+            opt.step(lrf)
             sae.normalize_decoder()
+            if control is not None and control.due(step):
+                control.update(sae.sparsity_coeff, control.measure(sae, x), lrf)
             if resampler is not None:
                 resampler.observe(x)
                 if resampler.due(step):
@@ -203,22 +214,22 @@ def train_pack(
                         members[alive[row]].resampled += n_new
 
             if logging:
-                _log(step, tc, losses, alive, members, opt, total, on_log)
+                _log(step, tc, losses, alive, members, opt, total, on_log, sae, control)
                 r = members[alive[0]].log[-1]
                 bar.set(loss=r["loss"], l0=r["l0"])
                 if should_prune is not None and step < total - 1:
-                    alive = _prune(should_prune, step, sae, opt, members, alive)
+                    alive = _prune(should_prune, step, sae, opt, members, alive, control)
                     if not alive:
                         break
                     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
             bar.advance(1)
             if checkpoint is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
-                _save_checkpoint(checkpoint, step + 1, sae, opt, members, alive)
+                _save_checkpoint(checkpoint, step + 1, sae, opt, members, alive, control)
                 last_ckpt = time.perf_counter()
         else:
             step = total
     if should_stop is not None and step < total and checkpoint is not None and alive:
-        _save_checkpoint(checkpoint, step, sae, opt, members, alive)
+        _save_checkpoint(checkpoint, step, sae, opt, members, alive, control)
     wall = time.perf_counter() - t0
     done = step >= total
     for i in alive:
@@ -228,7 +239,7 @@ def train_pack(
                       resumed_from=start, dtype=dtype)
 
 
-def _prune(should_prune, step, sae, opt, members, alive) -> list[int]:
+def _prune(should_prune, step, sae, opt, members, alive, control=None) -> list[int]:
     """Stop the members the pruner rejects (Optuna median/ASHA on intermediate values)."""
     keep = []
     for row, i in enumerate(alive):
@@ -239,8 +250,7 @@ def _prune(should_prune, step, sae, opt, members, alive) -> list[int]:
             keep.append(row)
     if len(keep) < len(alive):
         if keep:
-            sae.select(keep)
-            opt.rebind(sae.named_parameters(), keep)
+            _select(keep, sae, opt, control)
         alive = [alive[r] for r in keep]
     return alive
 
@@ -251,7 +261,15 @@ def _select_losses(losses, keep):
                            for k in ("total", "mse", "sparsity", "aux", "l0")})
 
 
-def _drop_diverged(finite: Tensor, losses, step, sae, opt, members, alive) -> list[int]:
+def _select(keep: list[int], sae, opt, control) -> None:
+    """Keep only the pack's rows ``keep`` in the SAE, the optimiser and the controller."""
+    sae.select(keep)
+    opt.rebind(sae.named_parameters(), keep)
+    if control is not None:
+        control.select(keep)
+
+
+def _drop_diverged(finite: Tensor, losses, step, sae, opt, members, alive, control=None) -> list[int]:
     keep = [i for i, ok in enumerate(finite.tolist()) if ok]
     for i, ok in enumerate(finite.tolist()):
         if not ok:
@@ -259,13 +277,12 @@ def _drop_diverged(finite: Tensor, losses, step, sae, opt, members, alive) -> li
             m.status = "diverged"
             m.reason = f"diverged: loss is {float(losses.total[i].detach())} at step {step}"
     if keep:
-        sae.select(keep)
-        opt.rebind(sae.named_parameters(), keep)
+        _select(keep, sae, opt, control)
     return keep
 
 
 @torch.no_grad()
-def _log(step, tc, losses, alive, members, opt, total, on_log) -> None:
+def _log(step, tc, losses, alive, members, opt, total, on_log, sae, control) -> None:
     lrf = lr_factor(step, total, tc)
     cols = {
         "loss": losses.total.float().tolist(),
@@ -274,18 +291,24 @@ def _log(step, tc, losses, alive, members, opt, total, on_log) -> None:
         "aux": losses.aux.float().tolist(),
         "l0": losses.l0.float().tolist(),
     }
+    steered = control.steered.tolist() if control is not None else [False] * len(alive)
+    coeff = sae.sparsity_coeff.tolist()
     for row, i in enumerate(alive):
         rec = {"step": step, "tokens": (step + 1) * tc.batch_size, "lr": float(opt.lr[row]) * lrf}
         rec.update({k: v[row] for k, v in cols.items()})
+        if steered[row]:  # the coefficient's trajectory
+            rec["sparsity_coeff"] = coeff[row]
         members[i].log.append(rec)
         if on_log is not None:
             on_log(members[i].config, rec)
 
 
 # ------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive) -> None:
+def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive, control=None) -> None:
     tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     tensors.update(opt.state_tensors())
+    if control is not None:
+        tensors.update(control.state_tensors())
     for row, g in enumerate(sae.generators):
         tensors[f"gen.{row}"] = g.get_state()
     for row, streams in enumerate(sae.noise):
@@ -304,8 +327,8 @@ def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive
 
 
 def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Member]):
-    """Resume from ``path`` when it covers every member; returns (sae, optimiser, step, alive) or
-    None. A damaged checkpoint (a torn or truncated file, a header or tensors that do not fit)
+    """Resume from ``path`` when it covers every member; returns (sae, optimiser, step, alive,
+    (L0 controller tensors, their rows)) or None. A damaged checkpoint (a torn or truncated file, a header or tensors that do not fit)
     is removed with a warning, and the members start from step 0: it never fails a trial."""
     if not path.exists():
         return None
@@ -358,4 +381,5 @@ def _read_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
     sae.select(rows)
     opt.rebind(sae.named_parameters(), rows)
     sae.hp = [configs[i].sae_hparams for i in alive]
-    return sae, opt, int(meta["step"]), alive
+    control = {k: v for k, v in tensors.items() if k.startswith("l0_control.")}
+    return sae, opt, int(meta["step"]), alive, (control, rows)

@@ -1,0 +1,114 @@
+"""target_l0: the controller reaches its target, per member, across a resume; bad targets refused."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import saesweep
+from saesweep.config.experiment import ConfigError, parse_config
+from saesweep.data import open_source
+from saesweep.training.l0_control import KI, KP, L0Controller
+from saesweep.training.trainer import train_pack
+
+
+def _target_cfg(tiny_cfg, target, **kw):
+    cfg = tiny_cfg(**kw).to_dict()
+    cfg.pop("sparsity_coeff", None)
+    cfg.pop("k", None)
+    return parse_config({**cfg, "target_l0": target})
+
+
+def test_one_pi_step_moves_log_c_by_the_gains_times_the_lr_factor():
+    ctl = L0Controller([4.0, None], total_steps=100, warmup_frac=0.0, hold_frac=0.2, device=torch.device("cpu"))
+    coeff = torch.tensor([0.1, 0.3])
+    ctl.update(coeff, torch.tensor([8.0, 50.0]), lr_factor=1.0)  # first measurement: no derivative yet
+    assert coeff[0].item() == pytest.approx(0.1 * math.exp(KI * math.log(2)), rel=1e-5)
+    assert coeff[1].item() == pytest.approx(0.3)  # no target: untouched
+    ctl.update(coeff, torch.tensor([8.0, 50.0]), lr_factor=0.5)  # the EMA is still log 8; no change in error
+    assert coeff[0].item() == pytest.approx(0.1 * math.exp(1.5 * KI * math.log(2)), rel=1e-5)
+    ctl.update(coeff, torch.tensor([2.0, 50.0]), lr_factor=1.0)  # L0 fell: the proportional term pulls back
+    ema = math.log(8) + 0.3 * (math.log(2) - math.log(8))
+    err, prev = ema - math.log(4), math.log(2)
+    want = 0.1 * math.exp(1.5 * KI * math.log(2) + KI * err + KP * (err - prev))
+    assert coeff[0].item() == pytest.approx(want, rel=1e-5)
+    assert ctl.due(0) and not ctl.due(1) and not ctl.due(80)  # the last 20 % holds the coefficient
+
+
+@pytest.mark.parametrize("sae_type", ["relu", "gated", "hard_concrete"])
+def test_the_controller_reaches_each_members_target_on_the_synthetic_source(tiny_cfg, sae_type):
+    # a pack of two members with different targets, each steering its own coefficient
+    targets = (3.0, 8.0)
+    cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 300_000}) for t in targets]
+    results = saesweep.run_pack(cfgs)
+    for t, r in zip(targets, results):
+        assert r.ok, r.reason
+        m = r.metrics
+        assert m["target_l0"] == t and m["l0_error"] == pytest.approx(m["l0"] / t - 1)
+        assert abs(m["l0_error"]) < 0.15, (t, m["l0"])
+        log = [json.loads(line) for line in (r.run_dir / "train_log.jsonl").read_text().splitlines()]
+        traj = [rec["sparsity_coeff"] for rec in log]
+        assert m["final_sparsity_coeff"] == pytest.approx(traj[-1])
+        assert len(set(traj)) > 3  # the coefficient moved ...
+        held = [rec["sparsity_coeff"] for rec in log if rec["step"] >= 0.8 * log[-1]["step"] + 1]
+        assert len(set(held)) == 1  # ... and stayed put for the final part
+    c3, c8 = (r.metrics["final_sparsity_coeff"] for r in results)
+    assert c3 > c8  # the sparser target needed the larger coefficient
+
+
+def test_a_member_without_a_target_keeps_its_coefficient(tiny_cfg):
+    fixed = tiny_cfg(sparsity_coeff=0.1, train={"tokens": 60_000})
+    steered = _target_cfg(tiny_cfg, 4.0, train={"tokens": 60_000})
+    data = open_source(fixed)
+    res = train_pack([fixed, steered], data, show_progress=False)
+    assert res.sae.sparsity_coeff[0].item() == pytest.approx(0.1)
+    assert res.sae.sparsity_coeff[1].item() != pytest.approx(0.1)
+    assert "sparsity_coeff" not in res.members[0].log[-1] and "sparsity_coeff" in res.members[1].log[-1]
+
+
+def test_resume_keeps_the_controllers_state(tiny_cfg, tmp_path):
+    cfgs = [_target_cfg(tiny_cfg, t, train={"tokens": 60_000}) for t in (3.0, 6.0)]
+    data = open_source(cfgs[0])
+    full = train_pack(cfgs, data, show_progress=False)
+    ckpt = tmp_path / "pack.safetensors"
+    calls = {"n": 0}
+
+    def stop_after_40():
+        calls["n"] += 1
+        return calls["n"] > 40
+
+    part = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after_40)
+    assert part.steps == 40
+    resumed = train_pack(cfgs[1:], data, show_progress=False, checkpoint=ckpt)  # member 1 alone
+    assert resumed.resumed_from == 40
+    # the coefficient, its moving average and the weights continue as if never interrupted
+    assert resumed.sae.sparsity_coeff[0].item() == pytest.approx(full.sae.sparsity_coeff[1].item(), rel=1e-5)
+    assert [r["sparsity_coeff"] for r in resumed.members[0].log] == pytest.approx(
+        [r["sparsity_coeff"] for r in full.members[1].log], rel=1e-5)
+    torch.testing.assert_close(resumed.sae.W_enc[0], full.sae.W_enc[1], rtol=1e-5, atol=1e-6)
+
+
+def test_topk_types_take_k_from_the_target(tiny_cfg):
+    for t in ("topk", "batchtopk", "matryoshka"):
+        cfg = _target_cfg(tiny_cfg, 6.4, sae_type=t)
+        assert cfg.k == 6 and cfg.target_l0 == 6.4 and not cfg.steers_coeff
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"sparsity_coeff": 0.1, "target_l0": 8}, "'sparsity_coeff' and 'target_l0'"),
+    ({"sae_type": "topk", "k": 8, "target_l0": 8}, "'k' and 'target_l0'"),
+    ({"target_l0": 0.5}, "target_l0: 0.5 is below 1"),
+    ({"target_l0": 2000}, "target_l0: 2000 is above the dictionary size 1024"),
+    ({"initial_coeff": 0.1}, "'initial_coeff'"),
+])
+def test_conflicting_or_unreachable_targets_are_refused_by_name(bad, field):
+    with pytest.raises(ConfigError, match=field.replace("(", r"\(")):
+        parse_config(bad)
+
+
+def test_target_fields_leave_the_ids_of_other_trials_alone():
+    plain = parse_config({})
+    assert "target_l0" not in plain.to_dict() and "target_l0_hold_frac" not in plain.to_dict()["train"]
+    assert parse_config({"target_l0": 16}).trial_id != parse_config({"target_l0": 32}).trial_id
+    assert parse_config({"target_l0": 16}).pack_key == parse_config({"target_l0": 32}).pack_key
