@@ -72,3 +72,49 @@ def test_report_in_a_real_browser(chromium, tmp_path):
         assert b.eval(s, column) == sorted(before, reverse=True)
     finally:
         b.close()
+
+
+def matched_report(tmp_path):
+    """The report of examples/matched-l0.yaml's trials (every registered type at each target),
+    with metrics made up: the relu trial at L0 8 missed its target."""
+    from saesweep.config.sweep import expand, load_spec
+
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "matched-l0.yaml")
+    store = SweepStore(str(tmp_path / "m" / "sweep.journal"), "m", directions=["minimize"])
+    store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
+    dist = CategoricalDistribution([8.0, 16.0, 32.0])
+    for i, cfg in enumerate(expand(spec)):
+        t = cfg.target_l0
+        l0 = 6.0 if (cfg.sae_type, t) == ("relu", 8.0) else t * (1 + 0.01 * (i % 3))
+        fvu = 0.3 / t + 0.001 * i
+        store.study.add_trial(optuna.trial.create_trial(
+            state=COMPLETE, values=[fvu], params={"target_l0": t}, distributions={"target_l0": dist},
+            user_attrs={"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "attempt": 1, "device": "cpu",
+                        "run_dir": f"/runs/{cfg.trial_id}",
+                        "metrics": {"l0": l0, "fvu": fvu, "dead_fraction": 0.0, "target_l0": t,
+                                    "l0_error": l0 / t - 1, **SHAPE}}))
+    return build_report(store, tmp_path / "report").html, len(spec.sae_types)
+
+
+def test_the_matched_l0_example_report_in_a_real_browser(chromium, tmp_path):
+    page, n_types = matched_report(tmp_path)
+    b = Browser(chromium, tmp_path / "profile")
+    try:
+        s = b.open(page.resolve().as_uri())
+        table = b.eval(s, """(() => {const h = document.getElementById('matched'); if (!h) return null;
+            let e = h.nextElementSibling; while (e && e.tagName !== 'TABLE') e = e.nextElementSibling;
+            return e && e.offsetParent !== null ? [...e.tBodies[0].rows].map(r => [r.cells[0].innerText,
+                r.cells[1].innerText, r.className]) : null})()""")
+        assert table is not None and len(table) == 3 * n_types
+        assert {r[0] for r in table} == {"8", "16", "32"}
+        assert sum(r[2] == "front" for r in table) == 3  # the best per target highlighted
+        first_at_32 = next(r for r in table if r[0] == "32")
+        assert first_at_32[2] == "front" and "relu" in first_at_32[1]  # lowest FVU at 32 (made up: relu's)
+        missed = b.eval(s, "(() => {const e = document.getElementById('missed'); return e ? e.innerText : null})()")
+        assert missed and "target 8" in missed and "-25%" in missed
+        images = b.eval(s, "[...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        assert all(images)
+    finally:
+        b.close()

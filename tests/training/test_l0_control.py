@@ -112,3 +112,32 @@ def test_target_fields_leave_the_ids_of_other_trials_alone():
     assert "target_l0" not in plain.to_dict() and "target_l0_hold_frac" not in plain.to_dict()["train"]
     assert parse_config({"target_l0": 16}).trial_id != parse_config({"target_l0": 32}).trial_id
     assert parse_config({"target_l0": 16}).pack_key == parse_config({"target_l0": 32}).pack_key
+
+
+def test_a_frontier_search_spreads_targets_over_the_l0_range():
+    from saesweep.config.sweep import expand, parse_spec
+
+    spec = parse_spec({"sae_types": ["relu", "topk"], "search": {"method": "frontier", "n_trials": 3, "l0_range": [4, 64]},
+                       "grids": {"relu": {"lr": [1e-3]}, "topk": {"lr": [1e-3], "k": [8]}}})
+    cfgs = expand(spec)
+    assert [c.target_l0 for c in cfgs] == [4.0, 16.0, 64.0] * 2
+    assert [c.k for c in cfgs if c.sae_type == "topk"] == [4, 16, 64]
+    with pytest.raises(ConfigError, match="l0_range"):
+        parse_spec({"search": {"method": "grid", "l0_range": [4, 64]}})
+
+
+def test_the_summary_lists_every_type_per_target_and_names_a_missed_target():
+    import pandas as pd
+
+    from saesweep.reporting.matched import matched_lines, missed_lines
+
+    df = pd.DataFrame([
+        {"trial_id": "relu-a", "sae_type": "relu", "state": "complete", "target_l0": 8.0, "l0": 8.2, "fvu": 0.10},
+        {"trial_id": "gated-a", "sae_type": "gated", "state": "complete", "target_l0": 8.0, "l0": 6.5, "fvu": 0.05},
+        {"trial_id": "relu-b", "sae_type": "relu", "state": "complete", "target_l0": 16.0, "l0": 16.1, "fvu": 0.06},
+    ]).assign(l0_error=lambda d: d["l0"] / d["target_l0"] - 1)
+    text = "\n".join(matched_lines(df))
+    assert text.index("L0 8") < text.index("gated") < text.index("relu") < text.index("L0 16")
+    assert text.count("<- best") == 2
+    missed = "\n".join(missed_lines(df))
+    assert "gated-a" in missed and "relu-a" not in missed and "-19%" in missed
