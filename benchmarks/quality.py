@@ -5,6 +5,13 @@ same activations with the same budget, compared at equal L0.
     python benchmarks/quality.py              # stories260K (when ../shared has it) + synthetic
     python benchmarks/quality.py --quick      # a smaller token budget, fewer coefficients
     python benchmarks/quality.py --sources synthetic --types relu,jumprelu,batchtopk,matryoshka
+    python benchmarks/quality.py --sources stories260k --targets 8,16,32,64 --types relu,gated --no-peer
+
+``--targets`` checks ``target_l0``: each coefficient-driven type is trained once per target (one
+pack), then at fixed coefficients around the ones its controller ended with (x 2/3, 1, 3/2); the
+table gives each target's held-out L0, its error, its FVU and the FVU of the fixed-coefficient
+frontier interpolated in log L0 at the same L0 (``vs_fixed``: the relative difference; the aim is
+at most +2 %).
 
 For each source, every type is trained at dict_size_ratio 16 and lr 1e-3 with the default
 budget (``train.tokens`` and ``train.batch_size`` of the experiment config; 1.9M tokens on
@@ -287,6 +294,44 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_targets(sae_type: str, base: dict, targets: list[float]) -> list[dict]:
+    """``sae_type`` trained to each target L0 (one pack), then the fixed-coefficient SAEs around
+    the coefficients it ended with; rows of both kinds (``trainer`` "<type>@target" for the first)."""
+    from saesweep.config.experiment import parse_config
+    from saesweep.training.run import run_pack
+
+    cfgs = [parse_config({**base, "sae_type": sae_type, "target_l0": t}) for t in targets]
+    t0 = time.perf_counter()
+    res = run_pack(cfgs, show_progress=False)
+    wall = time.perf_counter() - t0
+    rows, finals = [], []
+    for t, r in zip(targets, res):
+        m = r.metrics if r.ok else {}
+        rows.append({**row_of(f"{sae_type}@target", t, m, wall / len(targets)),
+                     "l0_error": m.get("l0_error"), "final_coeff": m.get("final_sparsity_coeff")})
+        if m.get("final_sparsity_coeff"):
+            finals.append(m["final_sparsity_coeff"])
+        log(f"{sae_type} target {t}: L0 {m.get('l0', float('nan')):.2f} ({m.get('l0_error', float('nan')):+.1%}) "
+            f"FVU {m.get('fvu', float('nan')):.4f} c {m.get('final_sparsity_coeff', float('nan')):.4g}")
+    coeffs = sorted({float(f"{c * k:.3g}") for c in finals for k in (2 / 3, 1.0, 1.5)})
+    return rows + (run_saesweep(sae_type, base, coeffs, []) if coeffs else [])
+
+
+def target_table(rows: list[dict], types: list[str]) -> str:
+    out = ["| type | target | L0 | l0_error | FVU | fixed-coefficient FVU at that L0 | vs_fixed | final coeff |",
+           "|---|---|---|---|---|---|---|---|"]
+    for t in types:
+        front = frontier([r for r in rows if r["trainer"] == t])
+        for r in (r for r in rows if r["trainer"] == f"{t}@target"):
+            ref = interp(front, r["l0"]) if _ok(r.get("l0")) else None
+            rel = f"{r['fvu'] / ref - 1:+.1%}" if ref and _ok(r.get("fvu")) else "outside the fixed runs' L0s"
+            err = f"{r['l0_error']:+.1%}" if _ok(r.get("l0_error")) else "-"
+            out.append(f"| {t} | {r['coeff']:g} | {r.get('l0') or float('nan'):.2f} | {err} | "
+                       f"{r.get('fvu') or float('nan'):.4f} | {ref if ref is not None else float('nan'):.4f} | {rel} | "
+                       f"{r.get('final_coeff') or float('nan'):.4g} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     # speed is benchmarks/run.py's business: train_s stays in quality.json only
     cols = ["trainer", "coeff", "l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1",
@@ -322,6 +367,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--coeffs", default=None, help="comma-separated sparsity coefficients")
     p.add_argument("--ks", default=None, help="comma-separated k values for the TopK types")
     p.add_argument("--no-peer", action="store_true", help="skip SAELens")
+    p.add_argument("--targets", default=None, help="comma-separated target L0s: check target_l0 against the "
+                   "fixed-coefficient frontier (coefficient-driven types only)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="saesweep's training dtype (default auto, as a user gets; SAELens trains in float32)")
     p.add_argument("--world", default=None, help="synthetic world as FEATURES,D_IN,TRUE_L0 (default "
@@ -360,6 +407,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             log(f"skipping stories260k: {MODEL} or {DATA} not found")
             continue
         base = base_config(source, tokens, out / source, args.dtype, world)
+        if args.targets:
+            targets = [float(x) for x in args.targets.split(",")]
+            steered = [t for t in types if saes.get(t).uses_sparsity_coeff]
+            rows = [r for t in steered for r in run_targets(t, base, targets)]
+            result["sources"][source] = {"target_rows": rows}
+            text += [f"## {source}: target_l0 against the fixed-coefficient frontier", "", target_table(rows, steered), ""]
+            (out / "quality.json").write_text(json.dumps(result, indent=1))
+            (out / "table.md").write_text("\n".join(text))
+            continue
         rows: list[dict] = []
         for t in types:
             rows += run_saesweep(t, base, coeffs, ks)

@@ -9,7 +9,8 @@ from saesweep.training.run import run
 
 
 def test_every_registered_metric_is_computed_where_it_says(tmp_path):
-    r = run({"sae_type": "relu", "source": {"kind": "synthetic", "d_in": 8, "n_features": 16},
+    # trained to a target L0, so that the target metrics (target_l0, l0_error...) are there too
+    r = run({"sae_type": "relu", "target_l0": 4, "source": {"kind": "synthetic", "d_in": 8, "n_features": 16},
              "train": {"tokens": 2048, "batch_size": 256}, "eval": {"tokens": 1024}, "output_dir": str(tmp_path)},
             show_progress=False)
     for name, m in registry.METRICS.items():
