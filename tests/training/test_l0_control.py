@@ -9,7 +9,7 @@ import torch
 import saesweep
 from saesweep.config.experiment import ConfigError, parse_config
 from saesweep.data import open_source
-from saesweep.training.l0_control import KI, KP, L0Controller
+from saesweep.training.l0_control import KI, KP, KQ, QUAD_HIGH, QUAD_LOW, L0Controller
 from saesweep.training.trainer import train_pack
 
 
@@ -34,6 +34,32 @@ def test_one_pi_step_moves_log_c_by_the_gains_times_the_lr_factor():
     want = 0.1 * math.exp(1.5 * KI * math.log(2) + KI * err + KP * (err - prev))
     assert coeff[0].item() == pytest.approx(want, rel=1e-5)
     assert ctl.due(0) and not ctl.due(1) and not ctl.due(80)  # the last 20 % holds the coefficient
+
+
+def test_the_quadratic_rule_sets_the_penalty_gradient_within_its_bounds():
+    ctl = L0Controller([10.0, 10.0, 10.0, None], total_steps=100, warmup_frac=0.0, hold_frac=0.2,
+                       device=torch.device("cpu"), rule="quadratic", stiffness=[0.5, 0.5, 0.5, 0.5])
+    coeff = torch.tensor([0.5, 0.5, 0.5, 0.2])
+    ctl.update(coeff, torch.tensor([12.0, 9.0, 1000.0, 3.0]), lr_factor=0.5)
+    pull = torch.tensor([2 * (1.2 - 1), 2 * (0.9 - 1), QUAD_HIGH])  # far above: the push stops growing
+    integral = KQ * 0.5 * pull
+    assert coeff[:3].tolist() == pytest.approx((0.5 * (pull + integral)).tolist(), rel=1e-5)
+    assert coeff[3].item() == pytest.approx(0.2)  # no target: untouched
+    ctl.update(coeff, torch.tensor([0.0, 10.0, 10.0, 3.0]), lr_factor=1.0)
+    integral += KQ * torch.tensor([QUAD_LOW, 0.0, 0.0])
+    want = 0.5 * (torch.tensor([QUAD_LOW, 0.0, 0.0]) + integral)
+    assert coeff[:3].tolist() == pytest.approx(want.tolist(), abs=1e-6)
+    assert coeff[0].item() < 0  # far below the target: negative, reopening latents
+    assert ctl.due(95)  # the quadratic penalty is stationary by itself: no hold
+
+
+@pytest.mark.parametrize("sae_type", ["jumprelu", "gated_hard_concrete"])
+def test_the_quadratic_rule_reaches_each_members_target(tiny_cfg, sae_type):
+    targets = (3.0, 8.0)
+    cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 300_000}) for t in targets]
+    for t, r in zip(targets, saesweep.run_pack(cfgs)):
+        assert r.ok, r.reason
+        assert abs(r.metrics["l0_error"]) < 0.2, (t, r.metrics["l0"])
 
 
 @pytest.mark.parametrize("sae_type", ["relu", "gated", "hard_concrete"])
@@ -67,8 +93,9 @@ def test_a_member_without_a_target_keeps_its_coefficient(tiny_cfg):
     assert "sparsity_coeff" not in res.members[0].log[-1] and "sparsity_coeff" in res.members[1].log[-1]
 
 
-def test_resume_keeps_the_controllers_state(tiny_cfg, tmp_path):
-    cfgs = [_target_cfg(tiny_cfg, t, train={"tokens": 60_000}) for t in (3.0, 6.0)]
+@pytest.mark.parametrize("sae_type", ["relu", "jumprelu"])  # one per rule
+def test_resume_keeps_the_controllers_state(tiny_cfg, tmp_path, sae_type):
+    cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 60_000}) for t in (3.0, 6.0)]
     data = open_source(cfgs[0])
     full = train_pack(cfgs, data, show_progress=False)
     ckpt = tmp_path / "pack.safetensors"

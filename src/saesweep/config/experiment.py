@@ -263,8 +263,9 @@ class ExperimentConfig(Strict):
         "others steer their sparsity coefficient during training until the L0 of the training batches is on target"
     )
     initial_coeff: Optional[Annotated[float, Field(gt=0.0)]] = Field(
-        None, description="with target_l0: the sparsity coefficient the controller starts from (default: the "
-        "architecture's)"
+        None, description="with target_l0: the sparsity coefficient the controller starts from; for the "
+        "architectures steered by the quadratic rule (JumpReLU, gated hard concrete), the penalty's stiffness "
+        "(default: the architecture's)"
     )
     source: Source = Field(default_factory=SyntheticSource)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -69,6 +69,13 @@ class PackedSAE(nn.Module):
     #: where the L0 controller starts the coefficient of a member trained for a ``target_l0``
     #: without an ``initial_coeff``: about the middle of the architecture's useful range
     initial_coeff: ClassVar[float] = 0.1
+    #: factor on the L0 controller's step: below 1 for an architecture whose L0 follows its
+    #: coefficient slowly (see :mod:`saesweep.training.l0_control`)
+    l0_gain: ClassVar[float] = 1.0
+    #: how the L0 controller steers the coefficient: ``pi`` (a PI step on log c, then held) or
+    #: ``quadratic`` (the gradient of ``c0 * target * (L0 / target - 1)^2``, for architectures
+    #: whose latents do not come back once the penalty closes them)
+    l0_rule: ClassVar[str] = "pi"
     #: whether ``sparsity_coeff`` means anything to the architecture (TopK types: no; a config
     #: that sets it for them is refused by name)
     uses_sparsity_coeff: ClassVar[bool] = True

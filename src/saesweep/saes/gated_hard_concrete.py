@@ -40,6 +40,11 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     lr_scale = {"W_enc": GATE_LR_SCALE, "b_gate": GATE_LR_SCALE}
     revision = 1  # 1: the gate logits' learning rate (GATE_LR_SCALE)
     fused = True
+    # with target_l0: the auxiliary term alone holds this architecture sparser than many targets,
+    # and closed gates stay closed under a positive coefficient; the quadratic rule's coefficient
+    # turns negative below the target and reopens them
+    l0_rule = "quadratic"
+    initial_coeff = 0.5
     # memory hint: 10 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 12, 6
 

@@ -63,6 +63,10 @@ class JumpReLUSAE(PackedSAE):
     train_wide, eval_wide = 8, 6
     # a count penalty, as the hard-concrete SAE's (see HardConcreteGates)
     penalty_scale = 0.1
+    # with target_l0: a latent whose threshold the penalty drove past all its inputs gets no
+    # gradient again (the kernel's band is empty), so the coefficient follows the quadratic
+    # penalty, which turns negative below the target instead of overshooting it
+    l0_rule = "quadratic"
     hyperparams = {
         "jumprelu_init_threshold": HyperParam(float, 0.001, "every latent's threshold at the start"),
         "jumprelu_bandwidth": HyperParam(float, 0.001, "width of the straight-through estimator's kernel"),

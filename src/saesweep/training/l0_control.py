@@ -8,14 +8,26 @@ right. With ``target_l0`` the trainer sets the coefficient itself:
   codes evaluation uses (``encode(train=False)``: the hard-concrete types' noisy training gates
   would otherwise count differently from what a user measures), and keeps an exponential moving
   average of ``log L0``;
-* it moves ``log c`` by a PI step on the error ``e = log(L0_ema / target)``:
-  ``dlog c = lr_factor * (KI * e + KP * (e - e_prev))``, each step at most :data:`MAX_STEP`.
-  The L0 follows a new coefficient only as fast as the optimiser moves the encoder, so the gain
-  is scaled by the learning-rate schedule's factor: the loop keeps its damping while the
-  learning rate decays;
-* it starts when the sparsity warm-up ends and stops for the final ``train.target_l0_hold_frac``
-  of training, which runs with the coefficient it reached: the SAE finishes under one
-  stationary objective, like an SAE trained at that coefficient from the start.
+* by the architecture's ``l0_rule``, either
+
+  - ``pi`` (ReLU, Gated, hard concrete): it moves ``log c`` by a PI step on the error
+    ``e = log(L0_ema / target)``: ``dlog c = gain * lr_factor * (KI * e + KP * (e - e_prev))``,
+    each step at most :data:`MAX_STEP`. The L0 follows a new coefficient only as fast as the
+    optimiser moves the encoder, so the gain is scaled by the learning-rate schedule's factor:
+    the loop keeps its damping while the learning rate decays. The loop stops for the final ``train.target_l0_hold_frac`` of
+    training, which runs with the coefficient it reached: the SAE finishes under one stationary
+    objective, like an SAE trained at that coefficient from the start;
+  - ``quadratic`` (JumpReLU, gated hard concrete): the coefficient is the gradient factor of the
+    penalty ``c0 * target * (L0 / target - 1)^2`` (``c0`` = ``initial_coeff``), as SAELens's
+    target-L0 penalty for JumpReLU: ``c = c0 * (p + I)`` with the pull ``p = 2 (L0 / target - 1)``
+    within ``[QUAD_LOW, QUAD_HIGH]``, plus a slow integral ``I`` of it (gain :data:`KQ`, scaled
+    by the learning-rate factor) that removes the offset a pure quadratic leaves. Below the target it is negative and reopens latents, which
+    these architectures need: a JumpReLU threshold pushed past all its inputs, or a gate the
+    penalty closed, gets no gradient back from a smaller positive coefficient, and the gated
+    hard-concrete SAE's auxiliary term alone holds it sparser than many targets. The objective
+    is stationary as it is, so this rule runs to the end;
+
+* it starts when the sparsity warm-up ends.
 
 Each member has its own target and trajectory (the coefficient is already one value per member,
 so the fused steps need nothing new); members without a target keep their fixed coefficient.
@@ -43,6 +55,15 @@ EMA = 0.3
 #: the coefficient stays within these bounds (an architecture whose L0 stops answering to its
 #: coefficient must not drive it to zero or to overflow)
 MIN_COEFF, MAX_COEFF = 1e-6, 1e3
+#: the rules: ``pi`` steers log c; ``quadratic`` sets c = stiffness * 2 (L0 / target - 1) (see
+#: :meth:`L0Controller.update`)
+RULES = ("pi", "quadratic")
+#: the quadratic rule's factor 2 (L0 / target - 1) is kept within these bounds: below the target
+#: the coefficient turns negative and reopens latents, far above it the push stops growing
+QUAD_LOW, QUAD_HIGH = -0.25, 2.0
+#: the quadratic rule's integral gain: its pull, summed over measurements at this rate, corrects
+#: the offset a pure quadratic penalty leaves where the reconstruction pulls the other way
+KQ = 0.05
 #: L0 below this counts as this (log 0 is not an error the loop can use)
 MIN_L0 = 0.05
 
@@ -52,22 +73,34 @@ class L0Controller:
     a fixed coefficient)."""
 
     def __init__(self, targets: Sequence[Optional[float]], total_steps: int, warmup_frac: float,
-                 hold_frac: float, device: torch.device) -> None:
+                 hold_frac: float, device: torch.device, gain: float = 1.0, rule: str = "pi",
+                 stiffness: Optional[Sequence[float]] = None) -> None:
+        if rule not in RULES:
+            raise ValueError(f"unknown L0 control rule {rule!r}; known: {', '.join(RULES)}")
+        self.gain, self.rule = gain, rule
         self.log_target = torch.tensor([math.log(t) if t else math.nan for t in targets], device=device)
         self.steered = ~torch.isnan(self.log_target)
         self.ema = torch.full_like(self.log_target, math.nan)
         self.prev_err = torch.zeros_like(self.log_target)
+        self.integral = torch.zeros_like(self.log_target)
+        self.stiffness = torch.tensor(list(stiffness) if stiffness is not None else [1.0] * len(targets),
+                                      device=device, dtype=torch.float32)
         self.start = int(round(warmup_frac * total_steps))
-        self.stop = int(round((1.0 - hold_frac) * total_steps))
+        # the quadratic rule's objective is stationary by itself: it needs no hold
+        self.stop = total_steps if rule == "quadratic" else int(round((1.0 - hold_frac) * total_steps))
 
     @classmethod
-    def for_pack(cls, configs, total_steps: int, device: torch.device) -> Optional["L0Controller"]:
-        """The controller of a pack whose members steer their coefficient; None when none does."""
+    def for_pack(cls, configs, total_steps: int, device: torch.device, arch=None) -> Optional["L0Controller"]:
+        """The controller of a pack whose members steer their coefficient; None when none does.
+        ``arch`` (the SAE class) gives the rule, the gain and the default starting coefficient."""
         if not any(c.steers_coeff for c in configs):
             return None
         tc = next(c for c in configs if c.steers_coeff).train  # a pack shares its hold fraction
+        gain, rule, default = ((arch.l0_gain, arch.l0_rule, arch.initial_coeff) if arch is not None
+                               else (1.0, "pi", 0.1))
+        stiffness = [c.initial_coeff or default for c in configs]
         return cls([c.target_l0 if c.steers_coeff else None for c in configs], total_steps,
-                   tc.sparsity_warmup_frac, tc.target_l0_hold_frac, device)
+                   tc.sparsity_warmup_frac, tc.target_l0_hold_frac, device, gain, rule, stiffness)
 
     def due(self, step: int) -> bool:
         return self.start <= step < self.stop and (step - self.start) % EVERY == 0
@@ -80,13 +113,20 @@ class L0Controller:
 
     @torch.no_grad()
     def update(self, coeff: Tensor, l0: Tensor, lr_factor: float) -> None:
-        """One PI step on ``coeff`` (the SAE's per-member ``sparsity_coeff``, in place) from the
-        measured ``l0``."""
+        """One control step on ``coeff`` (the SAE's per-member ``sparsity_coeff``, in place) from
+        the measured ``l0``."""
         log_l0 = l0.float().clamp_min(MIN_L0).log()
         first = torch.isnan(self.ema)
         self.ema = torch.where(first, log_l0, self.ema + EMA * (log_l0 - self.ema))
+        if self.rule == "quadratic":
+            pull = (2 * ((log_l0 - self.log_target).exp() - 1)).clamp(QUAD_LOW, QUAD_HIGH)
+            self.integral = (self.integral + KQ * self.gain * lr_factor * pull).clamp(QUAD_LOW, QUAD_HIGH)
+            new = self.stiffness * (pull + self.integral)
+            coeff.copy_(torch.where(self.steered, new, coeff))
+            return
         err = self.ema - self.log_target
-        step = lr_factor * (KI * err + KP * torch.where(first, torch.zeros_like(err), err - self.prev_err))
+        change = torch.where(first, torch.zeros_like(err), err - self.prev_err)
+        step = self.gain * lr_factor * (KI * err + KP * change)
         step = step.clamp(-MAX_STEP, MAX_STEP)
         self.prev_err = err
         new = (coeff * torch.exp(step)).clamp(MIN_COEFF, MAX_COEFF)
@@ -100,11 +140,12 @@ class L0Controller:
     # ------------------------------------------------------------ pack changes, checkpoints
     def select(self, keep: Sequence[int]) -> None:
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.log_target.device)
-        for name in ("log_target", "steered", "ema", "prev_err"):
+        for name in ("log_target", "steered", "ema", "prev_err", "integral", "stiffness"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone()}
+        return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone(),
+                "l0_control.integral": self.integral.clone()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], rows: Sequence[int]) -> None:
         """Restore the moving average of the saved pack's ``rows`` (the members resumed here)."""
@@ -113,3 +154,5 @@ class L0Controller:
         idx = torch.tensor(list(rows), dtype=torch.long, device=self.ema.device)
         self.ema = tensors["l0_control.ema"].to(self.ema).index_select(0, idx)
         self.prev_err = tensors["l0_control.prev_err"].to(self.ema).index_select(0, idx)
+        if "l0_control.integral" in tensors:
+            self.integral = tensors["l0_control.integral"].to(self.ema).index_select(0, idx)

@@ -162,7 +162,7 @@ def train_pack(
     control = None
     if resumed is not None:
         sae, opt, start, alive, saved_control = resumed
-        control = L0Controller.for_pack([configs[i] for i in alive], total, device)
+        control = L0Controller.for_pack([configs[i] for i in alive], total, device, type(sae))
         if control is not None:
             control.load_state_tensors(*saved_control)
     else:
@@ -171,7 +171,7 @@ def train_pack(
         sae.init_b_dec(data.mean().to(device))
         opt = PackedAdam(sae.named_parameters(), torch.tensor([c.lr for c in configs]), (tc.adam_beta1, tc.adam_beta2),
                          lr_scale=sae.lr_scale)
-        control = L0Controller.for_pack(configs, total, device)
+        control = L0Controller.for_pack(configs, total, device, type(sae))
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
