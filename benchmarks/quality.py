@@ -66,6 +66,8 @@ KS = [4, 8, 16, 32, 64]
 QUICK_KS = [8, 16, 32]
 COEFFS = [0.01, 0.03, 0.06, 0.1, 0.17, 0.3, 0.5]
 QUICK_COEFFS = [0.03, 0.1, 0.3]
+#: the fixed-coefficient frontier a quadratic-rule type's target-L0 SAEs are compared with
+FRONTIER_COEFFS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
 L0_RANGE = (5.0, 40.0)
 STORIES_TOKENS = 1_900_000
 #: the synthetic world of the ranking: SynthSAEBench's shape (16K features in d 768, L0 about 25,
@@ -313,7 +315,12 @@ def run_targets(sae_type: str, base: dict, targets: list[float]) -> list[dict]:
             finals.append(m["final_sparsity_coeff"])
         log(f"{sae_type} target {t}: L0 {m.get('l0', float('nan')):.2f} ({m.get('l0_error', float('nan')):+.1%}) "
             f"FVU {m.get('fvu', float('nan')):.4f} c {m.get('final_sparsity_coeff', float('nan')):.4g}")
-    coeffs = sorted({float(f"{c * k:.3g}") for c in finals for k in (2 / 3, 1.0, 1.5)})
+    from saesweep import saes
+
+    if saes.get(sae_type).l0_rule == "pi":  # the held coefficients are the frontier's neighbourhood
+        coeffs = sorted({float(f"{c * k:.3g}") for c in finals for k in (2 / 3, 1.0, 1.5)})
+    else:  # the quadratic rule's final coefficient is a gradient factor, not a fixed objective's
+        coeffs = FRONTIER_COEFFS
     return rows + (run_saesweep(sae_type, base, coeffs, []) if coeffs else [])
 
 

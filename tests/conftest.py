@@ -34,4 +34,19 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture
+def stop_after():
+    """``stop_after(n)``: a ``should_stop`` callback for ``train_pack`` that stops it after n steps."""
+    def make(n: int):
+        calls = {"n": 0}
+
+        def stop() -> bool:
+            calls["n"] += 1
+            return calls["n"] > n
+
+        return stop
+
+    return make
+
+
 from fixtures_lm import *  # noqa: E402,F401,F403  (tiny LM, corpus and stories260K fixtures)

@@ -4,6 +4,8 @@ SAEBench core reports) on the same SAE, language model and tokens."""
 import math
 
 import pytest
+
+from saesweep.metrics import registry
 import torch
 
 from saesweep import saes
@@ -75,6 +77,10 @@ def test_spliced_metrics_equal_sae_lens_get_recons_loss(tiny_lm, tmp_path):
     assert ours["ce_loss_score"] == pytest.approx(score, rel=1e-4, abs=1e-6)
     assert ours["kl_div_score"] == pytest.approx(kl_score, rel=1e-4, abs=1e-6)
     assert 0 < ours["kl"] and math.isfinite(ours["ce_loss_score"])
+    computed = set(ours) - {"n_pred", "n_pos"}  # (the counts behind the means)
+    for name in computed:  # the registry knows every language-model metric, and where it comes from
+        assert registry.METRICS[name].computed_in == "saesweep.metrics.downstream", name
+    assert computed == {n for n, m in registry.METRICS.items() if m.computed_in == "saesweep.metrics.downstream"}
 
 
 def _pack_reconstructors(d, n=3):

@@ -16,6 +16,15 @@ def test_every_registered_metric_is_computed_where_it_says(tmp_path):
     for name, m in registry.METRICS.items():
         if m.computed_in != "saesweep.metrics.downstream":  # LM sources only (tests/metrics/test_downstream.py)
             assert name in r.metrics, f"{name} is registered as computed in {m.computed_in} but no trial has it"
+    unregistered = set(r.metrics) - set(registry.METRICS)
+    assert not unregistered, f"computed but not registered in metrics/registry.py: {sorted(unregistered)}"
+
+
+def test_an_objective_names_the_training_value_pruning_follows():
+    for m in registry.METRICS.values():
+        assert (m.intermediate in registry.TRAIN_LOG_VALUES) == (m.direction is not None), m.name
+    with pytest.raises(ValueError, match="'new_score' is an objective: its intermediate must be one of"):
+        registry.Metric("new_score", "maximize", "a score", "somewhere")
 
 
 def test_objectives_come_from_the_registry():

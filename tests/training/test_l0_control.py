@@ -94,18 +94,12 @@ def test_a_member_without_a_target_keeps_its_coefficient(tiny_cfg):
 
 
 @pytest.mark.parametrize("sae_type", ["relu", "jumprelu"])  # one per rule
-def test_resume_keeps_the_controllers_state(tiny_cfg, tmp_path, sae_type):
+def test_resume_keeps_the_controllers_state(tiny_cfg, tmp_path, sae_type, stop_after):
     cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 60_000}) for t in (3.0, 6.0)]
     data = open_source(cfgs[0])
     full = train_pack(cfgs, data, show_progress=False)
     ckpt = tmp_path / "pack.safetensors"
-    calls = {"n": 0}
-
-    def stop_after_40():
-        calls["n"] += 1
-        return calls["n"] > 40
-
-    part = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after_40)
+    part = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after(40))
     assert part.steps == 40
     resumed = train_pack(cfgs[1:], data, show_progress=False, checkpoint=ckpt)  # member 1 alone
     assert resumed.resumed_from == 40

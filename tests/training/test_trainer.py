@@ -92,18 +92,12 @@ def test_a_diverging_member_is_stopped_and_the_others_untouched(tiny_cfg):
     assert (results[1].run_dir / "failure.json").exists() and not (results[1].run_dir / "metrics.json").exists()
 
 
-def test_checkpoint_resume_equals_uninterrupted(tiny_cfg, tmp_path):
+def test_checkpoint_resume_equals_uninterrupted(tiny_cfg, tmp_path, stop_after):
     cfgs = [tiny_cfg(sae_type="hard_concrete", lr=lr, train={"tokens": 40_000}) for lr in (1e-3, 3e-3)]
     data = open_source(cfgs[0])
     full = train_pack(cfgs, data, show_progress=False)
     ckpt = tmp_path / "pack.safetensors"
-    calls = {"n": 0}
-
-    def stop_after_30():
-        calls["n"] += 1
-        return calls["n"] > 30
-
-    part = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after_30)
+    part = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after(30))
     assert part.steps == 30 and all(m.status == "running" for m in part.members) and ckpt.exists()
     # resume a subset: member 1 alone continues from the shared checkpoint
     resumed = train_pack(cfgs[1:], data, show_progress=False, checkpoint=ckpt)
@@ -114,17 +108,11 @@ def test_checkpoint_resume_equals_uninterrupted(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header"])
-def test_a_damaged_checkpoint_is_discarded_and_training_starts_over(tiny_cfg, tmp_path, damage):
+def test_a_damaged_checkpoint_is_discarded_and_training_starts_over(tiny_cfg, tmp_path, damage, stop_after):
     cfgs = [tiny_cfg(lr=lr, train={"tokens": 20_000}) for lr in (1e-3, 3e-3)]
     data = open_source(cfgs[0])
     ckpt = tmp_path / "pack.safetensors"
-    calls = {"n": 0}
-
-    def stop_after_10():
-        calls["n"] += 1
-        return calls["n"] > 10
-
-    train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after_10)
+    train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after(10))
     blob = ckpt.read_bytes()
     ckpt.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"\xff" * 64 + blob[64:])
     with pytest.warns(UserWarning, match="damaged.*start from step 0"):
