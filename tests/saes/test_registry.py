@@ -70,12 +70,19 @@ def test_a_new_architecture_needs_only_its_own_file(topk_lite, tmp_path):
 
 def test_the_generated_declarations_match_the_architecture_modules():
     """saes/declared.py (what configs read without importing torch) is what the modules declare;
-    regenerate it with `python -m saesweep.saes.registry` after changing an architecture's fields."""
+    regenerate it with `python -m saesweep.saes.declare` after changing an architecture."""
+    from saesweep.saes import declare, registry
+
+    with open(registry.__file__.replace("registry.py", "declared.py")) as fh:
+        assert fh.read() == declare.declared_source(), "saes/declared.py is stale: run python -m saesweep.saes.declare"
+    assert list(registry.BUILTIN) == [c.name for c in declare.discover()]
+
+
+def test_a_declaration_that_no_longer_matches_its_module_is_refused_with_the_fix(monkeypatch):
     from saesweep.saes import registry
 
-    from_modules = registry.declared_source()
-    with open(registry.__file__.replace("registry.py", "declared.py")) as fh:
-        assert fh.read() == from_modules, "saes/declared.py is stale: run python -m saesweep.saes.registry"
-    from saesweep.saes.declared import DECLARED
-
-    assert list(DECLARED) == list(registry.BUILTIN)
+    stale = {**registry.DECLARED["relu"], "grid": {"sparsity_coeff": [1.0]}}
+    monkeypatch.setitem(registry.DECLARED, "relu", stale)
+    monkeypatch.setattr(registry, "_loaded", False)
+    with pytest.raises(registry.StaleDeclarations, match="'relu'.*python -m saesweep.saes.declare"):
+        registry.get("relu")

@@ -16,7 +16,7 @@ pytest.importorskip("wandb")
 from sweep_helpers import REPO, TINY_BASE, env, write_spec  # noqa: E402
 from wandb_files import read_run_file  # noqa: E402
 
-from saesweep.config.sweep import SEED_GRIDS, load_spec, parse_spec  # noqa: E402
+from saesweep.config.sweep import default_grid, load_spec, parse_spec  # noqa: E402
 from saesweep.sweep.store import SweepStore  # noqa: E402
 from saesweep.sweep.wandb_agent import (  # noqa: E402
     combinations,
@@ -53,7 +53,7 @@ def test_seed_grid_sweep_config_matches_the_grid_and_validates(sae_type):
     assert cfg["program"] == f"scripts/sweep_agent_{sae_type}.py"
     params = dict(cfg["parameters"])
     assert params.pop("sae_type") == {"value": sae_type}
-    assert params == {k: {"values": v} for k, v in SEED_GRIDS[sae_type].items()}
+    assert params == {k: {"values": v} for k, v in default_grid(sae_type).items()}
     valid(cfg)
 
 

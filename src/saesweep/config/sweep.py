@@ -29,31 +29,31 @@ from saesweep.config.experiment import (
 )
 from saesweep.metrics import registry as metrics
 
-# ---------------------------------------------------------------- the seed's grids
+# ---------------------------------------------------------------- the default grids
+#: the axes every architecture's default grid has (``sparsity_coeff`` where it applies); each
+#: architecture adds its own (its class's ``grid``)
 COMMON_GRID: dict[str, list] = {
     "lr": [1e-4, 3e-4, 1e-3],
     "dict_size_ratio": [8.0, 16.0, 32.0, 64.0],
     "sparsity_coeff": [0.01, 0.03, 0.1, 0.3],
 }
-SEED_GRIDS: dict[str, dict[str, list]] = {
-    "relu": {**COMMON_GRID},
-    "hard_concrete": {**COMMON_GRID, "initial_beta": [0.1, 0.5, 1.0], "input_dependent_gates": [True, False]},
-    "gated": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1]},
-    "gated_hard_concrete": {**COMMON_GRID, "aux_coeff": [0.01, 0.03125, 0.1], "initial_beta": [0.1, 0.5, 1.0]},
-}
-#: grids of the architectures the seed does not have (TopK types: k instead of sparsity_coeff);
-#: a sweep runs them when asked (``--sae_types topk,jumprelu``), never by default
-MODERN_GRIDS: dict[str, dict[str, list]] = {
-    "topk": {"lr": COMMON_GRID["lr"], "dict_size_ratio": COMMON_GRID["dict_size_ratio"], "k": [8, 16, 32, 64]},
-    "batchtopk": {"lr": COMMON_GRID["lr"], "dict_size_ratio": COMMON_GRID["dict_size_ratio"], "k": [8, 16, 32, 64]},
-    "jumprelu": {**COMMON_GRID},
-    "matryoshka": {"lr": COMMON_GRID["lr"], "dict_size_ratio": COMMON_GRID["dict_size_ratio"], "k": [8, 16, 32, 64]},
-}
+
+
+def default_grid(sae_type: str) -> dict[str, list]:
+    """The default grid of ``sae_type``: the common axes, then its own."""
+    d = saes.declaration(sae_type)
+    common = {k: list(v) for k, v in COMMON_GRID.items() if k != "sparsity_coeff" or d.uses_sparsity_coeff}
+    return {**common, **{k: list(v) for k, v in d.grid.items()}}
 
 
 def default_grids() -> dict[str, dict[str, list]]:
-    """A fresh copy of every built-in grid: the seed's, then the modern types'."""
-    return {k: dict(v) for k, v in {**SEED_GRIDS, **MODERN_GRIDS}.items()}
+    """A fresh copy of every architecture's default grid, in display order."""
+    return {name: default_grid(name) for name in saes.names()}
+
+
+def classic_types() -> list[str]:
+    """The four classic types a sweep runs when it names none."""
+    return [name for name in saes.names() if saes.declaration(name).classic]
 
 
 #: the hyperparameters every architecture takes (``target_l0`` instead of ``sparsity_coeff`` or ``k``)
@@ -199,7 +199,7 @@ class SweepSpec(Strict):
 
     name: str = Field("seed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig fields shared by every trial")
-    sae_types: list[str] = Field(default_factory=lambda: list(SEED_GRIDS), min_length=1)
+    sae_types: list[str] = Field(default_factory=classic_types, min_length=1)
     grids: dict[str, dict[str, Any]] = Field(default_factory=default_grids)
     search: SearchSpec = Field(default_factory=SearchSpec)
     storage: Optional[str] = Field(None, description="journal file path, postgresql://..., default <output_dir>/<name>/sweep.journal")
@@ -238,6 +238,8 @@ class SweepSpec(Strict):
     def _check(self) -> "SweepSpec":
         for t in self.sae_types:
             if t not in saes.names():
+                if isinstance(saes.registry.unknown(t), saes.registry.StaleDeclarations):
+                    raise ValueError(f"sae_types: {saes.registry.unknown(t)}")
                 raise ValueError(f"sae_types: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
             if t not in self.grids:
                 raise ValueError(f"grids: no grid for sae_type {t!r}")

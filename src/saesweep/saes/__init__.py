@@ -1,9 +1,11 @@
 """SAE architectures: one module each, behind :mod:`.registry`.
 
 Adding an architecture (TopK, JumpReLU, ...) is one new module: subclass
-:class:`~saesweep.saes.base.PackedSAE`, declare its ``hyperparams``, decorate it with
-:func:`~saesweep.saes.registry.register`, and import it (built-ins are listed in
-``registry.BUILTIN``). Its hyperparameters become config fields and grid axes automatically.
+:class:`~saesweep.saes.base.PackedSAE`, declare its ``hyperparams`` and default ``grid``, and
+decorate it with :func:`~saesweep.saes.registry.register`. In this package it is a built-in
+once ``python -m saesweep.saes.declare`` has listed it; in another package, an entry point in
+the group ``saesweep.architectures`` makes it reachable from every command. Its
+hyperparameters become config fields and grid axes automatically.
 Importing this package loads no torch; :class:`PackedSAE` and friends load on first use.
 """
 

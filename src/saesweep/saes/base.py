@@ -76,6 +76,14 @@ class PackedSAE(nn.Module):
     #: ``quadratic`` (the gradient of ``c0 * target * (L0 / target - 1)^2``, for architectures
     #: whose latents do not come back once the penalty closes them)
     l0_rule: ClassVar[str] = "pi"
+    #: the architecture's default grid: axes beyond the common ones (``lr``, ``dict_size_ratio``
+    #: and, when it applies, ``sparsity_coeff``: :data:`saesweep.config.sweep.COMMON_GRID`)
+    grid: ClassVar[dict[str, list]] = {}
+    #: one of the four classic types a sweep runs when it names none (ReLU, hard concrete,
+    #: Gated, gated hard concrete); the others run when asked for
+    classic: ClassVar[bool] = False
+    #: place in listings (``saesweep grid``, reports): smaller first, then by name
+    order: ClassVar[int] = 100
     #: whether ``sparsity_coeff`` means anything to the architecture (TopK types: no; a config
     #: that sets it for them is refused by name)
     uses_sparsity_coeff: ClassVar[bool] = True

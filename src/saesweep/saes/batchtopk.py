@@ -118,6 +118,8 @@ class BatchTopKCodes(AuxK):
 @register
 class BatchTopKSAE(BatchTopKCodes, PackedSAE):
     name = "batchtopk"
+    order = 5
+    grid = {"k": [8, 16, 32, 64]}
     saelens_architecture = "jumprelu"
     hyperparams = {**K_PARAM, **AUXK_PARAMS}
 

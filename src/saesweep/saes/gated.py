@@ -138,6 +138,8 @@ class GatedEncoder:
 @register
 class GatedSAE(GatedEncoder, PackedSAE):
     name = "gated"
+    classic, order = True, 2
+    grid = {"aux_coeff": [0.01, 0.03125, 0.1]}
     saelens_architecture = "gated"
     hyperparams = AUX_PARAM
     fused = True

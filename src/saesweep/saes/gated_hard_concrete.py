@@ -33,6 +33,8 @@ from saesweep.saes.registry import register
 @register
 class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     name = "gated_hard_concrete"
+    classic, order = True, 3
+    grid = {"aux_coeff": [0.01, 0.03125, 0.1], "initial_beta": [0.1, 0.5, 1.0]}
     saelens_architecture = "gated_hard_concrete"
     hyperparams = {**AUX_PARAM, **BETA_PARAMS}
     #: the gate logit W_enc (x - b_dec) + b_gate learns fast (see GATE_LR_SCALE); the magnitudes

@@ -197,6 +197,8 @@ class HardConcreteGates:
 @register
 class HardConcreteSAE(HardConcreteGates, PackedSAE):
     name = "hard_concrete"
+    classic, order = True, 1
+    grid = {"initial_beta": [0.1, 0.5, 1.0], "input_dependent_gates": [True, False]}
     saelens_architecture = "hard_concrete"
     encoder_weights = ("W_gate", "W_mag")
     #: input-dependent gates only: shared logits (input_dependent_gates false) keep lr, since at

@@ -57,6 +57,7 @@ class JumpFn(torch.autograd.Function):
 @register
 class JumpReLUSAE(PackedSAE):
     name = "jumprelu"
+    order = 6
     saelens_architecture = "jumprelu"
     fused = True
     # memory hint: pre, the gradient, theta's kernel scratch, codes; autograd keeps more

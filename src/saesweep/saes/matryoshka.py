@@ -36,6 +36,8 @@ from saesweep.saes.topk import AUXK_PARAMS, K_PARAM
 @register
 class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
     name = "matryoshka"
+    order = 7
+    grid = {"k": [8, 16, 32, 64]}
     saelens_architecture = "jumprelu"
     hyperparams = {
         **K_PARAM,

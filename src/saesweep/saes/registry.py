@@ -1,30 +1,44 @@
 """The SAE architectures by name; torch-free until an architecture is asked for.
 
 Each architecture is one module (``saes/<name>.py``) holding everything about it: its
-hyperparameters, its math, its optional fused CPU step, its SAELens export name and its memory
-hint. It registers itself with :func:`register` when imported. The built-in modules (the
-seed's four, then TopK, BatchTopK, JumpReLU, Matryoshka) are imported on the first :func:`get`,
-in :data:`BUILTIN` order (the display order); another one (a plugin, or a test's throwaway)
-registers itself by being imported, and becomes a ``sae_type`` the config, grids, trainer and
-export all accept.
+hyperparameters, its default grid, its math, its optional fused CPU step, its SAELens export name
+and its memory hint. It registers itself with :func:`register` when imported. Three kinds:
+
+* built-ins: every architecture module of this package, listed (in display order) with their
+  declarations in the generated :mod:`.declared` (``python -m saesweep.saes.declare``);
+* plugins: an installed package that declares an entry point in the group
+  ``saesweep.architectures`` (``name = "package.module"``) is loaded when its name is asked for,
+  by every command;
+* anything else imported that registers itself (a test's throwaway).
 
 Configuration needs only an architecture's *declaration* (:func:`declaration`: its
-hyperparameters and whether ``sparsity_coeff`` applies), which for the built-ins comes from
-:mod:`.declared`, generated from the modules (``python -m saesweep.saes.registry``, checked
-equal by tests/saes/test_registry.py): so configs, grids and ``saesweep grid`` import no torch.
+hyperparameters, grid and whether ``sparsity_coeff`` applies), which for the built-ins comes from
+:mod:`.declared`: so configs, grids and ``saesweep grid`` import no torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+from saesweep.saes.declared import DECLARED
 
 if TYPE_CHECKING:
     from saesweep.saes.base import PackedSAE
 
-#: the built-in architectures' modules under ``saesweep.saes``, in display order
-BUILTIN = ("relu", "hard_concrete", "gated", "gated_hard_concrete", "topk", "batchtopk", "jumprelu", "matryoshka")
+#: the built-in architectures, in display order
+BUILTIN = tuple(DECLARED)
+#: the entry-point group through which an installed package adds architectures
+ENTRY_POINT_GROUP = "saesweep.architectures"
+FIX = "run `python -m saesweep.saes.declare` to regenerate saes/declared.py"
+
+
+class StaleDeclarations(ValueError):
+    """saes/declared.py does not match the architecture modules."""
+
 
 _REGISTRY: dict[str, type[PackedSAE]] = {}
 _loaded = False
@@ -54,28 +68,78 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+def registered() -> dict[str, type[PackedSAE]]:
+    """The architectures registered so far (imports nothing)."""
+    return dict(_REGISTRY)
+
+
 def _load_builtin() -> dict[str, type[PackedSAE]]:
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in BUILTIN:
-            importlib.import_module(f"saesweep.saes.{mod}")
+        for name, d in DECLARED.items():
+            importlib.import_module(f"saesweep.saes.{d['module']}")
+        for name in BUILTIN:
+            cls = _REGISTRY.get(name)
+            if cls is None or _declaration_of(cls) != _declared(name):
+                _loaded = False
+                raise StaleDeclarations(f"sae_type {name!r}: saes/declared.py does not match saes/"
+                                        f"{DECLARED[name]['module']}.py; {FIX}")
     return _REGISTRY
+
+
+@lru_cache(maxsize=1)
+def _plugins() -> dict[str, Any]:
+    """The installed packages' architectures: name -> entry point (nothing imported)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load_plugin(name: str) -> None:
+    ep = _plugins().get(name)
+    if ep is None or name in _REGISTRY:
+        return
+    obj = ep.load()  # a module registers its classes on import; a class is registered here
+    if isinstance(obj, type) and name not in _REGISTRY:
+        register(obj)
+    if name not in _REGISTRY:
+        raise ValueError(f"sae_type {name!r}: the entry point {ep.value!r} ({ENTRY_POINT_GROUP}) registered no "
+                         f"architecture of that name")
+
+
+def _undeclared_module(name: str) -> bool:
+    """Whether ``saes/<name>.py`` exists but is not in saes/declared.py."""
+    from saesweep.saes.declare import MACHINERY
+
+    modules = {d["module"] for d in DECLARED.values()}
+    return (name.isidentifier() and name not in MACHINERY and name not in modules
+            and importlib.util.find_spec(f"saesweep.saes.{name}") is not None)
+
+
+def unknown(name: str) -> ValueError:
+    """The error for a ``sae_type`` no architecture has: a stale declaration names its fix."""
+    if _undeclared_module(name):
+        return StaleDeclarations(f"sae_type {name!r}: saes/{name}.py is not in saes/declared.py; {FIX}")
+    return ValueError(f"unknown sae_type {name!r}; choose from {', '.join(names())}")
 
 
 def get(name: str) -> type[PackedSAE]:
     """The architecture's class (imports the built-in modules, and so torch)."""
     reg = _load_builtin()
+    if name not in reg:
+        _load_plugin(name)
     try:
         return reg[name]
     except KeyError:
-        raise ValueError(f"unknown sae_type {name!r}; choose from {', '.join(names())}") from None
+        raise unknown(name) from None
 
 
 def names() -> list[str]:
-    """Every architecture, built-ins first in display order (imports none of them)."""
+    """Every architecture, built-ins first in display order, then the others registered or
+    installed (imports none of them)."""
     extra = [n for n in _REGISTRY if n not in BUILTIN]
-    return [*BUILTIN, *extra]
+    return [*BUILTIN, *extra, *(n for n in _plugins() if n not in BUILTIN and n not in extra)]
 
 
 @dataclass(frozen=True)
@@ -87,6 +151,23 @@ class Declaration:
     uses_sparsity_coeff: bool
     resample_until: float  # the default of train.resample_until for this architecture
     revision: int = 0  # PackedSAE.revision: part of the trial id when not 0
+    classic: bool = False  # run by a sweep that names no types
+    grid: dict[str, list] = field(default_factory=dict)  # default grid beyond the common axes
+
+
+def _declaration_of(cls) -> Declaration:
+    return Declaration(cls.name, dict(cls.hyperparams), bool(cls.uses_sparsity_coeff), float(cls.resample_until),
+                       int(cls.revision), bool(cls.classic), dict(cls.grid))
+
+
+def _declared(name: str) -> Declaration:
+    from saesweep.saes.hparam_types import VALUE_TYPES
+
+    d = DECLARED[name]
+    params = {k: HyperParam(VALUE_TYPES[t], default, help_, optional, per_member)
+              for k, (t, default, help_, optional, per_member) in d["hyperparams"].items()}
+    return Declaration(name, params, d["uses_sparsity_coeff"], d["resample_until"], d["revision"], d["classic"],
+                       dict(d["grid"]))
 
 
 def declaration(name: str) -> Declaration:
@@ -94,16 +175,13 @@ def declaration(name: str) -> Declaration:
     built-in already imported), else from :mod:`.declared` (no import, no torch)."""
     cls = _REGISTRY.get(name)
     if cls is not None:
-        return Declaration(name, dict(cls.hyperparams), bool(cls.uses_sparsity_coeff), float(cls.resample_until),
-                           int(cls.revision))
-    if name not in BUILTIN:
-        raise ValueError(f"unknown sae_type {name!r}; choose from {', '.join(names())}")
-    from saesweep.saes.declared import DECLARED
-    from saesweep.saes.hparam_types import VALUE_TYPES
-
-    uses, until, revision, params = DECLARED[name]
-    return Declaration(name, {k: HyperParam(VALUE_TYPES[t], default, help_, optional, per_member)
-                              for k, (t, default, help_, optional, per_member) in params.items()}, uses, until, revision)
+        return _declaration_of(cls)
+    if name in DECLARED:
+        return _declared(name)
+    if name in _plugins():
+        _load_plugin(name)
+        return _declaration_of(_REGISTRY[name])
+    raise unknown(name)
 
 
 def hyperparams(name: str) -> dict[str, HyperParam]:
@@ -120,42 +198,3 @@ def all_hyperparams() -> dict[str, HyperParam]:
                 raise TypeError(f"hyperparameter {key!r} declared with two different types")
             out.setdefault(key, hp)
     return out
-
-
-# ----------------------------------------------------------------- the generated declarations
-def declared_source() -> str:
-    """The text of :mod:`.declared`, from the built-in modules as they are now."""
-    from saesweep.saes.hparam_types import VALUE_TYPES
-
-    type_name = {v: k for k, v in VALUE_TYPES.items()}
-    lines = [
-        '"""Generated by ``python -m saesweep.saes.registry`` from the architecture modules: do not edit.',
-        "",
-        "The built-in architectures' declarations (whether ``sparsity_coeff`` applies, the default",
-        "``train.resample_until``, the revision, and each hyperparameter as (type, default, help, optional,",
-        "per_member)), so that configuration needs",
-        "no architecture module and no torch; tests/saes/test_registry.py checks them against the modules.",
-        '"""',
-        "",
-        "DECLARED = {",
-    ]
-    for name in BUILTIN:
-        cls = get(name)
-        lines.append(f"    {name!r}: ({bool(cls.uses_sparsity_coeff)!r}, {float(cls.resample_until)!r}, "
-                     f"{int(cls.revision)!r}, {{")
-        for k, hp in cls.hyperparams.items():
-            lines.append(f"        {k!r}: ({type_name[hp.type]!r}, {hp.default!r}, {hp.help!r}, {hp.optional!r}, "
-                         f"{hp.per_member!r}),")
-        lines.append("    }),")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # regenerate saes/declared.py after changing an architecture's fields
-    from pathlib import Path
-
-    from saesweep.saes import registry  # the package's module, where the architectures register
-
-    path = Path(__file__).with_name("declared.py")
-    path.write_text(registry.declared_source())
-    print(f"wrote {path}")

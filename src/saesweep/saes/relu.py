@@ -15,6 +15,7 @@ from saesweep.saes.registry import register
 @register
 class ReLUSAE(PackedSAE):
     name = "relu"
+    classic, order = True, 0
     saelens_architecture = "standard"
     fused = True
     # memory hint: about 2.2 wide tensors measured at the peak of the autograd step and of

@@ -217,6 +217,8 @@ class AuxK:
 @register
 class TopKSAE(AuxK, PackedSAE):
     name = "topk"
+    order = 4
+    grid = {"k": [8, 16, 32, 64]}
     saelens_architecture = "topk"
     hyperparams = {**K_PARAM, **AUXK_PARAMS}
 
