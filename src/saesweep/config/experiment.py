@@ -350,6 +350,7 @@ class ExperimentConfig(Strict):
         elif not self.steers_coeff:
             d.pop("initial_coeff")
             d["train"].pop("target_l0_hold_frac")
+            d.pop("k", None)  # the target sets k: the dict parses back to the same config
         return d
 
     def to_yaml(self) -> str:

@@ -19,13 +19,14 @@ right. With ``target_l0`` the trainer sets the coefficient itself:
     objective, like an SAE trained at that coefficient from the start;
   - ``quadratic`` (JumpReLU, gated hard concrete): the coefficient is the gradient factor of the
     penalty ``c0 * target * (L0 / target - 1)^2`` (``c0`` = ``initial_coeff``), as SAELens's
-    target-L0 penalty for JumpReLU: ``c = c0 * (p + I)`` with the pull ``p = 2 (L0 / target - 1)``
-    within ``[QUAD_LOW, QUAD_HIGH]``, plus a slow integral ``I`` of it (gain :data:`KQ`, scaled
-    by the learning-rate factor) that removes the offset a pure quadratic leaves. Below the target it is negative and reopens latents, which
+    target-L0 penalty for JumpReLU: ``c = c0 * 2 (L0 / target - 1)``, the factor kept within
+    ``[QUAD_LOW, QUAD_HIGH]``. Below the target it is negative and reopens latents, which
     these architectures need: a JumpReLU threshold pushed past all its inputs, or a gate the
     penalty closed, gets no gradient back from a smaller positive coefficient, and the gated
-    hard-concrete SAE's auxiliary term alone holds it sparser than many targets. The objective
-    is stationary as it is, so this rule runs to the end;
+    hard-concrete SAE's auxiliary term alone holds it sparser than many targets. The rule keeps
+    no state (an integral of the error would wind up while these codes lag the coefficient, and
+    tip the SAE into a dense mode it does not leave), so the L0 settles a little off the target,
+    on the side the reconstruction pulls; the objective is stationary, so it runs to the end;
 
 * it starts when the sparsity warm-up ends.
 
@@ -61,9 +62,6 @@ RULES = ("pi", "quadratic")
 #: the quadratic rule's factor 2 (L0 / target - 1) is kept within these bounds: below the target
 #: the coefficient turns negative and reopens latents, far above it the push stops growing
 QUAD_LOW, QUAD_HIGH = -0.25, 2.0
-#: the quadratic rule's integral gain: its pull, summed over measurements at this rate, corrects
-#: the offset a pure quadratic penalty leaves where the reconstruction pulls the other way
-KQ = 0.05
 #: L0 below this counts as this (log 0 is not an error the loop can use)
 MIN_L0 = 0.05
 
@@ -82,7 +80,6 @@ class L0Controller:
         self.steered = ~torch.isnan(self.log_target)
         self.ema = torch.full_like(self.log_target, math.nan)
         self.prev_err = torch.zeros_like(self.log_target)
-        self.integral = torch.zeros_like(self.log_target)
         self.stiffness = torch.tensor(list(stiffness) if stiffness is not None else [1.0] * len(targets),
                                       device=device, dtype=torch.float32)
         self.start = int(round(warmup_frac * total_steps))
@@ -120,8 +117,7 @@ class L0Controller:
         self.ema = torch.where(first, log_l0, self.ema + EMA * (log_l0 - self.ema))
         if self.rule == "quadratic":
             pull = (2 * ((log_l0 - self.log_target).exp() - 1)).clamp(QUAD_LOW, QUAD_HIGH)
-            self.integral = (self.integral + KQ * self.gain * lr_factor * pull).clamp(QUAD_LOW, QUAD_HIGH)
-            new = self.stiffness * (pull + self.integral)
+            new = self.stiffness * pull
             coeff.copy_(torch.where(self.steered, new, coeff))
             return
         err = self.ema - self.log_target
@@ -140,12 +136,11 @@ class L0Controller:
     # ------------------------------------------------------------ pack changes, checkpoints
     def select(self, keep: Sequence[int]) -> None:
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.log_target.device)
-        for name in ("log_target", "steered", "ema", "prev_err", "integral", "stiffness"):
+        for name in ("log_target", "steered", "ema", "prev_err", "stiffness"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone(),
-                "l0_control.integral": self.integral.clone()}
+        return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], rows: Sequence[int]) -> None:
         """Restore the moving average of the saved pack's ``rows`` (the members resumed here)."""
@@ -154,5 +149,3 @@ class L0Controller:
         idx = torch.tensor(list(rows), dtype=torch.long, device=self.ema.device)
         self.ema = tensors["l0_control.ema"].to(self.ema).index_select(0, idx)
         self.prev_err = tensors["l0_control.prev_err"].to(self.ema).index_select(0, idx)
-        if "l0_control.integral" in tensors:
-            self.integral = tensors["l0_control.integral"].to(self.ema).index_select(0, idx)
