@@ -1,6 +1,6 @@
-"""Shared by the seed's script names: run a saesweep subcommand with the script's arguments.
+"""Shared by the classic script names: run a saesweep subcommand with the script's arguments.
 
-The seed's lines start with a plain ``python scripts/...``. When that Python cannot import
+The classic command lines start with a plain ``python scripts/...``. When that Python cannot import
 saesweep (or what it needs, such as torch) and the project's ``.venv`` (made by
 ``bash scripts/setup.sh``) exists, the script runs itself again with ``.venv/bin/python`` and
 says so on stderr.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Approach 6: device-aware runner, round-robin distribution (saesweep sweep --policy round_robin).
 
-A thin shim over the `saesweep` command; every flag of the seed's command lines works here.
+A thin shim over the `saesweep` command; every flag of the classic command lines works here.
 """
 
 from _shim import run

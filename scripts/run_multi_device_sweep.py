@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Approach 5: multi-device scheduler, dynamic queue per device (saesweep sweep --policy dynamic).
 
-A thin shim over the `saesweep` command; every flag of the seed's command lines works here.
+A thin shim over the `saesweep` command; every flag of the classic command lines works here.
 """
 
 from _shim import run

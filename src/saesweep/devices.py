@@ -51,7 +51,7 @@ class DeviceInfo:
     select: Optional[dict] = field(default=None, hash=False, compare=False)
 
     def line(self) -> str:
-        """One line in the seed's style: ``Found CUDA device: cuda:0 (24.0GB) - NVIDIA RTX 4090``."""
+        """One line per device: ``Found CUDA device: cuda:0 (24.0GB) - NVIDIA RTX 4090``."""
         note = f" [not usable: {self.problem}]" if self.problem else ""
         if self.kind == "cuda":
             free = f", {self.free_bytes / GB:.1f}GB free" if self.free_bytes is not None else ""

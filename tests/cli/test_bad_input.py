@@ -1,5 +1,5 @@
 """Every bad input answers with exit code 2 and one line naming the field, flag or path, and
-writes nothing (issue 14's list)."""
+writes nothing."""
 
 import os
 import shutil

@@ -1,6 +1,6 @@
 """The ``saesweep`` command: the table of subcommands and the entry point.
 
-Flags use the seed's spelling (``--output_dir``, ``--max_parallel``); the dashed spelling
+Flags use the classic scripts' spelling (``--output_dir``, ``--max_parallel``); the dashed spelling
 (``--output-dir``) is accepted too. Bad input exits with code 2 and a one-line message that
 names the flag or field; nothing is started or written. Nothing here imports torch: each
 command's module imports what it needs when it runs.

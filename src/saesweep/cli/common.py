@@ -1,6 +1,6 @@
 """What every ``saesweep`` subcommand shares: the parser class, exit codes, flag helpers.
 
-Flags use the seed's spelling (``--output_dir``, ``--max_parallel``); the dashed spelling
+Flags use the classic scripts' spelling (``--output_dir``, ``--max_parallel``); the dashed spelling
 (``--output-dir``) is accepted too. Bad input exits with code 2 and a one-line message that
 names the flag or field; nothing is started or written.
 """

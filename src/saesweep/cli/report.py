@@ -109,7 +109,7 @@ def wandb_sweep_args(p) -> None:
     flag(p, "output", help="sweep YAML path (default: <agent_dir>/wandb_sweep_<type>.yaml)")
     flag(p, "method", choices=["grid", "random", "bayes"], help="W&B search method (default: from the spec's search)")
     flag(p, "metric", help="metric W&B optimises (default: the spec's first objective)")
-    flag(p, "spec", help="sweep spec YAML (default: ./saesweep.yaml if present, else the seed's grids)")
+    flag(p, "spec", help="sweep spec YAML (default: ./saesweep.yaml if present, else the default grids)")
     flag(p, "name", help="sweep name (default: the spec's)")
     flag(p, "no_create", action="store_true", help="only write the files; do not create the sweep on W&B")
     set_flag(p, "base config field for every run")

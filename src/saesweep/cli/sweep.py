@@ -25,7 +25,7 @@ def csv_list(value: str) -> list[str]:
 
 
 def spec_flags(p: argparse.ArgumentParser, *, types: bool = True) -> None:
-    flag(p, "spec", help="sweep spec YAML (default: ./saesweep.yaml if present, else the seed's grids)")
+    flag(p, "spec", help="sweep spec YAML (default: ./saesweep.yaml if present, else the default grids)")
     if types:
         flag(p, "sae_types", type=csv_list, help="comma-separated SAE types (default: all in the spec)")
     flag(p, "limit", type=positive_int, help="only the first N experiments")

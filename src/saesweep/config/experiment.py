@@ -1,7 +1,7 @@
 """Experiment configuration: frozen pydantic models that reject unknown keys; YAML in and out.
 
 One :class:`ExperimentConfig` describes one trial: which SAE and its hyperparameters (flat,
-with the seed's names: ``sae_type``, ``lr``, ``dict_size_ratio``, ``sparsity_coeff`` and the
+with the names of the classic sweep scripts: ``sae_type``, ``lr``, ``dict_size_ratio``, ``sparsity_coeff`` and the
 architecture-specific ``initial_beta``, ``final_beta``, ``input_dependent_gates``,
 ``aux_coeff``), where the activations come from (``source``), how to train (``train``) and
 evaluate (``eval``). Architecture-specific fields are declared by the architectures in

@@ -1,6 +1,6 @@
 """The sweep spec: the ONE place that defines grids, defaults and the search method.
 
-The seed's grids are the built-in default (48 / 288 / 144 / 432 = 912 experiments); a spec
+The architectures' own grids are the built-in default (48 / 288 / 144 / 432 = 912 experiments); a spec
 file (``--spec FILE``, or ``./saesweep.yaml`` when present) overrides any part of it. Every
 front end (config generator, runners, bash script, W&B sweeps, device schedulers) expands the
 same spec with :func:`expand`, so editing a grid happens here or in the spec file, nowhere else.
@@ -332,7 +332,7 @@ SPEC_FILE = "saesweep.yaml"
 
 
 def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> SweepSpec:
-    """The spec from ``path``, else ``./saesweep.yaml`` if present, else the seed's; then overrides.
+    """The spec from ``path``, else ``./saesweep.yaml`` if present, else the default grids; then overrides.
 
     ``overrides`` are top-level spec fields (``sae_types``, ``limit``, ``name``...) or dotted ones
     (``execution.max_parallel``, ``base.train.tokens``); ``None`` values are ignored.
@@ -356,7 +356,7 @@ def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> Swe
 
 def parse_spec(data: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
     if isinstance(data.get("grids"), dict):
-        # a spec lists only the grids it changes; the others stay the seed's
+        # a spec lists only the grids it changes; the others keep their defaults
         data = {**data, "grids": {**default_grids(), **data["grids"]}}
     try:
         spec = SweepSpec.model_validate(data)

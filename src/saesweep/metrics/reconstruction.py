@@ -1,4 +1,4 @@
-"""Evaluation of trained SAEs on held-out activations (DESIGN.md, "Metrics every trial reports").
+"""Evaluation of trained SAEs on held-out activations (the metrics every trial reports).
 
 Reconstruction metrics are computed on the normalised activations the SAE was trained on
 (E||x||^2 = 1, see :data:`saesweep.saes.base.LOSS_CONVENTION`), with evaluation-mode codes

@@ -20,8 +20,8 @@ from saesweep.saes.registry import HyperParam, all_hyperparams, declaration, get
 #: ``SSE + sparsity_coeff * penalty_scale * P + aux``, every term a mean over tokens of a sum
 #: (SSE = ||x - x_hat||^2 summed over dimensions). ``penalty_scale`` (a class attribute of
 #: each architecture: 1 for ReLU's L1 of the codes, 2 for Gated's sum of ReLU(pi_gate), 0.1 for
-#: the expected-L0 counts of the hard-concrete types) was measured so that the seed's
-#: coefficients 0.01-0.3 span dense to sparse on real activations.
+#: the expected-L0 counts of the hard-concrete types) is chosen so that the classic
+#: coefficients 0.01-0.3 span dense to sparse on real activations (benchmarks/README.md).
 #: Version 1 was ``MSE + sparsity_coeff * P / d`` on E||x||^2 = d.
 LOSS_CONVENTION = 2
 

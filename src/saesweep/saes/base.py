@@ -9,11 +9,11 @@ gradient of its own loss.
 
 Parameter names and layouts follow SAELens (``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is
 ``[d_sae, d_in]``, ``b_dec`` is subtracted from the input) so that exported weights load
-there unchanged. Decoder rows (DESIGN.md's "columns" of W_dec as a map R^m -> R^d) are kept
+there unchanged. Decoder rows (the "columns" of W_dec as a map R^m -> R^d) are kept
 at unit norm by :meth:`PackedSAE.normalize_decoder` after every optimiser step.
 
 Two implementations of a training step compute the same numbers: :meth:`PackedSAE.losses`
-(the math as written in DESIGN.md, differentiated by autograd: the reference, and the
+(the math as written, differentiated by autograd: the reference, and the
 fallback for an architecture that brings no fused step) and :meth:`PackedSAE._fused_rows`
 (hand-written gradients, see :mod:`.kernels`), which the trainer uses through
 :meth:`PackedSAE.train_step`. tests/saes/test_fused.py checks that they agree for every

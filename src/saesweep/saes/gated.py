@@ -146,10 +146,8 @@ class GatedSAE(GatedEncoder, PackedSAE):
     # memory hint: 7 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 9, 6
     #: P = sum ReLU(pi_gate) is a gate pre-activation, not a code magnitude (exp(r_mag) rescales
-    #: those), so per unit of coefficient it constrains less than ReLU's L1. Measured on
-    #: stories260K blocks.2 (ratio 16, lr 1e-3, 1.9M tokens, batch 512): weights 0.03 / 0.09 /
-    #: 0.3 / 0.9 gave L0 122 / 45 / 9.8 / 1.9; with 2 the seed's 0.01-0.3 map onto 0.02-0.6,
-    #: dense (L0 ~170) to sparse (L0 ~4) with two of the four values in L0 2-32.
+    #: those), so per unit of coefficient it constrains less than ReLU's L1; with 2 the classic
+    #: coefficients 0.01-0.3 span dense to sparse on real activations (benchmarks/README.md).
     penalty_scale = 2.0
 
     def _init_parameters(self) -> None:

@@ -55,13 +55,8 @@ RESAMPLE_GATE_SLOPE = 4.0
 #: log_alpha = -2.4 and decisive only several units beyond +-2.4, but Adam moves each weight
 #: by about lr per step whatever its gradient: at lr 1e-3 over a default run (3,900 steps)
 #: the logits barely left their start, the gates stayed half-open and noisy, and features died
-#: in droves. Measured on stories260K (ratio 16, lr 1e-3, 1.9M tokens, c = 0.01 / 0.03 / 0.1 /
-#: 0.3), hard concrete at 1x: L0 89 / 49 / 21 / 13, FVU 0.007 / 0.050 / 0.17 / 0.28, dead up to
-#: 39 %; at 10x (c = 0.1 / 0.3): L0 5.4 / 3.1, FVU 0.079 / 0.101; at 30x (c = 0.03 / 0.1):
-#: L0 13.5 / 5.9, FVU 0.043 / 0.065, no dead features; at 100x: L0 31 / 15 / 7.1 / 3.5, FVU
-#: 0.023 / 0.040 / 0.062 / 0.087, up to 13 % dead. Gated hard concrete at 30x: L0 13 / 6.5 / 2.1 /
-#: 1.6, FVU 0.059 / 0.073 / 0.083 / 0.095, dead <= 2 % (at 1x: L0 118 / 88 / 28 / 24, FVU 0.12 /
-#: 0.10 / 0.20 / 0.21).
+#: in droves. The scale that fixes it was chosen on real activations (benchmarks/README.md,
+#: "gate learning rate").
 GATE_LR_SCALE = 30.0
 
 
@@ -158,9 +153,8 @@ class HardConcreteGates:
 
     ``penalty_scale``: the expected-L0 penalty counts features (each open gate costs its
     weight per token) while the SSE of a unit-norm input is at most about 1, so a count needs a
-    much smaller weight than an L1 of magnitudes. Measured on stories260K blocks.2 (ratio 16,
-    lr 1e-3, 2M tokens), weights 3e-4 / 1e-3 / 3e-3 / 1e-2 gave L0 165 / 107 / 51 / 20 for the
-    hard-concrete SAE; 0.1 maps the seed's 0.01-0.3 onto 1e-3-3e-2, dense to sparse.
+    much smaller weight than an L1 of magnitudes: 0.1 maps the classic coefficients 0.01-0.3
+    onto 1e-3-3e-2, dense to sparse on real activations (benchmarks/README.md).
     """
 
     penalty_scale = 0.1

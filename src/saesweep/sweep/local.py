@@ -2,9 +2,9 @@
 
 Two policies share the engine (claims, leases, packs):
 
-* ``dynamic`` (the seed's multi-device scheduler) -- every worker pulls the next pack as soon
+* ``dynamic`` (the multi-device scheduler) -- every worker pulls the next pack as soon
   as it is free, so the load balances by itself;
-* ``round_robin`` (the seed's device-aware runner) -- the waiting trials are dealt to the
+* ``round_robin`` (the device-aware runner) -- the waiting trials are dealt to the
   devices in turn up front (the distribution is printed and stored with the sweep); each
   device's workers take only its trials. A trial nobody was dealt (queued or re-queued later)
   or one whose device ran out of memory on it may go to any device.

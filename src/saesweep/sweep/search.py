@@ -16,7 +16,7 @@ How a sampled sweep works:
   log-scaled when ``log: true``) and its own sampler history: a type's proposals only learn
   from the trials of that type;
 * every proposal is deterministic for ``search.seed`` and the sweep's history (each proposal
-  uses a fresh sampler seeded from the seed, the type and the trial's index);
+  uses a fresh sampler seeded from the config's seed, the type and the trial's index);
 * proposals are distinct experiments: a configuration the sweep already holds is re-sampled;
   when a finite (all-list) space has no configuration left, the type stops below its budget;
 * a worker that finds no waiting trial asks for up to ``pack_size`` new ones at once (TPE: its
@@ -88,7 +88,7 @@ def _order(v: Any):
 
 
 
-# ------------------------------------------------------------ sampled search (issue 6)
+# ------------------------------------------------------------------ sampled search
 #: after TPE's random start-up, at most this many trials are proposed at once (one pack)
 TPE_BATCH = 4
 #: re-sampling attempts before falling back to an unseen point of a finite space
@@ -239,7 +239,7 @@ def _unseen_point(spec, sae_type, space, seen, seed):
     return None
 
 
-# -------------------------------------------------------------------- pruning (issue 6)
+# ------------------------------------------------------------------------- pruning
 #: how often a pruning callback re-reads the other trials of the sweep
 PRUNING_REFRESH_S = 10.0
 

@@ -1,4 +1,4 @@
-"""W&B sweeps (the seed's approach 4) from the one sweep spec.
+"""W&B sweeps (the fourth way of running a sweep) from the one sweep spec.
 
 ``sweep_config(spec, sae_type)`` builds the W&B sweep configuration from the spec's grid for
 that type -- never from a copy of it: a list becomes ``values``, a ``Range`` a
