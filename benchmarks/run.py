@@ -199,7 +199,7 @@ def step_rate(sae_type: str, d: int, m: int, n: int, dev: torch.device, *, dtype
         bool(torch.isfinite(losses.total).all())
         clip_grad_norm_per_member(sae.parameters(), 1.0)
         opt.step(1.0)
-        sae.normalize_decoder()
+        sae.after_step()
 
     ts = timed(one, steps, dev, warmup=2)
     med, best = statistics.median(ts), min(ts)

@@ -63,3 +63,19 @@ def test_a_resampled_latent_starts_at_the_initial_threshold():
     x = torch.randn(512, 4, generator=torch.Generator().manual_seed(0))
     assert resample_member(sae, None, 0, x) >= 1
     assert sae.threshold[0, 3].item() == pytest.approx(0.01)
+
+
+def test_thresholds_stay_at_or_above_zero_and_keep_learning():
+    # Adam steps a threshold by about lr, more than it starts at: below zero it would hide behind
+    # the clamp and never get a gradient again
+    sae = saes.get("jumprelu")(4, 8, [{"sparsity_coeff": 0.0, "jumprelu_init_threshold": 0.001}], [0])
+    with torch.no_grad():
+        sae.threshold[0, :4] = -0.5  # as a step past zero would leave it
+    sae.after_step()
+    assert sae.threshold.min().item() == 0.0 and sae.threshold[0, 4:].tolist() == pytest.approx([0.001] * 4)
+    # at zero, a latent whose pre-activations sit in the kernel's band still moves its threshold
+    pre = torch.tensor([[[0.0002, 0.3]]])
+    theta = sae.threshold.detach()[:, None, :2].clone().requires_grad_()
+    gate, _ = JumpFn.apply(pre, theta.clamp_min(0), torch.tensor([[[0.001]]]))
+    gate.sum().backward()
+    assert theta.grad[0, 0, 0].item() < 0 and theta.grad[0, 0, 1].item() == 0

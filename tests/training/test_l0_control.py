@@ -53,8 +53,11 @@ def test_the_quadratic_rule_sets_the_penalty_gradient_within_its_bounds():
 
 @pytest.mark.parametrize("sae_type", ["jumprelu", "gated_hard_concrete"])
 def test_the_quadratic_rule_reaches_each_members_target(tiny_cfg, sae_type):
+    # the synthetic world's reconstruction pulls harder than real activations': a stiffer
+    # penalty than the default keeps the quadratic rule's offset small
     targets = (3.0, 8.0)
-    cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 300_000}) for t in targets]
+    cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 300_000}).with_updates(initial_coeff=1.0)
+            for t in targets]
     for t, r in zip(targets, saesweep.run_pack(cfgs)):
         assert r.ok, r.reason
         assert abs(r.metrics["l0_error"]) < 0.2, (t, r.metrics["l0"])
@@ -144,6 +147,16 @@ def test_a_frontier_search_spreads_targets_over_the_l0_range():
     assert [c.k for c in cfgs if c.sae_type == "topk"] == [4, 16, 64]
     with pytest.raises(ConfigError, match="l0_range"):
         parse_spec({"search": {"method": "grid", "l0_range": [4, 64]}})
+
+
+def test_a_grid_may_sweep_the_controllers_start_with_its_targets():
+    from saesweep.config.sweep import expand, parse_spec
+
+    spec = parse_spec({"sae_types": ["jumprelu"],
+                       "grids": {"jumprelu": {"target_l0": [8, 16], "initial_coeff": [0.3, 1.0]}}})
+    assert sorted((c.target_l0, c.initial_coeff) for c in expand(spec)) == [(8, 0.3), (8, 1.0), (16, 0.3), (16, 1.0)]
+    with pytest.raises(ConfigError, match="initial_coeff"):  # without a target it means nothing
+        parse_spec({"sae_types": ["jumprelu"], "grids": {"jumprelu": {"initial_coeff": [0.3]}}})
 
 
 def test_the_summary_lists_every_type_per_target_and_names_a_missed_target():

@@ -364,7 +364,12 @@ def parse_spec(data: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
     for t in spec.sae_types:  # the base config, and every grid value, must be valid for each type
         parse_config({**spec.base_for(t), "sae_type": t}, where=f"{where}: base")
-        for p, space in spec.grids[t].items():
-            for v in space if isinstance(space, list) else [space.low, space.high]:
-                spec.base_config(t, **{p: v})
+        # each value with the other axes at their first value: some fields need another
+        # (initial_coeff needs target_l0)
+        values = {p: space if isinstance(space, list) else [space.low, space.high]
+                  for p, space in spec.grids[t].items()}
+        first = {p: vs[0] for p, vs in values.items() if vs}
+        for p, vs in values.items():
+            for v in vs:
+                spec.base_config(t, **{**first, p: v})
     return spec

@@ -329,6 +329,12 @@ class PackedSAE(nn.Module):
 
     # ---------------------------------------------------------------- maintenance
     @torch.no_grad()
+    def after_step(self) -> None:
+        """The constraints the parameters keep, restored after every optimiser step: unit-norm
+        decoder rows (an architecture with its own constraints extends this)."""
+        self.normalize_decoder()
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 

@@ -68,6 +68,7 @@ class JumpReLUSAE(PackedSAE):
     # gradient again (the kernel's band is empty), so the coefficient follows the quadratic
     # penalty, which turns negative below the target instead of overshooting it
     l0_rule = "quadratic"
+    initial_coeff = 1.0
     hyperparams = {
         "jumprelu_init_threshold": HyperParam(float, 0.001, "every latent's threshold at the start"),
         "jumprelu_bandwidth": HyperParam(float, 0.001, "width of the straight-through estimator's kernel"),
@@ -79,6 +80,15 @@ class JumpReLUSAE(PackedSAE):
         init = self._member_tensor("jumprelu_init_threshold", 0.001)
         self._param("threshold", init[:, None].expand(self.n, self.d_sae).clone())
         self.register_buffer("bandwidth", self._member_tensor("jumprelu_bandwidth", 0.001))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Thresholds stay at or above zero. Adam moves a threshold by about lr per step, more
+        than its start; below zero the latent would be a plain ReLU whose threshold, behind the
+        clamp, never gets a gradient again: neither the penalty nor the reconstruction could
+        move it back."""
+        super().after_step()
+        self.threshold.clamp_(min=0)
 
     def reinit_features(self, row: int, idx: Tensor, dirs: Tensor, window: Tensor) -> None:
         """A resampled latent starts at the initial threshold (the generic reset sets 0)."""

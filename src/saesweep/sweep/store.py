@@ -57,8 +57,6 @@ from saesweep.metrics.registry import current_names
 from saesweep.sweep.backends import SweepLock, open_storage
 from saesweep.sweep.urls import redact
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
                                             TrialState.FAIL, TrialState.PRUNED)
 LEASE_ATTR = "saesweep:heartbeat"
@@ -110,6 +108,8 @@ class SweepStore:
     """Trials, states, leases, metrics and artifact paths of one sweep."""
 
     def __init__(self, url: str, name: str, *, directions: Optional[Sequence[str]] = None, create: bool = True) -> None:
+        # optuna announces every trial it creates; a sweep creates hundreds
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.name = url, name
         self.kind, self.path, self.storage = open_storage(url, create=create)
         self.lock = SweepLock(self.kind, self.path, self.storage, name)

@@ -204,7 +204,7 @@ def train_pack(
                 clip_grad_norm_per_member(sae.parameters(), tc.grad_clip)
             lrf = lr_factor(step, total, tc)
             opt.step(lrf)
-            sae.normalize_decoder()
+            sae.after_step()
             if control is not None and control.due(step):
                 control.update(sae.sparsity_coeff, control.measure(sae, x), lrf)
             if resampler is not None:
