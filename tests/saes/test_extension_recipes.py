@@ -23,7 +23,7 @@ MODULE = textwrap.dedent('''
 
     import torch
 
-    from saesweep.saes.base import HyperParam, PackedSAE
+    from saesweep.saes.base import HyperParam, PackedSAE, Step
     from saesweep.saes.registry import register
 
 
@@ -41,7 +41,7 @@ MODULE = textwrap.dedent('''
         def _forward(self, x, *, train, progress):
             f = torch.relu(torch.matmul(self.centered(x), self.W_enc) + self.b_enc[:, None, :])
             p = torch.tensor([float(h["p_exponent"]) for h in self.hp], device=x.device)[:, None, None]
-            return f, (f + 1e-6).pow(p).sum(-1).mean(-1), x.new_zeros(self.n)
+            return Step(f, (f + 1e-6).pow(p).sum(-1).mean(-1))
 ''')
 
 LOAD = ("import sys, pathlib, torch\n"

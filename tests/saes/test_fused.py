@@ -86,6 +86,10 @@ def test_fused_step_equals_autograd(sae_type, extra, plan):
     losses, grads = step(sae, x, plan)
     for k in ("total", "mse", "sparsity", "aux", "l0"):
         torch.testing.assert_close(getattr(losses, k), getattr(ref_losses, k), rtol=1e-5, atol=1e-6, msg=k)
+    # the auxiliary terms, by the names the architecture declares
+    assert list(losses.terms) == list(ref_losses.terms) == list(type(sae).aux_terms)
+    for k in ref_losses.terms:
+        torch.testing.assert_close(losses.terms[k], ref_losses.terms[k], rtol=1e-5, atol=1e-6, msg=k)
     for k, g in ref.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=k)
 

@@ -48,7 +48,8 @@ def test_penalty_is_the_l0_and_the_threshold_is_exported():
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     x = torch.tensor([[1.0, 0.2], [0.7, 0.9]])
-    f, penalty, _ = sae._forward(x, train=True, progress=0.0)
+    step = sae._forward(x, train=True, progress=0.0)
+    f, penalty = step.codes, step.penalty
     torch.testing.assert_close(f[0], torch.tensor([[1.0, 0.0], [0.7, 0.9]]))
     assert penalty.item() == pytest.approx(1.5)  # (1 + 2) / 2 tokens
     torch.testing.assert_close(sae.member_state(0)["threshold"], torch.tensor([0.5, 0.5]))

@@ -9,7 +9,7 @@ from saesweep import saes
 from saesweep.config.experiment import parse_config
 from saesweep.config.sweep import expand, parse_spec, sweepable
 from saesweep.export import load_sae
-from saesweep.saes.base import PackedSAE
+from saesweep.saes.base import PackedSAE, Step
 from saesweep.saes.registry import HyperParam, register, unregister
 from saesweep.training.run import run_pack
 
@@ -25,13 +25,12 @@ class TopKLite(PackedSAE):
         self._init_decoder_and_encoder("W_enc")
         self._param("b_enc", self._zeros(self.d_sae))
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         pre = torch.relu(torch.matmul(self.centered(x), self.W_enc) + self.b_enc[:, None, :])
         k = int(self.hp[0]["k"])
         top = pre.topk(k, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-        zero = x.new_zeros(self.n)
-        return f, zero, zero
+        return Step(f, x.new_zeros(self.n))
 
     def saelens_extra_cfg(self, i: int) -> dict:
         return {"k": int(self.hp[i]["k"])}

@@ -56,7 +56,7 @@ def test_auxk_trains_only_through_dead_latents():
     sae = hand_sae(k=(1,))
     x = torch.tensor([[1.0, 2.0], [2.0, -1.0]])
     sae.since_fired.copy_(torch.tensor([[0.0, 4.0, 0]]))  # latent 1 dead; it never wins the top-1
-    f, _, aux = sae._forward(x, train=True, progress=0.0)
+    aux = sae._forward(x, train=True, progress=0.0).aux["auxk"]
     aux.sum().backward()
     g = sae.W_enc.grad[0]
     assert g[:, 1].abs().sum() > 0 and g[:, 0].abs().sum() == 0 and g[:, 2].abs().sum() == 0

@@ -66,6 +66,8 @@ def test_a_real_sweep_writes_one_offline_run_per_trial(tmp_path, offline):
         steps = [h["_step"] for h in r["history"]]
         assert steps == list(range(len(steps))) and len(steps) == 2
         assert all("train/loss" in h and "train/mse" in h and "train/l0" in h for h in r["history"])
+        if tid.startswith("gated"):  # an auxiliary term, by its name
+            assert all("train/gate_aux" in h for h in r["history"])
         # final metrics and where it ran, equal to saesweep's own results
         s = r["summary"]
         for k in ("fvu", "l0", "dead_fraction", "feature_f1", "tokens_per_s"):

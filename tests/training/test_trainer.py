@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import saesweep
+from saesweep import saes
 from saesweep.data import open_source
 from saesweep.metrics.recovery import world_recovery
 from saesweep.training.trainer import build_sae, lr_factor, sparsity_factor, train_pack
@@ -43,6 +44,10 @@ def test_every_type_trains_to_a_sensible_fvu(tiny_cfg, sae_type):
     assert m["fvu"] < 0.5 and 0 < m["l0"] < 64
     log = [json.loads(line) for line in (r.run_dir / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
+    # every auxiliary term is logged by its name, and they add up to the logged aux
+    names = saes.get(sae_type).aux_terms
+    assert all(sum(rec[n] for n in names) == pytest.approx(rec["aux"], rel=1e-5, abs=1e-7) for rec in log)
+    assert ("gate_aux" in log[0]) == sae_type.startswith("gated")
 
 
 def test_run_folder_contents(tiny_cfg):

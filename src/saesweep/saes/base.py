@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
@@ -36,14 +36,36 @@ from saesweep.saes.registry import HyperParam
 
 
 @dataclass
+class Step:
+    """What an architecture's forward pass gives the loss: its codes and its loss terms.
+
+    The loss of every member is ``SSE + sparsity_coeff * penalty_scale * penalty + sum(aux)``
+    (LOSS_CONVENTION); each auxiliary term is named (the architecture lists the names in
+    ``aux_terms``) so that the training log and W&B show it by name."""
+
+    codes: Tensor  #: ``[n, B, d_sae]``
+    penalty: Tensor  #: ``[n]``: P per token, summed over features, before its coefficient
+    aux: dict[str, Tensor] = field(default_factory=dict)  #: name -> ``[n]``, weighted, per token
+
+
+@dataclass
 class Losses:
     """Per-member loss terms of one step, each a tensor of shape ``[n]``."""
 
     total: Tensor
     mse: Tensor
     sparsity: Tensor  # the penalty P (per token, summed over features), before its coefficient
-    aux: Tensor
+    aux: Tensor  # the sum of the named auxiliary terms
     l0: Optional[Tensor]  # mean number of non-zero codes per token (training codes); None when not asked
+    terms: dict[str, Tensor] = field(default_factory=dict)  # the auxiliary terms by name
+
+    def detached(self) -> "Losses":
+        return self.map(lambda t: t.detach())
+
+    def map(self, fn) -> "Losses":
+        """A copy with ``fn`` applied to every tensor (the per-member selection, detaching)."""
+        return Losses(total=fn(self.total), mse=fn(self.mse), sparsity=fn(self.sparsity), aux=fn(self.aux),
+                      l0=None if self.l0 is None else fn(self.l0), terms={k: fn(v) for k, v in self.terms.items()})
 
 
 def mse_per_member(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -66,6 +88,9 @@ class PackedSAE(nn.Module):
     fused: ClassVar[bool] = False
     #: factor between ``sparsity_coeff`` and the weight of the penalty P (see LOSS_CONVENTION)
     penalty_scale: ClassVar[float] = 1.0
+    #: the names of the auxiliary loss terms the forward pass (:class:`Step`) and the fused step
+    #: give, logged under these names
+    aux_terms: ClassVar[tuple[str, ...]] = ()
     #: where the L0 controller starts the coefficient of a member trained for a ``target_l0``
     #: without an ``initial_coeff``: about the middle of the architecture's useful range
     initial_coeff: ClassVar[float] = 0.1
@@ -180,7 +205,7 @@ class PackedSAE(nn.Module):
     # ---------------------------------------------------------------------- the math
     def encode(self, x: Tensor, *, train: bool = False, progress: float = 1.0) -> Tensor:
         """Codes ``f`` of shape ``[n, B, d_sae]`` for inputs ``x`` of shape ``[B, d_in]``."""
-        return self._forward(x, train=train, progress=progress)[0]
+        return self._forward(x, train=train, progress=progress).codes
 
     def decode(self, f: Tensor) -> Tensor:
         return torch.matmul(f, self.W_dec) + self.b_dec[:, None, :]
@@ -189,10 +214,8 @@ class PackedSAE(nn.Module):
         """x - b_dec for every member: ``[n, B, d_in]``."""
         return x - self.b_dec[:, None, :]
 
-    def _forward(
-        self, x: Tensor, *, train: bool, progress: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (codes f, penalty P per member [n], aux loss per member [n])."""
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
+        """The codes and the loss terms (see :class:`Step`); out of training the terms may be zeros."""
         raise NotImplementedError
 
     def penalty_weight(self, sparsity_scale: float = 1.0) -> Tensor:
@@ -215,13 +238,15 @@ class PackedSAE(nn.Module):
         ``progress`` in [0, 1] drives schedules owned by the architecture (beta annealing);
         ``sparsity_scale`` is the trainer's sparsity warm-up factor.
         """
-        f, penalty, aux = self._forward(x, train=True, progress=progress)
-        x_hat = self.decode(f)
-        mse = mse_per_member(x, x_hat)
-        total = self.total_loss(mse, penalty, aux, sparsity_scale)
+        step = self._forward(x, train=True, progress=progress)
+        f = step.codes
+        mse = mse_per_member(x, self.decode(f))
+        terms = {name: step.aux[name] for name in self.aux_terms}
+        aux = sum(terms.values(), torch.zeros_like(mse))
+        total = self.total_loss(mse, step.penalty, aux, sparsity_scale)
         with torch.no_grad():
             l0 = (f != 0).float().sum(-1).mean(-1)
-        return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0)
+        return Losses(total=total, mse=mse, sparsity=step.penalty, aux=aux, l0=l0, terms=terms)
 
     # ------------------------------------------------------------------ training step
     def train_step(
@@ -248,14 +273,16 @@ class PackedSAE(nn.Module):
             if p.grad is None or p.grad.shape != p.shape:
                 p.grad = torch.zeros_like(p)
         cdt = compute_dtype(dtype)
-        out = torch.zeros(4, self.n, dtype=torch.float32, device=x.device)  # mse, P, aux, l0
+        # mse, P, aux (their sum), l0, then each named auxiliary term
+        out = torch.zeros(4 + len(self.aux_terms), self.n, dtype=torch.float32, device=x.device)
         groups = [slice(i, i + 1) for i in range(self.n)] if plan.mode == "loop" else [slice(0, self.n)]
         with torch.no_grad():
             for rows in groups:
                 self._fused_rows(x, rows, plan.chunk, cdt, float(progress), float(sparsity_scale), stats, out[:, rows])
-        mse, penalty, aux, l0 = out
+        mse, penalty, aux, l0 = out[:4]
         total = self.total_loss(mse, penalty, aux, sparsity_scale)
-        return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0 if stats else None)
+        terms = dict(zip(self.aux_terms, out[4:]))
+        return Losses(total=total, mse=mse, sparsity=penalty, aux=aux, l0=l0 if stats else None, terms=terms)
 
     def _autograd_step(self, x: Tensor, progress: float, sparsity_scale: float, dtype: str) -> Losses:
         """The reference step: :meth:`losses` under autocast, then autograd."""
@@ -267,14 +294,15 @@ class PackedSAE(nn.Module):
             losses = self.losses(x, progress=progress, sparsity_scale=sparsity_scale)
         finite = torch.isfinite(losses.total.detach())
         losses.total[finite].sum().backward()  # a non-finite member must not poison the others
-        return Losses(**{k: getattr(losses, k).detach() for k in ("total", "mse", "sparsity", "aux", "l0")})
+        return losses.detached()
 
     def _fused_rows(
         self, x: Tensor, rows: slice, chunk: Optional[int], cdt: torch.dtype, progress: float,
         sparsity_scale: float, stats: bool, out: Tensor,
     ) -> None:
-        """Gradients of members ``rows`` into ``.grad[rows]``; ``out[:, j]`` = (mse, P, aux, l0)
-        of member ``rows.start + j``. Implemented by the architectures that set ``fused``."""
+        """Gradients of members ``rows`` into ``.grad[rows]``; ``out[:, j]`` = (mse, P, aux, l0,
+        the named auxiliary terms) of member ``rows.start + j`` (:meth:`_write_stats` fills it).
+        Implemented by the architectures that set ``fused``."""
         raise NotImplementedError
 
     def _ws(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -291,16 +319,21 @@ class PackedSAE(nn.Module):
         tmp_d = self._ws("tmp_d", (k, d, m), cdt) if mixed else None
         return g_enc, g_dec, tmp_e, tmp_d
 
-    @staticmethod
-    def _write_stats(out: Tensor, B: int, d: int, sse: Tensor, penalty: Tensor, nnz: Tensor,
-                     aux: Optional[Tensor] = None) -> None:
-        """Per-token means into ``out`` = (mse, P, aux, l0) from the sums over a batch of B
-        (``mse`` per element; ``aux`` = the weighted auxiliary SSE summed over the batch)."""
+    def _write_stats(self, out: Tensor, B: int, d: int, sse: Tensor, penalty: Tensor, nnz: Tensor,
+                     aux: Optional[Mapping[str, Tensor]] = None) -> None:
+        """Per-token means into ``out`` = (mse, P, aux, l0, each auxiliary term) from the sums over
+        a batch of B (``mse`` per element; ``aux``: every name of ``aux_terms`` -> its weighted
+        sum over the batch)."""
         out[0] = sse / (B * d)
         out[1] = penalty / B
-        if aux is not None:
-            out[2] = aux / B
         out[3] = nnz / B
+        aux = aux or {}
+        if set(aux) != set(self.aux_terms):
+            raise ValueError(f"{self.name}: the fused step wrote the terms {sorted(aux)}, "
+                             f"its aux_terms are {sorted(self.aux_terms)}")
+        for j, name in enumerate(self.aux_terms):
+            out[4 + j] = aux[name] / B
+            out[2] += out[4 + j]
 
     def _centered_ones(self, x: Tensor, b_dec: Tensor, cdt: torch.dtype) -> Tensor:
         """``[k, B, d + 1]``: x - b_dec of each member with a column of ones (bias folding)."""

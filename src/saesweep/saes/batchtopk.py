@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from saesweep.saes.base import PackedSAE
+from saesweep.saes.base import PackedSAE, Step
 from saesweep.saes.registry import register
 from saesweep.saes.topk import AUXK_PARAMS, K_PARAM, AuxK
 
@@ -126,8 +126,8 @@ class BatchTopKSAE(BatchTopKCodes, PackedSAE):
     def _init_parameters(self) -> None:
         self._init_batchtopk()
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         pre = self.pre_activations(x)
         f = self.codes(pre, train)
         aux = self.auxk_loss(x, pre, f) if train else x.new_zeros(self.n)
-        return f, x.new_zeros(self.n), aux
+        return Step(f, x.new_zeros(self.n), {"auxk": aux})

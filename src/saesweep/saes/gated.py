@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from saesweep.saes.base import HyperParam, PackedSAE, mse_per_member
+from saesweep.saes.base import HyperParam, PackedSAE, Step, mse_per_member
 from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
@@ -28,6 +28,9 @@ AUX_PARAM = {
 
 class GatedEncoder:
     """Mixin: the gated encoder's parameters and paths, shared with gated hard-concrete."""
+
+    #: the gate path's reconstruction term (``aux_coeff``)
+    aux_terms = ("gate_aux",)
 
     def _init_gated(self: PackedSAE, gate_std: Optional[float] = None) -> None:
         """Encoder as the base class initialises it; with ``gate_std`` (hard-concrete gates, whose
@@ -153,13 +156,13 @@ class GatedSAE(GatedEncoder, PackedSAE):
     def _init_parameters(self) -> None:
         self._init_gated()
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         pi_gate, f_mag = self.gate_and_magnitude(x)
         f = (pi_gate > 0).to(f_mag.dtype) * f_mag
         if not train:
-            return f, x.new_zeros(self.n), x.new_zeros(self.n)
+            return Step(f, x.new_zeros(self.n))
         relu_gate = torch.relu(pi_gate)
-        return f, relu_gate.sum(-1).mean(-1), self.aux_loss(x, relu_gate)
+        return Step(f, relu_gate.sum(-1).mean(-1), {"gate_aux": self.aux_loss(x, relu_gate)})
 
     def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
         """With e = 2 (x_hat - x) / B, e_aux = aux_coeff 2 (r_aux - x) / B, kappa = c s / B:
@@ -208,4 +211,4 @@ class GatedSAE(GatedEncoder, PackedSAE):
             threshold_backward(GA, PI, 0.0, grad_input=GA)  # g_pi
             self._chunk_grads(i == 0, xs, GA, H, F, E, er_c, acc, db_gate, nnz, stats)
         self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
-        self._write_stats(out, B, d, sse, penalty, nnz, aux=aux_c * sse_aux)
+        self._write_stats(out, B, d, sse, penalty, nnz, {"gate_aux": aux_c * sse_aux})

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from saesweep.saes.base import PackedSAE
+from saesweep.saes.base import PackedSAE, Step
 from saesweep.saes.gated import AUX_PARAM, GatedEncoder
 from saesweep.saes.hard_concrete import (
     BETA_PARAMS,
@@ -71,13 +71,13 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
         at the gated SAE's weight (1 x the SSE) it closed every gate on stories260K."""
         return self.aux_coeff / self.d_in
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         pi_gate, f_mag = self.gate_and_magnitude(x)
         beta = self.beta(progress)
         z = gates(pi_gate, beta, self.noise, train)
         if not train:
-            return z * f_mag, x.new_zeros(self.n), x.new_zeros(self.n)
-        return z * f_mag, expected_l0(pi_gate, beta), self.aux_loss(x, z)
+            return Step(z * f_mag, x.new_zeros(self.n))
+        return Step(z * f_mag, expected_l0(pi_gate, beta), {"gate_aux": self.aux_loss(x, z)})
 
     def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
         """With e = 2 (x_hat - x) / B, e_aux = aux_coeff 2 (z W_dec + b_dec - x) / B:
@@ -125,4 +125,4 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
             penalty += fused_penalty(G2, U, PI, beta, kappa)  # G2 = g_pi
             self._chunk_grads(i == 0, xs, G2, G1, F, E, er_c, acc, db_gate, nnz, stats)
         self._gated_grads(rows, g_wea, g_wdt, db_mag, er, sum_diff.mul_(two_s), db_gate)
-        self._write_stats(out, B, d, sse, penalty, nnz, aux=aux_c * sse_aux)
+        self._write_stats(out, B, d, sse, penalty, nnz, {"gate_aux": aux_c * sse_aux})

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.base import HyperParam, PackedSAE, Step
 from saesweep.saes.kernels import (
     bmm,
     bmm_acc,
@@ -250,13 +250,13 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
             return torch.matmul(xc, self.W_gate) + self.b_gate[:, None, :]
         return self.log_alpha[:, None, :].expand(self.n, xc.shape[1], self.d_sae)
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         xc = self.centered(x)
         beta = self.beta(progress)
         log_alpha = self.log_alpha_of(xc)
         f_mag = torch.relu(torch.matmul(xc, self.W_mag) + self.b_mag[:, None, :])
         z = gates(log_alpha, beta, self.noise, train)
-        return z * f_mag, expected_l0(log_alpha, beta), x.new_zeros(self.n)
+        return Step(z * f_mag, expected_l0(log_alpha, beta))
 
     def saelens_extra_cfg(self, i: int) -> dict:
         return {**super().saelens_extra_cfg(i), "input_dependent_gates": self.input_dependent}

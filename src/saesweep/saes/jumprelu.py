@@ -29,7 +29,7 @@ from torch import Tensor
 
 from typing import Optional
 
-from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.base import HyperParam, PackedSAE, Step
 from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
@@ -94,12 +94,12 @@ class JumpReLUSAE(PackedSAE):
         """A resampled latent starts at the initial threshold (the generic reset sets 0)."""
         self.threshold.data[row, idx] = float(self.hp[row].get("jumprelu_init_threshold", 0.001))
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32 pre (see _fused_rows)
             pre = torch.matmul(self.centered(x).float(), self.W_enc.float()) + self.b_enc[:, None, :]
         theta = self.threshold.clamp_min(0)[:, None, :]
         gate, f = JumpFn.apply(pre, theta, self.bandwidth[:, None, None])
-        return f, gate.sum(-1).mean(-1), x.new_zeros(self.n)
+        return Step(f, gate.sum(-1).mean(-1))
 
     def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
         """With e = 2 (x_hat - x) / B, D = pre - theta, kappa the penalty's weight per token,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.base import HyperParam, PackedSAE, Step
 from saesweep.saes.batchtopk import BatchTopKCodes
 from saesweep.saes.hparam_types import GroupFractions, parse_fractions
 from saesweep.saes.kernels import bmm, bmm_acc, threshold_backward
@@ -37,6 +37,8 @@ from saesweep.saes.topk import AUXK_PARAMS, K_PARAM
 class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
     name = "matryoshka"
     order = 7
+    #: every prefix but the whole dictionary reconstructs on its own; AuxK as TopK's
+    aux_terms = ("prefix_sse", "auxk")
     grid = {"k": [8, 16, 32, 64]}
     saelens_architecture = "jumprelu"
     hyperparams = {
@@ -68,9 +70,9 @@ class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
 
     def _fused_decode(self, F: Tensor, wd: Tensor, offset: Tensor, x: Tensor, two_s: float, R: Tensor, E: Tensor,
                       G: Tensor, g_wdt: Tensor, first: bool, tmp_d: Optional[Tensor], sse: Tensor,
-                      sum_diff: Tensor, aux_sum: Tensor) -> Tensor:
+                      sum_diff: Tensor, prefix_sum: Tensor) -> Tensor:
         """Every prefix's error ``e_j`` (cumulative per-group decodes), the full one's SSE in
-        ``sse`` and the others' in ``aux_sum``; then, from the last group back, the suffix sum
+        ``sse`` and the others' in ``prefix_sum``; then, from the last group back, the suffix sum
         ``S_g = sum_{j >= g} e_j`` gives group g's ``G = 2 S_g W_dec[g]^T / B`` and
         ``dW_dec[g] = F[g]^T 2 S_g / B``; b_dec's error sum is ``S_1``'s."""
         groups = list(zip(self.bounds[:-1], self.bounds[1:]))
@@ -82,7 +84,7 @@ class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
         diff = errors[-1]
         sse += diff.square().sum((1, 2))
         for e in errors[:-1]:
-            aux_sum += e.square().sum((1, 2))
+            prefix_sum += e.square().sum((1, 2))
         suffix = diff.clone()
         for g in range(len(groups) - 1, -1, -1):
             if g < len(groups) - 1:
@@ -95,9 +97,9 @@ class MatryoshkaSAE(BatchTopKCodes, PackedSAE):
         threshold_backward(G, F, 0.0, grad_input=G)
         return diff
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         pre = self.pre_activations(x)
         f = self.codes(pre, train)
         if not train:
-            return f, x.new_zeros(self.n), x.new_zeros(self.n)
-        return f, x.new_zeros(self.n), self.prefix_sse(x, f) + self.auxk_loss(x, pre, f)
+            return Step(f, x.new_zeros(self.n))
+        return Step(f, x.new_zeros(self.n), {"prefix_sse": self.prefix_sse(x, f), "auxk": self.auxk_loss(x, pre, f)})

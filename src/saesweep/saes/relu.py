@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from saesweep.saes.base import PackedSAE
+from saesweep.saes.base import PackedSAE, Step
 from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
@@ -26,12 +26,12 @@ class ReLUSAE(PackedSAE):
         self._init_decoder_and_encoder("W_enc")
         self._param("b_enc", self._zeros(self.d_sae))
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         f = torch.matmul(self.centered(x), self.W_enc).add_(self.b_enc[:, None, :]).relu_()
         zero = x.new_zeros(self.n)
         if not train:  # evaluation computes its own L1; this pass was a tenth of it
-            return f, zero, zero
-        return f, f.sum(-1).mean(-1), zero  # f >= 0, so |f| = f
+            return Step(f, zero)
+        return Step(f, f.sum(-1).mean(-1))  # f >= 0, so |f| = f
 
     def _fused_rows(self, x, rows, chunk: Optional[int], cdt, progress, sparsity_scale, stats, out) -> None:
         """Per token, with e = dL/dx_hat = 2 (x_hat - x) / B and kappa = c s / B (:meth:`_step_scales`):

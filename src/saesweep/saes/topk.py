@@ -29,7 +29,7 @@ from torch import Tensor
 
 from typing import Optional
 
-from saesweep.saes.base import HyperParam, PackedSAE
+from saesweep.saes.base import HyperParam, PackedSAE, Step
 from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
@@ -58,6 +58,7 @@ class AuxK:
 
     uses_sparsity_coeff = False
     fused = True
+    aux_terms = ("auxk",)
     # memory hint: the ReLU step's buffers plus the code buffer and AuxK's
     train_wide, eval_wide = 7, 6
 
@@ -116,7 +117,7 @@ class AuxK:
 
     def _fused_decode(self, F: Tensor, wd: Tensor, offset: Tensor, x: Tensor, two_s: float, R: Tensor, E: Tensor,
                       G: Tensor, g_wdt: Tensor, first: bool, tmp_d: Optional[Tensor], sse: Tensor,
-                      sum_diff: Tensor, aux_sum: Tensor) -> Tensor:
+                      sum_diff: Tensor, prefix_sum: Tensor) -> Tensor:
         """The reconstruction's part of the fused step for one chunk: ``G`` = dL/dF where F > 0,
         ``W_dec``'s gradient accumulated (transposed) into ``g_wdt``, the sums updated (SSE, the
         error summed over tokens for b_dec); returns ``x_hat - x`` (float32)."""
@@ -167,7 +168,8 @@ class AuxK:
         g_wea, g_wdt, tmp_e, tmp_d = self._grad_accumulators(k, d, m, cdt)
         two_s = 2.0 / B
         sse = x.new_zeros(k)
-        aux_sum = x.new_zeros(k)  # the weighted auxiliary SSEs (AuxK; Matryoshka's prefixes)
+        aux_sum = x.new_zeros(k)  # the weighted AuxK SSE
+        prefix_sum = x.new_zeros(k)  # Matryoshka's prefixes' SSEs
         nnz = x.new_zeros(k)
         fired = x.new_zeros(k, m)
         sum_diff = x.new_zeros(k, d)
@@ -187,7 +189,7 @@ class AuxK:
             latent = idx if vals.shape[1] == t else idx % m
             fired.scatter_add_(-1, latent.flatten(1), (vals > 0).flatten(1).to(f32))
             diff = self._fused_decode(Fc, wd, offset, x[s0:s1], two_s, R, E, G, g_wdt, i == 0, tmp_d,
-                                      sse, sum_diff, aux_sum)
+                                      sse, sum_diff, prefix_sum)
             if use_aux:
                 Ac, GA, EA = A[:, :t], ga[:, :t], ea[:, :t]
                 avals, aidx = P.masked_fill(~dead[:, None, :], float("-inf")).topk(kax, dim=-1, sorted=True)
@@ -211,7 +213,8 @@ class AuxK:
         self.W_dec.grad[rows].copy_(g_wdt.transpose(1, 2))
         self.b_dec.grad[rows].copy_(sum_diff.mul_(two_s).sub_(torch.bmm(W_enc, db_enc[..., None])[..., 0]))
         self.since_fired[rows].add_(B).masked_fill_(fired > 0, 0)
-        self._write_stats(out, B, d, sse, x.new_zeros(k), nnz, aux_sum)
+        terms = {"auxk": aux_sum, "prefix_sse": prefix_sum}
+        self._write_stats(out, B, d, sse, x.new_zeros(k), nnz, {t: terms[t] for t in self.aux_terms})
 
 
 @register
@@ -226,11 +229,11 @@ class TopKSAE(AuxK, PackedSAE):
         self._init_encoder()
         self._init_auxk()
 
-    def _forward(self, x: Tensor, *, train: bool, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, x: Tensor, *, train: bool, progress: float) -> Step:
         pre = self.pre_activations(x)
         f = keep_top(pre, self.k)
         aux = self.auxk_loss(x, pre, f) if train else x.new_zeros(self.n)
-        return f, x.new_zeros(self.n), aux
+        return Step(f, x.new_zeros(self.n), {"auxk": aux})
 
     def saelens_extra_cfg(self, i: int) -> dict:
         return {"k": int(self.k[i])}

@@ -31,8 +31,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-#: training-log keys sent to W&B (under ``train/``), in this order
-LOG_KEYS = ("loss", "mse", "sparsity", "aux", "l0", "lr")
+#: training-log keys that are not sent under ``train/`` (every other numeric one is: the losses,
+#: each auxiliary term by its name, lr, the steered coefficient)
+NOT_LOGGED = ("step", "tokens")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
@@ -146,7 +147,7 @@ class WandbTracker:
             run = self.run_for(config)
             if run is None:
                 return
-            data = {f"train/{k}": float(record[k]) for k in LOG_KEYS if _finite(record.get(k))}
+            data = {f"train/{k}": float(v) for k, v in record.items() if k not in NOT_LOGGED and _finite(v)}
             if "tokens" in record:
                 data["tokens"] = int(record["tokens"])
             try:

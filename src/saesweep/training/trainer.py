@@ -257,8 +257,7 @@ def _prune(should_prune, step, sae, opt, members, alive, control=None) -> list[i
 
 def _select_losses(losses, keep):
     idx = torch.tensor(keep, device=losses.total.device)
-    return type(losses)(**{k: None if getattr(losses, k) is None else getattr(losses, k).detach().index_select(0, idx)
-                           for k in ("total", "mse", "sparsity", "aux", "l0")})
+    return losses.map(lambda t: t.detach().index_select(0, idx))
 
 
 def _select(keep: list[int], sae, opt, control) -> None:
@@ -290,6 +289,7 @@ def _log(step, tc, losses, alive, members, opt, total, on_log, sae, control) -> 
         "sparsity": losses.sparsity.float().tolist(),
         "aux": losses.aux.float().tolist(),
         "l0": losses.l0.float().tolist(),
+        **{name: t.float().tolist() for name, t in losses.terms.items()},  # the auxiliary terms by name
     }
     steered = control.steered.tolist() if control is not None else [False] * len(alive)
     coeff = sae.sparsity_coeff.tolist()
