@@ -52,8 +52,10 @@ class SweepLock:
                 conn.execute(text("SET LOCAL statement_timeout = 0"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
                 yield
-        else:  # in-memory
+        elif kind == "memory":  # one process: nothing to exclude
             yield
+        else:
+            raise ValueError(f"no sweep lock for storage kind {kind!r}; known: journal, sqlite, postgresql, memory")
 
 
 #: libpq settings of every PostgreSQL connection (a key given in the URL's query wins):

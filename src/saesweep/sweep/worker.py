@@ -97,11 +97,20 @@ class Heartbeat(threading.Thread):
 
 
 def _is_connection_error(e: BaseException) -> bool:
+    """Whether ``e`` comes from a lost database connection: SQLAlchemy's error itself, or one
+    wrapping it (Optuna re-raises it as ``StorageInternalError``), anywhere in its chain."""
     try:
         from sqlalchemy.exc import DBAPIError, OperationalError
     except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
         return False
-    return isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+    seen: set[int] = set()
+    err: Optional[BaseException] = e
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class _RetryingStore:

@@ -1,0 +1,57 @@
+"""A worker's store calls ride out lost database connections, however Optuna wraps them."""
+
+import pytest
+from optuna.exceptions import StorageInternalError
+from sqlalchemy.exc import OperationalError
+
+from saesweep.sweep import worker
+from saesweep.sweep.worker import _is_connection_error, _RetryingStore
+
+
+def _lost_connection() -> StorageInternalError:
+    try:
+        try:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        except OperationalError as e:
+            raise StorageInternalError("An exception is raised during the commit.") from e
+    except StorageInternalError as wrapped:
+        return wrapped
+
+
+class FlakyStore:
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures, self.calls = failures, 0
+
+    def complete(self, trial: int) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return f"done {trial}"
+
+
+def test_a_wrapped_lost_connection_is_recognised():
+    assert _is_connection_error(_lost_connection())
+    assert _is_connection_error(OperationalError("SELECT 1", {}, Exception("gone")))
+    assert not _is_connection_error(StorageInternalError("a constraint failed"))
+    assert not _is_connection_error(ValueError("bad value"))
+
+
+def test_store_calls_are_retried_through_an_outage_and_other_errors_are_not(monkeypatch, capsys):
+    waits = []
+    monkeypatch.setattr(worker.time, "sleep", waits.append)
+    store = FlakyStore([_lost_connection(), _lost_connection()])
+    assert _RetryingStore(store, give_up_s=600).complete(7) == "done 7"
+    assert store.calls == 3 and waits == [1.0, 2.0]
+    assert capsys.readouterr().err.count("database unreachable") == 2  # one line per attempt, no traceback
+    store = FlakyStore([ValueError("bad value")])
+    with pytest.raises(ValueError):
+        _RetryingStore(store, give_up_s=600).complete(7)
+    assert store.calls == 1
+
+
+def test_a_storage_kind_without_a_lock_is_refused():
+    from saesweep.sweep.backends import SweepLock
+
+    with pytest.raises(ValueError, match="no sweep lock for storage kind 'redis'"):
+        with SweepLock("redis", None, None, "s")():
+            pass
