@@ -63,3 +63,10 @@ def set_flag(p: argparse.ArgumentParser, what: str = "field") -> None:
     """``--set FIELD=VALUE`` (repeatable): override a config field, dotted for nested ones."""
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help=f"override a {what}, dotted for nested ones (repeatable): --set train.tokens=100000")
+
+
+def count_by_type(configs) -> str:
+    """``relu: 48, gated: 288``: how many of ``configs`` each SAE type has, in first-seen order."""
+    from collections import Counter
+
+    return ", ".join(f"{t}: {n}" for t, n in Counter(cfg.sae_type for cfg in configs).items())

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from saesweep.cli.common import EXIT_OK, count_int, flag, positive_int
+from saesweep.cli.common import EXIT_OK, count_by_type, count_int, flag, positive_int
 from saesweep.config.experiment import ConfigError
 
 
@@ -125,7 +125,6 @@ def cmd_launch(args) -> int:
     from saesweep.sweep.store import SweepStore
 
     if spec is not None:
-        from saesweep.cli.sweep import _by_type
         from saesweep.config.sweep import expand
         from saesweep.sweep.worker import open_sweep, queue_trials
 
@@ -133,7 +132,7 @@ def cmd_launch(args) -> int:
         if spec.search.is_grid:
             configs = expand(spec)
             added = queue_trials(store, spec, configs)
-            print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new")
+            print(f"Sweep '{spec.name}': {len(configs)} experiments ({count_by_type(configs)}); {added} new")
         else:
             print(f"Sweep '{spec.name}': a {spec.search.method} search; the workers sample its trials")
     else:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from saesweep.cli.common import EXIT_OK, flag, parse_overrides, positive_int, set_flag
+from saesweep.cli.common import EXIT_OK, count_by_type, flag, parse_overrides, positive_int, set_flag
 from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config
 from saesweep.io import atomic_write_text, ensure_folder
 from saesweep.sweep.urls import redact
@@ -129,17 +129,10 @@ def cmd_generate(args) -> int:
         if not path.exists():
             atomic_write_text(path, header + cfg.to_yaml())
             written += 1
-    counts = _by_type(configs)
+    counts = count_by_type(configs)
     print(f"Wrote {written} configs to {out} ({len(configs) - written} already there): {counts}")
     print(f"Run them with: saesweep run --config_dir {out}")
     return EXIT_OK
-
-
-def _by_type(configs: Sequence[ExperimentConfig]) -> str:
-    from collections import Counter
-
-    c = Counter(cfg.sae_type for cfg in configs)
-    return ", ".join(f"{t}: {n}" for t, n in c.items())
 
 
 # ---------------------------------------------------------------------- run / sweep
@@ -237,7 +230,7 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
         added = queue_trials(store, spec, configs, from_files=from_files)
         ids = {c.trial_id for c in configs}
         done = sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete")
-        print(f"Sweep '{spec.name}': {len(configs)} experiments ({_by_type(configs)}); {added} new, "
+        print(f"Sweep '{spec.name}': {len(configs)} experiments ({count_by_type(configs)}); {added} new, "
               f"{done} already complete  [{spec.sweep_dir}]")
     print_plan(found, slots, spec.execution.pack_size, spec.execution.policy)
     outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
@@ -317,7 +310,7 @@ def dry_run(spec, configs, slots, found=None) -> int:
     if configs is None:
         print(f"Would run a {spec.search.method} search: {spec.search.n_trials} trials per type over {spec.sae_types}")
     else:
-        print(f"Would run {len(configs)} experiments ({_by_type(configs)}) in sweep '{spec.name}'")
+        print(f"Would run {len(configs)} experiments ({count_by_type(configs)}) in sweep '{spec.name}'")
         print(f"  storage: {redact(spec.storage_url)}   results: {spec.trials_dir}")
         for i, cfg in enumerate(configs[:PREVIEW]):
             fields = list(swept_params(spec, cfg)) if cfg.sae_type in spec.grids else ["lr", "dict_size_ratio", "sparsity_coeff"]

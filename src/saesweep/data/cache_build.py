@@ -40,8 +40,6 @@ from saesweep.data.cache import (
 )
 from saesweep.data.lm import (
     ActivationProducer,
-    check_source,
-    needed_rows,
     tokens_per_row,
 )
 from saesweep.io import atomic_write_json, file_lock
