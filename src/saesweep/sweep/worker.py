@@ -158,7 +158,10 @@ class Worker:
         accept: Optional[Callable[[Any], bool]] = None,
         share: int = 1,
         max_pack: Optional[int] = None,
+        slow_s: float = 0.0,
     ) -> None:
+        """``slow_s``: seconds this worker waits per trial before training a pack, as a slower
+        device would take (the scheduler's tests give one slot a slow device)."""
         if max_pack is not None and max_pack < execution.pack_size:  # this slot's device fits no larger pack
             execution = execution.model_copy(update={"pack_size": max(1, int(max_pack))})
         self.store, self.ex = _RetryingStore(store, execution.lease_s), execution
@@ -173,6 +176,7 @@ class Worker:
         self._data: Any = None  # the activations of the last pack, and what they were opened for
         self._data_key: Optional[str] = None
         self.stats = WorkerStats(self.worker_id, device)
+        self.slow_s = slow_s
         info = store.info
         self.objectives = list(info.get("objectives", ["fvu"]))
         self.checkpoint_dir = Path(info.get("checkpoint_dir", "runs/.checkpoints"))
@@ -227,7 +231,10 @@ class Worker:
 
     def run_claims(self, claims: list[Claim]) -> tuple[int, int]:
         """Train one pack; returns (trials completed, trials failed)."""
-
+        if self.slow_s:
+            t0 = time.perf_counter()
+            self.stop.wait(self.slow_s * len(claims))
+            self.stats.busy_s += time.perf_counter() - t0
         configs = [c.config for c in claims]
         beat = Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
         beat.start()

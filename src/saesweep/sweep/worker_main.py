@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import threading
-import time
 
 from saesweep.sweep.signals import SignalRelay
 
@@ -82,18 +81,7 @@ def main(argv=None) -> int:
 
     threading.Thread(target=watchdog, daemon=True).start()
     worker = Worker(store, execution, device=args.device, slot=slot.name, stop=stop, accept=accept, share=args.share,
-                    max_pack=args.max_pack)
-    delay = slow_slots(os.environ.get(SLOW_SLOTS_ENV)).get(slot.name)
-    if delay:
-        run_claims = worker.run_claims
-
-        def slow_run_claims(claims):
-            t0 = time.perf_counter()
-            stop.wait(delay * len(claims))
-            worker.stats.busy_s += time.perf_counter() - t0
-            return run_claims(claims)
-
-        worker.run_claims = slow_run_claims
+                    max_pack=args.max_pack, slow_s=slow_slots(os.environ.get(SLOW_SLOTS_ENV)).get(slot.name, 0.0))
     code = 0
     try:
         worker.run()
