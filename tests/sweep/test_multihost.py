@@ -29,7 +29,7 @@ from pg import PASSWORD, PostgresServer, postgres_server, postgres_url  # noqa: 
 from sweep_helpers import TINY_BASE, complete_count_by_trial, env
 
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.backends import pg_engine_kwargs
+from saesweep.sweep.storages.postgresql import pg_engine_kwargs
 from saesweep.sweep.store import COMPLETE, FAIL, LEASE_ATTR, RUNNING, SweepStore
 from saesweep.sweep.worker import open_sweep
 
@@ -270,7 +270,7 @@ def test_unbeaten_claim_is_reaped_after_a_lease_seen_by_the_reaper(tmp_path):
 
 
 def test_connection_settings_bound_every_wait(postgres_url, monkeypatch):
-    from saesweep.sweep import backends
+    from saesweep.sweep.storages import postgresql as backends
 
     # a setting this server does not know (an older PostgreSQL's) is skipped, the others apply
     monkeypatch.setitem(backends.PG_SESSION_SETTINGS, "no_such_setting", 1)

@@ -5,7 +5,8 @@ from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import OperationalError
 
 from saesweep.sweep import worker
-from saesweep.sweep.worker import _is_connection_error, _RetryingStore
+from saesweep.sweep.storages.postgresql import is_connection_error as _is_connection_error
+from saesweep.sweep.worker import _RetryingStore
 
 
 def _lost_connection() -> StorageInternalError:
@@ -20,7 +21,10 @@ def _lost_connection() -> StorageInternalError:
 
 class FlakyStore:
     def __init__(self, failures: list[BaseException]) -> None:
+        from saesweep.sweep.storages.postgresql import PostgresBackend
+
         self.failures, self.calls = failures, 0
+        self.backend = PostgresBackend("postgresql://h/db", None, None)
 
     def complete(self, trial: int) -> str:
         self.calls += 1
@@ -49,9 +53,11 @@ def test_store_calls_are_retried_through_an_outage_and_other_errors_are_not(monk
     assert store.calls == 1
 
 
-def test_a_storage_kind_without_a_lock_is_refused():
-    from saesweep.sweep.backends import SweepLock
+def test_a_storage_url_no_backend_takes_is_refused_by_name():
+    from saesweep.config.experiment import ConfigError
+    from saesweep.sweep.storages import open_backend
 
-    with pytest.raises(ValueError, match="no sweep lock for storage kind 'redis'"):
-        with SweepLock("redis", None, None, "s")():
-            pass
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        open_backend("redis://h/0")
+    with pytest.raises(ConfigError, match="--storage: empty"):
+        open_backend("")

@@ -210,9 +210,12 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     # free memory is shown only by a dry run: asking torch for it would hold a CUDA context in this process
     found = detect(with_free=bool(args.dry_run))
     slots = plan_workers(spec.execution.devices, mp, configs, spec.execution, found=found)
-    if len(slots) > 1 and str(spec.storage_url).startswith("sqlite:"):
+    from saesweep.sweep.storages import backend_for
+
+    backend = backend_for(str(spec.storage_url))
+    if len(slots) > 1 and not backend.concurrent_workers:
         raise ConfigError(
-            f"--storage {redact(spec.storage_url)}: SQLite cannot serve {len(slots)} concurrent workers safely "
+            f"--storage {redact(spec.storage_url)}: {backend.kind} cannot serve {len(slots)} concurrent workers safely "
             "(claims can be duplicated); use a journal file path (the default) or postgresql://..., "
             "or run one worker (--max_parallel 1)"
         )
@@ -396,9 +399,9 @@ def open_existing(args):
         if journal.exists():
             import optuna
 
-            from saesweep.sweep.backends import open_storage
+            from saesweep.sweep.storages import open_backend
 
-            names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(journal), create=False)[2])]
+            names = [s.study_name for s in optuna.get_all_study_summaries(open_backend(str(journal), create=False).storage)]
             name = folder.name if folder.name in names else (names[0] if names else folder.name)
             return SweepStore(str(journal), name, create=False), folder
     raise ConfigError(f"sweep {args.sweep!r}: no sweep folder with a sweep.journal at {ref} or {Path(args.output_dir) / args.sweep}; "

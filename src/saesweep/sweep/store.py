@@ -5,7 +5,7 @@ stable id (``trial_id``), its full config, its pack key and attempt number in us
 and the swept parameters as Optuna params (so Optuna's samplers, importance evaluators and
 dashboard work on it directly).
 
-Backends, chosen by URL (:mod:`.backends`):
+Backends, chosen by URL (:mod:`.storages`, one module each):
 
 * a file path or ``journal:PATH`` -- Optuna's append-only journal file (the embedded default;
   safe for many processes on one host, or on a shared filesystem with working locks);
@@ -54,7 +54,7 @@ from optuna.trial import FrozenTrial, TrialState
 from saesweep.config.experiment import ConfigError, ExperimentConfig, stored_config
 from saesweep.io import HeldLock, is_held
 from saesweep.metrics.registry import current_names
-from saesweep.sweep.backends import SweepLock, open_storage
+from saesweep.sweep.storages import open_backend
 from saesweep.sweep.urls import redact
 
 WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
@@ -111,8 +111,8 @@ class SweepStore:
         # optuna announces every trial it creates; a sweep creates hundreds
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.name = url, name
-        self.kind, self.path, self.storage = open_storage(url, create=create)
-        self.lock = SweepLock(self.kind, self.path, self.storage, name)
+        self.backend = open_backend(url, create=create)
+        self.kind, self.path, self.storage = self.backend.kind, self.backend.path, self.backend.storage
         self._held: dict[str, HeldLock] = {}  # liveness locks this process holds, by worker
         if create:
             directions = list(directions or ["minimize"])
@@ -134,6 +134,10 @@ class SweepStore:
         self.study_id = self.storage.get_study_id_from_name(name)
 
     # ------------------------------------------------------------------ helpers
+    def lock(self):
+        """The sweep-wide mutex (the backend's), as a context manager."""
+        return self.backend.lock(self.name)
+
     def rdb_engine(self):
         return self.storage.engine
 
@@ -150,28 +154,18 @@ class SweepStore:
         reading is carried forward. Other backends (one host, or a shared journal): this host's
         ``time.time()``, so hosts sharing a journal need synchronised clocks (NTP).
         """
-        if self.kind != "postgresql":
+        if not self.backend.server_clock:
             return time.time()
         anchor = getattr(self, "_clock", None)
         mono = time.monotonic()
         if anchor is None or mono - anchor[1] > self.CLOCK_RESYNC_S:
             try:
-                anchor = self._server_clock()
+                anchor = self.backend.server_time()
                 self._clock = anchor
             except Exception:
                 if anchor is None:
                     raise
         return anchor[0] + (time.monotonic() - anchor[1])
-
-    def _server_clock(self) -> tuple[float, float]:
-        """(server epoch seconds, this host's monotonic time at the same instant)."""
-        from sqlalchemy import text
-
-        with self.rdb_engine().connect() as conn:
-            t0 = time.monotonic()
-            server = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar())
-            t1 = time.monotonic()
-        return server, (t0 + t1) / 2
 
     def trials(self, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self.study_id, deepcopy=False, states=tuple(states) if states else None)
@@ -290,8 +284,9 @@ class SweepStore:
         return Path(f"{self.path}.leases") / f"{worker.replace('/', '_')}.lock"
 
     def hold_lease(self, worker: str) -> None:
-        """On a journal file: hold ``worker``'s liveness lock (see the module docstring)."""
-        if self.kind == "journal" and worker not in self._held:
+        """Where the backend proves liveness by a lock file (a journal): hold ``worker``'s (see the
+        module docstring)."""
+        if self.backend.liveness_locks and worker not in self._held:
             self._held[worker] = HeldLock(self._lease_file(worker))
 
     def release_lease(self, worker: str) -> None:
@@ -376,7 +371,7 @@ class SweepStore:
         seen: dict[int, float] = {}
         for t in self.trials([RUNNING]):
             beat = t.system_attrs.get(LEASE_ATTR)
-            if self.kind == "journal" and isinstance(beat, dict) and isinstance(beat.get("worker"), str) \
+            if self.backend.liveness_locks and isinstance(beat, dict) and isinstance(beat.get("worker"), str) \
                     and is_held(self._lease_file(beat["worker"])):
                 continue  # its worker is alive
             if isinstance(beat, dict) and isinstance(beat.get("t"), (int, float)):

@@ -96,23 +96,6 @@ class Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
-def _is_connection_error(e: BaseException) -> bool:
-    """Whether ``e`` comes from a lost database connection: SQLAlchemy's error itself, or one
-    wrapping it (Optuna re-raises it as ``StorageInternalError``), anywhere in its chain."""
-    try:
-        from sqlalchemy.exc import DBAPIError, OperationalError
-    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
-        return False
-    seen: set[int] = set()
-    err: Optional[BaseException] = e
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
-
-
 class _RetryingStore:
     """The store, with every call retried through lost database connections (backing off from
     1 s to 15 s) for up to ``give_up_s``: a network blip must not kill a worker. Trials it held
@@ -132,7 +115,7 @@ class _RetryingStore:
                 try:
                     return attr(*args, **kwargs)
                 except Exception as e:
-                    if not _is_connection_error(e) or time.monotonic() + wait > deadline:
+                    if not self._store.backend.is_retryable(e) or time.monotonic() + wait > deadline:
                         raise
                     print(f"saesweep worker: database unreachable ({type(e).__name__}); retrying in {wait:.0f}s",
                           file=sys.stderr)

@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 
+from saesweep.settings import env
 from saesweep.sweep.signals import SignalRelay
 
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
 
     threading.Thread(target=watchdog, daemon=True).start()
     worker = Worker(store, execution, device=args.device, slot=slot.name, stop=stop, accept=accept, share=args.share,
-                    max_pack=args.max_pack, slow_s=slow_slots(os.environ.get(SLOW_SLOTS_ENV)).get(slot.name, 0.0))
+                    max_pack=args.max_pack, slow_s=slow_slots(env(SLOW_SLOTS_ENV)).get(slot.name, 0.0))
     code = 0
     try:
         worker.run()

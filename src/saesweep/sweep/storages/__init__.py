@@ -1,0 +1,30 @@
+"""Where a sweep lives: one backend per kind, each in its own module, behind the contract in
+:mod:`.base`. :func:`open_backend` picks the backend whose ``accepts`` takes the URL."""
+
+from __future__ import annotations
+
+from saesweep.config.experiment import ConfigError
+from saesweep.sweep.storages.base import Backend
+from saesweep.sweep.storages.journal import JournalBackend
+from saesweep.sweep.storages.memory import MemoryBackend
+from saesweep.sweep.storages.postgresql import PostgresBackend
+from saesweep.sweep.storages.sqlite import SQLiteBackend
+from saesweep.sweep.urls import redact
+
+#: every backend, in the order URLs are matched (a plain path, the journal, last)
+BACKENDS: tuple[type[Backend], ...] = (PostgresBackend, SQLiteBackend, MemoryBackend, JournalBackend)
+
+__all__ = ["BACKENDS", "Backend", "backend_for", "open_backend"]
+
+
+def backend_for(url: str) -> type[Backend]:
+    """The backend class for ``url``; a ConfigError naming the schemes for anything else."""
+    for cls in BACKENDS:
+        if cls.accepts(url):
+            return cls
+    raise ConfigError(f"--storage {redact(url)}: unknown scheme; use a journal file path, postgresql://... or sqlite:///...")
+
+
+def open_backend(url: str, *, create: bool = True) -> Backend:
+    """The opened storage ``url`` names (see :meth:`Backend.open`)."""
+    return backend_for(url).open(url, create=create)

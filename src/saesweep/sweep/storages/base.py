@@ -1,0 +1,69 @@
+"""The contract every sweep storage meets: one :class:`Backend` subclass per kind, in its own
+module. :class:`saesweep.sweep.store.SweepStore` keeps trials in the backend's Optuna storage
+and asks the backend, never the URL, for everything that differs between kinds:
+
+* :meth:`Backend.lock` -- a sweep-wide mutex for rare multi-step updates (populating a sweep,
+  budgeted sampling), released when its holder dies;
+* :attr:`Backend.server_clock` / :meth:`Backend.server_time` -- whether leases are measured on
+  the storage server's clock (many hosts) or on this host's ``time.time()``;
+* :attr:`Backend.liveness_locks` -- whether a worker proves it is alive by holding a file lock
+  beside the storage (then it writes no heartbeats);
+* :meth:`Backend.is_retryable` -- which errors are a lost connection that a worker waits out
+  rather than dies of;
+* :attr:`Backend.concurrent_workers` -- whether several workers may claim from it at once;
+* :attr:`Backend.secret_env` -- the environment variable that carries its password, kept off
+  command lines.
+
+``tests/sweep/test_storage_conformance.py`` runs the same checks over every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Optional
+
+
+class Backend:
+    """One opened storage: ``url``, the file for the file-based kinds (``path``) and the Optuna
+    storage (``storage``)."""
+
+    #: the name used in messages and status output
+    kind: ClassVar[str]
+    #: several workers (processes, hosts) may claim from it at the same time
+    concurrent_workers: ClassVar[bool] = True
+    #: leases are measured on the storage server's clock (:meth:`server_time`)
+    server_clock: ClassVar[bool] = False
+    #: a worker's liveness is a file lock it holds beside the storage
+    liveness_locks: ClassVar[bool] = False
+    #: the environment variable its password can travel in instead of the URL
+    secret_env: ClassVar[Optional[str]] = None
+
+    def __init__(self, url: str, path: Optional[Path], storage: Any) -> None:
+        self.url, self.path, self.storage = url, path, storage
+
+    @classmethod
+    def accepts(cls, url: str) -> bool:
+        """Whether ``url`` names a storage of this kind."""
+        raise NotImplementedError
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True) -> "Backend":
+        """Open (with ``create``, create) the storage ``url`` names; a ConfigError naming
+        ``--storage`` when it cannot be."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the sweep ``name``'s mutex for the block."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def server_time(self) -> tuple[float, float]:
+        """(the server's epoch seconds, this host's monotonic time at the same instant); only
+        for a backend with ``server_clock``."""
+        raise NotImplementedError(f"{self.kind} storage has no server clock")
+
+    def is_retryable(self, error: BaseException) -> bool:
+        """Whether ``error`` is a lost connection to wait out (the default: nothing is)."""
+        return False
