@@ -114,3 +114,20 @@ def test_cli_help_and_grid_import_no_torch(argv):
     assert "usage: saesweep" in proc.stdout or "experiments" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip().endswith("NO TORCH"), proc.stderr[-2000:]
     print(f"saesweep {' '.join(argv)}: {wall:.2f} s")
+
+
+def test_every_environment_variable_is_declared_in_one_place_and_documented():
+    import re
+
+    from saesweep.settings import SETTINGS
+
+    src = Path(__file__).resolve().parents[1] / "src" / "saesweep"
+    named = {m for p in src.rglob("*.py") for m in re.findall(r"SAESWEEP_[A-Z_]+", p.read_text())}
+    declared = {s.name for s in SETTINGS}
+    assert named == declared
+    # read through settings.env only: no module but settings asks os.environ for one
+    for p in src.rglob("*.py"):
+        if p.name != "settings.py":
+            assert not re.search(r"environ(\.get)?[\[(]\s*[\"']SAESWEEP_", p.read_text()), p
+    readme = (src.parents[1] / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in declared)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from saesweep.settings import env
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.data.cache import (
     FORMAT,
@@ -50,11 +51,6 @@ OLD_GRACE_S = 3600.0  # a replaced entry is kept this long for the processes sti
 #: size of a training shard file (whole token rows)
 SHARD_BYTES = 64 * 2**20
 
-
-WAIT_S = 7200.0  # cache_mode wait: how long to wait for an entry (env SAESWEEP_CACHE_WAIT_S)
-
-
-WAIT_POLL_S = 5.0  # and how often to look (env SAESWEEP_CACHE_WAIT_POLL_S)
 
 
 # ----------------------------------------------------------------------------- building
@@ -290,11 +286,11 @@ def _builds_in_progress(adir: Path, key: str) -> list[str]:
     return out
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str) -> float:
     try:
-        return float(os.environ.get(name, default))
+        return float(env(name))
     except ValueError:
-        raise ConfigError(f"${name}: expected a number of seconds, got {os.environ.get(name)!r}") from None
+        raise ConfigError(f"${name}: expected a number of seconds, got {env(name)!r}") from None
 
 
 def wait_for_entry(source: HFSource, root: Path, train_rows: int, heldout_rows: int, *,
@@ -302,13 +298,13 @@ def wait_for_entry(source: HFSource, root: Path, train_rows: int, heldout_rows: 
                    echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> CacheEntry:
     """``cache_mode: wait``: the entry once some other process has built it; never builds.
 
-    Raises :class:`ConfigError` after ``timeout_s`` (default ``$SAESWEEP_CACHE_WAIT_S`` or
-    WAIT_S) with what is there and how to fill the cache.
+    Raises :class:`ConfigError` after ``timeout_s`` (default ``$SAESWEEP_CACHE_WAIT_S``, see
+    :mod:`saesweep.settings`) with what is there and how to fill the cache.
     """
     key = entry_key(source)
     adir = Path(root) / "activations"
-    timeout_s = _env_float("SAESWEEP_CACHE_WAIT_S", WAIT_S) if timeout_s is None else timeout_s
-    poll_s = _env_float("SAESWEEP_CACHE_WAIT_POLL_S", WAIT_POLL_S) if poll_s is None else poll_s
+    timeout_s = _env_float("SAESWEEP_CACHE_WAIT_S") if timeout_s is None else timeout_s
+    poll_s = _env_float("SAESWEEP_CACHE_WAIT_POLL_S") if poll_s is None else poll_s
     deadline = time.monotonic() + timeout_s
     told = False
     while True:

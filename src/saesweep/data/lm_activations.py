@@ -5,13 +5,13 @@ metrics on held-out token rows."""
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from saesweep.settings import env
 from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
 from saesweep.data import budget, cache, cache_build, lm
 from saesweep.data.base import Activations, Reconstructor
@@ -96,7 +96,7 @@ class HFActivations(Activations):
         rows = self.entry.heldout_token_ids(self.ce_rows)
         out, self._baseline = spliced_metrics(
             self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
-            shortcut=os.environ.get("SAESWEEP_SPLICE", "tail") != "full",  # full: a whole forward per SAE
+            shortcut=env("SAESWEEP_SPLICE") != "full",  # full: a whole forward per SAE
             budget_s=budget_s,
         )
         return out

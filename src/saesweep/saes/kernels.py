@@ -35,7 +35,6 @@ measures both wherever it runs). ``SAESWEEP_PACK_MODE=loop|stacked`` overrides t
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from saesweep.settings import env
 
 #: elements of one ``[chunk, m]`` intermediate on CPU. Measured (benchmarks/run.py ``modes``
 #: and A/B runs, d = 64, m = 512..4096, B = 4096, packs of 4-16): 2^22 elements (chunks of
@@ -66,13 +67,13 @@ class StepPlan:
 
 def plan_for(device: torch.device, n: int, d_sae: int, batch_size: int) -> StepPlan:
     """The step plan for a pack on ``device`` (rule from benchmarks/; env vars override)."""
-    kernel = os.environ.get("SAESWEEP_STEP", "fused")
+    kernel = env("SAESWEEP_STEP")
     if kernel not in ("fused", "autograd"):
         raise ValueError(f"SAESWEEP_STEP must be 'fused' or 'autograd', not {kernel!r}")
-    mode = os.environ.get("SAESWEEP_PACK_MODE") or ("loop" if device.type == "cpu" else "stacked")
+    mode = env("SAESWEEP_PACK_MODE") or ("loop" if device.type == "cpu" else "stacked")
     if mode not in ("loop", "stacked"):
         raise ValueError(f"SAESWEEP_PACK_MODE must be 'loop' or 'stacked', not {mode!r}")
-    env_chunk = os.environ.get("SAESWEEP_CHUNK")
+    env_chunk = env("SAESWEEP_CHUNK")
     if env_chunk:
         chunk = int(env_chunk)
     else:

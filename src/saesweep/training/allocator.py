@@ -8,6 +8,8 @@ import ctypes
 import os
 import sys
 
+from saesweep.settings import env
+
 #: glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -23,7 +25,7 @@ def tune_allocator() -> bool:
     when ``SAESWEEP_MALLOC_TUNE=0``, or when the C library is not glibc. Returns whether it
     applied.
     """
-    if os.environ.get("SAESWEEP_MALLOC_TUNE", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
+    if env("SAESWEEP_MALLOC_TUNE") == "0" or any(k in os.environ for k in _MALLOC_ENV):
         return False
     if not sys.platform.startswith("linux"):
         return False
