@@ -268,7 +268,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saesweep.reporting.html import TYPE_COLORS
+    from saesweep.reporting.plots import TYPE_COLORS
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     kinds = list(dict.fromkeys(r["trainer"] for r in rows))

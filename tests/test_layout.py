@@ -18,10 +18,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_level_imports(path: Path, modules: set[str]) -> set[str]:
+def module_level_imports(path: Path, modules: set[str], deep: bool = False) -> set[str]:
     """saesweep modules that ``path`` imports when it is imported (statements at module level,
     outside ``if TYPE_CHECKING:``), resolved to modules: ``from a import b`` is ``a.b`` when
-    that is a module, else ``a``."""
+    that is a module, else ``a``. With ``deep``, also the imports inside functions and classes
+    (what a call may import later)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -30,6 +31,9 @@ def module_level_imports(path: Path, modules: set[str]) -> set[str]:
         for node in stmts:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 continue
+            if deep and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.With, ast.For,
+                                          ast.While)):
+                visit(node.body)
             if isinstance(node, (ast.If, ast.Try)):
                 visit(node.body)
                 visit(getattr(node, "orelse", []))
@@ -53,10 +57,13 @@ def module_level_imports(path: Path, modules: set[str]) -> set[str]:
     return out
 
 
-def test_no_import_cycles():
+@pytest.mark.parametrize("deep", [False, True], ids=["module-level", "with-function-level"])
+def test_no_import_cycles(deep):
+    """No cycle among the imports a module runs when it is loaded, nor among those its functions
+    run later (a function-level import hides a cycle; it does not remove it)."""
     files = sorted(PKG.rglob("*.py"))
     modules = {module_name(f) for f in files}
-    graph = {module_name(f): module_level_imports(f, modules) for f in files}
+    graph = {module_name(f): module_level_imports(f, modules, deep) for f in files}
     # Tarjan's strongly connected components: any with two or more modules is a cycle
     index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
 
@@ -96,10 +103,14 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from saesweep import b\n")
     (pkg / "b.py").write_text("from saesweep.a import x\n")
+    (pkg / "c.py").write_text("def f():\n    from saesweep import d\n")  # hidden in a function
+    (pkg / "d.py").write_text("import saesweep.c\n")
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
-    with pytest.raises(AssertionError, match="import cycles"):
-        test_no_import_cycles()
+    with pytest.raises(AssertionError, match=r"import cycles: \[\['saesweep.a', 'saesweep.b'\]\]\n"):
+        test_no_import_cycles(deep=False)
+    with pytest.raises(AssertionError, match="'saesweep.c', 'saesweep.d'"):
+        test_no_import_cycles(deep=True)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sweep", "--help"], ["grid"],

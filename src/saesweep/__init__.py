@@ -1,6 +1,6 @@
 """saesweep: train sparse autoencoders on language-model activations and sweep them."""
 
-__version__ = "0.1.0"
+from saesweep.version import __version__
 
 
 def __getattr__(name: str):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from saesweep import __version__, saes
+from saesweep import saes
+from saesweep.version import __version__
 from saesweep.config.experiment import ExperimentConfig
 from saesweep.io import atomic_save_tensors, atomic_write_json
 

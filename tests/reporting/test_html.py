@@ -15,7 +15,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from sweep_helpers import env, saesweep, write_spec
 
-from saesweep.reporting.html import build_report, frontier_ids, pareto_mask
+from saesweep.reporting.frontier import frontier_ids, pareto_mask
+from saesweep.reporting.html import build_report
 from saesweep.reporting.importance import param_importances
 from saesweep.sweep.store import COMPLETE, FAIL, PRUNED, SweepStore
 

@@ -84,7 +84,8 @@ def test_a_two_hook_sweep_runs_the_language_model_over_the_data_once(tiny_lm, ti
     assert df.groupby("series")["fvu"].mean().nunique() == 2
 
     # the report draws a frontier per hook: the overall one never compares across layers
-    from saesweep.reporting.html import build_report, frontier_ids
+    from saesweep.reporting.frontier import frontier_ids
+    from saesweep.reporting.html import build_report
 
     rep = build_report(store, tmp_path / "report")
     assert set(rep.frontier["l0_fvu"]["by_type"]) == {f"relu @ {h}" for h in HOOKS}

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, NamedTuple, Optional, Sequence
 
-from saesweep import __version__
+from saesweep.version import __version__
 from saesweep.cli import launch, report, sweep, train
 from saesweep.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
 from saesweep.config.experiment import ConfigError

@@ -10,6 +10,7 @@ import pandas as pd
 
 from saesweep.config.sweep import sweepable
 from saesweep.io import atomic_write_bytes, atomic_write_text
+from saesweep.reporting.frontier import HOOK_AXIS, frontier_ids
 from saesweep.sweep.store import SweepStore, TrialRecord
 
 
@@ -32,7 +33,6 @@ def results_table(store: SweepStore | Sequence[TrialRecord]) -> pd.DataFrame:
 
 
 #: the grid axis that splits a sweep's frontiers beyond the SAE type (layers as a sweep axis)
-HOOK_AXIS = "source.hook"
 
 
 def series_labels(df: pd.DataFrame) -> pd.Series:
@@ -114,8 +114,6 @@ def frontier_lines(df: pd.DataFrame, *, max_rows: int = 5) -> list[str]:
     The full frontier (and the plots) are in ``saesweep report``; this is the glance a
     researcher wants when the sweep ends: how sparse, how faithful, with which settings.
     """
-    from saesweep.reporting.html import frontier_ids
-
     if "state" in df:  # mid-run, only finished trials count
         df = df[df["state"] == "complete"]
     fronts = frontier_ids(df, "l0", "fvu", by_type=True)

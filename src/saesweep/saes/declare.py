@@ -18,21 +18,19 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-#: modules of the package that hold shared machinery, not an architecture
-MACHINERY = ("base", "declare", "declared", "hparam_types", "kernels", "registry")
+from saesweep.saes import registry
+from saesweep.saes.registry import MACHINERY
+
+PACKAGE_DIR = Path(registry.__file__).parent
 
 
 def architecture_modules() -> list[str]:
     """The package's modules that may hold an architecture (every module but the machinery)."""
-    import saesweep.saes as pkg
-
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in MACHINERY and not m.ispkg)
+    return sorted(m.name for m in pkgutil.iter_modules([str(PACKAGE_DIR)]) if m.name not in MACHINERY and not m.ispkg)
 
 
 def discover() -> list[type]:
     """The architecture classes the package's modules define, in display order."""
-    from saesweep.saes import registry
-
     found = []
     for mod in architecture_modules():
         module = importlib.import_module(f"saesweep.saes.{mod}")

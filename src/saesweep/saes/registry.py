@@ -29,6 +29,9 @@ from saesweep.saes.declared import DECLARED
 if TYPE_CHECKING:
     from saesweep.saes.base import PackedSAE
 
+#: modules of the package that hold shared machinery, not an architecture
+MACHINERY = ("base", "declare", "declared", "hparam_types", "kernels", "registry")
+
 #: the built-in architectures, in display order
 BUILTIN = tuple(DECLARED)
 #: the entry-point group through which an installed package adds architectures
@@ -110,8 +113,6 @@ def _load_plugin(name: str) -> None:
 
 def _undeclared_module(name: str) -> bool:
     """Whether ``saes/<name>.py`` exists but is not in saes/declared.py."""
-    from saesweep.saes.declare import MACHINERY
-
     modules = {d["module"] for d in DECLARED.values()}
     return (name.isidentifier() and name not in MACHINERY and name not in modules
             and importlib.util.find_spec(f"saesweep.saes.{name}") is not None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from saesweep import __version__
+from saesweep.version import __version__
 from saesweep.config.experiment import (
     ConfigError,
     ExperimentConfig,
