@@ -215,7 +215,7 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     backend = backend_for(str(spec.storage_url))
     if len(slots) > 1 and not backend.concurrent_workers:
         raise ConfigError(
-            f"--storage {redact(spec.storage_url)}: {backend.kind} cannot serve {len(slots)} concurrent workers safely "
+            f"--storage {redact(spec.storage_url)}: {backend.title} cannot serve {len(slots)} concurrent workers safely "
             "(claims can be duplicated); use a journal file path (the default) or postgresql://..., "
             "or run one worker (--max_parallel 1)"
         )

@@ -342,7 +342,7 @@ def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> Swe
     if path is None and Path(SPEC_FILE).exists():
         path = SPEC_FILE
     if path is not None:
-        loaded = read_yaml(path)
+        loaded = read_yaml(Path(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 from optuna.distributions import (
     BaseDistribution,
@@ -173,7 +173,7 @@ def _view_study(directions: Sequence[str], trials, space: dict[str, BaseDistribu
     import optuna
 
 
-    view = optuna.create_study(directions=list(directions), storage=optuna.storages.InMemoryStorage())
+    view = optuna.create_study(directions=cast(Any, list(directions)), storage=optuna.storages.InMemoryStorage())
     for t in trials:
         if t.state not in (COMPLETE, PRUNED, RUNNING, WAITING):
             continue
@@ -251,7 +251,10 @@ def intermediate_metric(objective: str) -> str:
     objective (fvu, mse, explained variance, CE/KL, recovery) on the training batch's ``mse``,
     lower is better, which is what they all follow.
     """
-    return metrics.METRICS[objective].intermediate
+    intermediate = metrics.METRICS[objective].intermediate
+    if intermediate is None:  # the registry requires one of every objective
+        raise ValueError(f"metric {objective!r} is not an objective")
+    return intermediate
 
 
 def make_pruner(search, steps: int):

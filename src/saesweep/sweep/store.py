@@ -115,12 +115,12 @@ class SweepStore:
         self.kind, self.path, self.storage = self.backend.kind, self.backend.path, self.backend.storage
         self._held: dict[str, HeldLock] = {}  # liveness locks this process holds, by worker
         if create:
-            directions = list(directions or ["minimize"])
+            dirs: Any = list(directions or ["minimize"])  # "minimize" / "maximize"
             try:
-                self.study = optuna.create_study(study_name=name, storage=self.storage, directions=directions, load_if_exists=True)
+                self.study = optuna.create_study(study_name=name, storage=self.storage, directions=dirs, load_if_exists=True)
             except Exception as e:
                 raise ConfigError(f"--storage {redact(url)}: {e}") from None
-            if [d.name.lower() for d in self.study.directions] != directions:
+            if [d.name.lower() for d in self.study.directions] != dirs:
                 raise ConfigError(
                     f"sweep {name!r} already exists with objectives of directions "
                     f"{[d.name.lower() for d in self.study.directions]}; use another --name to change them"

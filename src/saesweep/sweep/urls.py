@@ -56,7 +56,8 @@ def split_password(url: str) -> tuple[str, Optional[str]]:
     if password is None:
         for k in ("password", "PASSWORD"):
             if k in query:
-                password = query.pop(k)
+                value = query.pop(k)
+                password = value if isinstance(value, str) else value[0]
     else:
         query.pop("password", None)
     if isinstance(password, (tuple, list)):

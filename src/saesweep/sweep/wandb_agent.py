@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import yaml
 
@@ -328,7 +328,7 @@ def _agent(sae_type: str, spec_path: Optional[str], overrides: dict, argv: list[
     kwargs: dict[str, Any] = {}
     if not in_sweep:  # under an agent the sweep decides the project and entity
         kwargs.update(project=tracking.project, entity=tracking.entity)
-    run = wandb.init(config=given, mode=resolve_mode(tracking.mode), dir=wandb_dir, job_type=sae_type,
+    run = wandb.init(config=given, mode=cast(Any, resolve_mode(tracking.mode)), dir=wandb_dir, job_type=sae_type,
                      group=tracking.group or f"{spec.name}-{sae_type}", tags=[sae_type],
                      settings=wandb.Settings(console="off"), **kwargs)
     chosen = dict(run.config)

@@ -73,7 +73,8 @@ class Heartbeat(threading.Thread):
     """Renews the leases of a pack's claims every ``every_s`` while it trains; ``lost`` holds
     the trials another worker reaped meanwhile."""
 
-    def __init__(self, store: SweepStore, claims: list[Claim], worker: str, every_s: float) -> None:
+    def __init__(self, store: Any, claims: list[Claim], worker: str, every_s: float) -> None:
+        """``store``: the SweepStore, or the worker's retrying view of it."""
         super().__init__(daemon=True)
         self.store, self.claims, self.worker, self.every_s = store, claims, worker, every_s
         self.stop_event = threading.Event()
@@ -226,7 +227,8 @@ class Worker:
         # trials interrupted in a pack are claimed together again (store.claim) and resume from
         # its checkpoint, also when fewer of them fit in this pack; this pack saves its own file
         earlier = {c.checkpoint for c in claims}
-        resume = self.checkpoint_dir / earlier.pop() if len(earlier) == 1 and None not in earlier else None
+        only = earlier.pop() if len(earlier) == 1 else None
+        resume = self.checkpoint_dir / only if only is not None else None
         self.store.set_checkpoint(claims, ckpt.name)
         should_prune = None
         if self.spec is not None and self.spec.search.pruner != "none":
@@ -381,7 +383,7 @@ class Worker:
 def _is_oom(e: BaseException) -> bool:
     import torch
 
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    oom: Any = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(e, oom) or "out of memory" in str(e).lower()
 
 

@@ -28,8 +28,10 @@ class Backend:
     """One opened storage: ``url``, the file for the file-based kinds (``path``) and the Optuna
     storage (``storage``)."""
 
-    #: the name used in messages and status output
+    #: the kind's short name (status output, the store's ``kind``)
     kind: ClassVar[str]
+    #: its name in messages
+    title: ClassVar[str]
     #: several workers (processes, hosts) may claim from it at the same time
     concurrent_workers: ClassVar[bool] = True
     #: leases are measured on the storage server's clock (:meth:`server_time`)

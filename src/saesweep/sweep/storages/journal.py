@@ -17,7 +17,7 @@ from saesweep.sweep.urls import redact
 
 
 class JournalBackend(Backend):
-    kind = "journal"
+    kind, title = "journal", "a journal file"
     liveness_locks = True
 
     @classmethod

@@ -12,7 +12,7 @@ from saesweep.sweep.storages.base import Backend
 
 
 class MemoryBackend(Backend):
-    kind = "memory"
+    kind, title = "memory", "an in-memory storage"
     concurrent_workers = False
 
     @classmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import optuna
 
@@ -111,7 +111,7 @@ def is_connection_error(error: BaseException) -> bool:
     except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
         return False
     seen: set[int] = set()
-    err = error
+    err: Optional[BaseException] = error
     while err is not None and id(err) not in seen:
         if isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated):
             return True
@@ -129,7 +129,7 @@ class PostgresBackend(Backend):
     statement timeout: a long populate (minutes for a large grid over a slow link) is waited for.
     """
 
-    kind = "postgresql"
+    kind, title = "postgresql", "PostgreSQL"
     server_clock = True
     secret_env = PASSWORD_ENV
     LOCK_IDLE_S = 1800

@@ -14,7 +14,7 @@ from saesweep.sweep.storages.base import Backend
 
 
 class SQLiteBackend(Backend):
-    kind = "sqlite"
+    kind, title = "sqlite", "SQLite"
     concurrent_workers = False
 
     @classmethod
