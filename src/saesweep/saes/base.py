@@ -84,6 +84,13 @@ class PackedSAE(nn.Module):
     hyperparams: ClassVar[dict[str, HyperParam]] = {}
     #: parameters that multiply the (normalised) input: scaled by s when folding normalisation
     encoder_weights: ClassVar[tuple[str, ...]] = ("W_enc",)
+    # the parameters and buffers every architecture has, with their types (nn.Module's
+    # attribute lookup would leave a type checker guessing)
+    W_dec: Tensor
+    b_dec: Tensor
+    sparsity_coeff: Tensor
+    device_: torch.device
+
     #: whether the architecture implements :meth:`_fused_rows` (else the autograd step is used)
     fused: ClassVar[bool] = False
     #: factor between ``sparsity_coeff`` and the weight of the penalty P (see LOSS_CONVENTION)
@@ -405,8 +412,9 @@ class PackedSAE(nn.Module):
     def member(self, i: int) -> "PackedSAE":
         """A one-member view of member ``i`` for inference (shares storage, no gradients)."""
         view = copy.copy(self)
-        view._parameters = {k: nn.Parameter(p.detach()[i : i + 1], requires_grad=False) for k, p in self._parameters.items()}
-        view._buffers = {k: b[i : i + 1] for k, b in self._buffers.items()}
+        view._parameters = {k: nn.Parameter(p.detach()[i : i + 1], requires_grad=False)
+                            for k, p in self._parameters.items() if p is not None}
+        view._buffers = {k: b[i : i + 1] for k, b in self._buffers.items() if b is not None}
         view.generators, view.noise, view.hp, view.n = [self.generators[i]], [self.noise[i]], [self.hp[i]], 1
         view.ws = Workspace()
         return view
