@@ -329,7 +329,7 @@ def storage_agreement(work: Path, quick: bool, log: Callable[[str], None]) -> di
 def extrapolate(res: dict) -> dict:
     """A 48-trial GPT-2-small sweep (d 768, m 24576) at 100M tokens per trial, on this machine."""
     from saesweep.config.experiment import parse_config
-    from saesweep.devices import estimate_pack_bytes
+    from saesweep.memory import estimate_pack_bytes
 
     trials, tokens = 48, 100_000_000
     act = res.get("activations", {})

@@ -22,7 +22,8 @@ from sweep_helpers import REPO, env
 
 from saesweep import devices
 from saesweep.config.experiment import ConfigError, ExperimentConfig
-from saesweep.devices import DeviceInfo, estimate_pack_bytes, param_count, parse_devices
+from saesweep.devices import DeviceInfo, parse_devices
+from saesweep.memory import estimate_pack_bytes, param_count, source_width
 from saesweep.sweep.local import _worker_command, worker_env
 from saesweep.sweep.planning import (
     CUDA_CONTEXT_BYTES,
@@ -344,7 +345,7 @@ def test_estimate_for_the_local_hf_model():
     if not (model / "config.json").exists():
         pytest.skip("no local model")
     cfg = ExperimentConfig(source={"kind": "hf", "model": str(model), "dataset": "x.jsonl"}, dict_size_ratio=8.0)
-    assert devices.source_width(cfg) == 64
+    assert source_width(cfg) == 64
     assert estimate_pack_bytes(cfg, 2) > estimate_pack_bytes(cfg_of(d_in=64, ratio=8.0, batch=4096), 2)
 
 

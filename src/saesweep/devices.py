@@ -1,4 +1,4 @@
-"""Device detection, device specs and the memory estimate that plans workers per GPU.
+"""Device detection and device specs (the memory a pack needs is :mod:`saesweep.memory`'s).
 
 Detection lists each CUDA GPU (name, total and free memory; through NVML when
 ``nvidia-ml-py`` is installed and the driver answers, else through torch), Apple MPS, and the
@@ -14,21 +14,13 @@ A device spec is ``auto`` or a comma-separated list of:
 * ``cpu`` -- the CPU with all its cores;
 * ``cpu:K`` -- CPU slot K: the cores are shared out among the CPU slots;
 * ``cpu:K=T`` -- CPU slot K with T threads.
-
-:func:`estimate_pack_bytes` gives the device memory a pack of ``n`` trials needs (parameters,
-gradients, Adam moments, optimiser temporaries, the ``[n, batch, d_sae]`` activations of the
-forward and backward pass, the batch, evaluation); the scheduler uses it to decide how many
-workers a GPU gets and how large a pack may be there. Nothing polls free memory to decide.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from saesweep.config.experiment import ConfigError
@@ -368,114 +360,3 @@ def cpu_slots(n: int, found: Optional[Sequence[DeviceInfo]] = None) -> list[Slot
     if n <= 1:
         return parse_devices("cpu", found)
     return parse_devices(",".join(f"cpu:{i}" for i in range(n)), found)
-
-
-# --------------------------------------------------------------------- memory estimate
-FLOAT = 4  # bytes: parameters, optimiser state and activations are float32
-#: ``[n, batch, d_in]`` tensors per member (centred input, reconstruction, their difference and grads)
-NARROW = 8
-
-
-@functools.lru_cache(maxsize=64)
-def _param_poly(sae_type: str, hparams_json: str) -> tuple[float, float, float, float]:
-    """Parameters per member as ``a*d*m + b*m + c*d + e`` (d = d_in, m = d_sae), found by
-    building small SAEs of the type on the CPU (so a new architecture needs no table entry)."""
-    import numpy as np
-    import torch
-
-    from saesweep import saes
-
-    cls = saes.get(sae_type)
-    hp = json.loads(hparams_json)
-    rows, counts = [], []
-    for d, m in ((2, 3), (2, 5), (4, 3), (4, 5), (3, 7)):
-        with torch.device("cpu"):
-            sae = cls(d, m, [hp], [0], device="cpu")
-        counts.append(sum(p.numel() for p in sae.parameters()) + sum(b.numel() for b in sae.buffers()))
-        rows.append([d * m, m, d, 1])
-    coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(counts, float), rcond=None)
-    return tuple(float(round(c)) for c in coef)  # type: ignore[return-value]
-
-
-def param_count(cfg, d_in: int, d_sae: int) -> int:
-    """Parameters (and per-member buffers) of one member of ``cfg``'s SAE."""
-    a, b, c, e = _param_poly(cfg.sae_type, json.dumps(cfg.sae_hparams, sort_keys=True, default=str))
-    return int(a * d_in * d_sae + b * d_sae + c * d_in + e)
-
-
-@functools.lru_cache(maxsize=32)
-def _hf_shape(source_json: str) -> Optional[tuple[int, int, int]]:
-    """(d_model, layers, vocabulary) of an HF source's model from its config.json when it is on
-    this machine (a local folder, or the Hugging Face cache: planning never downloads)."""
-    try:
-        from transformers import AutoConfig
-
-        from saesweep.data.lm import is_local_model, num_layers
-
-        src = json.loads(source_json)
-        name = src["model"]
-        path = str(Path(name).expanduser()) if is_local_model(name) else name
-        kw = {"revision": src["revision"]} if src.get("revision") else {}
-        conf = AutoConfig.from_pretrained(path, local_files_only=True, **kw)
-        d = getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None) or getattr(conf, "d_model", None)
-        return int(d), int(num_layers(conf)), int(getattr(conf, "vocab_size", 0) or 0)
-    except Exception:
-        return None
-
-
-def source_width(cfg) -> Optional[int]:
-    """d_in of ``cfg``'s activations without loading them (None when it cannot be known here)."""
-    if cfg.source.kind == "synthetic":
-        return cfg.source.d_in
-    shape = _hf_shape(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True))
-    return shape[0] if shape else None
-
-
-def _lm_bytes(cfg) -> int:
-    """The language model a worker puts on its device for the spliced CE/KL metrics, and its logits."""
-    if cfg.source.kind != "hf" or not cfg.eval.ce_tokens:
-        return 0
-    shape = _hf_shape(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True))
-    if not shape:
-        return 0
-    d, layers, vocab = shape
-    weight = 2 if cfg.source.lm_dtype == "bfloat16" else FLOAT
-    params = 12 * layers * d * d + 2 * vocab * d
-    logits = 3 * cfg.source.lm_batch_size * cfg.source.context_length * vocab * FLOAT
-    return params * weight + logits
-
-
-def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int]:
-    """Device memory (bytes) to train and evaluate a pack of ``n`` trials shaped like ``cfg``;
-    None when the activation width is unknown (an HF model whose config cannot be read here).
-
-    parameters + gradients + two Adam moments (4 x P per member), optimiser and gradient-clipping
-    temporaries (2 x the largest parameter), plus the larger of: the training step's
-    activations (the architecture's ``train_wide`` tensors of ``[n, batch, d_sae]`` and ``NARROW`` of
-    ``[n, batch, d_in]``, the batch itself) and evaluation's (its ``eval_wide`` of
-    ``[n, eval_batch, d_sae]``, the fired-feature masks, the dictionary-recovery cosines).
-    """
-    d = d_in or source_width(cfg)
-    if not d:
-        return None
-    m = max(1, int(round(d * cfg.dict_size_ratio)))
-    n = max(1, int(n))
-    p = param_count(cfg, d, m)
-    state = 4 * n * p + 2 * n * d * m
-    b, be = cfg.train.batch_size, cfg.eval.batch_size
-    from saesweep import saes
-
-    arch = saes.get(cfg.sae_type)
-    train = n * b * (arch.train_wide * m + NARROW * d) + 2 * b * d
-    recovery = 2 * cfg.source.n_features * m if cfg.source.kind == "synthetic" else 0
-    evals = n * be * (arch.eval_wide * m + NARROW * d) + 2 * be * d + n * m + recovery
-    return FLOAT * (state + max(train, evals)) + _lm_bytes(cfg)
-
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    for unit, div in (("GB", GB), ("MB", 2**20), ("KB", 2**10)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{int(n)}B"

@@ -263,7 +263,7 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
 def check_targets(configs: Optional[Sequence[ExperimentConfig]]) -> None:
     """A ConfigError for a target L0 above the dictionary of an hf source's SAE, before anything
     starts (a synthetic source's width is known when its config is read, and checked then)."""
-    from saesweep.devices import source_width
+    from saesweep.memory import source_width
 
     for cfg in configs or ():
         if cfg.target_l0 is not None and cfg.source.kind == "hf":

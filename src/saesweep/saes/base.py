@@ -130,7 +130,7 @@ class PackedSAE(nn.Module):
     #: part of the trial id when not 0, so results from before are never mixed with new ones
     #: (the ids of architectures still at 0 are unchanged)
     revision: ClassVar[int] = 0
-    #: memory hint for planning (:func:`saesweep.devices.estimate_pack_bytes`): live
+    #: memory hint for planning (:func:`saesweep.memory.estimate_pack_bytes`): live
     #: ``[n, batch, d_sae]`` float tensors per member at the peak of a training step, for the
     #: largest way a step is computed (the autograd reference keeps its forward tensors and
     #: forms the gradients), plus two for allocator slack; and the same for evaluation (codes,

@@ -9,15 +9,8 @@ from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 from saesweep.config.sweep import ExecutionSpec
-from saesweep.devices import (
-    GB,
-    Slot,
-    cpu_slots,
-    detect,
-    estimate_pack_bytes,
-    fmt_bytes,
-    parse_devices,
-)
+from saesweep.devices import GB, Slot, cpu_slots, detect, parse_devices
+from saesweep.memory import estimate_pack_bytes, fmt_bytes
 from saesweep.sweep.store import SweepStore
 
 ASSIGNMENT_ATTR = "assignment"
