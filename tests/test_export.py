@@ -1,6 +1,6 @@
 """Exported SAEs of every type load in SAELens (its own architectures, or the classes
-``import saesweep.export`` registers for the hard-concrete types) and in saesweep, with the
-codes the trained SAE gives."""
+``saesweep.export.register_saelens()`` registers for the hard-concrete types) and in saesweep,
+with the codes the trained SAE gives."""
 
 import json
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import saesweep
-import saesweep.export  # noqa: F401  (registers the hard-concrete types with SAELens)
 from saesweep.data import open_source
-from saesweep.export import load_sae, load_sae_pack
+from saesweep.export import load_sae, load_sae_pack, register_saelens
+
+register_saelens()
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,13 @@ def test_load_sae_roundtrip_every_type(tiny_cfg, sae_type):
     torch.testing.assert_close(loaded(x_raw), loaded.decode(codes))
     pack = load_sae_pack(r.run_dir)  # the pack form
     assert pack.n == 1 and pack.W_dec.shape == (1, 64, 16)
+
+
+def test_importing_export_leaves_saelens_alone():
+    import subprocess
+    import sys
+
+    code = ("import sae_lens.registry as r; import saesweep.export as e; "
+            "assert 'hard_concrete' not in r.SAE_CLASS_REGISTRY; e.register_saelens(); "
+            "assert 'hard_concrete' in r.SAE_CLASS_REGISTRY")
+    subprocess.run([sys.executable, "-c", code], check=True)

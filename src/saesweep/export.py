@@ -4,8 +4,8 @@ Every type loads with :func:`load_sae` (one SAE, shaped as in SAELens) or :func:
 (the one-member pack the trainer uses), and with ``sae_lens.SAE.load_from_disk``: ReLU, gated,
 TopK and JumpReLU as SAELens's own ``standard``, ``gated``, ``topk`` and ``jumprelu``
 architectures, BatchTopK and Matryoshka as ``jumprelu``; for the two hard-concrete types,
-importing this module registers SAELens classes (:mod:`saesweep.saelens_classes`) when sae_lens
-is installed.
+call :func:`register_saelens` once first: it registers SAELens classes for them
+(:mod:`saesweep.saelens_classes`). Importing this module changes nothing outside it.
 """
 
 from __future__ import annotations
@@ -97,6 +97,3 @@ def register_saelens() -> bool:
 
     saelens_classes.register()
     return True
-
-
-register_saelens()

@@ -1,6 +1,6 @@
 """SAELens inference classes for the types SAELens does not have: ``hard_concrete`` and
 ``gated_hard_concrete``, so that ``sae_lens.SAE.load_from_disk`` loads them (registered by
-``import saesweep.export``). Evaluation-mode codes, as saesweep's own: the deterministic gate
+``saesweep.export.register_saelens()``). Evaluation-mode codes, as saesweep's own: the deterministic gate
 ``z = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`` times the ReLU magnitude (see
 :mod:`saesweep.saes.hard_concrete`). Imports sae_lens: only :mod:`saesweep.export` imports it.
 """
