@@ -52,7 +52,7 @@ def _hf_shape(source_json: str) -> Optional[tuple[int, int, int]]:
     try:
         from transformers import AutoConfig
 
-        from saesweep.data.lm import is_local_model, num_layers
+        from saesweep.data.hf import is_local_model, num_layers
 
         src = json.loads(source_json)
         name = src["model"]

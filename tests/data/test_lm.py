@@ -12,7 +12,7 @@ import torch
 from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports it)
 
 from saesweep.config.experiment import ConfigError, HFSource
-from saesweep.data import lm, lm_activations
+from saesweep.data import corpus, hf, lm, lm_activations
 from saesweep.metrics.downstream import spliced_metrics
 
 
@@ -108,7 +108,7 @@ def test_text_and_pretokenised_give_the_same_rows(tmp_path, tiny_lm, tiny_text_j
     expected = ref_rows(doc_ids(tok, tiny_docs), 16, tok.bos_token_id)
     for ds in (tiny_text_jsonl, tiny_tokens_parquet):
         source = src(tiny_lm, ds, context_length=16, eval_split=None)
-        rows = lm.token_rows(source, 40, 5, datasets_cache=tmp_path)
+        rows = corpus.token_rows(source, 40, 5, datasets_cache=tmp_path)
         train = np.stack(list(rows.train))
         assert train.shape == (40, 16) and (train[:, 0] == tok.bos_token_id).all()
         assert train.tolist() == expected[:40]
@@ -125,7 +125,7 @@ def test_activations_are_the_hooked_residual(
     np.testing.assert_array_equal(text.entry.gather(np.arange(0, 2000)), toks.entry.gather(np.arange(0, 2000)))
     # and they are the residual entering block 1, BOS position left out
     source = text.source
-    first = np.stack(list(itertools.islice(lm.token_rows(source, 3, 1, datasets_cache=tmp_path).train, 3)))
+    first = np.stack(list(itertools.islice(corpus.token_rows(source, 3, 1, datasets_cache=tmp_path).train, 3)))
     h = lm.HookedLM(model, 1).capture(torch.from_numpy(first))[:, 1:].reshape(-1, 32)
     np.testing.assert_allclose(text.entry.gather(np.arange(0, 45)), h.numpy(), rtol=1e-5, atol=1e-5)
     # held-out activations are those of the held-out rows
@@ -143,7 +143,7 @@ def test_heldout_rows_from_the_end_are_disjoint_from_training(tmp_path, tiny_lm)
     path = tmp_path / "marked.parquet"
     pq.write_table(pa.table({"input_ids": docs}), path)
     source = src(tiny_lm, path, context_length=8, eval_split="validation")
-    rows = lm.token_rows(source, 20, 10, datasets_cache=tmp_path)
+    rows = corpus.token_rows(source, 20, 10, datasets_cache=tmp_path)
     assert rows.heldout_from.startswith("the end")
     train = np.stack(list(rows.train))
     doc_of = lambda a: set(a[a != 1].tolist())  # noqa: E731
@@ -152,7 +152,7 @@ def test_heldout_rows_from_the_end_are_disjoint_from_training(tmp_path, tiny_lm)
     assert max(heldout_docs) == 3 + 59 and min(train_docs) == 3  # held-out from the end
     # asking for more training rows than the documents before the held-out ones hold fails
     with pytest.raises(ConfigError, match="training rows"):
-        list(lm.token_rows(source, 50, 10, datasets_cache=tmp_path).train)
+        list(corpus.token_rows(source, 50, 10, datasets_cache=tmp_path).train)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -161,13 +161,13 @@ def test_eval_split_and_last_shard(tmp_path, tiny_lm, tiny_split_dir, tiny_shard
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     source = src(tiny_lm, tiny_split_dir, context_length=16)
-    rows = lm.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
+    rows = corpus.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
     assert rows.heldout_from == "split 'validation'"
     assert rows.heldout.tolist() == ref_rows(doc_ids(tok, tiny_docs[500:]), 16, 1)[:5]
     assert np.stack(list(rows.train)).tolist() == ref_rows(doc_ids(tok, tiny_docs[:500]), 16, 1)[:10]
 
     source = src(tiny_lm, tiny_sharded_dir, context_length=16)
-    rows = lm.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
+    rows = corpus.token_rows(source, 10, 5, streaming=streaming, datasets_cache=tmp_path)
     train = np.stack(list(rows.train)).tolist()
     assert train == ref_rows(doc_ids(tok, tiny_docs[:300]), 16, 1)[:10]
     if streaming:  # a streamed split without an eval split holds out its last data file
@@ -188,13 +188,13 @@ def test_save_to_disk_folder_and_no_bos(tmp_path, tiny_lm, tiny_docs):
     }).save_to_disk(tmp_path / "saved")
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     source = src(tiny_lm, tmp_path / "saved", context_length=12, text_column="story", prepend_bos=False)
-    rows = lm.token_rows(source, 8, 3, datasets_cache=tmp_path)
+    rows = corpus.token_rows(source, 8, 3, datasets_cache=tmp_path)
     assert rows.heldout.tolist() == ref_rows(doc_ids(tok, tiny_docs[100:120]), 12, None)[:3]
     assert np.stack(list(rows.train)).tolist() == ref_rows(doc_ids(tok, tiny_docs[:100]), 12, None)[:8]
     with pytest.raises(ConfigError, match="source.text_column"):
-        lm.token_rows(source.model_copy(update={"text_column": "nope"}), 8, 3, datasets_cache=tmp_path)
+        corpus.token_rows(source.model_copy(update={"text_column": "nope"}), 8, 3, datasets_cache=tmp_path)
     with pytest.raises(ConfigError, match="source.split"):
-        lm.token_rows(source.model_copy(update={"split": "test"}), 8, 3, datasets_cache=tmp_path)
+        corpus.token_rows(source.model_copy(update={"split": "test"}), 8, 3, datasets_cache=tmp_path)
 
 
 # ----------------------------------------------------------------------------- normalisation, metrics
@@ -248,18 +248,18 @@ def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
 # ----------------------------------------------------------------------------- checks
 def test_bad_hook_layer_and_missing_dataset(tiny_lm, tiny_text_jsonl, tmp_path):
     ok = src(tiny_lm, tiny_text_jsonl, hook="blocks.3.hook_resid_pre")
-    lm.check_source(ok)  # 3 blocks: the input of the final norm is allowed
-    lm.check_source(ok.model_copy(update={"hook": "blocks.2.hook_resid_post"}))
+    hf.check_source(ok)  # 3 blocks: the input of the final norm is allowed
+    hf.check_source(ok.model_copy(update={"hook": "blocks.2.hook_resid_post"}))
     for bad in ("blocks.4.hook_resid_pre", "blocks.3.hook_resid_post"):
         with pytest.raises(ConfigError, match=r"source\.hook.*0\.\.3") as e:
-            lm.check_source(src(tiny_lm, tiny_text_jsonl, hook=bad))
+            hf.check_source(src(tiny_lm, tiny_text_jsonl, hook=bad))
         assert "\n" not in str(e.value)
     missing_ones = (tmp_path / "nope.jsonl", tmp_path / "no-folder", f"{tiny_text_jsonl},{tmp_path}/x.parquet")
     for missing in missing_ones:
         with pytest.raises(ConfigError, match="source.dataset"):
-            lm.check_source(src(tiny_lm, missing))
+            hf.check_source(src(tiny_lm, missing))
     with pytest.raises(ConfigError, match="source.model"):
-        lm.check_source(src(tmp_path / "no-model", tiny_text_jsonl))
+        hf.check_source(src(tmp_path / "no-model", tiny_text_jsonl))
 
 
 def test_open_hf_checks_before_building(tiny_lm, tmp_path, make_cfg):

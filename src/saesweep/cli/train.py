@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.with_updates(**updates)
     if cfg.source.kind == "hf":  # before anything is built or written
         from saesweep.data.budget import plan_activations
-        from saesweep.data.lm import check_source, d_model
+        from saesweep.data.hf import check_source, d_model
 
         model_config = check_source(cfg.source)
         cfg.d_sae(d_model(model_config))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
-from saesweep.data import cache, lm
+from saesweep.data import cache, hf, lm
 
 #: ``cache_dtype: auto`` switches to bfloat16 above this many float32 bytes of training activations
 AUTO_16BIT_BYTES = 2**30
@@ -90,8 +90,8 @@ def plan_activations(cfg: ExperimentConfig, *, model_config: Any = None) -> Acti
     source = cfg.source
     if not isinstance(source, HFSource):
         raise ConfigError(f"source.kind: activation plans are for hf sources, got {source.kind!r}")
-    config = model_config if model_config is not None else lm.check_source(source)
-    d = lm.d_model(config)
+    config = model_config if model_config is not None else hf.check_source(source)
+    d = hf.d_model(config)
     train_rows, heldout_rows = lm.needed_rows(cfg)
     per = lm.tokens_per_row(source)
     dtype = resolve_dtype(source, train_rows * per, d)
@@ -152,7 +152,7 @@ def plan_sweep(configs: Sequence[ExperimentConfig]) -> list[ActivationPlan]:
     for cfg in largest.values():
         mc = model_configs.get(cfg.source.model)
         if mc is None:
-            mc = model_configs[cfg.source.model] = lm.check_source(cfg.source)
+            mc = model_configs[cfg.source.model] = hf.check_source(cfg.source)
         plans.append(plan_activations(cfg, model_config=mc))
     by_root: dict[Path, list[ActivationPlan]] = {}
     for p in plans:

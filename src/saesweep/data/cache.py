@@ -57,7 +57,7 @@ import numpy as np
 
 from saesweep.settings import env
 from saesweep.config.experiment import ConfigError, HFSource
-from saesweep.data.lm import dataset_files, is_local_dataset, is_local_model
+from saesweep.data.hf import dataset_files, is_local_dataset, is_local_model
 from saesweep.io import file_lock
 
 FORMAT = 1

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from saesweep.settings import env
 from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
-from saesweep.data import budget, cache, cache_build, lm
+from saesweep.data import budget, cache, cache_build, corpus, lm
 from saesweep.data.base import Activations, Reconstructor
 from saesweep.metrics.downstream import spliced_metrics
 
@@ -152,7 +152,7 @@ class StreamedHFActivations(HFActivations):
                                                    device=self.device, datasets_cache=datasets_cache)
             rows = self._producer.rows.train
         else:
-            rows = lm.token_rows(self.source, self.train_rows, self.heldout_rows_needed,
+            rows = corpus.token_rows(self.source, self.train_rows, self.heldout_rows_needed,
                                  datasets_cache=datasets_cache).train
         return itertools.islice(rows, first_row, None)
 
