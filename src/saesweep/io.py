@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -62,23 +61,16 @@ def _json_default(o: Any) -> Any:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, timeout: float | None = None, poll: float = 0.2) -> Iterator[None]:
-    """Exclusive ``flock`` on ``path`` (created if missing); released when the process dies."""
+    """Exclusive ``flock`` on ``path`` (created if missing, kept: a waiter may hold it open);
+    released when the block ends or the process dies. A ``TimeoutError`` after ``timeout`` s."""
+    from filelock import FileLock
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"could not lock {path} within {timeout}s") from None
-                time.sleep(poll)
+    lock = FileLock(str(path), timeout=-1 if timeout is None else timeout, mode=0o644, poll_interval=poll,
+                    preserve_lock_file=True, fallback_to_soft=False)
+    with lock:  # filelock.Timeout is a TimeoutError
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 class HeldLock:

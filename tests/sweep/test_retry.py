@@ -6,7 +6,7 @@ from sqlalchemy.exc import OperationalError
 
 from saesweep.sweep import worker
 from saesweep.sweep.storages.postgresql import is_connection_error as _is_connection_error
-from saesweep.sweep.worker import _RetryingStore
+from saesweep.sweep.worker import RetryingStore
 
 
 def _lost_connection() -> StorageInternalError:
@@ -44,12 +44,12 @@ def test_store_calls_are_retried_through_an_outage_and_other_errors_are_not(monk
     waits = []
     monkeypatch.setattr(worker.time, "sleep", waits.append)
     store = FlakyStore([_lost_connection(), _lost_connection()])
-    assert _RetryingStore(store, give_up_s=600).complete(7) == "done 7"
+    assert RetryingStore(store, give_up_s=600).complete(7) == "done 7"
     assert store.calls == 3 and waits == [1.0, 2.0]
     assert capsys.readouterr().err.count("database unreachable") == 2  # one line per attempt, no traceback
     store = FlakyStore([ValueError("bad value")])
     with pytest.raises(ValueError):
-        _RetryingStore(store, give_up_s=600).complete(7)
+        RetryingStore(store, give_up_s=600).complete(7)
     assert store.calls == 1
 
 

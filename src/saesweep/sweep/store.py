@@ -167,6 +167,9 @@ class SweepStore:
                     raise
         return anchor[0] + (time.monotonic() - anchor[1])
 
+    def trial(self, trial_pk: int) -> FrozenTrial:
+        return self.storage.get_trial(trial_pk)
+
     def trials(self, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self.study_id, deepcopy=False, states=tuple(states) if states else None)
 

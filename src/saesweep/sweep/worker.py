@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from optuna.trial import FrozenTrial
+
 from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import ExecutionSpec, SweepSpec
 from saesweep.data import open_source
@@ -97,33 +99,68 @@ class Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
-class _RetryingStore:
-    """The store, with every call retried through lost database connections (backing off from
-    1 s to 15 s) for up to ``give_up_s``: a network blip must not kill a worker. Trials it held
-    meanwhile are protected by their leases, like those of a dead worker."""
+class RetryingStore:
+    """The store as a worker uses it: each call below is retried through lost database connections
+    (what the backend's ``is_retryable`` says; backing off from 1 s to 15 s, one line per wait)
+    for up to ``give_up_s``: a network blip must not kill a worker. Trials it held meanwhile are
+    protected by their leases, like those of a dead worker."""
 
     def __init__(self, store: SweepStore, give_up_s: float) -> None:
-        self._store, self._give_up_s = store, give_up_s
+        import tenacity
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if not callable(attr):
-            return attr
+        self.store, self.backend = store, store.backend
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(store.backend.is_retryable),
+            wait=tenacity.wait_exponential(multiplier=1, min=1, max=15),
+            stop=tenacity.stop_after_delay(give_up_s),
+            before_sleep=_say_unreachable,
+            sleep=lambda s: time.sleep(s),
+            reraise=True,
+        )
 
-        def call(*args, **kwargs):
-            deadline, wait = time.monotonic() + self._give_up_s, 1.0
-            while True:
-                try:
-                    return attr(*args, **kwargs)
-                except Exception as e:
-                    if not self._store.backend.is_retryable(e) or time.monotonic() + wait > deadline:
-                        raise
-                    print(f"saesweep worker: database unreachable ({type(e).__name__}); retrying in {wait:.0f}s",
-                          file=sys.stderr)
-                    time.sleep(wait)
-                    wait = min(15.0, wait * 2)
+    # the store's calls a worker makes, each retried
+    def claim(self, *args: Any, **kwargs: Any) -> list[Claim]:
+        return self._retrying(self.store.claim, *args, **kwargs)
 
-        return call
+    def complete(self, *args: Any, **kwargs: Any) -> bool:
+        return self._retrying(self.store.complete, *args, **kwargs)
+
+    def fail(self, *args: Any, **kwargs: Any) -> tuple[bool, bool]:
+        return self._retrying(self.store.fail, *args, **kwargs)
+
+    def prune(self, *args: Any, **kwargs: Any) -> bool:
+        return self._retrying(self.store.prune, *args, **kwargs)
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> list[Claim]:
+        return self._retrying(self.store.heartbeat, *args, **kwargs)
+
+    def hold_lease(self, worker: str) -> None:
+        self._retrying(self.store.hold_lease, worker)
+
+    def release_lease(self, worker: str) -> None:
+        self._retrying(self.store.release_lease, worker)
+
+    def reap_expired(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self._retrying(self.store.reap_expired, *args, **kwargs)
+
+    def set_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self._retrying(self.store.set_checkpoint, *args, **kwargs)
+
+    def trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        return self._retrying(self.store.trials, *args, **kwargs)
+
+    def trial(self, trial_pk: int) -> FrozenTrial:
+        return self._retrying(self.store.trial, trial_pk)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._retrying(lambda: self.store.info)
+
+
+def _say_unreachable(state: Any) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0
+    print(f"saesweep worker: database unreachable ({type(error).__name__}); retrying in {wait:.0f}s", file=sys.stderr)
 
 
 class Worker:
@@ -148,7 +185,7 @@ class Worker:
         device would take (the scheduler's tests give one slot a slow device)."""
         if max_pack is not None and max_pack < execution.pack_size:  # this slot's device fits no larger pack
             execution = execution.model_copy(update={"pack_size": max(1, int(max_pack))})
-        self.store, self.ex = _RetryingStore(store, execution.lease_s), execution
+        self.store, self.ex = RetryingStore(store, execution.lease_s), execution
         self.device = device
         self.show_progress = show_progress
         self.stop = stop or threading.Event()
@@ -360,7 +397,7 @@ class Worker:
                                 retry=True, same_attempt=True, extra={"worker": self.worker_id})
             return self.run_claims(claims[:half])
         c = claims[0]
-        t = self.store.storage.get_trial(c.trial_pk)
+        t = self.store.trial(c.trial_pk)
         avoided = set(t.user_attrs.get("avoid", ())) | {self.slot}
         slots = set(self.store.info.get("slots") or ())
         others = slots - avoided
