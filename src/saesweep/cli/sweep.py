@@ -198,52 +198,30 @@ def cmd_sweep(args) -> int:
 
 
 def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files: bool = False) -> int:
-    """Shared by run / sweep: dry run, or queue the trials and run the workers."""
-    from saesweep.devices import detect
-    from saesweep.sweep.planning import plan_workers
+    """Shared by run / sweep: dry run, or queue the trials and run the workers (saesweep.sweep.execute)."""
+    from saesweep.sweep.execute import plan_sweep, run_sweep
 
     if getattr(args, "show_devices", False):
         return cmd_devices(args)
-    check_targets(configs)
-    # an explicit --max_parallel (or execution.max_parallel in the spec file) fixes the worker count
-    mp = spec.execution.max_parallel if "max_parallel" in spec.execution.model_fields_set else None
-    # free memory is shown only by a dry run: asking torch for it would hold a CUDA context in this process
-    found = detect(with_free=bool(args.dry_run))
-    slots = plan_workers(spec.execution.devices, mp, configs, spec.execution, found=found)
-    from saesweep.sweep.storages import backend_for
-
-    backend = backend_for(str(spec.storage_url))
-    if len(slots) > 1 and not backend.concurrent_workers:
-        raise ConfigError(
-            f"--storage {redact(spec.storage_url)}: {backend.title} cannot serve {len(slots)} concurrent workers safely "
-            "(claims can be duplicated); use a journal file path (the default) or postgresql://..., "
-            "or run one worker (--max_parallel 1)"
-        )
+    plan = plan_sweep(spec, configs, with_free=bool(args.dry_run))
     if args.dry_run:
-        return dry_run(spec, configs, slots, found)
+        return dry_run(spec, configs, plan.slots, plan.found)
     from saesweep.sweep.display import print_worker_table
-    from saesweep.sweep.local import run_workers
-    from saesweep.sweep.worker import open_sweep, queue_trials
 
     if configs is not None:  # before anything is written: the activations must fit on the disk
         print_activation_plans(configs, spec.execution.pack_size)
     t0 = time.perf_counter()
-    store = open_sweep(spec)
-    if configs is not None:
-        added = queue_trials(store, spec, configs, from_files=from_files)
-        ids = {c.trial_id for c in configs}
-        done = sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete")
+
+    def queued(added: int, done: int) -> None:
+        assert configs is not None
         print(f"Sweep '{spec.name}': {len(configs)} experiments ({count_by_type(configs)}); {added} new, "
               f"{done} already complete  [{spec.sweep_dir}]")
-    print_plan(found, slots, spec.execution.pack_size, spec.execution.policy)
-    outcome = run_workers(store, spec.execution, slots, policy=spec.execution.policy)
-    recs = store.records()
-    c = outcome.counts
-    if configs is not None:  # count the selected trials only, not the whole store
-        c = {k: 0 for k in ("waiting", "running", "complete", "failed", "pruned")}
-        for r in recs:
-            if r.trial_id in ids:
-                c[r.state] += 1
+        print_plan(plan.found, plan.slots, spec.execution.pack_size, spec.execution.policy)
+
+    if configs is None:
+        print_plan(plan.found, plan.slots, spec.execution.pack_size, spec.execution.policy)
+    run = run_sweep(spec, configs, plan, from_files=from_files, on_queued=queued)
+    outcome, recs, c = run.outcome, run.records, run.counts
     print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
           f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
     print_worker_table(outcome.workers)
@@ -258,18 +236,6 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     if outcome.interrupted:
         print("interrupted: finished trials are recorded; run the same command again to resume", file=sys.stderr)
     return outcome.exit_code
-
-
-def check_targets(configs: Optional[Sequence[ExperimentConfig]]) -> None:
-    """A ConfigError for a target L0 above the dictionary of an hf source's SAE, before anything
-    starts (a synthetic source's width is known when its config is read, and checked then)."""
-    from saesweep.memory import source_width
-
-    for cfg in configs or ():
-        if cfg.target_l0 is not None and cfg.source.kind == "hf":
-            d_in = source_width(cfg)
-            if d_in:
-                cfg.check_target(d_in)
 
 
 def print_activation_plans(configs: list[ExperimentConfig], pack_size: int) -> None:
