@@ -71,3 +71,18 @@ def start_worker(storage: str, sweep: str, cwd: Path, *extra: str) -> subprocess
     return subprocess.Popen([sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", storage, "--sweep", sweep,
                              "--device", "cpu", "--threads", "1", *extra], cwd=cwd, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def lost_connection():
+    """Optuna's StorageInternalError wrapping SQLAlchemy's OperationalError, as a worker sees a
+    database that went away mid-call."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        try:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        except OperationalError as e:
+            raise StorageInternalError("An exception is raised during the commit.") from e
+    except StorageInternalError as wrapped:
+        return wrapped

@@ -3,20 +3,11 @@
 import pytest
 from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import OperationalError
+from sweep_helpers import lost_connection
 
 from saesweep.sweep import worker
 from saesweep.sweep.storages.postgresql import is_connection_error as _is_connection_error
 from saesweep.sweep.worker import RetryingStore
-
-
-def _lost_connection() -> StorageInternalError:
-    try:
-        try:
-            raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
-        except OperationalError as e:
-            raise StorageInternalError("An exception is raised during the commit.") from e
-    except StorageInternalError as wrapped:
-        return wrapped
 
 
 class FlakyStore:
@@ -34,7 +25,7 @@ class FlakyStore:
 
 
 def test_a_wrapped_lost_connection_is_recognised():
-    assert _is_connection_error(_lost_connection())
+    assert _is_connection_error(lost_connection())
     assert _is_connection_error(OperationalError("SELECT 1", {}, Exception("gone")))
     assert not _is_connection_error(StorageInternalError("a constraint failed"))
     assert not _is_connection_error(ValueError("bad value"))
@@ -43,7 +34,7 @@ def test_a_wrapped_lost_connection_is_recognised():
 def test_store_calls_are_retried_through_an_outage_and_other_errors_are_not(monkeypatch, capsys):
     waits = []
     monkeypatch.setattr(worker.time, "sleep", waits.append)
-    store = FlakyStore([_lost_connection(), _lost_connection()])
+    store = FlakyStore([lost_connection(), lost_connection()])
     assert RetryingStore(store, give_up_s=600).complete(7) == "done 7"
     assert store.calls == 3 and waits == [1.0, 2.0]
     assert capsys.readouterr().err.count("database unreachable") == 2  # one line per attempt, no traceback

@@ -13,8 +13,7 @@ import time
 import pytest
 from optuna.exceptions import StorageInternalError
 from pg import postgres_server, postgres_url  # noqa: F401  (fixtures)
-from sqlalchemy.exc import OperationalError
-from sweep_helpers import TINY_BASE
+from sweep_helpers import TINY_BASE, lost_connection
 
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.storages import BACKENDS, backend_for
@@ -125,13 +124,7 @@ def test_only_a_lost_connection_is_waited_out(tmp_path, url):
     assert not store.backend.is_retryable(ValueError("bad value"))
     assert not store.backend.is_retryable(StorageInternalError("a constraint failed"))
     if store.backend.kind == "postgresql":
-        try:
-            try:
-                raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
-            except OperationalError as e:
-                raise StorageInternalError("commit failed") from e
-        except StorageInternalError as wrapped:
-            assert store.backend.is_retryable(wrapped)
+        assert store.backend.is_retryable(lost_connection())
 
 
 @pytest.mark.postgres

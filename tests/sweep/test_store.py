@@ -75,31 +75,6 @@ def test_eight_workers_postgres_each_trial_runs_once(tmp_path, postgres_url):
     check_exactly_once(spec, 24)
 
 
-def test_concurrent_claims_never_overlap(tmp_path):
-    """Many threads claiming from one journal: every trial goes to exactly one claimant."""
-    import threading
-
-    spec = tiny_spec(tmp_path, grids={"relu": {"lr": [1e-4 * (i + 1) for i in range(40)], "dict_size_ratio": [2.0], "sparsity_coeff": [0.1]}})
-    store = open_sweep(spec)
-    queue_trials(store, spec, expand(spec))
-    got: list[str] = []
-    lock = threading.Lock()
-
-    def claimer(k):
-        s = SweepStore(spec.storage_url, spec.name, create=False)
-        while True:
-            claims = s.claim(f"w{k}", max_members=3)
-            if not claims:
-                return
-            with lock:
-                got.extend(c.trial_id for c in claims)
-
-    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(8)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert sorted(got) == sorted(c.trial_id for c in expand(spec))
-
-
 def test_queueing_is_idempotent(tmp_path):
     spec = tiny_spec(tmp_path)
     store = open_sweep(spec)
