@@ -152,9 +152,27 @@ class RetryingStore:
     def trial(self, trial_pk: int) -> FrozenTrial:
         return self._retrying(self.store.trial, trial_pk)
 
+    def add_running(self, *args: Any, **kwargs: Any) -> Claim:
+        return self._retrying(self.store.add_running, *args, **kwargs)
+
+    def add_waiting(self, *args: Any, **kwargs: Any) -> Any:
+        return self._retrying(self.store.add_waiting, *args, **kwargs)
+
     @property
     def info(self) -> dict[str, Any]:
         return self._retrying(lambda: self.store.info)
+
+    # what sampled search and pruning read and write directly (not retried, as one call each)
+    def lock(self) -> Any:
+        return self.store.lock()
+
+    @property
+    def storage(self) -> Any:
+        return self.store.storage
+
+    @property
+    def study(self) -> Any:
+        return self.store.study
 
 
 def _say_unreachable(state: Any) -> None:
