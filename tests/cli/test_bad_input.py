@@ -19,6 +19,8 @@ TINY = {"sae_type": "relu", "source": {"kind": "synthetic", "d_in": 8, "n_featur
 def setup_files(root: Path) -> None:
     (root / "c.yaml").write_text(yaml.safe_dump(TINY))
     (root / "ratio.yaml").write_text(yaml.safe_dump({**TINY, "dict_size_ratio": 1.3}))
+    (root / "huge.yaml").write_text(yaml.safe_dump({**TINY, "train": {"tokens": 10**14, "batch_size": 256}}))
+    (root / "extra.yaml").write_text(yaml.safe_dump({**TINY, "learning_rate": 1e-3}))
     (root / "afile").write_text("not a folder")
     (root / "garbage.journal").write_bytes(bytes(range(256)) * 8)
     lines = LEGACY.read_bytes().split(b"\n")
@@ -42,6 +44,10 @@ CASES = [
     (["results", "runs/x", "--output", "/dev/full/x"], "runs/x"),
     (["generate", "--output_dir", "afile"], "--output_dir afile"),
     (["sweep", "--sae_types", "relu", "--limit", "1", "--output_dir", "afile"], "afile"),
+    (["train", "huge.yaml"], "train.tokens"),  # it would train for ever
+    (["train", "extra.yaml"], "learning_rate: unknown field (the fields of sae_type 'relu': "),
+    (["sweep", "--sae_types", "relu", "--limit", "1", "--storage", "", "--dry_run"], "--storage: empty"),
+    (["sweep", "--sae_types", "relu", "--limit", "1", "--name", "x" * 300, "--dry_run"], "at most 100 characters"),
 ]
 
 

@@ -53,6 +53,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace, **extra: Any):
     from saesweep.config.sweep import load_spec
 
+    if getattr(args, "storage", None) == "":
+        raise ConfigError("--storage: empty; give a journal file path, postgresql://... or sqlite:///..., "
+                          "or leave the flag out for the sweep folder's journal")
     overrides: dict[str, Any] = {
         "sae_types": getattr(args, "sae_types", None),
         "limit": getattr(args, "limit", None),

@@ -197,7 +197,7 @@ class TrainConfig(Strict):
     """Optimisation: Adam with linear lr warm-up then cosine/linear decay to min_lr_factor."""
 
     seed: Annotated[int, Field(ge=0)] = 0
-    tokens: Annotated[int, Field(ge=1, description="training tokens")] = 2_000_000
+    tokens: Annotated[int, Field(ge=1, le=10**13, description="training tokens (at most 10^13)")] = 2_000_000
     batch_size: PosInt = Field(512, description="tokens per optimiser step (2M tokens: about 3,900 steps)")
     lr_warmup_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.01
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
@@ -309,7 +309,8 @@ class ExperimentConfig(Strict):
                     continue
                 allowed = ", ".join(own) or "none"
                 raise ValueError(f"field {key!r} does not apply to sae_type {sae_type!r} (its own fields: {allowed})")
-            raise ValueError(f"{key}: unknown field")
+            known = sorted({*cls.model_fields, *own} - {"sae_type"}) + ["sae_type"]
+            raise ValueError(f"{key}: unknown field (the fields of sae_type {sae_type!r}: {', '.join(known)})")
         for key, hp in own.items():
             value = data.get(key)
             if value is None:

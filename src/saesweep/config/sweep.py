@@ -197,7 +197,7 @@ class TrackingSpec(Strict):
 class SweepSpec(Strict):
     """A sweep: a base experiment, per-type grids, the search method, storage and execution."""
 
-    name: str = Field("seed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    name: str = Field("seed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=100)
     base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig fields shared by every trial")
     sae_types: list[str] = Field(default_factory=classic_types, min_length=1)
     grids: dict[str, dict[str, Any]] = Field(default_factory=default_grids)
@@ -338,7 +338,7 @@ def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> Swe
     (``execution.max_parallel``, ``base.train.tokens``); ``None`` values are ignored.
     """
     data: dict[str, Any] = {}
-    where = "built-in seed sweep"
+    where = "the default sweep"
     if path is None and Path(SPEC_FILE).exists():
         path = SPEC_FILE
     if path is not None:
