@@ -50,15 +50,15 @@ def frontier_ids(df, x: str = "l0", y: str = "fvu", *, by_type: bool = False) ->
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
     dirs = [metrics.direction(x), metrics.direction(y)]
     if by_type:
-        return {t: _frontier(g, x, y, dirs) for t, g in d.groupby(_series(d), sort=False)}
-    return [i for _, g in _by_hook(d) for i in _frontier(g, x, y, dirs)]
+        return {t: _frontier(g, x, y, dirs) for t, g in d.groupby(series_of(d), sort=False)}
+    return [i for _, g in rows_by_hook(d) for i in _frontier(g, x, y, dirs)]
 
 
-def _series(d) -> Any:
+def series_of(d) -> Any:
     return d["series"] if "series" in d else d["sae_type"]
 
 
-def _by_hook(d) -> list[tuple[Optional[str], Any]]:
+def rows_by_hook(d) -> list[tuple[Optional[str], Any]]:
     """``[(hook, rows)]`` in a sweep over hooks, else ``[(None, d)]``."""
     if HOOK_AXIS in d and d[HOOK_AXIS].nunique(dropna=True) > 1:
         return list(d.groupby(d[HOOK_AXIS].fillna("?"), sort=False))

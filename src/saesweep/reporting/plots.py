@@ -11,7 +11,7 @@ import numpy as np
 
 from saesweep import saes
 from saesweep.metrics import registry as metrics
-from saesweep.reporting.frontier import _by_hook, _series
+from saesweep.reporting.frontier import rows_by_hook, series_of
 
 #: colours of the SAE types (matplotlib's tab10, in the registry's order)
 TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -66,15 +66,15 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
     d = df[(df["state"] == "complete")].copy()
     d = d[np.isfinite(d[x].astype(float)) & np.isfinite(d[y].astype(float))]
     ydir = metrics.direction(y)
-    series = _series(d)
+    series = series_of(d)
     several = series.nunique() > 1
     # a sweep over hooks: colour per type, marker and line style per hook, a frontier per hook
-    hooks = [h for h, _ in _by_hook(d)]
+    hooks = [h for h, _ in rows_by_hook(d)]
     style = {h: (HOOK_MARKERS[i % len(HOOK_MARKERS)], HOOK_LINES[i % len(HOOK_LINES)]) for i, h in enumerate(hooks)}
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    for hook, rows in _by_hook(d):
+    for hook, rows in rows_by_hook(d):
         marker, ls = style[hook]
-        for t, g in rows.groupby(_series(rows), sort=False):
+        for t, g in rows.groupby(series_of(rows), sort=False):
             c = colors.get(g["sae_type"].iloc[0], "#555555")
             ax.scatter(g[x], g[y], s=30, color=c, marker=marker, alpha=0.55, edgecolors="none",
                        label=f"{t} ({len(g)} trials)", zorder=2)

@@ -112,7 +112,6 @@ class SweepStore:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.name = url, name
         self.backend = open_backend(url, create=create)
-        self.kind, self.path, self.storage = self.backend.kind, self.backend.path, self.backend.storage
         self._held: dict[str, HeldLock] = {}  # liveness locks this process holds, by worker
         if create:
             dirs: Any = list(directions or ["minimize"])  # "minimize" / "maximize"
@@ -134,6 +133,19 @@ class SweepStore:
         self.study_id = self.storage.get_study_id_from_name(name)
 
     # ------------------------------------------------------------------ helpers
+    # what the backend holds, read through it
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.backend.path
+
+    @property
+    def storage(self) -> Any:
+        return self.backend.storage
+
     def lock(self):
         """The sweep-wide mutex (the backend's), as a context manager."""
         return self.backend.lock(self.name)
