@@ -2,6 +2,7 @@
 help and its parser load no torch (they answer in about a second)."""
 
 import ast
+import os
 import subprocess
 import sys
 import time
@@ -115,12 +116,20 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sweep", "--help"], ["grid"],
                                   ["grid", "--sae_types", "topk,matryoshka,jumprelu"]])
-def test_cli_help_and_grid_import_no_torch(argv):
+def test_cli_help_and_grid_import_no_torch(argv, tmp_path):
+    """Once a version of the package has been seen (its architectures' declarations are cached on
+    first use), help and grids load no torch."""
+    from saesweep.saes import declare
+
+    env = dict(os.environ, SAESWEEP_CACHE=str(tmp_path))
+    subprocess.run([sys.executable, "-c", "from saesweep.saes import registry; registry.declarations()"],
+                   env=env, check=True, timeout=120)
+    assert (tmp_path / "declarations" / f"{declare.source_digest()}.json").is_file()
     code = ("import sys, runpy; sys.argv = ['saesweep', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('saesweep', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)")
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, env=env)
     wall = time.perf_counter() - t
     assert "usage: saesweep" in proc.stdout or "experiments" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip().endswith("NO TORCH"), proc.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 
@@ -16,7 +17,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("SAESWEEP_CACHE", None, "the activation cache folder when a config gives no cache_dir "
+    Setting("SAESWEEP_CACHE", None, "the cache folder (activations, and the architectures' declarations) when a config gives no cache_dir "
             "(default ~/.cache/saesweep)"),
     Setting("SAESWEEP_CACHE_WAIT_S", "7200", "cache_mode wait: seconds to wait for another process's cache entry"),
     Setting("SAESWEEP_CACHE_WAIT_POLL_S", "5", "cache_mode wait: seconds between looks"),
@@ -37,3 +38,9 @@ def env(name: str) -> Optional[str]:
     """The value of the setting ``name`` (its default when unset or empty)."""
     setting = _BY_NAME[name]  # a KeyError here is a setting missing from SETTINGS
     return os.environ.get(name) or setting.default
+
+
+def cache_root(cache_dir: Optional[str | os.PathLike] = None) -> Path:
+    """``cache_dir``, else ``$SAESWEEP_CACHE``, else ``~/.cache/saesweep``."""
+    root = cache_dir or env("SAESWEEP_CACHE") or Path.home() / ".cache" / "saesweep"
+    return Path(root).expanduser()

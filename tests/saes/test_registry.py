@@ -1,6 +1,8 @@
 """An architecture is one file: a throwaway one, registered here at test time, trains as a
 2-member pack, expands in a grid, exports and loads back, with no other file edited."""
 
+import json
+
 import pytest
 import torch
 from torch import Tensor
@@ -67,21 +69,23 @@ def test_a_new_architecture_needs_only_its_own_file(topk_lite, tmp_path):
         parse_config({"sae_type": "relu", "k": 3})
 
 
-def test_the_generated_declarations_match_the_architecture_modules():
-    """saes/declared.py (what configs read without importing torch) is what the modules declare;
-    regenerate it with `python -m saesweep.saes.declare` after changing an architecture."""
+def test_the_cached_declarations_are_what_the_modules_declare(tmp_path, monkeypatch):
+    """What configs read without importing torch is what the architecture classes say, in display
+    order; a damaged cache file is derived again."""
     from saesweep.saes import declare, registry
 
-    with open(registry.__file__.replace("registry.py", "declared.py")) as fh:
-        assert fh.read() == declare.declared_source(), "saes/declared.py is stale: run python -m saesweep.saes.declare"
-    assert list(registry.BUILTIN) == [c.name for c in declare.discover()]
-
-
-def test_a_declaration_that_no_longer_matches_its_module_is_refused_with_the_fix(monkeypatch):
-    from saesweep.saes import registry
-
-    stale = {**registry.DECLARED["relu"], "grid": {"sparsity_coeff": [1.0]}}
-    monkeypatch.setitem(registry.DECLARED, "relu", stale)
-    monkeypatch.setattr(registry, "_loaded", False)
-    with pytest.raises(registry.StaleDeclarations, match="'relu'.*python -m saesweep.saes.declare"):
-        registry.get("relu")
+    monkeypatch.setenv("SAESWEEP_CACHE", str(tmp_path))
+    declare.declarations.cache_clear()
+    try:
+        first = registry.declarations()
+        (cached,) = (tmp_path / "declarations").glob("*.json")
+        assert cached.stem == declare.source_digest()
+        assert list(first) == [c.name for c in declare.discover(registry.registered)]
+        for name in first:
+            assert registry._declared(name) == registry._declaration_of(registry.get(name))
+        cached.write_text("{not json")
+        declare.declarations.cache_clear()
+        assert registry.declarations() == first
+        assert json.loads(cached.read_text()) == first
+    finally:
+        declare.declarations.cache_clear()

@@ -238,8 +238,6 @@ class SweepSpec(Strict):
     def _check(self) -> "SweepSpec":
         for t in self.sae_types:
             if t not in saes.names():
-                if isinstance(saes.registry.unknown(t), saes.registry.StaleDeclarations):
-                    raise ValueError(f"sae_types: {saes.registry.unknown(t)}")
                 raise ValueError(f"sae_types: unknown SAE type {t!r}; choose from {', '.join(saes.names())}")
             if t not in self.grids:
                 raise ValueError(f"grids: no grid for sae_type {t!r}")

@@ -55,7 +55,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from saesweep.settings import env
+from saesweep.settings import cache_root, env
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.data.hf import dataset_files, is_local_dataset, is_local_model
 from saesweep.io import file_lock
@@ -95,12 +95,6 @@ def decode(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- keys
-def cache_root(cache_dir: Optional[str | os.PathLike] = None) -> Path:
-    """``cache_dir``, else ``$SAESWEEP_CACHE``, else ``~/.cache/saesweep``."""
-    root = cache_dir or env("SAESWEEP_CACHE") or Path.home() / ".cache" / "saesweep"
-    return Path(root).expanduser()
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

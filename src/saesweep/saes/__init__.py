@@ -3,7 +3,7 @@
 Adding an architecture (TopK, JumpReLU, ...) is one new module: subclass
 :class:`~saesweep.saes.base.PackedSAE`, declare its ``hyperparams`` and default ``grid``, and
 decorate it with :func:`~saesweep.saes.registry.register`. In this package it is a built-in
-once ``python -m saesweep.saes.declare`` has listed it; in another package, an entry point in
+(nothing else to edit); in another package, an entry point in
 the group ``saesweep.architectures`` makes it reachable from every command. Its
 hyperparameters become config fields and grid axes automatically.
 Importing this package loads no torch; :class:`PackedSAE` and friends load on first use.

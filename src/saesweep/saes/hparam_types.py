@@ -1,7 +1,7 @@
 """Value types of architecture hyperparameters beyond int, float, bool and str.
 
 Torch-free: the config validates hyperparameter values (and ``saesweep grid`` expands grids)
-without importing the architectures; :mod:`.declared` names these types.
+without importing the architectures; :mod:`.declare` names these types.
 """
 
 from __future__ import annotations
@@ -25,5 +25,5 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 #: Matryoshka's nested group boundaries, as a normalised comma-separated string
 GroupFractions = Annotated[str, AfterValidator(lambda s: ",".join(f"{v:g}" for v in parse_fractions(s)))]
 
-#: every value type a declaration may name (see :mod:`.declared`)
+#: every value type a declaration may name (see :mod:`.declare`)
 VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "group_fractions": GroupFractions}

@@ -4,8 +4,8 @@ Each architecture is one module (``saes/<name>.py``) holding everything about it
 hyperparameters, its default grid, its math, its optional fused CPU step, its SAELens export name
 and its memory hint. It registers itself with :func:`register` when imported. Three kinds:
 
-* built-ins: every architecture module of this package, listed (in display order) with their
-  declarations in the generated :mod:`.declared` (``python -m saesweep.saes.declare``);
+* built-ins: every architecture module of this package; their declarations are derived from the
+  modules and cached by :mod:`.declare`;
 * plugins: an installed package that declares an entry point in the group
   ``saesweep.architectures`` (``name = "package.module"``) is loaded when its name is asked for,
   by every command;
@@ -13,7 +13,8 @@ and its memory hint. It registers itself with :func:`register` when imported. Th
 
 Configuration needs only an architecture's *declaration* (:func:`declaration`: its
 hyperparameters, grid and whether ``sparsity_coeff`` applies), which for the built-ins comes from
-:mod:`.declared`: so configs, grids and ``saesweep grid`` import no torch.
+:func:`.declare.declarations`: so configs, grids and ``saesweep grid`` import no torch once the
+package's sources have been seen.
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from saesweep.saes.declared import DECLARED
+from saesweep.saes import declare
 
 if TYPE_CHECKING:
     from saesweep.saes.base import PackedSAE
 
-#: modules of the package that hold shared machinery, not an architecture
-MACHINERY = ("base", "declare", "declared", "hparam_types", "kernels", "registry")
-
-#: the built-in architectures, in display order
-BUILTIN = tuple(DECLARED)
 #: the entry-point group through which an installed package adds architectures
 ENTRY_POINT_GROUP = "saesweep.architectures"
-FIX = "run `python -m saesweep.saes.declare` to regenerate saes/declared.py"
 
 
-class StaleDeclarations(ValueError):
-    """saes/declared.py does not match the architecture modules."""
+def declarations() -> dict[str, dict[str, Any]]:
+    """The built-ins' declarations by name, in display order (see :mod:`.declare`)."""
+    return declare.declarations(registered)
+
+
+def builtin() -> tuple[str, ...]:
+    """The built-in architectures, in display order."""
+    return tuple(declarations())
 
 
 _REGISTRY: dict[str, type[PackedSAE]] = {}
@@ -79,15 +80,9 @@ def registered() -> dict[str, type[PackedSAE]]:
 def _load_builtin() -> dict[str, type[PackedSAE]]:
     global _loaded
     if not _loaded:
-        _loaded = True
-        for name, d in DECLARED.items():
+        for d in declarations().values():
             importlib.import_module(f"saesweep.saes.{d['module']}")
-        for name in BUILTIN:
-            cls = _REGISTRY.get(name)
-            if cls is None or _declaration_of(cls) != _declared(name):
-                _loaded = False
-                raise StaleDeclarations(f"sae_type {name!r}: saes/declared.py does not match saes/"
-                                        f"{DECLARED[name]['module']}.py; {FIX}")
+        _loaded = True
     return _REGISTRY
 
 
@@ -111,17 +106,8 @@ def _load_plugin(name: str) -> None:
                          f"architecture of that name")
 
 
-def _undeclared_module(name: str) -> bool:
-    """Whether ``saes/<name>.py`` exists but is not in saes/declared.py."""
-    modules = {d["module"] for d in DECLARED.values()}
-    return (name.isidentifier() and name not in MACHINERY and name not in modules
-            and importlib.util.find_spec(f"saesweep.saes.{name}") is not None)
-
-
 def unknown(name: str) -> ValueError:
-    """The error for a ``sae_type`` no architecture has: a stale declaration names its fix."""
-    if _undeclared_module(name):
-        return StaleDeclarations(f"sae_type {name!r}: saes/{name}.py is not in saes/declared.py; {FIX}")
+    """The error for a ``sae_type`` no architecture has."""
     return ValueError(f"unknown sae_type {name!r}; choose from {', '.join(names())}")
 
 
@@ -139,8 +125,9 @@ def get(name: str) -> type[PackedSAE]:
 def names() -> list[str]:
     """Every architecture, built-ins first in display order, then the others registered or
     installed (imports none of them)."""
-    extra = [n for n in _REGISTRY if n not in BUILTIN]
-    return [*BUILTIN, *extra, *(n for n in _plugins() if n not in BUILTIN and n not in extra)]
+    builtins = builtin()
+    extra = [n for n in _REGISTRY if n not in builtins]
+    return [*builtins, *extra, *(n for n in _plugins() if n not in builtins and n not in extra)]
 
 
 @dataclass(frozen=True)
@@ -164,7 +151,7 @@ def _declaration_of(cls) -> Declaration:
 def _declared(name: str) -> Declaration:
     from saesweep.saes.hparam_types import VALUE_TYPES
 
-    d = DECLARED[name]
+    d = declarations()[name]
     params = {k: HyperParam(VALUE_TYPES[t], default, help_, optional, per_member)
               for k, (t, default, help_, optional, per_member) in d["hyperparams"].items()}
     return Declaration(name, params, d["uses_sparsity_coeff"], d["resample_until"], d["revision"], d["classic"],
@@ -173,11 +160,11 @@ def _declared(name: str) -> Declaration:
 
 def declaration(name: str) -> Declaration:
     """The declaration of ``name``: from its class when it is registered (a plugin, or a
-    built-in already imported), else from :mod:`.declared` (no import, no torch)."""
+    built-in already imported), else from :func:`.declare.declarations` (no torch)."""
     cls = _REGISTRY.get(name)
     if cls is not None:
         return _declaration_of(cls)
-    if name in DECLARED:
+    if name in declarations():
         return _declared(name)
     if name in _plugins():
         _load_plugin(name)
