@@ -55,7 +55,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from saesweep.settings import cache_root, env
+from saesweep.settings import cache_root
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.data.hf import dataset_files, is_local_dataset, is_local_model
 from saesweep.io import file_lock
