@@ -94,7 +94,7 @@ def test_local_job_array_runs_the_sweep_end_to_end(tmp_path):
     out = saesweep("launch", "--local", "--spec", spec, "--array", "2", "--time", "20", "--devices", "cpu",
                    "--folder", tmp_path / "logs" / "%j", "--wait", cwd=tmp_path, check=True, timeout=300)
     text = out.stdout
-    assert "4 experiments (relu: 4); 4 new" in text and "Submitted 2 worker task(s) to the local executor" in text
+    assert "4 experiments (relu: 4); 4 new" in text and "Submitted 2 worker task(s) to this machine (submitit" in text
     assert "task 0: exit 0" in text and "task 1: exit 0" in text
     assert "Sweep 'arr': 4 complete, 0 failed, 0 waiting, 0 running" in text
     store = SweepStore(str(tmp_path / "runs" / "arr" / "sweep.journal"), "arr", create=False)

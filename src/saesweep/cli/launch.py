@@ -75,15 +75,7 @@ def launch_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_launch(args) -> int:
-    from saesweep.sweep.slurm import (
-        LaunchOptions,
-        absolute_storage,
-        dry_run_lines,
-        parse_mem,
-        split_password,
-        submit,
-        wait_for,
-    )
+    from saesweep.sweep.slurm import LaunchOptions, SlurmLauncher, absolute_storage, parse_mem, split_password
     from saesweep.sweep.urls import redact
 
     spec = None
@@ -108,14 +100,14 @@ def cmd_launch(args) -> int:
         setup=list(args.setup), slurm_args=dict(args.slurm_arg), signal_delay_s=args.signal_delay_s,
         max_requeues=args.max_requeues,
     )
-    opts.check()
+    launcher = SlurmLauncher(opts, password=password)
     if "://" not in storage and opts.cluster == "slurm":
         print(f"note: {storage} is a journal file: every node must see it on a shared filesystem whose file locks "
               "work across nodes; PostgreSQL is the safe choice for many nodes", file=sys.stderr)
     if args.dry_run:
         if spec is not None:
             print(f"Would queue the trials of sweep '{spec.name}' (spec {args.spec or 'built-in'}) first")
-        for line in dry_run_lines(opts):
+        for line in launcher.describe(storage, sweep):
             print(line)
         if password is not None:
             print("  the password is not in any job file: it reaches the jobs as PGPASSWORD in their environment "
@@ -140,16 +132,15 @@ def cmd_launch(args) -> int:
     c = store.counts()
     print(f"Sweep '{sweep}' on {redact(storage)}: {c['waiting']} waiting, {c['running']} running, "
           f"{c['complete']} complete, {c['failed']} failed")
-    jobs = submit(opts, env_password=password)
-    where = "Slurm" if opts.cluster == "slurm" else "the local executor"
-    ids = [j.job_id for j in jobs]
-    print(f"Submitted {len(jobs)} worker task(s) to {where}: {', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}")
+    launched = launcher.start(store)
+    ids = launched.ids
+    print(f"Submitted {len(ids)} worker task(s) to {launcher.where}: {', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}")
     print(f"  logs: {Path(opts.folder).parent if '%j' in opts.folder else opts.folder}")
     print(f"  follow: saesweep status {sweep} --storage '{redact(storage)}'")
     sys.stdout.flush()
     if not args.wait:
         return EXIT_OK
-    code = wait_for(jobs)
+    code = launched.wait()
     c = store.counts()
     print(f"Sweep '{sweep}': {c['complete']} complete, {c['failed']} failed, {c['waiting']} waiting, {c['running']} running")
     return code

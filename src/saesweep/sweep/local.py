@@ -39,6 +39,7 @@ from saesweep.config.sweep import ExecutionSpec
 from saesweep.devices import (
     Slot,
 )
+from saesweep.sweep.launcher import Launched, Launcher
 from saesweep.sweep.display import (
     WORKER_STATS_PREFIX,
     save_worker_stats,
@@ -48,7 +49,7 @@ from saesweep.sweep.display import (
 from saesweep.sweep.planning import distribution_lines, round_robin
 from saesweep.sweep.signals import SignalRelay
 from saesweep.sweep.store import SweepStore
-from saesweep.sweep.urls import password_to_env, split_password
+from saesweep.sweep.urls import password_to_env, redact, split_password
 from saesweep.sweep.worker import SweepAborted, Worker
 
 SLOTS_ATTR = "slots"
@@ -72,6 +73,53 @@ class SweepOutcome:
 
 
 # ------------------------------------------------------------------------ running
+class LocalLauncher(Launcher):
+    """One worker per device slot of this machine (the slots from :func:`.planning.plan_workers`),
+    under the ``dynamic`` or ``round_robin`` policy. One CPU slot under ``dynamic`` runs in this
+    process; otherwise each slot is a worker process the parent watches."""
+
+    where = "this machine"
+
+    def __init__(self, execution: ExecutionSpec, slots: Sequence[Slot], *, policy: str = "dynamic",
+                 show_progress: Optional[bool] = None, echo=print):
+        self.execution, self.slots, self.policy = execution, list(slots), policy
+        self.show_progress, self.echo = show_progress, echo
+
+    def describe(self, store_url: str, sweep: str) -> list[str]:
+        lines = [f"Would run {len(self.slots)} worker(s) on {self.where} for sweep '{sweep}' on {redact(store_url)} "
+                 f"({self.policy} policy)"]
+        for slot in self.slots:
+            extra = "".join([f", {slot.threads} thread(s)" if slot.threads else "",
+                             f", packs of at most {slot.max_pack}" if slot.max_pack else ""])
+            lines.append(f"  {slot.name}: {slot.device}{extra}")
+        return lines
+
+    def start(self, store: SweepStore) -> "LocalWorkers":
+        store.reap_expired(self.execution.lease_s, self.execution.max_retries)
+        store.set_info(**{SLOTS_ATTR: [s.name for s in self.slots]})
+        if self.policy == "round_robin":
+            assignment = round_robin(store, self.slots)
+            for line in distribution_lines(assignment, self.slots):
+                self.echo(line)
+        if len(self.slots) == 1 and self.slots[0].kind == "cpu" and self.policy == "dynamic":
+            return _InProcess(store, self.execution, self.slots[0], self.show_progress)
+        return _Processes(store, self.execution, self.slots, self.policy, self.show_progress, self.echo)
+
+
+class LocalWorkers(Launched):
+    """Workers started on this machine; after :meth:`wait`, :attr:`outcome` says how they ended."""
+
+    outcome: Optional[SweepOutcome] = None
+
+    def wait(self) -> int:
+        if self.outcome is None:
+            self.outcome = self._wait()
+        return self.outcome.exit_code
+
+    def _wait(self) -> SweepOutcome:
+        raise NotImplementedError
+
+
 def run_workers(
     store: SweepStore,
     execution: ExecutionSpec,
@@ -81,15 +129,20 @@ def run_workers(
     show_progress: Optional[bool] = None,
     echo=print,
 ) -> SweepOutcome:
-    store.reap_expired(execution.lease_s, execution.max_retries)
-    store.set_info(**{SLOTS_ATTR: [s.name for s in slots]})
-    if policy == "round_robin":
-        assignment = round_robin(store, slots)
-        for line in distribution_lines(assignment, slots):
-            echo(line)
-    if len(slots) == 1 and slots[0].kind == "cpu" and policy == "dynamic":
-        return _run_in_process(store, execution, slots[0], show_progress)
-    return _run_processes(store, execution, slots, policy, show_progress, echo)
+    """Start the slots' workers on this machine and wait for them (:class:`LocalLauncher`)."""
+    launched = LocalLauncher(execution, slots, policy=policy, show_progress=show_progress, echo=echo).start(store)
+    launched.wait()
+    assert launched.outcome is not None
+    return launched.outcome
+
+
+class _InProcess(LocalWorkers):
+    def __init__(self, store: SweepStore, execution: ExecutionSpec, slot: Slot, show_progress) -> None:
+        self.store, self.execution, self.slot, self.show_progress = store, execution, slot, show_progress
+        self.ids = [str(os.getpid())]
+
+    def _wait(self) -> SweepOutcome:
+        return _run_in_process(self.store, self.execution, self.slot, self.show_progress)
 
 
 def _run_in_process(store: SweepStore, execution: ExecutionSpec, slot: Slot, show_progress) -> SweepOutcome:
@@ -144,47 +197,63 @@ def worker_env(slot: Slot, store: Optional[SweepStore] = None) -> dict[str, str]
     return env
 
 
-def _run_processes(store, execution, slots, policy, show_progress, echo) -> SweepOutcome:
-    run_id = uuid.uuid4().hex[:8]
-    share = len(slots) if policy == "dynamic" else max(Counter(s.base for s in slots).values())
-    stopping = threading.Event()
-    kill = threading.Event()
+class _Processes(LocalWorkers):
+    """One worker process per slot, started at once; :meth:`wait` watches them and stops them on
+    Ctrl-C or SIGTERM (a second one kills them)."""
 
-    def on_signal(n: int) -> None:
-        if n > 1:
-            kill.set()
-        stopping.set()
+    def __init__(self, store: SweepStore, execution: ExecutionSpec, slots: Sequence[Slot], policy: str,
+                 show_progress, echo) -> None:
+        self.store, self.slots, self.show_progress, self.echo = store, list(slots), show_progress, echo
+        self.run_id = uuid.uuid4().hex[:8]
+        share = len(slots) if policy == "dynamic" else max(Counter(s.base for s in slots).values())
+        self.stopping = threading.Event()
+        self.kill = threading.Event()
 
-    relay = SignalRelay(on_signal)
-    procs: list[tuple[Slot, subprocess.Popen]] = []
-    try:
-        for slot in slots:
-            procs.append((slot, subprocess.Popen(_worker_command(store, slot, policy, share, run_id), env=worker_env(slot, store))))
-        watch(store, procs, show_progress, stopping, echo)
-        if stopping.is_set():
-            echo("\nstopping workers: they checkpoint their packs and requeue their trials (Ctrl-C again to kill them)")
-            for _, p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            deadline = time.time() + 300
-            while any(p.poll() is None for _, p in procs) and not kill.is_set() and time.time() < deadline:
-                time.sleep(0.1)
-            for _, p in procs:
-                if p.poll() is None:
-                    p.kill()
-        codes = [p.wait() for _, p in procs]
-    finally:
-        for _, p in procs:  # an unexpected error here: leave no worker behind
+        def on_signal(n: int) -> None:
+            if n > 1:
+                self.kill.set()
+            self.stopping.set()
+
+        self.relay = SignalRelay(on_signal)
+        self.procs: list[tuple[Slot, subprocess.Popen]] = []
+        try:
+            for slot in slots:
+                cmd = _worker_command(store, slot, policy, share, self.run_id)
+                self.procs.append((slot, subprocess.Popen(cmd, env=worker_env(slot, store))))
+        except BaseException:
+            self._cleanup()
+            raise
+        self.ids = [str(p.pid) for _, p in self.procs]
+
+    def _cleanup(self) -> None:
+        for _, p in self.procs:  # an unexpected error: leave no worker behind
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        relay.restore()
-    info = store.info
-    workers = [v for k, v in info.items() if k.startswith(WORKER_STATS_PREFIX) and v.get("run") == run_id]
-    aborted = next((w.get("aborted") for w in workers if w.get("aborted")), None)
-    bad = [(s.name, c) for (s, _), c in zip(procs, codes) if c not in (0, 1, 130, -signal.SIGTERM, -signal.SIGKILL)]
-    if not aborted and bad and not stopping.is_set():
-        aborted = f"worker {bad[0][0]} exited with code {bad[0][1]}"
-    return SweepOutcome(store.counts(), workers, aborted, stopping.is_set())
+        self.relay.restore()
 
-
+    def _wait(self) -> SweepOutcome:
+        store, procs, echo = self.store, self.procs, self.echo
+        try:
+            watch(store, procs, self.show_progress, self.stopping, echo)
+            if self.stopping.is_set():
+                echo("\nstopping workers: they checkpoint their packs and requeue their trials (Ctrl-C again to kill them)")
+                for _, p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                deadline = time.time() + 300
+                while any(p.poll() is None for _, p in procs) and not self.kill.is_set() and time.time() < deadline:
+                    time.sleep(0.1)
+                for _, p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            codes = [p.wait() for _, p in procs]
+        finally:
+            self._cleanup()
+        info = store.info
+        workers = [v for k, v in info.items() if k.startswith(WORKER_STATS_PREFIX) and v.get("run") == self.run_id]
+        aborted = next((w.get("aborted") for w in workers if w.get("aborted")), None)
+        bad = [(s.name, c) for (s, _), c in zip(procs, codes) if c not in (0, 1, 130, -signal.SIGTERM, -signal.SIGKILL)]
+        if not aborted and bad and not self.stopping.is_set():
+            aborted = f"worker {bad[0][0]} exited with code {bad[0][1]}"
+        return SweepOutcome(store.counts(), workers, aborted, self.stopping.is_set())

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from saesweep.config.experiment import ConfigError
+from saesweep.sweep.launcher import Launched, Launcher
 from saesweep.sweep.urls import PASSWORD_ENV, password_to_env, redact, split_password
 
 
@@ -335,5 +336,35 @@ def wait_for(jobs: Sequence[Any], echo=print) -> int:
     return code
 
 
-__all__ = ["LaunchOptions", "SweepWorkerTask", "absolute_storage", "dry_run_lines", "parse_mem", "password_to_env",
+class SlurmLauncher(Launcher):
+    """A job array of sweep workers through submitit: on Slurm (``cluster="slurm"``), or with
+    submitit's local executor on this machine (``cluster="local"``, to try a launch out). The
+    storage password, if any, reaches the jobs in their environment, never in a job file."""
+
+    def __init__(self, opts: LaunchOptions, *, password: Optional[str] = None):
+        opts.check()
+        self.opts, self.password = opts, password
+        self.where = "Slurm" if opts.cluster == "slurm" else "this machine (submitit's local executor)"
+
+    def describe(self, store_url: str, sweep: str) -> list[str]:
+        return dry_run_lines(self.opts)
+
+    def start(self, store) -> "SubmittedJobs":
+        if store.name != self.opts.sweep:
+            raise ConfigError(f"launch: the store holds sweep {store.name!r}, the jobs would run {self.opts.sweep!r}")
+        return SubmittedJobs(submit(self.opts, env_password=self.password))
+
+
+class SubmittedJobs(Launched):
+    """submitit's jobs of one array."""
+
+    def __init__(self, jobs: Sequence[Any]):
+        self.jobs = list(jobs)
+        self.ids = [str(j.job_id) for j in self.jobs]
+
+    def wait(self) -> int:
+        return wait_for(self.jobs)
+
+
+__all__ = ["LaunchOptions", "SlurmLauncher", "SubmittedJobs", "SweepWorkerTask", "absolute_storage", "dry_run_lines", "parse_mem", "password_to_env",
            "sbatch_preview", "split_password", "submit", "wait_for"]
