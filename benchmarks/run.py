@@ -405,12 +405,10 @@ def run_b(configs) -> tuple[float, list[list]]:
 
 
 def run_packed(configs, pack_size: int = 16) -> tuple[float, list[list]]:
-    """(c)/(d): packs of compatible trials (the engine's pack_key, at most pack_size members)."""
-    from saesweep import run_pack
+    """(c)/(d): packs of compatible trials (the engine's pack groups, at most pack_size members)."""
+    from saesweep import packing, run_pack
 
-    groups: dict[str, list] = {}
-    for c in configs:
-        groups.setdefault(c.pack_key, []).append(c)
+    groups = packing.groups(configs)
     t = time.perf_counter()
     units = []
     for group in groups.values():

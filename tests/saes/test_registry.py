@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from saesweep.packing import pack_key
 from saesweep import saes
 from saesweep.config.experiment import parse_config
 from saesweep.config.sweep import expand, parse_spec, sweepable
@@ -56,8 +57,8 @@ def test_a_new_architecture_needs_only_its_own_file(topk_lite, tmp_path):
     configs = expand(spec)
     assert len(configs) == 4 and {c.k for c in configs} == {2, 4}
     pack = [c for c in configs if c.k == 2]
-    assert len({c.pack_key for c in pack}) == 1  # lr is per member, k is not
-    assert len({c.pack_key for c in configs}) == 2
+    assert len({pack_key(c) for c in pack}) == 1  # lr is per member, k is not
+    assert len({pack_key(c) for c in configs}) == 2
     results = run_pack(pack, show_progress=False)
     assert [r.status for r in results] == ["complete", "complete"]
     for r in results:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sweep_helpers import complete_count_by_trial, saesweep
 
+from saesweep.packing import pack_key
 from saesweep.config.sweep import expand, load_spec
 from saesweep.sweep.store import SweepStore
 
@@ -27,7 +28,7 @@ def test_a_sweep_from_the_old_layout_resumes(tmp_path):
     ids = {c.trial_id for c in expand(spec)}
     assert set(old_done) <= ids  # the trial ids of the old code are the ids of today's configs
     keys = {t.user_attrs["trial_id"]: t.user_attrs["pack_key"] for t in old.trials()}
-    assert all(keys[c.trial_id] == c.pack_key for c in expand(spec) if c.trial_id in keys)
+    assert all(keys[c.trial_id] == pack_key(c) for c in expand(spec) if c.trial_id in keys)
     before = {t: (here / "runs" / "legacy" / "trials" / t / "metrics.json").read_bytes() for t in old_done}
 
     proc = saesweep("sweep", cwd=here, check=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from saesweep.packing import pack_key
 from saesweep.config.experiment import ConfigError
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.data import lm
@@ -33,8 +34,8 @@ def test_a_hook_axis_expands_into_per_hook_trials_and_packs(tiny_lm, tiny_text_j
     assert [c.source.hook for c in configs] == [HOOKS[0], HOOKS[0], HOOKS[1], HOOKS[1]]
     assert len({c.trial_id for c in configs}) == 4
     # members of a pack share a hook: two packs of two
-    assert len({c.pack_key for c in configs}) == 2
-    assert {c.pack_key for c in configs[:2]} != {c.pack_key for c in configs[2:]}
+    assert len({pack_key(c) for c in configs}) == 2
+    assert {pack_key(c) for c in configs[:2]} != {pack_key(c) for c in configs[2:]}
     assert spec.hooks() == HOOKS
 
 

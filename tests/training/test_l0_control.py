@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from saesweep.packing import pack_key
 import saesweep
 from saesweep.config.experiment import ConfigError, parse_config
 from saesweep.data import open_source
@@ -134,7 +135,7 @@ def test_target_fields_leave_the_ids_of_other_trials_alone():
     plain = parse_config({})
     assert "target_l0" not in plain.to_dict() and "target_l0_hold_frac" not in plain.to_dict()["train"]
     assert parse_config({"target_l0": 16}).trial_id != parse_config({"target_l0": 32}).trial_id
-    assert parse_config({"target_l0": 16}).pack_key == parse_config({"target_l0": 32}).pack_key
+    assert pack_key(parse_config({"target_l0": 16})) == pack_key(parse_config({"target_l0": 32}))
 
 
 def test_a_frontier_search_spreads_targets_over_the_l0_range():

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from saesweep.packing import pack_key
 import saesweep
 from saesweep import saes
 from saesweep.data import open_source
@@ -73,7 +74,7 @@ def test_deterministic_for_a_seed(tiny_cfg):
 def test_pack_members_match_their_single_runs(tiny_cfg, sae_type):
     cfgs = [tiny_cfg(sae_type=sae_type, lr=lr, sparsity_coeff=s, train={"tokens": 30_000})
             for lr, s in [(1e-3, 0.1), (3e-3, 0.3), (1e-2, 0.03)]]
-    assert len({c.pack_key for c in cfgs}) == 1
+    assert len({pack_key(c) for c in cfgs}) == 1
     data = open_source(cfgs[0])
     pack = train_pack(cfgs, data, show_progress=False)
     for i, c in enumerate(cfgs):

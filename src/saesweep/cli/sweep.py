@@ -246,13 +246,14 @@ def print_activation_plans(configs: list[ExperimentConfig], pack_size: int) -> N
     fit), and, when streaming, what the packs share and what they compute each for themselves."""
     from collections import Counter
 
+    from saesweep import packing
     from saesweep.data.budget import plan_sweep
 
     plans = plan_sweep(configs)
     for p in plans:
         print(f"activations {p.describe()}")
     if any(p.stream for p in plans):
-        per_shape = Counter(c.pack_key for c in configs if c.source.kind == "hf")
+        per_shape = Counter(packing.pack_key(c) for c in configs if c.source.kind == "hf")
         packs = len(per_shape)
         n_packs = sum(-(-k // max(1, pack_size)) for k in per_shape.values())
         print(f"streaming: the trials of one pack share one LM pass over their training tokens; each of the "

@@ -386,29 +386,6 @@ class ExperimentConfig(Strict):
         return d
 
     @property
-    def per_member_fields(self) -> tuple[str, ...]:
-        """Fields a member of a pack may set on its own (``lr``, ``sparsity_coeff`` and the
-        architecture's per-member hyperparameters); everything else must match across a pack."""
-        own = saes.declaration(self.sae_type).hyperparams
-        return ("lr", "sparsity_coeff", "target_l0", "initial_coeff", *(k for k, hp in own.items() if hp.per_member))
-
-    @property
-    def pack_key(self) -> str:
-        """Configs with equal keys can train together in one pack."""
-        ident = self.identity()
-        for k in self.per_member_fields:
-            ident.pop(k, None)
-        if ident["train"].get("target_l0_hold_frac") == TrainConfig.model_fields["target_l0_hold_frac"].default:
-            del ident["train"]["target_l0_hold_frac"]  # members with and without a target train together
-        if isinstance(self.source, HFSource):  # members share one stream, so one way of delivering it
-            delivery = {k: getattr(self.source, k) for k in DELIVERY_FIELDS
-                        if getattr(self.source, k) != HFSource.model_fields[k].default}
-            if delivery:
-                ident["delivery"] = delivery
-        blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
-        return f"{self.sae_type}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-    @property
     def trial_id(self) -> str:
         """Stable id from the resolved config: ``<sae_type>-<10 hex digits>``."""
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))

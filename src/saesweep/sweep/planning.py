@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
+from saesweep import packing
 from saesweep.config.sweep import ExecutionSpec
 from saesweep.devices import GB, Slot, cpu_slots, detect, parse_devices
 from saesweep.memory import estimate_pack_bytes, fmt_bytes
@@ -35,11 +36,7 @@ def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[[int],
     if not configs:
         return None
 
-    groups: dict[str, list] = {}
-    for c in configs:
-        g = groups.setdefault(c.pack_key, [c, 0])
-        g[1] += 1
-    shapes = [(cfg, size) for cfg, size in groups.values()]
+    shapes = [(group[0], len(group)) for group in packing.groups(configs).values()]
     if all(estimate_pack_bytes(c, 1) is None for c, _ in shapes):
         return None
 

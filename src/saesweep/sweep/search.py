@@ -43,6 +43,7 @@ from optuna.distributions import (
     FloatDistribution,
 )
 
+from saesweep import packing
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.config.sweep import Range, SweepSpec, sweepable, swept_params
 from saesweep.metrics import registry as metrics
@@ -157,10 +158,10 @@ def ask_trials(store, spec: SweepSpec, worker: str, max_n: int) -> list:
                 continue
 
             space = search_space(spec, sae_type)
-            key = picks[0][0].pack_key
+            key = packing.pack_key(picks[0][0])
             claims = []
             for cfg, params in picks:
-                if cfg.pack_key == key:
+                if packing.pack_key(cfg) == key:
                     claims.append(store.add_running(cfg, params, {p: space[p] for p in params}, worker))
                 else:  # another shape: queued for the next claims (this worker's or another's)
                     store.add_waiting(cfg, params, {p: space[p] for p in params})

@@ -51,6 +51,7 @@ from optuna.distributions import (
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from saesweep import packing
 from saesweep.config.experiment import ConfigError, ExperimentConfig, stored_config
 from saesweep.io import HeldLock, is_held
 from saesweep.metrics.registry import current_names
@@ -111,6 +112,7 @@ class SweepStore:
         # optuna announces every trial it creates; a sweep creates hundreds
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.name = url, name
+        self._derived_keys: dict[int, str] = {}  # trial number -> pack key, for trials queued under another rule
         self.backend = open_backend(url, create=create)
         self._held: dict[str, HeldLock] = {}  # liveness locks this process holds, by worker
         if create:
@@ -219,7 +221,7 @@ class SweepStore:
             user_attrs={
                 "trial_id": cfg.trial_id,
                 "sae_type": cfg.sae_type,
-                "pack_key": cfg.pack_key,
+                **packing.stored_attrs(cfg),
                 "attempt": attempt,
                 "config": cfg.to_dict(),
                 **({"avoid": list(avoid)} if avoid else {}),
@@ -256,15 +258,8 @@ class SweepStore:
             waiting = [t for t in self.trials([WAITING]) if accept is None or accept(t)]
             if not waiting:
                 return []
-            # interrupted trials first, with the pack they were checkpointed in (so that they
-            # resume from it); then the queue in order
-            waiting.sort(key=lambda t: "checkpoint" not in t.user_attrs)
-            key, ckpt = waiting[0].user_attrs.get("pack_key"), waiting[0].user_attrs.get("checkpoint")
-            if ckpt:
-                group = [t for t in waiting if t.user_attrs.get("checkpoint") == ckpt][:max_members]
-            else:
-                group = [t for t in waiting if t.user_attrs.get("pack_key") == key and "checkpoint" not in t.user_attrs]
-                group = group[: min(max_members, -(-len(group) // max(1, share)))]
+            group = packing.choose_claim(waiting, self._pack_key_of, lambda t: t.user_attrs.get("checkpoint"),
+                                         max_members, share)
             claims = []
             for t in group:
                 pk = self.pk_of(t)
@@ -278,6 +273,13 @@ class SweepStore:
             if claims:
                 return claims
         return []
+
+    def _pack_key_of(self, t: FrozenTrial) -> str:
+        """A queued trial's pack key under the current packing rule (see :mod:`saesweep.packing`)."""
+        if t.number not in self._derived_keys:
+            self._derived_keys[t.number] = packing.key_of_stored(
+                t.user_attrs, lambda: stored_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}"))
+        return self._derived_keys[t.number]
 
     def _claim_of(self, t: FrozenTrial, pk: Optional[int] = None) -> Claim:
         cfg = stored_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from optuna.trial import FrozenTrial
 
+from saesweep import packing
 from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import ExecutionSpec, SweepSpec
 from saesweep.data import open_source
@@ -278,7 +279,7 @@ class Worker:
         beat = Heartbeat(self.store, claims, self.worker_id, self.ex.heartbeat_s)
         beat.start()
         t0 = time.perf_counter()
-        ckpt = self.checkpoint_dir / f"{_pack_file(claims)}.safetensors"
+        ckpt = self.checkpoint_dir / packing.checkpoint_name(c.trial_id for c in claims)
         # trials interrupted in a pack are claimed together again (store.claim) and resume from
         # its checkpoint, also when fewer of them fit in this pack; this pack saves its own file
         earlier = {c.checkpoint for c in claims}
@@ -450,12 +451,6 @@ def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _pack_file(claims: Sequence[Claim]) -> str:
-    import hashlib
-
-    return hashlib.sha1(",".join(sorted(c.trial_id for c in claims)).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------- sweep set-up

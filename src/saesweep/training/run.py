@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from saesweep import packing
 from saesweep.version import __version__
 from saesweep.config.experiment import (
     ConfigError,
@@ -29,7 +30,7 @@ from saesweep.io import atomic_write_json, atomic_write_text, ensure_folder
 from saesweep.metrics.reconstruction import evaluate, first_nonfinite
 from saesweep.sae_files import export_member
 from saesweep.saes import LOSS_CONVENTION
-from saesweep.training.trainer import check_pack, resolve_device, train_pack
+from saesweep.training.trainer import resolve_device, train_pack
 
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
@@ -100,7 +101,7 @@ def run_pack(
 ) -> list[RunResult]:
     """Train a pack of compatible configs together; one result per config, in order."""
     configs = [as_config(c) for c in configs]
-    check_pack(configs)
+    packing.check_pack(configs)
     dev = resolve_device(device or configs[0].train.device)
     for out in {c.output_dir for c in configs}:
         ensure_folder(out, "output_dir")

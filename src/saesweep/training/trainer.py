@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from saesweep import saes
+from saesweep import packing, saes
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.data.base import Activations
 from saesweep.devices import resolve_dtype
@@ -122,12 +122,6 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def check_pack(configs: Sequence[ExperimentConfig]) -> None:
-    keys = {c.pack_key for c in configs}
-    if len(keys) != 1:
-        raise ValueError("configs of one pack must share everything but " + ", ".join(configs[0].per_member_fields))
-
-
 def build_sae(configs: Sequence[ExperimentConfig], d_in: int, device: torch.device) -> saes.PackedSAE:
     c0 = configs[0]
     cls = saes.get(c0.sae_type)
@@ -148,7 +142,7 @@ def train_pack(
     should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
 ) -> PackResult:
     """Train every config of a pack on ``data``; see the module docstring."""
-    check_pack(configs)
+    packing.check_pack(configs)
     for c in configs:
         c.check_target(data.d_in)
     device = torch.device(device)
