@@ -224,11 +224,24 @@ def test_degenerate_saes_are_named_in_the_summary_and_the_report(tmp_path):
     assert {ln.split(":")[0].strip() for ln in lines[1:]} == {"relu-dense", "relu-dead", "relu-wide"}
     rep = build_report(store, tmp_path / "report")
     page = rep.html.read_text()
-    assert "id='degenerate'" in page and "3 complete trial(s) trained degenerate SAEs" in page
-    assert "relu-dense" in page.split("id='degenerate'")[1].split("</div>")[0]
+    assert 'id="degenerate"' in page and "3 complete trial(s) trained degenerate SAEs" in page
+    assert "relu-dense" in page.split('id="degenerate"')[1].split("</div>")[0]
     # nothing to warn about: no block
     ok = SweepStore(str(tmp_path / "ok" / "sweep.journal"), "ok", directions=["minimize"])
     ok.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
     add(ok, "relu-good", "relu", {"l0": 8.0, "fvu": 0.1, "dead_fraction": 0.02, **shape})
     assert degenerate_lines(results_table(ok)) == []
-    assert "id='degenerate'" not in build_report(ok, tmp_path / "report-ok").html.read_text()
+    assert 'id="degenerate"' not in build_report(ok, tmp_path / "report-ok").html.read_text()
+
+
+def test_text_from_the_store_is_escaped_in_the_page(handmade, tmp_path):
+    """A title, a failure reason or a device name is text, never markup."""
+    hostile = "<img src=x onerror=alert(1)>"
+    handmade.study.add_trial(optuna.trial.create_trial(
+        state=FAIL, params={"lr": 1e-3, "sparsity_coeff": 0.1}, distributions={"lr": LR, "sparsity_coeff": SC},
+        user_attrs={"trial_id": "relu-bad", "sae_type": "relu", "attempt": 1, "metrics": {}, "device": hostile,
+                    "reason": hostile, "run_dir": "/runs/relu-bad"}))
+    page = build_report(handmade, tmp_path / "report", title=f"t {hostile}").html.read_text()
+    assert hostile not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<title>saesweep report: t &lt;img" in page

@@ -23,7 +23,6 @@ writes into ``out_dir``:
 from __future__ import annotations
 
 import base64
-import html
 import math
 import time
 from dataclasses import dataclass, field
@@ -161,32 +160,25 @@ def density_by_type(df) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------- html
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
-h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-.meta{color:#555} img{max-width:100%;border:1px solid #eee}
-table{border-collapse:collapse;font-size:13px;margin:.6em 0} th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
-th{background:#f5f5f5;position:sticky;top:0;cursor:pointer;user-select:none;white-space:nowrap}
-th.sorted-asc::after{content:" \\25B2"} th.sorted-desc::after{content:" \\25BC"}
-td.s,th.s{text-align:left} td{white-space:nowrap} tr.front td{background:#fff8dc} .swatch{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:5px}
-.note{color:#666;font-size:.9em} .scroll{max-height:640px;overflow:auto;border:1px solid #eee}
-.warn{background:#fff3f3;border:1px solid #e0a0a0;border-left:5px solid #d62728;padding:8px 12px;margin:1em 0}
-"""
+@dataclass
+class Cell:
+    text: str  # as shown (the template escapes it)
+    key: str  # what the column sorts by
+    color: Optional[str] = None  # a type's swatch before the text
 
-JS = """
-function sortTable(th){
-  const table=th.closest('table'), body=table.tBodies[0], idx=[...th.parentNode.children].indexOf(th);
-  const asc=!th.classList.contains('sorted-asc');
-  [...th.parentNode.children].forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
-  th.classList.add(asc?'sorted-asc':'sorted-desc');
-  const key=td=>{const v=td.dataset.v; if(v===undefined||v==='') return null; const n=Number(v); return isNaN(n)?v.toLowerCase():n;};
-  const rows=[...body.rows].sort((a,b)=>{const x=key(a.cells[idx]), y=key(b.cells[idx]);
-    if(x===null&&y===null) return 0; if(x===null) return 1; if(y===null) return -1;
-    return (x<y?-1:x>y?1:0)*(asc?1:-1);});
-  rows.forEach(r=>body.appendChild(r));
-}
-document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
-"""
+
+@dataclass
+class Row:
+    cells: list[Cell]
+    cls: str = ""  # "front": highlighted
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[Row]
+    text_cols: tuple[int, ...] = (0,)  # left-aligned columns
+    sortable: bool = True
 
 
 def _fmt(v: Any) -> tuple[str, str]:
@@ -202,196 +194,151 @@ def _fmt(v: Any) -> tuple[str, str]:
         if abs(f) >= 1000 or (f.is_integer() and abs(f) >= 10):
             return f"{f:,.0f}", repr(f)
         return f"{f:.4g}", repr(f)
-    return html.escape(str(v)), html.escape(str(v))
+    return str(v), str(v)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, sortable: bool = True,
-           text_cols: Sequence[int] = (0,), row_classes: Optional[Sequence[str]] = None, prefix=None) -> str:
-    cls = ' class="sortable"' if sortable else ""
-    out = [f"<table{cls}><thead><tr>"]
-    out += [f'<th class="{"s" if i in text_cols else ""}">{html.escape(h)}</th>' for i, h in enumerate(headers)]
-    out.append("</tr></thead><tbody>")
+           text_cols: Sequence[int] = (0,), row_classes: Optional[Sequence[str]] = None,
+           colors: Optional[dict[int, Any]] = None) -> Table:
+    """A table for the template; ``colors[i](value)``: the swatch colour of column ``i``'s cells."""
+    out = []
     for r_i, row in enumerate(rows):
-        rc = f' class="{row_classes[r_i]}"' if row_classes and row_classes[r_i] else ""
-        out.append(f"<tr{rc}>")
-        for i, v in enumerate(row):
-            text, key = _fmt(v)
-            if prefix and i in prefix:
-                text = prefix[i](v) + text
-            out.append(f'<td class="{"s" if i in text_cols else ""}" data-v="{key}">{text}</td>')
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
+        cells = [Cell(*_fmt(v), colors[i](v) if colors and i in colors else None) for i, v in enumerate(row)]
+        out.append(Row(cells, row_classes[r_i] if row_classes else ""))
+    return Table(list(headers), out, tuple(text_cols), sortable)
+
+
+def _img(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("saesweep.reporting", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2")
 
 
 def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None,
                 baselines: Sequence[dict] = ()) -> str:
-
+    """The report page (``templates/report.html.j2``) for what :func:`build_report` computed."""
     info = store.info
     spec = info.get("spec", {}) or {}
     search = spec.get("search", {}) or {}
-    name = title or store.name
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saesweep report: {html.escape(name)}</title>",
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>saesweep report: {html.escape(name)}</h1>"]
+    swatch = lambda t: colors.get(t, "#555")  # noqa: E731
     counts: dict[str, int] = {}
     for s in (df["state"] if len(df) else []):
         counts[s] = counts.get(s, 0) + 1
-    method = search.get("method", "grid")
-    parts.append(
-        f"<p class='meta'>storage {html.escape(redact(store.url))} &middot; {len(df)} trials: "
-        + ", ".join(f"{v} {k}" for k, v in counts.items())
-        + f" &middot; search {html.escape(str(method))}"
-        + (f" (budget {search.get('n_trials')} per type, seed {search.get('seed', 0)})" if method not in ("grid", "frontier") else "")
-        + f" &middot; objectives {html.escape(', '.join(info.get('objectives', []) or []))}"
-        + (f" &middot; pruner {html.escape(str(search.get('pruner')))}" if search.get("pruner", "none") != "none" else "")
-        + f" &middot; written {time.strftime('%Y-%m-%d %H:%M')}</p>")
-    if len(df):
-        by_type = df.groupby("sae_type", sort=False)["state"].value_counts().unstack(fill_value=0)
-        rows = [[t, *[int(by_type.loc[t].get(s, 0)) for s in ("complete", "pruned", "failed", "running", "waiting")]]
-                for t in by_type.index]
-        sw = {0: lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
-        parts.append(_table(["sae_type", "complete", "pruned", "failed", "running", "waiting"], rows, sortable=False, prefix=sw))
-    else:
-        parts.append("<p>No trials yet.</p>")
-    parts.append(_degenerate_block(df))
-    parts.append(_missed_block(df))
-    fig = dict((c, p) for c, p in figures)
-    if "Matched L0" in fig:
-        parts.append(_matched_block(df, fig["Matched L0"], colors))
+    method = str(search.get("method", "grid"))
+    meta = [f"storage {redact(store.url)}", f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()),
+            f"search {method}" + (f" (budget {search.get('n_trials')} per type, seed {search.get('seed', 0)})"
+                                   if method not in ("grid", "frontier") else ""),
+            "objectives " + ", ".join(info.get("objectives", []) or [])]
+    if search.get("pruner", "none") != "none":
+        meta.append(f"pruner {search.get('pruner')}")
+    meta.append(f"written {time.strftime('%Y-%m-%d %H:%M')}")
 
+    by_type = None
+    if len(df):
+        vc = df.groupby("sae_type", sort=False)["state"].value_counts().unstack(fill_value=0)
+        states = ("complete", "pruned", "failed", "running", "waiting")
+        by_type = _table(["sae_type", *states], [[t, *[int(vc.loc[t].get(s, 0)) for s in states]] for t in vc.index],
+                         sortable=False, colors={0: swatch})
+    fig = dict(figures)
+    frontiers = []
     for caption, path in figures:
         if caption.startswith("Sparsity"):
-            key = "l0_" + path.stem.split("frontier_l0_")[-1]
-            f = frontier.get(key, {})
-            parts.append(f"<h2>{html.escape(caption)}</h2>")
-            parts.append(_img(path, caption))
-            parts.append(_frontier_table(df, f, colors))
-    if baselines:
-        parts.append(_baselines_block(baselines))
-    if "Feature density" in fig:
-        parts.append("<h2>Feature density</h2><p class='note'>How often each feature fires on the held-out "
-                     "tokens, over all complete trials of a type; dead features (never firing) at the left.</p>")
-        parts.append(_img(fig["Feature density"], "feature density"))
-    parts.append("<h2>Hyperparameter importance</h2>")
-    parts.append(f"<p class='note'>For <b>{html.escape(imp['metric'])}</b> ({imp['direction']}), per SAE type, "
-                 f"with Optuna's {html.escape(imp['evaluator'])} evaluator on the complete trials of the type "
-                 f"(needs at least {imp['min_trials']} trials and 2 varying parameters). Also in importance.json.</p>")
-    if "Hyperparameter importance" in fig:
-        parts.append(_img(fig["Hyperparameter importance"], "importance"))
-    rows = []
+            f = frontier.get("l0_" + path.stem.split("frontier_l0_")[-1], {})
+            frontiers.append({"caption": caption, "img": _img(path), **_frontier_context(df, f, swatch)})
+    imp_rows = []
     for t, r in imp["by_type"].items():
         if r["status"] == "ok":
-            rows += [[t, p, v, r["n_trials"]] for p, v in sorted(r["importances"].items(), key=lambda kv: -kv[1])]
+            imp_rows += [[t, p, v, r["n_trials"]] for p, v in sorted(r["importances"].items(), key=lambda kv: -kv[1])]
         else:
-            rows.append([t, r.get("reason", r["status"]), None, r["n_trials"]])
-    parts.append(_table(["sae_type", "parameter", "importance", "trials"], rows, text_cols=(0, 1)))
-
-    parts.append("<h2>Per-device performance</h2>")
+            imp_rows.append([t, r.get("reason", r["status"]), None, r["n_trials"]])
+    importance = {**{k: imp[k] for k in ("metric", "direction", "evaluator", "min_trials")},
+                  "img": _img(fig["Hyperparameter importance"]) if "Hyperparameter importance" in fig else None,
+                  "table": _table(["sae_type", "parameter", "importance", "trials"], imp_rows, text_cols=(0, 1))}
+    device_block = None
     if devices:
-        if "Per-device performance" in fig:
-            parts.append(_img(fig["Per-device performance"], "devices"))
         rows = [[d["slot"], d.get("trials_done"), d.get("trials_failed"), d.get("tokens"), d.get("tokens_per_s"),
                  d.get("busy_s"), d.get("wall_s"), d.get("busy_fraction")] for d in devices]
-        parts.append(_table(["slot", "done", "failed", "SAE-tokens", "SAE-tok/s", "busy s", "wall s", "busy fraction"], rows))
-    else:
-        parts.append("<p class='note'>No per-device statistics recorded yet.</p>")
+        device_block = {"img": _img(fig["Per-device performance"]) if "Per-device performance" in fig else None,
+                        "table": _table(["slot", "done", "failed", "SAE-tokens", "SAE-tok/s", "busy s", "wall s",
+                                         "busy fraction"], rows)}
+    return _template().render(
+        name=title or store.name, meta=meta, by_type=by_type,
+        degenerate=_degenerate_context(df), missed=_missed_context(df),
+        matched=_matched_context(df, fig["Matched L0"], swatch) if "Matched L0" in fig else None,
+        frontiers=frontiers, baselines=_baselines_table(baselines) if baselines else None,
+        density=_img(fig["Feature density"]) if "Feature density" in fig else None,
+        importance=importance, devices=device_block, trials=_trials_table(df, frontier, swatch),
+    )
 
-    parts.append("<h2>Trials</h2><p class='note'>Click a column to sort. Rows on the L0-FVU frontier are highlighted.</p>")
-    parts.append(_trials_table(df, frontier, colors))
-    parts.append(f"<script>{JS}</script></body></html>")
-    return "".join(parts)
 
-
-def _baselines_block(rows: Sequence[dict]) -> str:
+def _baselines_table(rows: Sequence[dict]) -> Table:
     """The random baselines (grey markers in the plots above) as a table."""
     from saesweep.metrics.baselines import KINDS
 
     cols = [c for c in ("l0", "fvu", "feature_f1", "feature_mcc", "absorption", "ce_loss_score", "kl_div_score")
             if any(c in r for r in rows)]
-    table = _table(["baseline", *cols], [[KINDS.get(r["baseline"], r["baseline"]), *[r.get(c) for c in cols]] for r in rows],
-                   text_cols=(0,))
-    return ("<h2>Random baselines</h2><p class='note'>Dictionaries that learned nothing, at the sweep's width and "
-            "L0s (<code>saesweep baseline</code>): an SAE is worth its training where it beats them at its L0.</p>"
-            + table)
+    return _table(["baseline", *cols], [[KINDS.get(r["baseline"], r["baseline"]), *[r.get(c) for c in cols]]
+                                        for r in rows])
 
 
-def _matched_block(df, png: Path, colors) -> str:
+def _matched_context(df, png: Path, swatch) -> dict[str, Any]:
     """Every architecture at each target L0: the plot, and the table with the best per L0 highlighted."""
     t = matched_table(df)
     lead = lead_metric(df[df["target_l0"].notna()])
     cols = [c for c in ("l0", "l0_error", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1",
                         "feature_mcc", "absorption") if c in t and t[c].notna().any()]
     rows = [[r["target_l0"], r["series"], *[r[c] for c in cols], r["trials"], r["trial_id"]] for _, r in t.iterrows()]
-    sw = {1: lambda s: f"<span class='swatch' style='background:{colors.get(s.split(' @ ')[0], '#555')}'></span>"}
-    classes = ["front" if b else "" for b in t["best"]]
-    return ("<h2 id='matched'>Matched L0: every architecture at each target</h2>"
-            f"<p class='note'>Trials trained to reach a target L0 (<code>target_l0</code>). Per target, the types "
-            f"are sorted by <b>{html.escape(lead)}</b>, the best highlighted; <i>l0</i> is the held-out L0 and "
-            f"<i>l0_error</i> its distance from the target (beyond &plusmn;{MISS_TOLERANCE:.0%}: flagged above). "
-            "Where a series has several trials at a target, its best is shown (<i>trials</i>).</p>"
-            + _img(png, "matched L0")
-            + _table(["target_l0", "series", *cols, "trials", "trial_id"], rows, text_cols=(1, len(cols) + 3),
-                     row_classes=classes, prefix=sw))
+    table = _table(["target_l0", "series", *cols, "trials", "trial_id"], rows, text_cols=(1, len(cols) + 3),
+                   row_classes=["front" if b else "" for b in t["best"]],
+                   colors={1: lambda s: swatch(s.split(" @ ")[0])})
+    return {"lead": lead, "tolerance": f"{MISS_TOLERANCE:.0%}", "img": _img(png), "table": table}
 
 
-def _missed_block(df) -> str:
-    """A visible warning naming the trials whose held-out L0 missed their target."""
+def _missed_context(df) -> Optional[dict[str, Any]]:
+    """The trials whose held-out L0 missed their target (a visible warning)."""
     bad = missed_targets(df)
     if not bad:
-        return ""
-    items = "".join(f"<li><code>{html.escape(b['trial_id'])}</code>: target {b['target_l0']:g}, held-out L0 "
-                    f"{b['l0']:.2f} ({b['l0_error']:+.0%})</li>" for b in bad[:20])
-    more = f"<li>... and {len(bad) - 20} more</li>" if len(bad) > 20 else ""
-    return (f"<div class='warn' id='missed'><b>Warning: {len(bad)} trial(s) missed their target L0 by more than "
-            f"{MISS_TOLERANCE:.0%}</b>: they are not at the sparsity their target says.<ul>{items}{more}</ul></div>")
+        return None
+    return {"total": len(bad), "items": bad[:20], "more": max(0, len(bad) - 20), "tolerance": f"{MISS_TOLERANCE:.0%}"}
 
 
-def _degenerate_block(df) -> str:
-    """A visible warning naming the complete trials whose SAEs are degenerate."""
-
+def _degenerate_context(df) -> Optional[dict[str, Any]]:
+    """The complete trials whose SAEs are degenerate (a visible warning)."""
     bad = degenerate_trials(df)
     if not bad:
-        return ""
-    items = "".join(f"<li><code>{html.escape(t)}</code>: {html.escape(w)}</li>" for t, w in bad[:20])
-    more = f"<li>... and {len(bad) - 20} more (column <i>warning</i> below)</li>" if len(bad) > 20 else ""
-    return (f"<div class='warn' id='degenerate'><b>Warning: {len(bad)} complete trial(s) trained degenerate SAEs</b> "
-            "(dense codes: L0 above half the dictionary or above d_in; or more than half of the features dead). "
-            f"Their metrics do not describe a useful SAE.<ul>{items}{more}</ul></div>")
+        return None
+    return {"total": len(bad), "items": bad[:20], "more": max(0, len(bad) - 20)}
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'></p>"
-
-
-def _frontier_table(df, f: dict, colors) -> str:
+def _frontier_context(df, f: dict, swatch) -> dict[str, Any]:
     ids = f.get("all", [])
     if not ids:
-        return "<p class='note'>No complete trials with these metrics yet.</p>"
+        return {"table": None}
     d = df.set_index("trial_id").loc[ids].reset_index()
     x, y = f["x"], f["y"]
     params = [c for c in _param_cols(df) if c in d]
     rows = [[r["trial_id"], r["sae_type"], r[x], r[y], *[r[p] for p in params]] for _, r in d.iterrows()]
-    sw = {1: lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
-    better = "lower" if f["directions"][1] == "minimize" else "higher"
-    return (f"<p class='note'>{len(ids)} trials on the frontier over all types: for each, no other trial has a "
-            f"{x} as low and a {y} as {'low' if better == 'lower' else 'high'}, one of them strictly better.</p>"
-            + _table(["trial_id", "sae_type", x, y, *params], rows, text_cols=(0, 1), prefix=sw))
+    better = "low" if f["directions"][1] == "minimize" else "high"
+    return {"count": len(ids), "x": x, "y": y, "better": better,
+            "table": _table(["trial_id", "sae_type", x, y, *params], rows, text_cols=(0, 1), colors={1: swatch})}
 
 
 def _param_cols(df) -> list[str]:
-
     return [c for c in sweepable() if c in df]
 
 
-def _trials_table(df, frontier, colors) -> str:
+def _trials_table(df, frontier, swatch) -> Optional[Table]:
     if len(df) == 0:
-        return "<p>No trials.</p>"
+        return None
     on = set(frontier.get("l0_fvu", {}).get("all", []))
     params = _param_cols(df)
     shown = [m for m in metrics.table_metrics() if m in df]
-
     why = dict(degenerate_trials(df))
     df = df.assign(warning=[why.get(t, "") for t in df["trial_id"]])
     cols = ["trial_id", "sae_type", "state", *params, *shown, "warning", "device", "duration_s", "reason"]
@@ -399,5 +346,4 @@ def _trials_table(df, frontier, colors) -> str:
     rows = [[r.get(c) for c in cols] for _, r in df.iterrows()]
     classes = ["front" if tid in on else "" for tid in df["trial_id"]]
     text = tuple(i for i, c in enumerate(cols) if c in ("trial_id", "sae_type", "state", "warning", "device", "reason"))
-    sw = {cols.index("sae_type"): lambda t: f"<span class='swatch' style='background:{colors.get(t, '#555')}'></span>"}
-    return "<div class='scroll'>" + _table(cols, rows, text_cols=text, row_classes=classes, prefix=sw) + "</div>"
+    return _table(cols, rows, text_cols=text, row_classes=classes, colors={cols.index("sae_type"): swatch})
