@@ -8,6 +8,7 @@ half of one, and a crash leaves no torn file behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fcntl
 import json
 import os
@@ -128,3 +129,11 @@ def ensure_folder(path: str | os.PathLike, what: str) -> Path:
     if not os.access(p, os.W_OK):
         raise ConfigError(f"{what} {path}: not writable")
     return p
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 * 2**20), b""):
+            h.update(block)
+    return h.hexdigest()

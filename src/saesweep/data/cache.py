@@ -58,7 +58,7 @@ import numpy as np
 from saesweep.settings import cache_root
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.data.hf import dataset_files, is_local_dataset, is_local_model
-from saesweep.io import file_lock
+from saesweep.io import file_lock, sha256_file
 
 FORMAT = 1
 NORM_TOKENS = 2**20  # the normalisation statistics use at most this many leading training tokens
@@ -95,14 +95,6 @@ def decode(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- keys
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(8 * 2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fingerprint(paths: Sequence[Path]) -> str:
     """Content hash of small files, size + mtime of large ones; folders are walked (sorted)."""
     items = []

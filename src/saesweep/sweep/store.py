@@ -62,6 +62,8 @@ WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNI
                                             TrialState.FAIL, TrialState.PRUNED)
 LEASE_ATTR = "saesweep:heartbeat"
 WRITES_ATTR = "writes_checkpoint"
+#: the sweep's clock when a worker last saw the database come back after an outage
+OUTAGE_ATTR = "outage_ended"
 
 
 def host_id() -> str:
@@ -377,9 +379,19 @@ class SweepStore:
             return False
         return True
 
+    def note_outage_end(self) -> None:
+        """Record that the database was unreachable until now: leases are not reaped for the next
+        lease_s, so that workers that could not heartbeat meanwhile are not presumed dead."""
+        self.set_info(**{OUTAGE_ATTR: self.now()})
+
     def reap_expired(self, lease_s: float, max_retries: int = 2) -> list[str]:
-        """Fail and re-queue RUNNING trials whose lease expired; returns their trial ids."""
+        """Fail and re-queue RUNNING trials whose lease expired; returns their trial ids. Within
+        ``lease_s`` of the end of a database outage nothing is reaped: the workers that could not
+        heartbeat through it get a lease's time to do so."""
         now, reaped = self.now(), []
+        ended = self.study.user_attrs.get(OUTAGE_ATTR)
+        if isinstance(ended, (int, float)) and now - float(ended) < lease_s:
+            return []
         # A claim writes its first heartbeat (on the sweep's clock) at once. A RUNNING trial
         # without one was claimed by a worker that died in between: its lease is counted from
         # when this process first saw it so, never from Optuna's datetime_start (the claiming

@@ -37,7 +37,7 @@ from saesweep.sweep.search import (
 from saesweep.sweep.store import RUNNING, WAITING, Claim, SweepStore, new_worker_id
 from saesweep.sweep.urls import redact
 from saesweep.tracking import make_tracker
-from saesweep.training.run import INTERRUPTED, RunResult, run_pack
+from saesweep.training.run import INTERRUPTED, RunResult, finished_result, run_pack
 from saesweep.training.trainer import resolve_device
 
 
@@ -83,6 +83,12 @@ class Heartbeat(threading.Thread):
         self.stop_event = threading.Event()
         self.lost: set[int] = set()
         self.all_lost = threading.Event()  # every lease was taken away: training on is wasted
+        self.written: Optional[str] = None  # a checkpoint the pack wrote, to record with the next beat
+
+    def checkpoint_written(self, path: Path) -> None:
+        """Called by the trainer after a checkpoint write: the next beat records it (training
+        never waits on the database for it)."""
+        self.written = path.name
 
     def run(self) -> None:
         while not self.stop_event.wait(self.every_s):
@@ -90,6 +96,9 @@ class Heartbeat(threading.Thread):
             try:
                 for c in self.store.heartbeat(live, self.worker):
                     self.lost.add(c.trial_pk)
+                written, self.written = self.written, None
+                if written is not None:
+                    self.store.set_checkpoint([c for c in live if c.trial_pk not in self.lost], written)
             except Exception:  # a transient storage error: try again at the next beat
                 pass
             if len(self.lost) == len(self.claims):
@@ -102,66 +111,91 @@ class Heartbeat(threading.Thread):
 
 class RetryingStore:
     """The store as a worker uses it: each call below is retried through lost database connections
-    (what the backend's ``is_retryable`` says; backing off from 1 s to 15 s, one line per wait)
-    for up to ``give_up_s``: a network blip must not kill a worker. Trials it held meanwhile are
-    protected by their leases, like those of a dead worker."""
+    (what the backend's ``is_retryable`` says; backing off from 1 s to 15 s) for up to
+    ``give_up_s`` (``execution.outage_budget_s``): a database restart or failover must not kill a
+    worker. One line says when the database is lost and one when it is back; training goes on
+    meanwhile (only the heartbeat thread and the recording of results wait). When it is back, the
+    sweep notes the time, and no lease is reaped until every worker has had a lease's time to
+    heartbeat again (:meth:`.SweepStore.reap_expired`)."""
 
-    def __init__(self, store: SweepStore, give_up_s: float) -> None:
+    def __init__(self, store: SweepStore, give_up_s: float, label: str = "saesweep worker") -> None:
         import tenacity
 
-        self.store, self.backend = store, store.backend
+        self.store, self.backend, self.give_up_s, self.label = store, store.backend, give_up_s, label
+        self._outage_lock = threading.Lock()
+        self._down_since: Optional[float] = None
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(store.backend.is_retryable),
             wait=tenacity.wait_exponential(multiplier=1, min=1, max=15),
             stop=tenacity.stop_after_delay(give_up_s),
-            before_sleep=_say_unreachable,
+            before_sleep=self._lost,
             sleep=lambda s: time.sleep(s),
             reraise=True,
         )
 
+    def _lost(self, state: Any) -> None:
+        with self._outage_lock:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        error = state.outcome.exception() if state.outcome is not None else None
+        print(f"{self.label}: database unreachable ({type(error).__name__}); retrying for up to "
+              f"{self.give_up_s:.0f}s while training goes on", file=sys.stderr)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        out = self._retrying(fn, *args, **kwargs)
+        if self._down_since is not None:
+            with self._outage_lock:
+                since, self._down_since = self._down_since, None
+            if since is not None:
+                print(f"{self.label}: database reachable again after {time.monotonic() - since:.0f}s",
+                      file=sys.stderr)
+                self._retrying(self.store.note_outage_end)
+        return out
+
     # the store's calls a worker makes, each retried
     def claim(self, *args: Any, **kwargs: Any) -> list[Claim]:
-        return self._retrying(self.store.claim, *args, **kwargs)
+        return self._call(self.store.claim, *args, **kwargs)
 
     def complete(self, *args: Any, **kwargs: Any) -> bool:
-        return self._retrying(self.store.complete, *args, **kwargs)
+        return self._call(self.store.complete, *args, **kwargs)
 
     def fail(self, *args: Any, **kwargs: Any) -> tuple[bool, bool]:
-        return self._retrying(self.store.fail, *args, **kwargs)
+        return self._call(self.store.fail, *args, **kwargs)
 
     def prune(self, *args: Any, **kwargs: Any) -> bool:
-        return self._retrying(self.store.prune, *args, **kwargs)
+        return self._call(self.store.prune, *args, **kwargs)
 
     def heartbeat(self, *args: Any, **kwargs: Any) -> list[Claim]:
-        return self._retrying(self.store.heartbeat, *args, **kwargs)
+        return self._call(self.store.heartbeat, *args, **kwargs)
 
     def hold_lease(self, worker: str) -> None:
-        self._retrying(self.store.hold_lease, worker)
+        self._call(self.store.hold_lease, worker)
 
     def release_lease(self, worker: str) -> None:
-        self._retrying(self.store.release_lease, worker)
+        self._call(self.store.release_lease, worker)
 
     def reap_expired(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self._retrying(self.store.reap_expired, *args, **kwargs)
+        return self._call(self.store.reap_expired, *args, **kwargs)
 
     def set_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        self._retrying(self.store.set_checkpoint, *args, **kwargs)
+        self._call(self.store.set_checkpoint, *args, **kwargs)
 
     def trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
-        return self._retrying(self.store.trials, *args, **kwargs)
+        return self._call(self.store.trials, *args, **kwargs)
 
     def trial(self, trial_pk: int) -> FrozenTrial:
-        return self._retrying(self.store.trial, trial_pk)
+        return self._call(self.store.trial, trial_pk)
 
     def add_running(self, *args: Any, **kwargs: Any) -> Claim:
-        return self._retrying(self.store.add_running, *args, **kwargs)
+        return self._call(self.store.add_running, *args, **kwargs)
 
     def add_waiting(self, *args: Any, **kwargs: Any) -> Any:
-        return self._retrying(self.store.add_waiting, *args, **kwargs)
+        return self._call(self.store.add_waiting, *args, **kwargs)
 
     @property
     def info(self) -> dict[str, Any]:
-        return self._retrying(lambda: self.store.info)
+        return self._call(lambda: self.store.info)
 
     # what sampled search and pruning read and write directly (not retried, as one call each)
     def lock(self) -> Any:
@@ -174,12 +208,6 @@ class RetryingStore:
     @property
     def study(self) -> Any:
         return self.store.study
-
-
-def _say_unreachable(state: Any) -> None:
-    error = state.outcome.exception() if state.outcome is not None else None
-    wait = state.next_action.sleep if state.next_action is not None else 0
-    print(f"saesweep worker: database unreachable ({type(error).__name__}); retrying in {wait:.0f}s", file=sys.stderr)
 
 
 class Worker:
@@ -204,7 +232,7 @@ class Worker:
         device would take (the scheduler's tests give one slot a slow device)."""
         if max_pack is not None and max_pack < execution.pack_size:  # this slot's device fits no larger pack
             execution = execution.model_copy(update={"pack_size": max(1, int(max_pack))})
-        self.store, self.ex = RetryingStore(store, execution.lease_s), execution
+        self.store, self.ex = RetryingStore(store, execution.outage_budget_s), execution
         self.device = device
         self.show_progress = show_progress
         self.stop = stop or threading.Event()
@@ -251,8 +279,20 @@ class Worker:
                            f"(last reason: {self._last_reason})")
                     self.stats.aborted = msg
                     raise SweepAborted(msg)
+        except Exception as e:
+            if not self.store.backend.is_retryable(e):
+                raise
+            msg = (f"database unreachable for more than {self.ex.outage_budget_s:.0f}s "
+                   f"(execution.outage_budget_s): stopping this worker; the trials it finished are saved in their "
+                   f"run folders and recorded by the next worker ({type(e).__name__})")
+            self.stats.aborted = msg
+            raise SweepAborted(msg) from None
         finally:
-            self.store.release_lease(self.worker_id)
+            try:
+                self.store.release_lease(self.worker_id)
+            except Exception as e:
+                if not self.store.backend.is_retryable(e):
+                    raise
             self._drop_data()
             self.stats.wall_s = time.perf_counter() - t0
         return self.stats
@@ -269,8 +309,30 @@ class Worker:
 
         return any(self._accepts(t) for t in self.store.trials([WAITING, RUNNING]))
 
+    def _adopt_finished(self, claims: list[Claim]) -> tuple[list[Claim], int]:
+        """Record the claims whose run folder already holds a finished result (trained by a worker
+        that could not record it: the database was away, or its lease lapsed); returns the claims
+        left to train and how many were recorded."""
+        left, done = [], 0
+        for c in claims:
+            metrics = finished_result(c.config)
+            if metrics is None:
+                left.append(c)
+                continue
+            extra = {"run_dir": str(Path(c.config.run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
+                     "device": metrics.get("device", self.device), "adopted": True}
+            if self.store.complete(c, metrics, objectives=self.objectives, extra=extra):
+                done += 1
+                print(f"saesweep worker {self.slot}: {c.trial_id} was trained and saved already; recorded from "
+                      f"{c.config.run_dir}", file=sys.stderr)
+        self.stats.trials_done += done
+        return left, done
+
     def run_claims(self, claims: list[Claim]) -> tuple[int, int]:
         """Train one pack; returns (trials completed, trials failed)."""
+        claims, adopted = self._adopt_finished(claims)
+        if not claims:
+            return adopted, 0
         if self.slow_s:
             t0 = time.perf_counter()
             self.stop.wait(self.slow_s * len(claims))
@@ -285,14 +347,17 @@ class Worker:
         earlier = {c.checkpoint for c in claims}
         only = earlier.pop() if len(earlier) == 1 else None
         resume = self.checkpoint_dir / only if only is not None else None
-        self.store.set_checkpoint(claims, ckpt.name)
+        # until this pack writes its own checkpoint, a reaped member resumes from the one it came from
+        self.store.set_checkpoint(claims, only if resume is not None and resume.exists() else ckpt.name)
         should_prune = None
         if self.spec is not None and self.spec.search.pruner != "none":
 
             should_prune = pruning_callback(self.store, self.spec, claims)
         try:
             results = run_pack(configs, device=self.device, show_progress=self.show_progress, data=self._data_for(configs[0]),
-                               checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s, resume_from=resume,
+                               checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
+                               checkpoint_min_s=self.ex.checkpoint_min_s, resume_from=resume,
+                               on_checkpoint=beat.checkpoint_written,
                                on_log=self.tracker.log if self.tracker else None,
                                should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
                                should_prune=should_prune)
@@ -351,7 +416,7 @@ class Worker:
             self._drop_if_unused(resume)
         self.stats.trials_done += done
         self.stats.trials_failed += failed
-        return done, failed
+        return done + adopted, failed
 
 
     def _clear_checkpoints(self) -> None:

@@ -90,7 +90,11 @@ def main(argv=None) -> int:
         print(f"saesweep worker {slot.name}: {e}", file=sys.stderr)
         code = 1
     finally:
-        save_worker_stats(store, worker.stats, slot, args.run)
+        try:
+            save_worker_stats(store, worker.stats, slot, args.run)
+        except Exception as e:  # the database is still away: the stats are only for the report
+            if not store.backend.is_retryable(e):
+                raise
     return 130 if stop.is_set() and code == 0 else code
 
 

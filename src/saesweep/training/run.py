@@ -26,7 +26,7 @@ from saesweep.config.experiment import (
     parse_config,
 )
 from saesweep.data import Activations, open_source
-from saesweep.io import atomic_write_json, atomic_write_text, ensure_folder
+from saesweep.io import atomic_write_json, atomic_write_text, ensure_folder, sha256_file
 from saesweep.metrics.reconstruction import evaluate, first_nonfinite
 from saesweep.sae_files import export_member
 from saesweep.saes import LOSS_CONVENTION
@@ -34,6 +34,8 @@ from saesweep.training.trainer import resolve_device, train_pack
 
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
+#: written last, when a run's results are all saved: the trial id and the digest of metrics.json
+COMPLETE_FILE = "complete.json"
 INTERRUPTED = "interrupted before the end of training (checkpointed)"
 ConfigLike = Union[ExperimentConfig, dict, str, Path]
 
@@ -65,6 +67,22 @@ def target_metrics(cfg: ExperimentConfig, metrics: dict[str, Any], sae, row: int
     return out
 
 
+def finished_result(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
+    """The metrics of ``cfg``'s run when its folder holds a finished result (``metrics.json`` and
+    the completion marker naming this trial and that file's digest), else None: a worker that
+    trained a trial but could not record it leaves it for the next worker to record."""
+    out = cfg.run_dir
+    try:
+        marker = json.loads((out / COMPLETE_FILE).read_text())
+        if marker.get("trial_id") != cfg.trial_id or marker.get("metrics_sha256") != sha256_file(out / METRICS_FILE):
+            return None
+        record = json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    metrics = record.get("metrics") if record.get("trial_id") == cfg.trial_id else None
+    return metrics if isinstance(metrics, dict) and metrics else None
+
+
 def as_config(obj: ConfigLike) -> ExperimentConfig:
     if isinstance(obj, ExperimentConfig):
         return obj
@@ -93,11 +111,13 @@ def run_pack(
     show_progress: Optional[bool] = None,
     checkpoint: Optional[Path] = None,
     checkpoint_every_s: float = 300.0,
+    checkpoint_min_s: Optional[float] = None,
     resume_from: Optional[Path] = None,
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     data: Optional[Activations] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> list[RunResult]:
     """Train a pack of compatible configs together; one result per config, in order."""
     configs = [as_config(c) for c in configs]
@@ -111,9 +131,9 @@ def run_pack(
     t_data = time.perf_counter() - t_start
     res = train_pack(
         configs, data, device=dev, show_progress=show_progress,
-        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, resume_from=resume_from, on_log=on_log,
-        should_stop=should_stop,
-        should_prune=should_prune,
+        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, checkpoint_min_s=checkpoint_min_s,
+        resume_from=resume_from, on_log=on_log, should_stop=should_stop, should_prune=should_prune,
+        on_checkpoint=on_checkpoint,
     )
     t_eval = time.perf_counter()
     # an interrupted pack (Ctrl-C, preemption) has no complete member: nothing to evaluate, so
@@ -157,10 +177,13 @@ def run_pack(
                           "loss_convention": LOSS_CONVENTION,
                           "source": data.describe(), "saesweep_version": __version__, "host": platform.node()}
                 atomic_write_json(out / METRICS_FILE, record)
+                atomic_write_json(out / COMPLETE_FILE, {"trial_id": cfg.trial_id,
+                                                        "metrics_sha256": sha256_file(out / METRICS_FILE)})
                 results.append(RunResult(cfg.trial_id, "complete", out, cfg, m))
                 continue
             member.status, member.reason = "diverged", f"diverged: metric {bad} is not finite after training"
         reason = member.reason or INTERRUPTED
+        (out / COMPLETE_FILE).unlink(missing_ok=True)
         atomic_write_json(out / FAILURE_FILE, {"trial_id": cfg.trial_id, "reason": reason})
         status = "pruned" if member.status == "pruned" else "failed"
         results.append(RunResult(cfg.trial_id, status, out, cfg, {"last_log": member.log[-1]} if member.log else {}, reason))

@@ -128,6 +128,10 @@ def build_sae(configs: Sequence[ExperimentConfig], d_in: int, device: torch.devi
     return cls(d_in, c0.d_sae(d_in), [c.sae_hparams for c in configs], [c.train.seed for c in configs], device=device)
 
 
+#: the share of training time checkpoint writes may take when the interval adapts
+CHECKPOINT_SHARE = 0.01
+
+
 def train_pack(
     configs: Sequence[ExperimentConfig],
     data: Activations,
@@ -136,12 +140,19 @@ def train_pack(
     show_progress: Optional[bool] = None,
     checkpoint: Optional[Path] = None,
     checkpoint_every_s: float = 300.0,
+    checkpoint_min_s: Optional[float] = None,
     resume_from: Optional[Path] = None,
     on_log: Optional[Callable[[ExperimentConfig, dict], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     should_prune: Optional[Callable[[ExperimentConfig, dict], bool]] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> PackResult:
-    """Train every config of a pack on ``data``; see the module docstring."""
+    """Train every config of a pack on ``data``; see the module docstring.
+
+    Checkpoints come every ``checkpoint_every_s`` seconds; with ``checkpoint_min_s``, as often as
+    keeps a write under :data:`CHECKPOINT_SHARE` of the training time (the last write's time),
+    within [``checkpoint_min_s``, ``checkpoint_every_s``]. ``on_checkpoint(path)`` is told after
+    each write."""
     packing.check_pack(configs)
     for c in configs:
         c.check_target(data.d_in)
@@ -173,6 +184,17 @@ def train_pack(
     resampler = Resampler(total, tc.resample_every, tc.resample_until, tc.batch_size) if tc.resample_every > 0 else None
     t0 = time.perf_counter()
     last_ckpt = t0
+    interval = checkpoint_every_s if checkpoint_min_s is None else checkpoint_min_s
+
+    def save(at_step: int) -> None:
+        nonlocal interval
+        w0 = time.perf_counter()
+        _save_checkpoint(checkpoint, at_step, sae, opt, members, alive, control)
+        if checkpoint_min_s is not None:
+            interval = min(checkpoint_every_s, max(checkpoint_min_s, (time.perf_counter() - w0) / CHECKPOINT_SHARE))
+        if on_checkpoint is not None:
+            on_checkpoint(checkpoint)
+
     non_blocking = device.type == "cuda"
     desc = f"{configs[0].sae_type} x{len(configs)}" if len(configs) > 1 else configs[0].trial_id
     with progress_bar(total, desc, enabled=show_progress, tokens_per_step=tc.batch_size) as bar:
@@ -217,13 +239,13 @@ def train_pack(
                         break
                     plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
             bar.advance(1)
-            if checkpoint is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
-                _save_checkpoint(checkpoint, step + 1, sae, opt, members, alive, control)
+            if checkpoint is not None and time.perf_counter() - last_ckpt > interval:
+                save(step + 1)
                 last_ckpt = time.perf_counter()
         else:
             step = total
     if should_stop is not None and step < total and checkpoint is not None and alive:
-        _save_checkpoint(checkpoint, step, sae, opt, members, alive, control)
+        save(step)
     wall = time.perf_counter() - t0
     done = step >= total
     for i in alive:
