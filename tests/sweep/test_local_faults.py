@@ -284,3 +284,57 @@ def test_random_interruptions_keep_the_trained_steps(tmp_path):
     print("share of the steps kept per interrupted trial:", kept)
     assert len(kept) >= 3 and all(k >= 0.9 for k in kept.values()), (steps_at_stop, kept)
     assert list(ckpt_dir.glob("*")) == []
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing in the worker handles it."""
+
+
+def test_a_kill_right_after_a_resume_keeps_the_checkpoint_it_resumed_from(tmp_path, monkeypatch):
+    """A pack of 4 is stopped after its first checkpoint; two of its trials resume in a pack of 2,
+    which is killed before it writes a checkpoint of its own. Reaped, they resume again from the
+    first pack's checkpoint (not from the second pack's, which was never written)."""
+    import threading
+
+    from saesweep.sweep.store import RUNNING, WRITES_ATTR
+    from saesweep.training.trainer import train_pack
+
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "tokens": 600_000, "batch_size": 512, "log_every": 100}}
+    spec = parse_spec({"name": "oom", "base": base, "sae_types": ["relu"], "output_dir": str(tmp_path / "runs"),
+                       "grids": {"relu": {"lr": [1e-3, 2e-3, 3e-3, 4e-3], "dict_size_ratio": [2.0], "sparsity_coeff": [0.1]}},
+                       "execution": {"pack_size": 4, "lease_s": 30, "heartbeat_s": 0.5, "checkpoint_every_s": 0.05}})
+    store = open_sweep(spec)
+    queue_trials(store, spec, expand(spec))
+    stop = threading.Event()
+    real_train = train_pack
+
+    def stop_after_first_checkpoint(*a, on_checkpoint=None, **kw):
+        def written(path):
+            on_checkpoint(path)
+            stop.set()
+        return real_train(*a, on_checkpoint=written, **kw)
+
+    monkeypatch.setattr("saesweep.training.run.train_pack", stop_after_first_checkpoint)
+    ex = spec.execution
+    Worker(store, ex, stop=stop).run()
+    monkeypatch.undo()
+    queued = [t for t in store.trials() if t.state == t.state.WAITING]
+    (first,) = {t.user_attrs["checkpoint"] for t in queued}
+    ckpt_dir = tmp_path / "runs" / "oom" / "checkpoints"
+    assert (ckpt_dir / first).exists()
+
+    writes = []
+
+    def killed(configs, **kw):
+        writes.append({t.user_attrs.get(WRITES_ATTR) for t in store.trials([RUNNING])})
+        raise Killed
+
+    monkeypatch.setattr(worker_module, "run_pack", killed)
+    with pytest.raises(Killed):
+        Worker(store, ex, max_pack=2).run()
+    assert writes == [{first}]  # a reaper would requeue them onto the checkpoint that exists
+    time.sleep(0.05)
+    reaped = store.reap_expired(lease_s=0.01)
+    assert len(reaped) == 2
+    again = {t.user_attrs["checkpoint"] for t in store.trials() if t.state == t.state.WAITING}
+    assert again == {first}

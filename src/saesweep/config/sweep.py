@@ -184,14 +184,20 @@ class ExecutionSpec(Strict):
         "longest time between two checkpoints of a pack; a pack whose checkpoint is quick to write "
         "checkpoints more often (a write takes at most ~1 % of the training time, and never more often "
         "than checkpoint_min_s)"))] = 120.0
-    checkpoint_min_s: Annotated[float, Field(gt=0, description="shortest time between two checkpoints")] = 5.0
+    checkpoint_min_s: Optional[Annotated[float, Field(gt=0)]] = Field(
+        None, description="shortest time between two checkpoints (default 5 s, or checkpoint_every_s when shorter)")
     outage_budget_s: Annotated[float, Field(gt=0, description=(
         "how long a worker waits out an unreachable database (retrying with backoff while it trains on) "
         "before it exits; its finished results stay in their run folders and the next worker records them"))] = 600.0
 
+    @property
+    def checkpoint_floor_s(self) -> float:
+        """The shortest time between two checkpoints of a pack."""
+        return min(5.0, self.checkpoint_every_s) if self.checkpoint_min_s is None else self.checkpoint_min_s
+
     @model_validator(mode="after")
     def _check_checkpoint_range(self) -> "ExecutionSpec":
-        if self.checkpoint_min_s > self.checkpoint_every_s:
+        if self.checkpoint_min_s is not None and self.checkpoint_min_s > self.checkpoint_every_s:
             raise ValueError(f"execution.checkpoint_min_s ({self.checkpoint_min_s:g}) must not exceed "
                              f"execution.checkpoint_every_s ({self.checkpoint_every_s:g})")
         return self

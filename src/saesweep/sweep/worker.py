@@ -356,7 +356,7 @@ class Worker:
         try:
             results = run_pack(configs, device=self.device, show_progress=self.show_progress, data=self._data_for(configs[0]),
                                checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
-                               checkpoint_min_s=self.ex.checkpoint_min_s, resume_from=resume,
+                               checkpoint_min_s=self.ex.checkpoint_floor_s, resume_from=resume,
                                on_checkpoint=beat.checkpoint_written,
                                on_log=self.tracker.log if self.tracker else None,
                                should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
