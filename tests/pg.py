@@ -55,10 +55,18 @@ class PostgresServer:
         user = "postgres" if self.as_user else os.environ.get("USER", "postgres")
         self.user = user
         self._run([initdb, "-D", str(self.data), "-U", user, "-A", "scram-sha-256", "--pwfile", str(pwfile), "-E", "UTF8"])
-        self._run([pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o",
-                   f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c max_connections=200 -c fsync=off", "start"])
+        self.start()
         self.url_admin = f"postgresql://{user}:{PASSWORD}@127.0.0.1:{self.port}/postgres"
         self.dbs = 0
+
+    def start(self) -> None:
+        self._run([self.pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o",
+                   f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c max_connections=200 -c fsync=off",
+                   "start"])
+
+    def pause(self) -> None:
+        """Stop the server as a crash or a failover would (connections cut), keeping its data."""
+        self._run([self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"])
 
     def _run(self, cmd) -> None:
         subprocess.run(self.as_user + cmd, check=True, capture_output=True, text=True)
