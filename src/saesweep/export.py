@@ -76,8 +76,9 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SAE:
 
 
 def load_sae_pack(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
-    """Load an exported SAE (any saesweep type) as a one-member pack taking raw activations."""
-    from safetensors.torch import load_file
+    """Load an exported SAE (any saesweep type) as a one-member pack taking raw activations.
+    Weights that do not match the checksum written with them raise :class:`~saesweep.io.CorruptFile`."""
+    from saesweep.io import load_tensors
 
     folder = Path(folder)
     cfg = json.loads((folder / CFG_FILE).read_text())
@@ -85,7 +86,7 @@ def load_sae_pack(folder: str | Path, device: str = "cpu") -> saes.PackedSAE:
     cls = saes.get(sae_type)
     hp = {k: v for k, v in cfg.get("metadata", {}).get("hyperparameters", {}).items() if k != "lr"}
     sae = cls(cfg["d_in"], cfg["d_sae"], [hp], [0], device=device)
-    sae.load_member_state(load_file(str(folder / WEIGHTS_FILE), device=device))
+    sae.load_member_state(load_tensors(folder / WEIGHTS_FILE, device=device)[0])
     return sae
 
 

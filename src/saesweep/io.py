@@ -44,12 +44,61 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+#: the safetensors metadata key holding the digest of a file's tensors (:func:`tensors_digest`)
+CHECKSUM_KEY = "saesweep.sha256"
+
+
+class CorruptFile(ValueError):
+    """A file whose content does not match its checksum (damaged on disk or in transit)."""
+
+
+def tensors_digest(tensors: Mapping) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
-    """safetensors file written atomically (never pickles)."""
+    """safetensors file written atomically (never pickles), the digest of its tensors in its metadata."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = save(cpu, metadata={**dict(metadata or {}), CHECKSUM_KEY: tensors_digest(cpu)})
     return atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict[str, str]]:
+    """A safetensors file's tensors and metadata, checked against the digest it carries (files
+    written without one are taken as they are); :class:`CorruptFile` when they do not match."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    tensors = load_file(str(path), device="cpu")
+    want = metadata.get(CHECKSUM_KEY)
+    if want is not None and tensors_digest(tensors) != want:
+        raise CorruptFile(f"{path}: its tensors do not match the checksum written with them (the file is damaged)")
+    if device != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, metadata
+
+
+def verify_tensors(path: str | os.PathLike) -> Optional[str]:
+    """None when a safetensors file reads back whole and matches its checksum, else what is wrong."""
+    try:
+        load_tensors(path)
+    except CorruptFile:
+        return "checksum mismatch: the tensors are damaged"
+    except Exception as e:  # not safetensors at all, a torn header, a truncated file
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+    return None
 
 
 def _json_default(o: Any) -> Any:

@@ -127,6 +127,68 @@ def test_a_damaged_checkpoint_is_discarded_and_training_starts_over(tiny_cfg, tm
     assert again.members[0].log[0]["step"] < 10
 
 
+def _safetensors_layout(blob: bytes) -> tuple[int, dict]:
+    import json
+    import struct
+
+    n = struct.unpack("<Q", blob[:8])[0]
+    return 8 + n, json.loads(blob[8:8 + n])
+
+
+def _corrupt_but_parseable(blob: bytes, how: str) -> bytes:
+    """Damage a safetensors file so that it still parses: flipped bytes inside a tensor, a NaN
+    written over a float, or two same-sized tensors' offsets swapped in the header."""
+    import json
+    import struct
+
+    start, header = _safetensors_layout(blob)
+    data = bytearray(blob)
+    name = next(k for k in header if k.endswith("W_enc"))
+    a, b = header[name]["data_offsets"]
+    if how == "flipped bytes":
+        for i in range(start + a + 8, start + a + 16):
+            data[i] ^= 0x5A
+    elif how == "nan":
+        data[start + a:start + a + 4] = struct.pack("<f", float("nan"))
+    else:  # swapped offsets: the header is valid JSON with valid offsets
+        other = next(k for k, v in header.items() if k not in (name, "__metadata__") and v["dtype"] == header[name]["dtype"]
+                     and v["shape"] == header[name]["shape"])
+        header[name]["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], [a, b]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (start - 8 - len(text))
+        assert len(text) == start - 8
+        data[8:start] = text
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["flipped bytes", "nan", "swapped offsets"])
+def test_a_corrupt_checkpoint_that_still_parses_is_caught_by_its_checksum(tiny_cfg, tmp_path, how, stop_after):
+    """Never a divergence, never a silent result: a warning naming the file, and the trials
+    start again from step 0."""
+    cfgs = [tiny_cfg(sae_type="gated", lr=lr, train={"tokens": 20_000}) for lr in (1e-3, 3e-3)]
+    data = open_source(cfgs[0])
+    ckpt = tmp_path / "pack.safetensors"
+    train_pack(cfgs, data, show_progress=False, checkpoint=ckpt, should_stop=stop_after(10))
+    ckpt.write_bytes(_corrupt_but_parseable(ckpt.read_bytes(), how))
+    with pytest.warns(UserWarning, match=f"checkpoint {ckpt} is corrupt.*start from step 0"):
+        again = train_pack(cfgs, data, show_progress=False, checkpoint=ckpt)
+    assert again.resumed_from == 0 and [m.status for m in again.members] == ["complete", "complete"]
+
+
+def test_exported_weights_that_do_not_match_their_checksum_are_refused(tiny_cfg):
+    from saesweep.export import load_sae
+    from saesweep.io import CorruptFile, verify_tensors
+
+    (r,) = saesweep.run_pack([tiny_cfg(train={"tokens": 4096})])
+    weights = r.run_dir / "sae_weights.safetensors"
+    assert verify_tensors(weights) is None
+    load_sae(r.run_dir)
+    weights.write_bytes(_corrupt_but_parseable(weights.read_bytes(), "flipped bytes"))
+    assert "checksum" in verify_tensors(weights)
+    with pytest.raises(CorruptFile, match="sae_weights.safetensors"):
+        load_sae(r.run_dir)
+
+
 def test_schedules():
     class T:
         lr_warmup_frac, lr_decay, min_lr_factor, sparsity_warmup_frac = 0.1, "cosine", 0.1, 0.5

@@ -41,7 +41,7 @@ from saesweep import packing, saes
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.data.base import Activations
 from saesweep.devices import resolve_dtype
-from saesweep.io import atomic_save_tensors
+from saesweep.io import CorruptFile, atomic_save_tensors, load_tensors
 from saesweep.progress import progress_bar
 from saesweep.saes.kernels import plan_for
 from saesweep.training.l0_control import L0Controller
@@ -350,9 +350,10 @@ def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
         return None
     try:
         return _read_checkpoint(path, configs, d_in, device, members)
-    except Exception as e:  # safetensors' SafetensorError, JSON, shapes, missing keys...
-        warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      "removed, and its trials start from step 0", stacklevel=2)
+    except Exception as e:  # a checksum mismatch, safetensors' SafetensorError, JSON, shapes, missing keys...
+        what = "corrupt (its tensors do not match their checksum)" if isinstance(e, CorruptFile) else \
+            f"damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        warnings.warn(f"checkpoint {path} is {what}; removed, and its trials start from step 0", stacklevel=2)
         for m in members:
             m.log, m.resampled = [], 0
         path.unlink(missing_ok=True)
@@ -360,16 +361,12 @@ def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
 
 
 def _read_checkpoint(path: Path, configs, d_in: int, device, members: list[Member]):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as fh:
-        meta = json.loads(fh.metadata()["saesweep"])
+    tensors, metadata = load_tensors(path, device=str(device))  # CorruptFile on a checksum mismatch
+    meta = json.loads(metadata["saesweep"])
     ids = [m.config.trial_id for m in members]
     saved_alive: list[str] = meta["alive"]
     if not set(ids) <= set(meta["members"]) or not saved_alive:
         return None
-    tensors = load_file(str(path), device=str(device))
     tc = configs[0].train
     # an SAE shaped like the checkpoint; every parameter and per-member buffer is loaded
     sae = build_sae([configs[0]] * len(saved_alive), d_in, device)
