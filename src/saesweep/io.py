@@ -180,6 +180,19 @@ def ensure_folder(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def check_creatable(path: str | os.PathLike, what: str) -> None:
+    """Raise a ConfigError naming ``what`` unless the folder ``path`` exists writable or could be
+    created (its nearest existing parent is a writable folder); creates nothing."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {path}: {'exists and is not a folder' if probe == p else f'{probe} is not a folder'}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {'not writable' if probe == p else f'cannot create it under {probe}'}")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -117,7 +117,7 @@ def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int
 def fmt_bytes(n: Optional[float]) -> str:
     if n is None:
         return "?"
-    for unit, div in (("GB", GB), ("MB", 2**20), ("KB", 2**10)):
+    for unit, div in (("PB", 2**50), ("TB", 2**40), ("GB", GB), ("MB", 2**20), ("KB", 2**10)):
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return f"{int(n)}B"

@@ -22,6 +22,9 @@ def setup_files(root: Path) -> None:
     (root / "huge.yaml").write_text(yaml.safe_dump({**TINY, "train": {"tokens": 10**14, "batch_size": 256}}))
     (root / "extra.yaml").write_text(yaml.safe_dump({**TINY, "learning_rate": 1e-3}))
     (root / "afile").write_text("not a folder")
+    (root / "big.yaml").write_text(yaml.safe_dump({"name": "big", "sae_types": ["relu"], "grids": {"relu": {
+        "lr": [1e-3], "dict_size_ratio": [1e12], "sparsity_coeff": [0.1]}}}))
+    shutil.copy(LEGACY, root / "legacy.journal")
     (root / "garbage.journal").write_bytes(bytes(range(256)) * 8)
     lines = LEGACY.read_bytes().split(b"\n")
     lines[3] = lines[3][:20]  # a torn write in the middle of the journal
@@ -48,6 +51,11 @@ CASES = [
     (["train", "extra.yaml"], "learning_rate: unknown field (the fields of sae_type 'relu': "),
     (["sweep", "--sae_types", "relu", "--limit", "1", "--storage", "", "--dry_run"], "--storage: empty"),
     (["sweep", "--sae_types", "relu", "--limit", "1", "--name", "x" * 300, "--dry_run"], "at most 100 characters"),
+    (["sweep", "--spec", "big.yaml"], "dict_size_ratio 1e+12"),  # the memory plan: fits no device
+    (["sweep", "--sae_types", "relu", "--limit", "1", "--output_dir", "afile/x"], "--output_dir afile/x"),
+    (["report", "legacy", "--storage", "legacy.journal", "--out", "afile"], "--out afile"),
+    (["report", "legacy", "--storage", "legacy.journal", "--metric", "bogus"], "--metric bogus"),
+    (["verify", "nosuch"], "nosuch"),
 ]
 
 
@@ -87,3 +95,12 @@ def test_results_to_a_full_disk_leave_no_partial_file(tmp_path, monkeypatch, cap
     assert main(["results", "runs/legacy", "--output", str(out / "r")]) == 2
     assert "No space left" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+def test_a_password_typed_in_the_storage_url_is_warned_about(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "--sae_types", "relu", "--limit", "1", "--storage", "postgresql://u:s3cret@127.0.0.1:9/db",
+                 "--dry_run"])
+    err = capsys.readouterr().err
+    assert code == 0 and "password in --storage is visible" in err and "~/.pgpass" in err
+    assert "s3cret" not in err

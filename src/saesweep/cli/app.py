@@ -53,6 +53,8 @@ COMMANDS: dict[str, Command] = {
                          report.dashboard_args, report.cmd_dashboard),
     "wandb-sweep": Command("W&B sweep from the spec's grid: YAML, agent program, and the sweep itself when logged in",
                            report.wandb_sweep_args, report.cmd_wandb_sweep),
+    "verify": Command("check every file of a run or sweep folder: checksums of weights and checkpoints, JSON, logs, "
+                      "the journal", report.verify_args, report.cmd_verify),
     "launch": Command("submit sweep workers as a Slurm job array (submitit); requeued on preemption",
                       launch.launch_args, launch.cmd_launch),
 }
@@ -76,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     tune_allocator()
+    _warn_password_in_argv(args)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as e:
@@ -87,6 +90,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _warn_password_in_argv(args: argparse.Namespace) -> None:
+    """A password typed in --storage stays readable in this process's command line (``ps``) for as
+    long as it runs; the processes saesweep starts get it through PGPASSWORD, never on theirs."""
+    from saesweep.sweep.urls import split_password
+
+    storage = getattr(args, "storage", None)
+    if isinstance(storage, str) and split_password(storage)[1] is not None:
+        print("saesweep: warning: the password in --storage is visible in this command's line to every user of "
+              "this host (ps) while it runs; keep it in ~/.pgpass or the PGPASSWORD environment variable and leave "
+              "it out of the URL", file=sys.stderr)
 
 
 if __name__ == "__main__":

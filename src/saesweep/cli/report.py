@@ -1,4 +1,4 @@
-"""Analysis and W&B subcommands: report, importance, dashboard, wandb-sweep."""
+"""Analysis and W&B subcommands: report, importance, dashboard, wandb-sweep, verify."""
 
 from __future__ import annotations
 
@@ -24,9 +24,15 @@ def cmd_report(args) -> int:
     from saesweep.cli.sweep import open_existing
     from saesweep.reporting.html import build_report
 
+    from saesweep.io import ensure_folder
+    from saesweep.metrics import registry as metrics
+    from saesweep.metrics.baselines import read
+
+    if args.metric is not None and args.metric not in metrics.objectives():  # before anything is written
+        raise ConfigError(f"--metric {args.metric}: choose from {', '.join(metrics.objectives())}")
     store, folder = open_existing(args)
     out = Path(args.out) if args.out else folder / "report"
-    from saesweep.metrics.baselines import read
+    ensure_folder(out, "--out")
 
     rep = build_report(store, out, metric=args.metric, evaluator=args.evaluator, baselines=read(folder))
     front = rep.frontier.get("l0_fvu", {}).get("all", [])
@@ -137,3 +143,21 @@ def cmd_wandb_sweep(args) -> int:
           create=False if args.no_create else None)
     return EXIT_OK
 
+
+
+def verify_args(p) -> None:
+    p.add_argument("path", metavar="RUN_OR_SWEEP", help="a run folder (runs/<sweep>/<trial>) or a sweep folder "
+                   "(runs/<sweep>): every weight file, checkpoint, metrics file, log and journal under it")
+
+
+def cmd_verify(args) -> int:
+    from saesweep.verify import verify
+
+    root = Path(args.path)
+    if not root.exists():
+        raise ConfigError(f"verify: no such file or folder: {args.path}")
+    checked, problems = verify(root)
+    for p in problems:
+        print(f"DAMAGED {p.path}: {p.what}")
+    print(f"checked {checked} file(s) under {root}: " + (f"{len(problems)} damaged" if problems else "all intact"))
+    return 1 if problems else EXIT_OK

@@ -41,6 +41,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
          help="dynamic: each device pulls the next pack when free (default); round_robin: trials dealt to devices up front")
     flag(p, "pack_size", type=positive_int, help="most trials trained together (1 = no packing)")
     flag(p, "dry_run", action="store_true", help="print what would run and where, and touch nothing")
+    flag(p, "retry_failed", action="store_true",
+         help="also give a fresh attempt to the trials that failed for good (retries spent, diverged, out of "
+              "memory everywhere); a plain re-run resumes interrupted trials and skips complete and failed ones")
     flag(p, "show_devices", action="store_true", help="list the devices found and exit")
     flag(p, "name", help="sweep name (default: the spec's)")
     flag(p, "storage", help="journal file, postgresql://... (default: <output_dir>/<name>/sweep.journal)")
@@ -223,8 +226,11 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
 
     if configs is None:
         print_plan(plan.found, plan.slots, spec.execution.pack_size, spec.execution.policy)
-    run = run_sweep(spec, configs, plan, from_files=from_files, on_queued=queued)
+    run = run_sweep(spec, configs, plan, from_files=from_files, on_queued=queued,
+                    retry_failed=bool(getattr(args, "retry_failed", False)))
     outcome, recs, c = run.outcome, run.records, run.counts
+    if run.retried:
+        print(f"Retried {len(run.retried)} trial(s) that had failed")
     print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
           f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
     print_worker_table(outcome.workers)

@@ -4,7 +4,7 @@ anything is written (:func:`plan_sweep`), then queueing the trials and running t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig
@@ -30,6 +30,7 @@ class SweepRun:
     outcome: Any
     records: list
     counts: dict[str, int]
+    retried: list[str] = field(default_factory=list)  # failed trials given a fresh attempt
 
 
 def check_targets(configs: Optional[Sequence[ExperimentConfig]]) -> None:
@@ -53,6 +54,10 @@ def plan_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], *, wi
     from saesweep.sweep.storages import backend_for
 
     check_targets(configs)
+    if spec.storage is None:  # the journal goes under the output folder: a bad one is the user's --output_dir
+        from saesweep.io import check_creatable
+
+        check_creatable(spec.output_dir, "--output_dir")
     # an explicit --max_parallel (or execution.max_parallel in the spec file) fixes the worker count
     mp = spec.execution.max_parallel if "max_parallel" in spec.execution.model_fields_set else None
     found = detect(with_free=with_free)
@@ -68,18 +73,26 @@ def plan_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], *, wi
 
 
 def run_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], plan: SweepPlan, *,
-              from_files: bool = False, on_queued: Callable[[int, int], None] = lambda added, done: None) -> SweepRun:
+              from_files: bool = False, on_queued: Callable[[int, int], None] = lambda added, done: None,
+              retry_failed: bool = False) -> SweepRun:
     """Queue ``configs`` (None: run what the store holds), run the planned workers until the
-    queue is empty, and count. ``on_queued(added, already_complete)`` is told after queueing."""
+    queue is empty, and count. ``on_queued(added, already_complete)`` is told after queueing.
+    ``retry_failed``: also give the trials that failed for good (retries spent, diverged) a fresh
+    attempt; :attr:`SweepRun.retried` names them."""
     from saesweep.sweep.local import run_workers
     from saesweep.sweep.worker import open_sweep, queue_trials
 
+    if spec.storage is None:
+        from saesweep.io import ensure_folder
+
+        ensure_folder(spec.output_dir, "--output_dir")
     store = open_sweep(spec)
     ids = None
     if configs is not None:
         added = queue_trials(store, spec, configs, from_files=from_files)
         ids = {c.trial_id for c in configs}
         on_queued(added, sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete"))
+    retried = store.requeue_failed(ids) if retry_failed else []
     outcome = run_workers(store, spec.execution, plan.slots, policy=spec.execution.policy)
     records = store.records()
     counts = dict(outcome.counts)
@@ -88,4 +101,4 @@ def run_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], plan: 
         for r in records:
             if r.trial_id in ids:
                 counts[r.state] += 1
-    return SweepRun(outcome, records, counts)
+    return SweepRun(outcome, records, counts, retried)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 from saesweep import packing
+from saesweep.config.experiment import ConfigError
 from saesweep.config.sweep import ExecutionSpec
 from saesweep.devices import GB, Slot, cpu_slots, detect, parse_devices
 from saesweep.memory import estimate_pack_bytes, fmt_bytes
@@ -46,6 +47,24 @@ def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[[int],
     return est
 
 
+def check_fits(configs: Optional[Sequence[Any]], slots: Sequence[Slot]) -> None:
+    """Refuse, before anything starts, a trial that cannot fit on any of the devices even alone
+    in its pack, naming the fields that make it large."""
+    sized = [s for s in slots if s.total_bytes]
+    if not configs or not sized:
+        return
+    largest = max(sized, key=lambda s: s.total_bytes or 0)
+    room = (largest.total_bytes or 0) * MEMORY_SAFETY
+    for group in packing.groups(configs).values():
+        cfg = group[0]
+        need = estimate_pack_bytes(cfg, 1)
+        if need is not None and need > room:
+            raise ConfigError(
+                f"dict_size_ratio {cfg.dict_size_ratio:g} (sae_type {cfg.sae_type}, train.batch_size "
+                f"{cfg.train.batch_size}): one trial needs ~{fmt_bytes(need)} of memory, more than any device here "
+                f"has ({largest.name}: {fmt_bytes(largest.total_bytes)}); lower dict_size_ratio or train.batch_size")
+
+
 def _budget(slot: Slot, workers_on_device: int) -> Optional[float]:
     if not slot.total_bytes:
         return None
@@ -68,6 +87,7 @@ def plan_workers(devices: Optional[str], max_parallel: Optional[int] = None, con
     found = list(detect(with_free=False)) if found is None else list(found)
     base = parse_devices(devices, found)
     pack_size = execution.pack_size if execution is not None else 16
+    check_fits(configs, base)
     est = pack_estimator(configs)
     accel = [s for s in base if s.kind in ("cuda", "mps")]
     count = {s.name: 1 for s in base}

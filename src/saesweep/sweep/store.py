@@ -379,6 +379,26 @@ class SweepStore:
             return False
         return True
 
+    def requeue_failed(self, trial_ids: Optional[set[str]] = None) -> list[str]:
+        """Queue a fresh attempt of every trial (of ``trial_ids``, or all) whose last attempt failed
+        for good: its retries spent, diverged, or out of memory everywhere. Returns their ids."""
+        with self.lock():
+            by_id: dict[str, list[FrozenTrial]] = {}
+            for t in self.trials():
+                by_id.setdefault(t.user_attrs.get("trial_id", f"#{t.number}"), []).append(t)
+            out = []
+            for tid, attempts in by_id.items():
+                if trial_ids is not None and tid not in trial_ids:
+                    continue
+                if any(t.state != FAIL for t in attempts) or "config" not in attempts[-1].user_attrs:
+                    continue
+                last = attempts[-1]
+                attempt = max(int(t.user_attrs.get("attempt", 1)) for t in attempts) + 1
+                self.add_waiting(self._claim_of(last).config, dict(last.params), dict(last.distributions),
+                                 attempt=attempt)
+                out.append(tid)
+            return out
+
     def note_outage_end(self) -> None:
         """Record that the database was unreachable until now: leases are not reaped for the next
         lease_s, so that workers that could not heartbeat meanwhile are not presumed dead."""

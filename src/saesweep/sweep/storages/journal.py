@@ -7,7 +7,9 @@ The file is read and written through :class:`SafeJournalFile`, which never leave
 a partial final line (a writer killed mid-write, a full disk) is dropped with a warning before
 the next record is appended, an append that fails (``ENOSPC``) is cut back to where it began,
 and a line that is not a record (garbage appended by something else) is skipped with a warning.
-A damaged tail costs at most its last record."""
+A damaged tail costs at most its last record. A record torn in the middle of the file (which this
+writer never leaves) or a file that does not start with a record is refused by name, with how to
+recover."""
 
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class JournalBackend(Backend):
             ensure_folder(path.parent, "--storage")
         from optuna.storages.journal import JournalFileOpenLock, JournalStorage
 
+        if path.exists() and not _starts_with_a_record(path):
+            raise ConfigError(journal_damage(path, ValueError("not a sweep journal")))
         try:
             backend = safe_journal_file()(str(path), lock_obj=JournalFileOpenLock(str(path)))
             backend.repair()
@@ -60,6 +64,19 @@ class JournalBackend(Backend):
     def lock(self, name: str) -> Iterator[None]:
         with file_lock(str(self.path) + ".saesweep-lock"):
             yield
+
+
+def _starts_with_a_record(path: Path) -> bool:
+    """Whether the file is empty or its first line is a journal record (else it is not a journal)."""
+    with open(path, "rb") as fh:
+        first = fh.readline()
+    if not first or not first.endswith(b"\n"):
+        return True  # empty, or one torn record: dropped when written next
+    try:
+        record = json.loads(first)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def journal_damage(path: Path, error: Exception) -> str:
@@ -162,6 +179,8 @@ def safe_journal_file() -> type:
                             if not isinstance(log, dict) or "op_code" not in log:
                                 raise ValueError("not a journal record")
                         except (UnicodeDecodeError, ValueError) as e:
+                            if line.startswith(b'{"op_code"'):  # a record torn in the middle of the journal:
+                                raise  # skipping it could misnumber the trials after it
                             warnings.warn(f"sweep journal {self._file_path}: line {number + 1} is not a record "
                                           f"({type(e).__name__}); skipped", stacklevel=2)
                             log = dict(skip)
