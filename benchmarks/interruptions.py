@@ -206,7 +206,7 @@ def kill(url: str, work: Path, args) -> None:
 def outage(url: str, work: Path, args, server) -> None:
     from saesweep.sweep.store import COMPLETE, FAIL, SweepStore
 
-    spec, store = make_sweep(url, work, args)
+    spec, store = make_sweep(url, work, args, outage_budget_s=args.budget_s)
     ckpt_dir = Path(store.info["checkpoint_dir"])
     logs = work / "logs"
     logs.mkdir()
@@ -223,6 +223,10 @@ def outage(url: str, work: Path, args, server) -> None:
     server.start()
     back = time.time()
     codes = [p.wait() for p in procs]
+    exited = [c for c in codes if c != 0]
+    if exited:  # workers gave up (the outage outlasted their budget): fresh ones finish the sweep
+        for p in workers(args.then, url, spec.name, work, logs):
+            p.wait()
     finish_s = time.time() - back
     store = SweepStore(url, spec.name, create=False)
     by_trial = attempts_by_trial(store)
@@ -236,11 +240,13 @@ def outage(url: str, work: Path, args, server) -> None:
           f" outage budget {spec.execution.outage_budget_s:g} s); database stopped for {args.outage_s:g} s after "
           f"{done_before} trials were complete:")
     print(f"  workers that exited during the outage: {len(exited_during)}; exit codes at the end: "
-          f"{sorted(set(codes))}; the sweep finished {finish_s:.0f} s after the database came back")
+          f"{sorted(set(codes))}" + (f" ({len(exited)} gave up; {args.then} fresh workers finished)" if exited else "")
+          + f"; the sweep finished {finish_s:.0f} s after the database came back")
     print(f"  trials complete: {len(complete)} of {args.trials}; trained twice: {len(twice)}; recorded from their "
           f"run folders: {adopted}")
     print(f"  worker lines: {text.count('database unreachable')} 'unreachable', "
-          f"{text.count('reachable again')} 'reachable again', {text.count('Traceback')} tracebacks")
+          f"{text.count('reachable again')} 'reachable again', {text.count('stopping this worker')} 'stopping', "
+          f"{text.count('Traceback')} tracebacks")
 
 
 def main() -> int:
@@ -251,6 +257,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=48)
     ap.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per trial")
     ap.add_argument("--outage_s", type=float, default=30.0, help="outage: seconds the database is stopped")
+    ap.add_argument("--budget_s", type=float, default=600.0, help="outage: the workers' execution.outage_budget_s")
     ap.add_argument("--seed", type=int, default=0, help="kill: where the kills fall")
     args = ap.parse_args()
     from pg import PostgresServer

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -86,3 +88,17 @@ def lost_connection():
             raise StorageInternalError("An exception is raised during the commit.") from e
     except StorageInternalError as wrapped:
         return wrapped
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str):
+    """A tmpfs of ``size`` where the test may mount one (root on Linux), else None."""
+    folder = Path(tempfile.mkdtemp(prefix="saesweep-full-"))
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

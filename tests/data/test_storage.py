@@ -150,3 +150,27 @@ def test_the_sweep_refuses_before_any_work_when_the_disk_is_too_small(tiny_lm, t
     assert rc == 2, err
     assert "free disk allows 1e-05 GB" in err and "options:" in err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_disk_that_fills_during_the_cache_build_stops_cleanly_with_no_partial_entry(
+        tiny_lm, tiny_text_jsonl, make_cfg, tmp_path, monkeypatch, capsys):
+    """The free-space check passed (something else filled the disk after it): the build's plain
+    file writes fail with ENOSPC, one line says so, and no entry, complete or partial, is left."""
+    import yaml
+    from sweep_helpers import small_filesystem
+
+    from saesweep.cli.app import main
+
+    with small_filesystem("1m") as fs:
+        if fs is None:
+            pytest.skip("needs a small filesystem: a tmpfs mount (root on Linux)")
+        cfg = make_cfg(tiny_lm, tiny_text_jsonl, cache_dir=fs / "cache", streaming=False, train={"tokens": 20_000})
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        monkeypatch.setattr(budget, "free_bytes", lambda path: 10**12)
+        rc = main(["train", str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "runs")])
+        err = capsys.readouterr().err
+        assert rc == 1 and "disk full" in err and "Traceback" not in err, err
+        assert cache.list_entries(fs / "cache") == []
+        assert "train-00000.npy" in err  # it was the build that ran out, not the dataset copy
+        leftovers = [p for p in (fs / "cache" / "activations").rglob("*") if p.is_file() and p.suffix != ".lock"]
+        assert leftovers == [], leftovers

@@ -7,13 +7,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
-from sweep_helpers import TINY_BASE
+from sweep_helpers import TINY_BASE, small_filesystem
 
 from saesweep.config.sweep import expand, parse_spec
 from saesweep.sweep.store import SweepStore
@@ -56,20 +54,6 @@ def test_a_line_that_is_not_a_record_is_skipped_while_workers_run(tmp_path):
         Worker(store, spec.execution).run()
         recs = SweepStore(spec.storage_url, spec.name, create=False).records()
     assert len(recs) == 3 and {r.state for r in recs} == {"complete"}
-
-
-@contextlib.contextmanager
-def small_filesystem(size: str):
-    """A tmpfs of ``size`` where the test may mount one (root on Linux), else None."""
-    folder = Path(tempfile.mkdtemp(prefix="saesweep-full-"))
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
-        yield None
-        return
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _fill(folder: Path, leave: int) -> Path:

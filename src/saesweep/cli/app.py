@@ -9,6 +9,7 @@ command's module imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -87,6 +88,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"saesweep {args.command}: disk full ({e.filename or 'a write'}); nothing partial was kept: free some "
+              "space and run again", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

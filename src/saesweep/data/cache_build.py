@@ -92,7 +92,8 @@ class _Writer:
         try:
             fn()
         except OSError as e:
-            self._fh.close()
+            with contextlib.suppress(OSError):  # closing flushes, and fails again on a full disk
+                self._fh.close()
             self._fh = None
             raise OSError(e.errno, f"{e.strerror} (writing the activation cache)", str(self.folder / self._name)) from None
 
