@@ -254,8 +254,16 @@ class SweepStore:
         """Atomically take up to ``max_members`` waiting trials that can train as one pack.
 
         With ``share`` workers on the queue, a claim takes at most 1/share of a pack group, so
-        one worker does not take all the work while the others idle.
+        one worker does not take all the work while the others idle. Claims take turns (a lock of
+        their own, apart from queueing): two workers choosing the same group at once would each
+        win part of it and train two small packs instead of one full one. Each flip from WAITING
+        to RUNNING stays atomic on its own, so a claim is exactly-once even without the lock.
         """
+        with self.backend.lock(f"{self.name}:claims"):
+            return self._claim(worker, max_members, accept, share)
+
+    def _claim(self, worker: str, max_members: int, accept: Optional[Callable[[FrozenTrial], bool]],
+               share: int) -> list[Claim]:
         for _ in range(20):
             waiting = [t for t in self.trials([WAITING]) if accept is None or accept(t)]
             if not waiting:

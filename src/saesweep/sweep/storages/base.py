@@ -69,3 +69,10 @@ class Backend:
     def is_retryable(self, error: BaseException) -> bool:
         """Whether ``error`` is a lost connection to wait out (the default: nothing is)."""
         return False
+
+
+def lock_file(path: Optional[Path], name: str) -> str:
+    """The lock file beside a file-backed store for the lock ``name``: one for the whole file (the
+    sweep-wide lock, whatever the sweep), one per purpose after a colon (``sweep:claims``)."""
+    purpose = name.split(":", 1)[1] if ":" in name else ""
+    return f"{path}.saesweep{'-' + purpose if purpose else ''}-lock"

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from saesweep.config.experiment import ConfigError
 from saesweep.io import ensure_folder, file_lock
-from saesweep.sweep.storages.base import Backend
+from saesweep.sweep.storages.base import Backend, lock_file
 from saesweep.sweep.urls import redact
 
 
@@ -62,7 +62,7 @@ class JournalBackend(Backend):
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        with file_lock(str(self.path) + ".saesweep-lock"):
+        with file_lock(lock_file(self.path, name)):
             yield
 
 

@@ -10,7 +10,7 @@ from typing import Iterator
 import optuna
 
 from saesweep.io import file_lock
-from saesweep.sweep.storages.base import Backend
+from saesweep.sweep.storages.base import Backend, lock_file
 
 
 class SQLiteBackend(Backend):
@@ -27,7 +27,7 @@ class SQLiteBackend(Backend):
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        with file_lock(str(self.path) + ".saesweep-lock"):
+        with file_lock(lock_file(self.path, name)):
             yield
 
     def is_retryable(self, error: BaseException) -> bool:
