@@ -231,9 +231,12 @@ def outage(url: str, work: Path, args, server) -> None:
     store = SweepStore(url, spec.name, create=False)
     by_trial = attempts_by_trial(store)
     complete = {tid for tid, ts in by_trial.items() if any(t.state == COMPLETE for t in ts)}
+    # trained again: completed twice, or reaped and then completed by training rather than recorded
+    # from the run folder its first worker left
     twice = [tid for tid, ts in by_trial.items()
              if sum(t.state == COMPLETE for t in ts) > 1
-             or any(t.state == FAIL and "lease expired" in str(t.user_attrs.get("reason", "")) for t in ts)]
+             or (any(t.state == FAIL and "lease expired" in str(t.user_attrs.get("reason", "")) for t in ts)
+                 and not any(t.state == COMPLETE and t.user_attrs.get("adopted") for t in ts))]
     adopted = sum(1 for ts in by_trial.values() for t in ts if t.state == COMPLETE and t.user_attrs.get("adopted"))
     text = "".join(f.read_text() for f in logs.glob("*.err"))
     print(f"{args.first} workers on PostgreSQL ({args.trials} trials in packs of 3, lease {spec.execution.lease_s:g} s,"

@@ -189,6 +189,44 @@ def test_exported_weights_that_do_not_match_their_checksum_are_refused(tiny_cfg)
         load_sae(r.run_dir)
 
 
+def test_the_checkpoint_interval_keeps_writes_near_one_percent_of_training(tiny_cfg, tmp_path, monkeypatch):
+    """Writes that take 20 ms space checkpoints 2 s apart (20 ms is 1 % of 2 s); writes that take
+    nothing come at the floor; neither comes later than the ceiling."""
+    from saesweep.training import trainer
+
+    cfgs = [tiny_cfg(train={"tokens": 400_000})]
+    data = open_source(cfgs[0])
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock["t"])
+
+    real, real_lr = trainer._save_checkpoint, trainer.lr_factor
+
+    def run(write_s: float, floor: float, ceiling: float) -> list[float]:
+        writes = []
+
+        def timed_save(*a, **kw):
+            writes.append(clock["t"])
+            real(*a, **kw)
+            clock["t"] += write_s
+
+        def tick(*a, **kw):  # every step: 5 ms of training
+            clock["t"] += 0.005
+            return real_lr(*a, **kw)
+
+        monkeypatch.setattr(trainer, "_save_checkpoint", timed_save)
+        monkeypatch.setattr(trainer, "lr_factor", tick)
+        train_pack(cfgs, data, show_progress=False, checkpoint=tmp_path / f"{write_s}.safetensors",
+                   checkpoint_every_s=ceiling, checkpoint_min_s=floor)
+        return [b - a for a, b in zip(writes, writes[1:])]
+
+    spaced = run(0.02, floor=0.05, ceiling=10.0)
+    assert spaced and all(1.9 <= g - 0.02 <= 2.2 for g in spaced), spaced
+    quick = run(0.0, floor=0.05, ceiling=10.0)
+    assert len(quick) > 5 * len(spaced) and all(g <= 0.1 for g in quick)
+    slow = run(0.5, floor=0.05, ceiling=1.0)
+    assert slow and all(g - 0.5 <= 1.1 for g in slow)
+
+
 def test_schedules():
     class T:
         lr_warmup_frac, lr_decay, min_lr_factor, sparsity_warmup_frac = 0.1, "cosine", 0.1, 0.5

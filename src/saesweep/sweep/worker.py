@@ -145,13 +145,22 @@ class RetryingStore:
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         out = self._retrying(fn, *args, **kwargs)
         if self._down_since is not None:
-            with self._outage_lock:
-                since, self._down_since = self._down_since, None
-            if since is not None:
-                print(f"{self.label}: database reachable again after {time.monotonic() - since:.0f}s",
-                      file=sys.stderr)
-                self._retrying(self.store.note_outage_end)
+            self._back()
         return out
+
+    def _back(self) -> None:
+        """A call went through during an outage: the database is back if a write to it goes
+        through too (some calls touch nothing), and then the sweep notes the outage's end."""
+        try:
+            self.store.note_outage_end()
+        except Exception as e:
+            if self.backend.is_retryable(e):
+                return  # still away
+            raise
+        with self._outage_lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            print(f"{self.label}: database reachable again after {time.monotonic() - since:.0f}s", file=sys.stderr)
 
     # the store's calls a worker makes, each retried
     def claim(self, *args: Any, **kwargs: Any) -> list[Claim]:
