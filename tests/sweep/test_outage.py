@@ -4,11 +4,16 @@ and a trial trained and saved by a worker that could not record it is recorded, 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
-from sweep_helpers import TINY_BASE
+import pytest
+from sweep_helpers import REPO, TINY_BASE
 
 from saesweep.config.sweep import expand, parse_spec
-from saesweep.sweep.store import LEASE_ATTR, OUTAGE_ATTR, SweepStore
+from saesweep.sweep.store import LEASE_ATTR, OUTAGE_ATTR, RETRY_MAX_WAIT_S, SweepStore
 from saesweep.sweep.worker import Worker, queue_trials
 from saesweep.training.run import COMPLETE_FILE, METRICS_FILE, finished_result, run_pack
 
@@ -30,7 +35,7 @@ def test_no_lease_is_reaped_within_a_lease_of_the_end_of_an_outage(tmp_path):
     store.note_outage_end()
     assert store.reap_expired(lease_s=30) == []
     assert store.counts()["running"] == 2
-    store.set_info(**{OUTAGE_ATTR: store.now() - 31})  # a lease's time since it came back
+    store.set_info(**{OUTAGE_ATTR: store.now() - 31 - RETRY_MAX_WAIT_S})  # a lease (and a retry wait) since
     assert sorted(store.reap_expired(lease_s=30)) == sorted(c.trial_id for c in claims)
 
 
@@ -67,3 +72,61 @@ def test_a_result_without_its_completion_marker_or_with_another_metrics_file_is_
     store = SweepStore(spec.storage_url, spec.name)
     queue_trials(store, spec, [cfg])
     assert Worker(store, spec.execution).run().packs == 1
+
+
+@pytest.mark.postgres
+def test_workers_ride_out_a_database_restart_longer_than_the_lease(tmp_path):
+    """PostgreSQL stopped for longer than the lease while four workers train: none exits, none
+    is reaped when it comes back, every trial completes once, one line each way per worker."""
+    from pg import PostgresServer
+
+    from saesweep.config.sweep import parse_spec
+    from saesweep.sweep.store import COMPLETE, FAIL
+    from saesweep.sweep.worker import open_sweep
+
+    server = PostgresServer()
+    try:
+        url = server.new_database()
+        base = {**TINY_BASE, "train": {**TINY_BASE["train"], "tokens": 600_000, "batch_size": 512, "log_every": 100}}
+        spec = parse_spec({"name": "pgout", "storage": url, "base": base, "sae_types": ["relu"],
+                           "output_dir": str(tmp_path / "runs"),
+                           "grids": {"relu": {"lr": [1e-3 * (i + 1) for i in range(8)], "dict_size_ratio": [2.0],
+                                              "sparsity_coeff": [0.1]}},
+                           "execution": {"pack_size": 2, "lease_s": 4, "heartbeat_s": 0.5, "outage_budget_s": 120}})
+        store = open_sweep(spec)
+        queue_trials(store, spec, expand(spec))
+        from saesweep.sweep.urls import password_to_env
+
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+        bare = password_to_env(url, env)
+        procs = [subprocess.Popen([sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", bare, "--sweep",
+                                   "pgout", "--device", "cpu", "--slot", f"cpu:{i}", "--threads", "1"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i in range(4)]
+        deadline = time.time() + 120
+        while time.time() < deadline and store.counts()["running"] < 8:  # every worker has claimed its pack
+            time.sleep(0.2)
+        store.backend.storage.engine.dispose()
+        server.pause()
+        paused_at = time.strftime("%H:%M:%S")
+        time.sleep(10)  # well past the 4 s lease
+        gave_up = [(p.returncode, p.communicate()[1]) for p in procs if p.poll() is not None]
+        assert not gave_up, [o[-3000:] for _, o in gave_up]  # nobody gave up
+        server.start()
+        restarted_at = time.strftime("%H:%M:%S")
+        outs = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
+        store = SweepStore(url, "pgout", create=False)
+        done: dict[str, int] = {}
+        for t in store.trials([COMPLETE]):
+            done[t.user_attrs["trial_id"]] = done.get(t.user_attrs["trial_id"], 0) + 1
+        assert len(done) == 8 and set(done.values()) == {1}
+        reaped = [(t.user_attrs.get("reason"), t.datetime_complete) for t in store.trials([FAIL])
+                  if "lease expired" in str(t.user_attrs.get("reason"))]
+        assert not reaped, (reaped, paused_at, restarted_at)
+        lost = [o.count("database unreachable") for o in outs]
+        back = [o.count("reachable again") for o in outs]
+        assert lost == back and set(lost) <= {0, 1} and sum(lost) >= 2, outs
+        assert not any("Traceback" in o for o in outs), outs
+    finally:
+        server.stop()

@@ -185,7 +185,7 @@ class ExecutionSpec(Strict):
         "checkpoints more often (a write takes at most ~1 % of the training time, and never more often "
         "than checkpoint_min_s)"))] = 120.0
     checkpoint_min_s: Optional[Annotated[float, Field(gt=0)]] = Field(
-        None, description="shortest time between two checkpoints (default 5 s, or checkpoint_every_s when shorter)")
+        None, description="shortest time between two checkpoints (default 1 s, or checkpoint_every_s when shorter)")
     outage_budget_s: Annotated[float, Field(gt=0, description=(
         "how long a worker waits out an unreachable database (retrying with backoff while it trains on) "
         "before it exits; its finished results stay in their run folders and the next worker records them"))] = 600.0
@@ -193,7 +193,7 @@ class ExecutionSpec(Strict):
     @property
     def checkpoint_floor_s(self) -> float:
         """The shortest time between two checkpoints of a pack."""
-        return min(5.0, self.checkpoint_every_s) if self.checkpoint_min_s is None else self.checkpoint_min_s
+        return min(1.0, self.checkpoint_every_s) if self.checkpoint_min_s is None else self.checkpoint_min_s
 
     @model_validator(mode="after")
     def _check_checkpoint_range(self) -> "ExecutionSpec":

@@ -64,6 +64,9 @@ LEASE_ATTR = "saesweep:heartbeat"
 WRITES_ATTR = "writes_checkpoint"
 #: the sweep's clock when a worker last saw the database come back after an outage
 OUTAGE_ATTR = "outage_ended"
+#: the longest wait between two tries of a store call through an outage (a worker's heartbeat
+#: may come this late after the database is back)
+RETRY_MAX_WAIT_S = 15.0
 
 
 def host_id() -> str:
@@ -414,11 +417,11 @@ class SweepStore:
 
     def reap_expired(self, lease_s: float, max_retries: int = 2) -> list[str]:
         """Fail and re-queue RUNNING trials whose lease expired; returns their trial ids. Within
-        ``lease_s`` of the end of a database outage nothing is reaped: the workers that could not
-        heartbeat through it get a lease's time to do so."""
+        ``lease_s`` (plus the longest retry wait) of the end of a database outage nothing is
+        reaped: the workers that could not heartbeat through it get a lease's time to do so."""
         now, reaped = self.now(), []
         ended = self.study.user_attrs.get(OUTAGE_ATTR)
-        if isinstance(ended, (int, float)) and now - float(ended) < lease_s:
+        if isinstance(ended, (int, float)) and now - float(ended) < lease_s + RETRY_MAX_WAIT_S:
             return []
         # A claim writes its first heartbeat (on the sweep's clock) at once. A RUNNING trial
         # without one was claimed by a worker that died in between: its lease is counted from

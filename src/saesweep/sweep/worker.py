@@ -34,7 +34,7 @@ from saesweep.sweep.search import (
     inferred_spaces,
     pruning_callback,
 )
-from saesweep.sweep.store import RUNNING, WAITING, Claim, SweepStore, new_worker_id
+from saesweep.sweep.store import RETRY_MAX_WAIT_S, RUNNING, WAITING, Claim, SweepStore, new_worker_id
 from saesweep.sweep.urls import redact
 from saesweep.tracking import make_tracker
 from saesweep.training.run import INTERRUPTED, RunResult, finished_result, run_pack
@@ -126,7 +126,7 @@ class RetryingStore:
         self._down_since: Optional[float] = None
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(store.backend.is_retryable),
-            wait=tenacity.wait_exponential(multiplier=1, min=1, max=15),
+            wait=tenacity.wait_exponential(multiplier=1, min=1, max=RETRY_MAX_WAIT_S),
             stop=tenacity.stop_after_delay(give_up_s),
             before_sleep=self._lost,
             sleep=lambda s: time.sleep(s),
@@ -185,6 +185,10 @@ class RetryingStore:
         self._call(self.store.release_lease, worker)
 
     def reap_expired(self, *args: Any, **kwargs: Any) -> list[str]:
+        if self._down_since is not None:  # coming out of an outage: note its end before judging leases
+            self._call(lambda: None)
+            if self._down_since is not None:
+                return []
         return self._call(self.store.reap_expired, *args, **kwargs)
 
     def set_checkpoint(self, *args: Any, **kwargs: Any) -> None:
@@ -391,10 +395,19 @@ class Worker:
                 self._track_finish(c, RunResult(c.trial_id, "failed", c.config.run_dir, c.config, {}, reason))
             self.stats.trials_failed += len(claims)
             return 0, len(claims)
-        finally:
+        except BaseException:
             beat.stop()
+            raise
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.packs += 1
+        try:  # the leases are kept alive until every result is recorded (the database may be slow to return)
+            return self._record(claims, results, beat, ckpt, resume, adopted)
+        finally:
+            beat.stop()
+
+    def _record(self, claims: list[Claim], results: list[RunResult], beat: Heartbeat, ckpt: Path,
+                resume: Optional[Path], adopted: int) -> tuple[int, int]:
+        """Record a trained pack's results; returns (trials completed, trials failed)."""
         done = failed = 0
         for c, r in zip(claims, results):
             extra = {"run_dir": str(Path(r.run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
