@@ -102,3 +102,13 @@ def small_filesystem(size: str):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def lr_sweep(folder: Path, name: str, n: int, **execution):
+    """A parsed spec: ``n`` tiny ReLU trials that differ only in lr (so they may share packs)."""
+    from saesweep.config.sweep import parse_spec
+
+    return parse_spec({"name": name, "base": TINY_BASE, "sae_types": ["relu"], "output_dir": str(Path(folder) / "runs"),
+                       "grids": {"relu": {"lr": [1e-3 * (i + 1) for i in range(n)], "dict_size_ratio": [2.0],
+                                          "sparsity_coeff": [0.1]}},
+                       "execution": {"lease_s": 30, "heartbeat_s": 0.5, **execution}})

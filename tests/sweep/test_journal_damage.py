@@ -11,18 +11,15 @@ import warnings
 from pathlib import Path
 
 import pytest
-from sweep_helpers import TINY_BASE, small_filesystem
+from sweep_helpers import lr_sweep, small_filesystem
 
-from saesweep.config.sweep import expand, parse_spec
+from saesweep.config.sweep import expand
 from saesweep.sweep.store import SweepStore
 from saesweep.sweep.worker import Worker, open_sweep, queue_trials
 
 
-def spec_of(folder: Path, n=3):
-    return parse_spec({"name": "j", "base": TINY_BASE, "sae_types": ["relu"], "output_dir": str(folder / "runs"),
-                       "grids": {"relu": {"lr": [1e-3 * (i + 1) for i in range(n)], "dict_size_ratio": [2.0],
-                                          "sparsity_coeff": [0.1]}},
-                       "execution": {"pack_size": 1, "lease_s": 30, "heartbeat_s": 0.5}})
+def spec_of(folder, n=3):
+    return lr_sweep(folder, "j", n, pack_size=1)
 
 
 def test_a_torn_final_line_is_dropped_and_the_sweep_goes_on(tmp_path):

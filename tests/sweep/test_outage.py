@@ -10,19 +10,16 @@ import sys
 import time
 
 import pytest
-from sweep_helpers import REPO, TINY_BASE
+from sweep_helpers import REPO, TINY_BASE, lr_sweep
 
-from saesweep.config.sweep import expand, parse_spec
+from saesweep.config.sweep import expand
 from saesweep.sweep.store import LEASE_ATTR, OUTAGE_ATTR, RETRY_MAX_WAIT_S, SweepStore
 from saesweep.sweep.worker import Worker, queue_trials
 from saesweep.training.run import COMPLETE_FILE, METRICS_FILE, finished_result, run_pack
 
 
-def spec_of(tmp_path, n=2):
-    return parse_spec({"name": "out", "base": TINY_BASE, "sae_types": ["relu"], "output_dir": str(tmp_path / "runs"),
-                       "grids": {"relu": {"lr": [1e-3 * (i + 1) for i in range(n)], "dict_size_ratio": [2.0],
-                                          "sparsity_coeff": [0.1]}},
-                       "execution": {"pack_size": 4, "lease_s": 30, "heartbeat_s": 0.5}})
+def spec_of(folder, n=2):
+    return lr_sweep(folder, "out", n, pack_size=4)
 
 
 def test_no_lease_is_reaped_within_a_lease_of_the_end_of_an_outage(tmp_path):
