@@ -5,8 +5,8 @@ the tests start one), interrupted in the middle of a sweep, then M workers finis
 * ``--scenario sigterm`` (default): SIGTERM to every worker. Prints trials run twice, trials
   lost, the share of checkpointed steps the interrupted trials resumed from, checkpoints left,
   and the time from SIGTERM to the workers' exit.
-* ``--scenario kill``: kill -9 every worker at a random point, then again a few seconds after
-  the next workers resumed the packs. Prints the share of each killed trial's trained steps that
+* ``--scenario kill``: kill -9 every worker at a random point (10-40 s into the sweep), then
+  again a few seconds after the next workers resumed the packs. Prints the share of each killed trial's trained steps that
   its next attempt resumes from (its rate taken from its final run; an estimate).
 * ``--scenario outage``: the database stopped for ``--outage_s`` seconds mid-sweep, then
   started again. Prints workers that exited, trials trained twice, and the outage lines.
@@ -160,7 +160,7 @@ def kill(url: str, work: Path, args) -> None:
     rounds = []
     procs = workers(args.first, url, spec.name, work)
     wait_for_checkpoints(ckpt_dir, 1)
-    time.sleep(rng.uniform(2.0, 12.0))  # a random point of training
+    time.sleep(rng.uniform(10.0, 40.0))  # a random point of training
     t_kill = time.time()
     for p in procs:
         p.kill()
@@ -183,7 +183,7 @@ def kill(url: str, work: Path, args) -> None:
           f"[{spec.execution.checkpoint_floor_s:g}, {spec.execution.checkpoint_every_s:g}] s):")
     all_kept = []
     for label, killed in rounds:
-        kept = []
+        kept, lost_s = [], []
         for k in killed:
             m = recs[k["trial_id"]].metrics
             steps = m.get("tokens", 0) / 512
@@ -195,9 +195,11 @@ def kill(url: str, work: Path, args) -> None:
             trained = (k["resumes_at"] if k["written"] and k["written"] > k["claimed"] else
                        max(k["resumes_at"], 0)) + lost
             kept.append(k["resumes_at"] / trained if trained > 0 else 1.0)
+            lost_s.append(max(0.0, k["killed"] - since))
         all_kept += kept
         print(f"  {label}: {len(killed)} trials killed; share of trained steps kept: mean "
-              f"{sum(kept) / max(1, len(kept)):.2f}, min {min(kept, default=0):.2f}; from step 0: "
+              f"{sum(kept) / max(1, len(kept)):.2f}, min {min(kept, default=0):.2f}; training lost per trial: "
+              f"mean {sum(lost_s) / max(1, len(lost_s)):.1f} s, max {max(lost_s, default=0):.1f} s; from step 0: "
               f"{sum(k['resumes_at'] == 0 for k in killed)}")
     print(f"  overall: mean share kept {sum(all_kept) / max(1, len(all_kept)):.2f} over {len(all_kept)} killed trials; "
           f"complete {sum(r.state == 'complete' for r in recs.values())} of {args.trials}")
