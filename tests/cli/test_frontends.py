@@ -92,7 +92,8 @@ def test_approach_3_dynamic_runner(here):
     trials = list((here / "runs" / "seed" / "trials").iterdir())
     assert len(trials) == 3 and all((t / "metrics.json").exists() for t in trials)
     # no config files written: only results
-    assert {p.name for p in (here / "runs" / "seed").iterdir()} <= {"trials", "sweep.journal", "checkpoints", "sweep.journal.saesweep-lock"}
+    assert {p.name for p in (here / "runs" / "seed").iterdir()} <= {"trials", "sweep.journal", "checkpoints", "sweep.journal.saesweep-lock",
+                                                                  "sweep.journal.saesweep-claims-lock"}
     # status and results
     status = saesweep("status", "seed", cwd=here, check=True).stdout
     assert "relu" in status and "3" in status
@@ -124,7 +125,8 @@ def test_approach_3_dynamic_runner(here):
 def test_bad_flags_exit_2_and_write_nothing(here, args, needle):
     out = saesweep(*args, cwd=here)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    errors = [ln for ln in out.stderr.strip().splitlines() if not ln.startswith("saesweep: warning: the password")]
+    assert needle in out.stderr and len(errors) == 1, out.stderr
     assert not (here / "runs").exists()
     assert "pw" not in out.stderr.replace("pw@", "") or "***" in out.stderr
 

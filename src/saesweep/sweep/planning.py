@@ -47,10 +47,12 @@ def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[[int],
     return est
 
 
-def check_fits(configs: Optional[Sequence[Any]], slots: Sequence[Slot]) -> None:
-    """Refuse, before anything starts, a trial that cannot fit on any of the devices even alone
-    in its pack, naming the fields that make it large."""
-    sized = [s for s in slots if s.total_bytes]
+def check_fits(configs: Optional[Sequence[Any]], devices: Sequence[Any]) -> None:
+    """Refuse, before anything starts, a trial that fits on none of this machine's devices even
+    alone in its pack (its estimate above the largest one's memory), naming the fields that make
+    it large. One that fits some device but not the ones chosen is only warned about
+    (:func:`plan_lines`): the estimate is approximate, and an out-of-memory trial moves on."""
+    sized = [s for s in devices if s.total_bytes]
     if not configs or not sized:
         return
     largest = max(sized, key=lambda s: s.total_bytes or 0)
@@ -87,7 +89,7 @@ def plan_workers(devices: Optional[str], max_parallel: Optional[int] = None, con
     found = list(detect(with_free=False)) if found is None else list(found)
     base = parse_devices(devices, found)
     pack_size = execution.pack_size if execution is not None else 16
-    check_fits(configs, base)
+    check_fits(configs, [*found, *base])
     est = pack_estimator(configs)
     accel = [s for s in base if s.kind in ("cuda", "mps")]
     count = {s.name: 1 for s in base}
