@@ -73,8 +73,9 @@ def test_a_result_without_its_completion_marker_or_with_another_metrics_file_is_
 
 @pytest.mark.postgres
 def test_workers_ride_out_a_database_restart_longer_than_the_lease(tmp_path):
-    """PostgreSQL stopped for longer than the lease while four workers train: none exits, none
-    is reaped when it comes back, every trial completes once, one line each way per worker."""
+    """PostgreSQL stopped for longer than the lease while four workers train, and a fifth started
+    meanwhile: none exits, none is reaped when it comes back, every trial completes once, one line
+    each way per worker."""
     from pg import PostgresServer
 
     from saesweep.config.sweep import parse_spec
@@ -106,13 +107,19 @@ def test_workers_ride_out_a_database_restart_longer_than_the_lease(tmp_path):
         store.backend.storage.engine.dispose()
         server.pause()
         paused_at = time.strftime("%H:%M:%S")
+        late = subprocess.Popen([sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", bare, "--sweep",
+                                 "pgout", "--device", "cpu", "--slot", "cpu:4", "--threads", "1"],
+                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(10)  # well past the 4 s lease
+        procs.append(late)  # a worker started while the database is down waits for it too
         gave_up = [(p.returncode, p.communicate()[1]) for p in procs if p.poll() is not None]
         assert not gave_up, [o[-3000:] for _, o in gave_up]  # nobody gave up
         server.start()
         restarted_at = time.strftime("%H:%M:%S")
         outs = [p.communicate(timeout=300)[1] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
+        assert [p.returncode for p in procs] == [0, 0, 0, 0, 0], outs
+        assert "database unreachable at start; waiting" in outs[-1]
+        outs = outs[:-1]
         store = SweepStore(url, "pgout", create=False)
         done: dict[str, int] = {}
         for t in store.trials([COMPLETE]):

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 
 from saesweep.settings import env
 from saesweep.sweep.signals import SignalRelay
@@ -60,7 +61,6 @@ def main(argv=None) -> int:
     from saesweep.sweep.display import save_worker_stats
     from saesweep.sweep.local import SLOW_SLOTS_ENV
     from saesweep.sweep.planning import ASSIGNMENT_ATTR, assigned_to
-    from saesweep.sweep.store import SweepStore
     from saesweep.sweep.worker import SweepAborted, Worker
 
     kind = "cuda" if args.device.startswith("cuda") else args.device.split(":")[0]
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
         print(f"saesweep worker {slot.name}: torch {torch.__version__} cannot use CUDA here "
               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", file=sys.stderr)
         return 2
-    store = SweepStore(args.storage, args.sweep, create=False)
-    info = store.info
+    store, info = open_store(args.storage, args.sweep, slot.name, stop=stop)
     execution = ExecutionSpec.model_validate(info.get("spec", {}).get("execution", {}))
     accept = assigned_to(info.get(ASSIGNMENT_ATTR, {}), slot.base) if args.assigned else None
     parent = os.getppid()
@@ -98,6 +97,31 @@ def main(argv=None) -> int:
         if worker.tracker is not None:
             worker.tracker.close()
     return 130 if stop.is_set() and code == 0 else code
+
+
+def open_store(storage: str, sweep: str, label: str, budget_s: float = 600.0, stop: threading.Event | None = None):
+    """The sweep's store and its info. A worker may start while the database restarts (a job
+    scheduled during a failover): an unreachable server is waited for, with backoff and one
+    line, for up to ``budget_s`` (the sweep's own outage budget is in the database)."""
+    from saesweep.sweep.storages.base import Unreachable
+    from saesweep.sweep.store import SweepStore
+
+    t0, wait, said = time.monotonic(), 1.0, False
+    while True:
+        store = None
+        try:
+            store = SweepStore(storage, sweep, create=False)
+            return store, store.info
+        except Exception as e:
+            retryable = isinstance(e, Unreachable) or (store is not None and store.backend.is_retryable(e))
+            if not retryable or time.monotonic() - t0 > budget_s or (stop is not None and stop.is_set()):
+                raise
+            if not said:
+                print(f"saesweep worker {label}: database unreachable at start; waiting up to {budget_s:.0f}s for it",
+                      file=sys.stderr)
+                said = True
+            (stop or threading.Event()).wait(wait)
+            wait = min(15.0, wait * 2)
 
 
 if __name__ == "__main__":

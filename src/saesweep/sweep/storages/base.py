@@ -23,6 +23,8 @@ import contextlib
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
+from saesweep.config.experiment import ConfigError
+
 
 class Backend:
     """One opened storage: ``url``, the file for the file-based kinds (``path``) and the Optuna
@@ -69,6 +71,11 @@ class Backend:
     def is_retryable(self, error: BaseException) -> bool:
         """Whether ``error`` is a lost connection to wait out (the default: nothing is)."""
         return False
+
+
+class Unreachable(ConfigError):
+    """The store's server could not be reached when the store was opened (down, restarting, or a
+    wrong address): a command refuses it by name, a worker may wait for it."""
 
 
 def lock_file(path: Optional[Path], name: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import optuna
 
 from saesweep.config.experiment import ConfigError
-from saesweep.sweep.storages.base import Backend
+from saesweep.sweep.storages.base import Backend, Unreachable
 from saesweep.sweep.urls import PASSWORD_ENV, redact, redact_text
 
 #: libpq settings of every PostgreSQL connection (a key given in the URL's query wins):
@@ -151,7 +151,7 @@ class PostgresBackend(Backend):
                               f"{redact_text(str(e), url)}") from None
         except Exception as e:  # sqlalchemy.exc.OperationalError and friends
             first = redact_text(str(e), url).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"--storage {redact(url)}: cannot connect ({first})") from None
+            raise Unreachable(f"--storage {redact(url)}: cannot connect ({first})") from None
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
