@@ -77,11 +77,10 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, di
     """A safetensors file's tensors and metadata, checked against the digest it carries (files
     written without one are taken as they are); :class:`CorruptFile` when they do not match."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as fh:
+    with safe_open(str(path), "pt", device="cpu") as fh:
         metadata = dict(fh.metadata() or {})
-    tensors = load_file(str(path), device="cpu")
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     want = metadata.get(CHECKSUM_KEY)
     if want is not None and tensors_digest(tensors) != want:
         raise CorruptFile(f"{path}: its tensors do not match the checksum written with them (the file is damaged)")

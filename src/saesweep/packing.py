@@ -64,11 +64,11 @@ def check_pack(configs: Sequence[ExperimentConfig]) -> None:
         raise ValueError("configs of one pack must share everything but " + ", ".join(per_member_fields(configs[0])))
 
 
-def groups(configs: Iterable[T], config_of: Callable[[T], ExperimentConfig] = lambda c: c) -> dict[str, list[T]]:
-    """``configs`` (or things holding one: ``config_of``) by pack key, in first-seen order."""
-    out: dict[str, list[T]] = {}
+def groups(configs: Iterable[ExperimentConfig]) -> dict[str, list[ExperimentConfig]]:
+    """``configs`` by pack key, in first-seen order."""
+    out: dict[str, list[ExperimentConfig]] = {}
     for c in configs:
-        out.setdefault(pack_key(config_of(c)), []).append(c)
+        out.setdefault(pack_key(c), []).append(c)
     return out
 
 

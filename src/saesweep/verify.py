@@ -65,15 +65,10 @@ def _check_yaml(path: Path) -> Optional[str]:
 
 
 def _check_journal(path: Path) -> Optional[str]:
+    from saesweep.sweep.storages.journal import journal_record
+
     data = path.read_bytes()
-    bad = []
-    for n, line in enumerate(data.split(b"\n")[:-1], 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "op_code" not in record:
-                raise ValueError
-        except (UnicodeDecodeError, ValueError):
-            bad.append(n)
+    bad = [n for n, line in enumerate(data.split(b"\n")[:-1], 1) if journal_record(line) is None]
     problems = []
     if bad:
         problems.append(f"line(s) {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} are not records "

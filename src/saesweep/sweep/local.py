@@ -142,35 +142,32 @@ class _InProcess(LocalWorkers):
         self.ids = [str(os.getpid())]
 
     def _wait(self) -> SweepOutcome:
-        return _run_in_process(self.store, self.execution, self.slot, self.show_progress)
+        import torch
 
+        store, slot = self.store, self.slot
+        if slot.threads:
+            torch.set_num_threads(slot.threads)
+        stop = threading.Event()
+        worker = Worker(store, self.execution, device=slot.device, slot=slot.name, show_progress=self.show_progress,
+                        stop=stop, max_pack=slot.max_pack)
+        interrupted = False
+        aborted = None
 
-def _run_in_process(store: SweepStore, execution: ExecutionSpec, slot: Slot, show_progress) -> SweepOutcome:
-    import torch
+        def on_signal(n: int) -> None:
+            nonlocal interrupted
+            interrupted = True
+            stop.set()
+            print("\nstopping: checkpointing the running pack (Ctrl-C again to abort)", file=sys.stderr)
 
-    if slot.threads:
-        torch.set_num_threads(slot.threads)
-    stop = threading.Event()
-    worker = Worker(store, execution, device=slot.device, slot=slot.name, show_progress=show_progress, stop=stop,
-                    max_pack=slot.max_pack)
-    interrupted = False
-    aborted = None
-
-    def on_signal(n: int) -> None:
-        nonlocal interrupted
-        interrupted = True
-        stop.set()
-        print("\nstopping: checkpointing the running pack (Ctrl-C again to abort)", file=sys.stderr)
-
-    relay = SignalRelay(on_signal, raise_after=1)  # a second Ctrl-C aborts at once
-    try:
-        worker.run()
-    except SweepAborted as e:
-        aborted = str(e)
-    finally:
-        relay.restore()
-        save_worker_stats(store, worker.stats, slot, "local")
-    return SweepOutcome(store.counts(), [stats_dict(worker.stats, slot, "local")], aborted, interrupted)
+        relay = SignalRelay(on_signal, raise_after=1)  # a second Ctrl-C aborts at once
+        try:
+            worker.run()
+        except SweepAborted as e:
+            aborted = str(e)
+        finally:
+            relay.restore()
+            save_worker_stats(store, worker.stats, slot, "local")
+        return SweepOutcome(store.counts(), [stats_dict(worker.stats, slot, "local")], aborted, interrupted)
 
 
 def _worker_command(store: SweepStore, slot: Slot, policy: str, share: int, run_id: str) -> list[str]:

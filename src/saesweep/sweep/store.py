@@ -290,12 +290,15 @@ class SweepStore:
     def _pack_key_of(self, t: FrozenTrial) -> str:
         """A queued trial's pack key under the current packing rule (see :mod:`saesweep.packing`)."""
         if t.number not in self._derived_keys:
-            self._derived_keys[t.number] = packing.key_of_stored(
-                t.user_attrs, lambda: stored_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}"))
+            self._derived_keys[t.number] = packing.key_of_stored(t.user_attrs, lambda: self._config_of(t))
         return self._derived_keys[t.number]
 
+    @staticmethod
+    def _config_of(t: FrozenTrial) -> ExperimentConfig:
+        return stored_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
+
     def _claim_of(self, t: FrozenTrial, pk: Optional[int] = None) -> Claim:
-        cfg = stored_config(t.user_attrs["config"], where=f"trial {t.user_attrs.get('trial_id')}")
+        cfg = self._config_of(t)
         pk = self.pk_of(t) if pk is None else pk
         return Claim(t.number, pk, t.user_attrs["trial_id"], int(t.user_attrs.get("attempt", 1)), cfg, dict(t.params),
                      t.user_attrs.get("checkpoint"))
@@ -394,19 +397,15 @@ class SweepStore:
         """Queue a fresh attempt of every trial (of ``trial_ids``, or all) whose last attempt failed
         for good: its retries spent, diverged, or out of memory everywhere. Returns their ids."""
         with self.lock():
-            by_id: dict[str, list[FrozenTrial]] = {}
-            for t in self.trials():
-                by_id.setdefault(t.user_attrs.get("trial_id", f"#{t.number}"), []).append(t)
             out = []
-            for tid, attempts in by_id.items():
+            for tid, attempts in self._attempts_by_id().items():
                 if trial_ids is not None and tid not in trial_ids:
                     continue
                 if any(t.state != FAIL for t in attempts) or "config" not in attempts[-1].user_attrs:
                     continue
                 last = attempts[-1]
                 attempt = max(int(t.user_attrs.get("attempt", 1)) for t in attempts) + 1
-                self.add_waiting(self._claim_of(last).config, dict(last.params), dict(last.distributions),
-                                 attempt=attempt)
+                self.add_waiting(self._config_of(last), dict(last.params), dict(last.distributions), attempt=attempt)
                 out.append(tid)
             return out
 
@@ -449,13 +448,17 @@ class SweepStore:
         return reaped
 
     # ------------------------------------------------------------------ reading
-    def records(self) -> list[TrialRecord]:
-        """One record per logical trial, in queue order."""
+    def _attempts_by_id(self) -> dict[str, list[FrozenTrial]]:
+        """Every attempt of every trial, by trial id, in queue order."""
         by_id: dict[str, list[FrozenTrial]] = {}
         for t in self.trials():
             by_id.setdefault(t.user_attrs.get("trial_id", f"#{t.number}"), []).append(t)
+        return by_id
+
+    def records(self) -> list[TrialRecord]:
+        """One record per logical trial, in queue order."""
         out = []
-        for tid, attempts in by_id.items():
+        for tid, attempts in self._attempts_by_id().items():
             done = [t for t in attempts if t.state in (COMPLETE, PRUNED)]
             running = [t for t in attempts if t.state == RUNNING]
             waiting = [t for t in attempts if t.state == WAITING]

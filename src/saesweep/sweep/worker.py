@@ -186,7 +186,7 @@ class RetryingStore:
 
     def reap_expired(self, *args: Any, **kwargs: Any) -> list[str]:
         if self._down_since is not None:  # coming out of an outage: note its end before judging leases
-            self._call(lambda: None)
+            self._back()
             if self._down_since is not None:
                 return []
         return self._call(self.store.reap_expired, *args, **kwargs)
@@ -332,8 +332,7 @@ class Worker:
             if metrics is None:
                 left.append(c)
                 continue
-            extra = {"run_dir": str(Path(c.config.run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
-                     "device": metrics.get("device", self.device), "adopted": True}
+            extra = {**self._result_attrs(c.config.run_dir, metrics), "adopted": True}
             if self.store.complete(c, metrics, objectives=self.objectives, extra=extra):
                 done += 1
                 print(f"saesweep worker {self.slot}: {c.trial_id} was trained and saved already; recorded from "
@@ -401,17 +400,22 @@ class Worker:
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.packs += 1
         try:  # the leases are kept alive until every result is recorded (the database may be slow to return)
-            return self._record(claims, results, beat, ckpt, resume, adopted)
+            done, failed = self._record(claims, results, beat, ckpt, resume)
         finally:
             beat.stop()
+        return done + adopted, failed
+
+    def _result_attrs(self, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What a trial's record says of where and by whom it was trained."""
+        return {"run_dir": str(Path(run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
+                "device": metrics.get("device", self.device)}
 
     def _record(self, claims: list[Claim], results: list[RunResult], beat: Heartbeat, ckpt: Path,
-                resume: Optional[Path], adopted: int) -> tuple[int, int]:
+                resume: Optional[Path]) -> tuple[int, int]:
         """Record a trained pack's results; returns (trials completed, trials failed)."""
         done = failed = 0
         for c, r in zip(claims, results):
-            extra = {"run_dir": str(Path(r.run_dir).resolve()), "worker": self.worker_id, "slot": self.slot,
-                     "device": r.metrics.get("device", self.device)}
+            extra = self._result_attrs(r.run_dir, r.metrics)
             if c.trial_pk in beat.lost:  # reaped by another worker: our result is not recorded
                 self.stats.lost_leases += 1
                 self._track_finish(c, r)
@@ -438,7 +442,7 @@ class Worker:
             self._drop_if_unused(resume)
         self.stats.trials_done += done
         self.stats.trials_failed += failed
-        return done + adopted, failed
+        return done, failed
 
 
     def _clear_checkpoints(self) -> None:

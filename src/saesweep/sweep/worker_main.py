@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 import threading
-import time
+from typing import Any
 
 from saesweep.settings import env
 from saesweep.sweep.signals import SignalRelay
@@ -103,25 +103,36 @@ def open_store(storage: str, sweep: str, label: str, budget_s: float = 600.0, st
     """The sweep's store and its info. A worker may start while the database restarts (a job
     scheduled during a failover): an unreachable server is waited for, with backoff and one
     line, for up to ``budget_s`` (the sweep's own outage budget is in the database)."""
-    from saesweep.sweep.storages.base import Unreachable
-    from saesweep.sweep.store import SweepStore
+    import tenacity
 
-    t0, wait, said = time.monotonic(), 1.0, False
-    while True:
-        store = None
-        try:
-            store = SweepStore(storage, sweep, create=False)
-            return store, store.info
-        except Exception as e:
-            retryable = isinstance(e, Unreachable) or (store is not None and store.backend.is_retryable(e))
-            if not retryable or time.monotonic() - t0 > budget_s or (stop is not None and stop.is_set()):
-                raise
-            if not said:
-                print(f"saesweep worker {label}: database unreachable at start; waiting up to {budget_s:.0f}s for it",
-                      file=sys.stderr)
-                said = True
-            (stop or threading.Event()).wait(wait)
-            wait = min(15.0, wait * 2)
+    from saesweep.sweep.storages.base import Unreachable
+    from saesweep.sweep.store import RETRY_MAX_WAIT_S, SweepStore
+
+    event = stop or threading.Event()
+    state: dict[str, Any] = {}
+
+    def opened() -> tuple[Any, dict]:
+        state["store"] = SweepStore(storage, sweep, create=False)
+        return state["store"], state["store"].info
+
+    def retryable(e: BaseException) -> bool:
+        return isinstance(e, Unreachable) or ("store" in state and state["store"].backend.is_retryable(e))
+
+    def pause(seconds: float) -> None:  # a stop asked meanwhile ends the wait
+        event.wait(seconds)
+
+    def say(_: tenacity.RetryCallState) -> None:
+        if not state.get("said"):
+            state["said"] = True
+            print(f"saesweep worker {label}: database unreachable at start; waiting up to {budget_s:.0f}s for it",
+                  file=sys.stderr)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(retryable),
+        wait=tenacity.wait_exponential(multiplier=1, min=1, max=RETRY_MAX_WAIT_S),
+        stop=tenacity.stop_after_delay(budget_s) | tenacity.stop_when_event_set(event),
+        before_sleep=say, sleep=pause, reraise=True)
+    return retrying(opened)
 
 
 if __name__ == "__main__":

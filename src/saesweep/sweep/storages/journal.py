@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from saesweep.config.experiment import ConfigError
 from saesweep.io import ensure_folder, file_lock
@@ -66,17 +66,23 @@ class JournalBackend(Backend):
             yield
 
 
+def journal_record(line: bytes) -> Optional[dict[str, Any]]:
+    """The journal record a line holds, or None when it holds none (not JSON, or JSON that is not
+    one of Optuna's operations)."""
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "op_code" in record else None
+
+
 def _starts_with_a_record(path: Path) -> bool:
     """Whether the file is empty or its first line is a journal record (else it is not a journal)."""
     with open(path, "rb") as fh:
         first = fh.readline()
     if not first or not first.endswith(b"\n"):
         return True  # empty, or one torn record: dropped when written next
-    try:
-        record = json.loads(first)
-    except (UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and "op_code" in record
+    return journal_record(first) is not None
 
 
 def journal_damage(path: Path, error: Exception) -> str:
@@ -174,15 +180,13 @@ def safe_journal_file() -> type:
                         break  # being written, or torn: not a record yet
                     self._log_number_offset.setdefault(number + 1, self._log_number_offset[number] + len(line))
                     if number >= log_number_from:
-                        try:
-                            log = json.loads(line)
-                            if not isinstance(log, dict) or "op_code" not in log:
-                                raise ValueError("not a journal record")
-                        except (UnicodeDecodeError, ValueError) as e:
+                        log = journal_record(line)
+                        if log is None:
                             if line.startswith(b'{"op_code"'):  # a record torn in the middle of the journal:
-                                raise  # skipping it could misnumber the trials after it
-                            warnings.warn(f"sweep journal {self._file_path}: line {number + 1} is not a record "
-                                          f"({type(e).__name__}); skipped", stacklevel=2)
+                                # skipping it could misnumber the trials after it
+                                raise ValueError(f"Invalid log format: line {number + 1}")
+                            warnings.warn(f"sweep journal {self._file_path}: line {number + 1} is not a record; "
+                                          "skipped", stacklevel=2)
                             log = dict(skip)
                         yield log
                     number += 1
