@@ -35,6 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.d_sae(d_model(model_config))
         plan = plan_activations(cfg, model_config=model_config)  # refuses what the disk cannot hold
         print(f"activations: {plan.describe()}", file=sys.stderr)
+    from saesweep.devices import detect
+    from saesweep.sweep.planning import check_fits
+    from saesweep.training.preflight import check_runtime
+
+    check_fits([cfg], detect(with_free=False))  # the memory plan of `saesweep sweep`: nothing written yet
+    check_runtime([cfg])
     result = run(cfg)
     if not result.ok:
         print(f"{result.trial_id}: failed: {result.reason}", file=sys.stderr)

@@ -28,7 +28,7 @@ from saesweep.config.experiment import (
 from saesweep.data import Activations, open_source
 from saesweep.io import atomic_write_json, atomic_write_text, ensure_folder, sha256_file
 from saesweep.metrics.reconstruction import evaluate, first_nonfinite
-from saesweep.sae_files import export_member
+from saesweep.sae_files import CFG_FILE, WEIGHTS_FILE, export_member
 from saesweep.saes import LOSS_CONVENTION
 from saesweep.training.trainer import resolve_device, train_pack
 
@@ -38,6 +38,16 @@ FAILURE_FILE = "failure.json"
 COMPLETE_FILE = "complete.json"
 INTERRUPTED = "interrupted before the end of training (checkpointed)"
 ConfigLike = Union[ExperimentConfig, dict, str, Path]
+
+
+class EvaluationFailed(RuntimeError):
+    """Evaluation raised after training finished. The trained weights are saved in the run
+    folders, and ``checkpoint`` (when not None) holds the pack's trained state, from which a
+    later attempt evaluates without training again."""
+
+    def __init__(self, reason: str, checkpoint: Optional[Path] = None) -> None:
+        super().__init__(reason)
+        self.reason, self.checkpoint = reason, checkpoint
 
 
 @dataclass
@@ -135,14 +145,34 @@ def run_pack(
         resume_from=resume_from, on_log=on_log, should_stop=should_stop, should_prune=should_prune,
         on_checkpoint=on_checkpoint,
     )
-    t_eval = time.perf_counter()
     # an interrupted pack (Ctrl-C, preemption) has no complete member: nothing to evaluate, so
     # the interruption returns at once and its checkpoint resumes the training later
     finished = any(res.members[i].status == "complete" for i in res.alive)
+    row_of = {m: r for r, m in enumerate(res.alive)}
+    for i, member in enumerate(res.members):  # what training made is on disk before evaluation starts
+        out = member.config.run_dir
+        atomic_write_text(out / "config.yaml", member.config.to_yaml())
+        atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in member.log))
+        if i in row_of and member.status == "complete":
+            export_member(res.sae, row_of[i], member.config, data.scale, out)
+    t_eval = time.perf_counter()
     frac = configs[0].eval.ce_time_frac
-    train_s = res.wall_s * res.steps / max(1, res.steps - res.resumed_from)  # the whole run's, when resumed
+    # the whole run's training time, when resumed
+    train_s = res.train_s if res.earlier_wall_s else res.wall_s * res.steps / max(1, res.steps - res.resumed_from)
     budget = None if frac is None else frac * train_s
-    metrics = evaluate(res.sae, data, configs[0].eval.batch_size, budget_s=budget) if finished else []
+    try:
+        metrics = evaluate(res.sae, data, configs[0].eval.batch_size, budget_s=budget) if finished else []
+    except Exception as e:
+        saved = False
+        if res.save_checkpoint is not None:  # the trained state, so that a re-run only evaluates
+            res.save_checkpoint()
+            saved = True
+        reason = f"evaluation failed: {type(e).__name__}: {e}".strip()
+        for i, member in enumerate(res.members):
+            if i in row_of and member.status == "complete":
+                atomic_write_json(member.config.run_dir / FAILURE_FILE, {"trial_id": member.config.trial_id,
+                                                                        "reason": reason, "trained": True})
+        raise EvaluationFailed(reason, checkpoint=checkpoint if saved else None) from e
     t_eval = time.perf_counter() - t_eval
     common = {
         "tokens": res.steps * configs[0].train.batch_size,
@@ -159,19 +189,15 @@ def run_pack(
         "d_sae": res.sae.d_sae,
     }
     results: list[RunResult] = []
-    row_of = {m: r for r, m in enumerate(res.alive)}
     for i, member in enumerate(res.members):
         cfg = member.config
         out = cfg.run_dir
-        atomic_write_text(out / "config.yaml", cfg.to_yaml())
-        atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in member.log))
         if i in row_of and member.status == "complete":
             m = {**metrics[row_of[i]], **common, "resampled_features": member.resampled,
                  **target_metrics(cfg, metrics[row_of[i]], res.sae, row_of[i])}
             bad = first_nonfinite(m)
             if bad is None:
                 (out / FAILURE_FILE).unlink(missing_ok=True)
-                export_member(res.sae, row_of[i], cfg, data.scale, out)
                 density = m.pop("feature_density", None)
                 record = {"trial_id": cfg.trial_id, "sae_type": cfg.sae_type, "metrics": m, "feature_density": density,
                           "loss_convention": LOSS_CONVENTION,
@@ -182,6 +208,8 @@ def run_pack(
                 results.append(RunResult(cfg.trial_id, "complete", out, cfg, m))
                 continue
             member.status, member.reason = "diverged", f"diverged: metric {bad} is not finite after training"
+            for name in (WEIGHTS_FILE, CFG_FILE):  # a diverged member keeps no weights
+                (out / name).unlink(missing_ok=True)
         reason = member.reason or INTERRUPTED
         (out / COMPLETE_FILE).unlink(missing_ok=True)
         atomic_write_json(out / FAILURE_FILE, {"trial_id": cfg.trial_id, "reason": reason})

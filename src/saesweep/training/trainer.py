@@ -86,6 +86,16 @@ class PackResult:
     wall_s: float
     resumed_from: int = 0
     dtype: str = "float32"  # the compute dtype used (``train.dtype`` resolved for the device)
+    #: training seconds of the attempts before the resumed one (from the checkpoint)
+    earlier_wall_s: float = 0.0
+    #: writes the finished pack's full state to its checkpoint (None without a checkpoint path),
+    #: so a later call resumes it with nothing left to train
+    save_checkpoint: Optional[Callable[[], None]] = None
+
+    @property
+    def train_s(self) -> float:
+        """Training seconds of the whole run, earlier attempts included."""
+        return self.earlier_wall_s + self.wall_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,8 +175,9 @@ def train_pack(
     source = resume_from or checkpoint  # a pack re-formed from part of an interrupted one resumes from its file
     resumed = _load_checkpoint(source, configs, data.d_in, device, members) if source else None
     control = None
+    earlier_s = 0.0
     if resumed is not None:
-        sae, opt, start, alive, saved_control = resumed
+        sae, opt, start, alive, saved_control, earlier_s = resumed
         control = L0Controller.for_pack([configs[i] for i in alive], total, device, type(sae))
         if control is not None:
             control.load_state_tensors(*saved_control)
@@ -189,7 +200,8 @@ def train_pack(
     def save(at_step: int) -> None:
         nonlocal interval
         w0 = time.perf_counter()
-        _save_checkpoint(checkpoint, at_step, sae, opt, members, alive, control)
+        _save_checkpoint(checkpoint, at_step, sae, opt, members, alive, control,
+                         earlier_s + time.perf_counter() - t0)
         if checkpoint_min_s is not None:
             interval = min(checkpoint_every_s, max(checkpoint_min_s, (time.perf_counter() - w0) / CHECKPOINT_SHARE))
         if on_checkpoint is not None:
@@ -251,8 +263,16 @@ def train_pack(
     for i in alive:
         if done:
             members[i].status = "complete"
-    return PackResult(sae, members, alive, steps=step, tokens=(step - start) * tc.batch_size, wall_s=wall,
-                      resumed_from=start, dtype=dtype)
+    res = PackResult(sae, members, alive, steps=step, tokens=(step - start) * tc.batch_size, wall_s=wall,
+                     resumed_from=start, dtype=dtype, earlier_wall_s=earlier_s)
+    if checkpoint is not None and alive:
+        def save_final() -> None:
+            _save_checkpoint(checkpoint, step, sae, opt, members, alive, control, res.train_s)
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoint)
+
+        res.save_checkpoint = save_final
+    return res
 
 
 def _prune(should_prune, step, sae, opt, members, alive, control=None) -> list[int]:
@@ -320,7 +340,8 @@ def _log(step, tc, losses, alive, members, opt, total, on_log, sae, control) -> 
 
 
 # ------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive, control=None) -> None:
+def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive, control=None,
+                     train_s: float = 0.0) -> None:
     tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     tensors.update(opt.state_tensors())
     if control is not None:
@@ -332,6 +353,7 @@ def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive
             tensors[f"noise.{row}.{j}"] = g.get_state()
     meta = {
         "step": step,
+        "train_s": train_s,
         "adam_steps": opt.steps,
         "alive": [members[i].config.trial_id for i in alive],
         "members": {
@@ -344,7 +366,7 @@ def _save_checkpoint(path: Path, step: int, sae, opt: PackedAdam, members, alive
 
 def _load_checkpoint(path: Path, configs, d_in: int, device, members: list[Member]):
     """Resume from ``path`` when it covers every member; returns (sae, optimiser, step, alive,
-    (L0 controller tensors, their rows)) or None. A damaged checkpoint (a torn or truncated file, a header or tensors that do not fit)
+    (L0 controller tensors, their rows), training seconds before it) or None. A damaged checkpoint (a torn or truncated file, a header or tensors that do not fit)
     is removed with a warning, and the members start from step 0: it never fails a trial."""
     if not path.exists():
         return None
@@ -395,4 +417,4 @@ def _read_checkpoint(path: Path, configs, d_in: int, device, members: list[Membe
     opt.rebind(sae.named_parameters(), rows)
     sae.hp = [configs[i].sae_hparams for i in alive]
     control = {k: v for k, v in tensors.items() if k.startswith("l0_control.")}
-    return sae, opt, int(meta["step"]), alive, (control, rows)
+    return sae, opt, int(meta["step"]), alive, (control, rows), float(meta.get("train_s", 0.0))
