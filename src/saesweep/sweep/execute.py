@@ -9,9 +9,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from saesweep.config.experiment import ConfigError, ExperimentConfig
 from saesweep.config.sweep import SweepSpec
+from saesweep.sweep.store import tally
 from saesweep.sweep.urls import redact
 
-STATES = ("waiting", "running", "complete", "failed", "pruned")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class SweepRun:
     records: list
     counts: dict[str, int]
     retried: list[str] = field(default_factory=list)  # failed trials given a fresh attempt
+    reevaluated: list[str] = field(default_factory=list)  # trained trials whose evaluation runs again
 
 
 def check_targets(configs: Optional[Sequence[ExperimentConfig]]) -> None:
@@ -53,7 +54,11 @@ def plan_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], *, wi
     from saesweep.sweep.planning import plan_workers
     from saesweep.sweep.storages import backend_for
 
+    from saesweep.training.preflight import check_runtime
+
     check_targets(configs)
+    check_runtime(configs if configs is not None else [spec.base_config(t) for t in spec.sae_types],
+                  wandb=bool(spec.tracking.wandb))
     if spec.storage is None:  # the journal goes under the output folder: a bad one is the user's --output_dir
         from saesweep.io import check_creatable
 
@@ -92,13 +97,13 @@ def run_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], plan: 
         added = queue_trials(store, spec, configs, from_files=from_files)
         ids = {c.trial_id for c in configs}
         on_queued(added, sum(1 for r in store.records() if r.trial_id in ids and r.state == "complete"))
+    # trials trained before an evaluation that failed are evaluated again, not trained again
+    from pathlib import Path
+
+    reevaluated = store.requeue_unevaluated(Path(store.info.get("checkpoint_dir", spec.sweep_dir / "checkpoints")), ids)
     retried = store.requeue_failed(ids) if retry_failed else []
     outcome = run_workers(store, spec.execution, plan.slots, policy=spec.execution.policy)
     records = store.records()
-    counts = dict(outcome.counts)
-    if ids is not None:  # count the selected trials only, not the whole store
-        counts = {k: 0 for k in STATES}
-        for r in records:
-            if r.trial_id in ids:
-                counts[r.state] += 1
-    return SweepRun(outcome, records, counts, retried)
+    # the selected trials only, not the whole store
+    counts = tally([r for r in records if ids is None or r.trial_id in ids])
+    return SweepRun(outcome, records, counts, retried, reevaluated)

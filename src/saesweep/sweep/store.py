@@ -62,6 +62,9 @@ WAITING, RUNNING, COMPLETE, FAIL, PRUNED = (TrialState.WAITING, TrialState.RUNNI
                                             TrialState.FAIL, TrialState.PRUNED)
 LEASE_ATTR = "saesweep:heartbeat"
 WRITES_ATTR = "writes_checkpoint"
+#: on a failed attempt whose training finished but whose evaluation raised: the pack checkpoint
+#: holding its trained state
+EVALUATE_FROM_ATTR = "evaluate_from"
 #: the sweep's clock when a worker last saw the database come back after an outage
 OUTAGE_ATTR = "outage_ended"
 #: the longest wait between two tries of a store call through an outage (a worker's heartbeat
@@ -108,6 +111,8 @@ class TrialRecord:
     device: Optional[str] = None
     duration_s: Optional[float] = None
     number: Optional[int] = None
+    #: the reason of the latest failed attempt, also when a later attempt waits, runs or completed
+    last_failure: Optional[str] = None
 
 
 class SweepStore:
@@ -409,6 +414,36 @@ class SweepStore:
                 out.append(tid)
             return out
 
+    def _unevaluated(self) -> list[tuple[str, FrozenTrial]]:
+        """(trial id, last attempt) of the trials that failed for good in evaluation after
+        their training finished, their trained state kept in a checkpoint."""
+        out = []
+        for tid, attempts in self._attempts_by_id().items():
+            last = attempts[-1]
+            if all(t.state == FAIL for t in attempts) and last.user_attrs.get(EVALUATE_FROM_ATTR) \
+                    and "config" in last.user_attrs:
+                out.append((tid, last))
+        return out
+
+    def unevaluated_checkpoints(self) -> set[str]:
+        """The checkpoint files that hold trained trials still to be evaluated."""
+        return {str(t.user_attrs[EVALUATE_FROM_ATTR]) for _, t in self._unevaluated()}
+
+    def requeue_unevaluated(self, checkpoint_dir: Path, trial_ids: Optional[set[str]] = None) -> list[str]:
+        """Queue again (the attempt not counted) every trial whose training finished but whose
+        evaluation failed, to resume from its checkpoint in ``checkpoint_dir`` with nothing left
+        to train; returns their ids. One whose checkpoint is gone stays failed."""
+        with self.lock():
+            out = []
+            for tid, last in self._unevaluated():
+                name = str(last.user_attrs[EVALUATE_FROM_ATTR])
+                if (trial_ids is not None and tid not in trial_ids) or not (Path(checkpoint_dir) / name).exists():
+                    continue
+                self.add_waiting(self._config_of(last), dict(last.params), dict(last.distributions),
+                                 attempt=int(last.user_attrs.get("attempt", 1)), checkpoint=name)
+                out.append(tid)
+            return out
+
     def note_outage_end(self) -> None:
         """Record that the database was unreachable until now: leases are not reaped for the next
         lease_s, so that workers that could not heartbeat meanwhile are not presumed dead."""
@@ -482,15 +517,54 @@ class SweepStore:
                     device=ua.get("device"),
                     duration_s=(last.duration.total_seconds() if last.duration else None),
                     number=last.number,
+                    last_failure=next((t.user_attrs.get("reason") for t in reversed(attempts) if t.state == FAIL),
+                                      None),
                 )
             )
         return out
 
     def counts(self) -> dict[str, int]:
-        c = {"waiting": 0, "running": 0, "complete": 0, "failed": 0, "pruned": 0}
-        for r in self.records():
-            c[r.state] += 1
+        """Trials by state (:func:`tally` of :meth:`records`, without ``retrying``)."""
+        c = tally(self.records())
+        c.pop("retrying")
         return c
+
+
+STATES = ("complete", "failed", "waiting", "running", "pruned")
+
+
+def tally(records: Sequence[TrialRecord]) -> dict[str, int]:
+    """The one count of a sweep's trials that every command shows: trials (not attempts) by
+    state, a trial that failed and later completed counting as complete; ``retrying``: the
+    waiting ones whose last attempt failed (a re-run gives them their next attempt)."""
+    c = {k: 0 for k in STATES}
+    c["retrying"] = 0
+    for r in records:
+        c[r.state] += 1
+        if r.state == "waiting" and r.last_failure and r.attempts:
+            c["retrying"] += 1
+    return c
+
+
+def count_line(c: dict[str, int]) -> str:
+    """``3 complete, 1 failed, 2 waiting (2 after a failed attempt), 0 running``."""
+    waiting = f"{c.get('waiting', 0)} waiting" + (f" ({c['retrying']} after a failed attempt)" if c.get("retrying") else "")
+    pruned = f", {c['pruned']} pruned" if c.get("pruned") else ""
+    return f"{c.get('complete', 0)} complete, {c.get('failed', 0)} failed, {waiting}, {c.get('running', 0)} running{pruned}"
+
+
+def failure_line(records: Sequence[TrialRecord]) -> Optional[str]:
+    """When no trial of ``records`` completed but some failed (for good or for now): the most
+    common reason, with how many trials it stopped."""
+    from collections import Counter
+
+    if not records or any(r.state in ("complete", "pruned") for r in records):
+        return None
+    reasons = Counter(r.last_failure for r in records if r.last_failure)
+    if not reasons:
+        return None
+    reason, n = reasons.most_common(1)[0]
+    return f"no trial completed: {n} of {len(records)} failed with: {reason}"
 
 
 def _distribution(value: Any) -> BaseDistribution:

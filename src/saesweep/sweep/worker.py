@@ -34,10 +34,19 @@ from saesweep.sweep.search import (
     inferred_spaces,
     pruning_callback,
 )
-from saesweep.sweep.store import RETRY_MAX_WAIT_S, RUNNING, WAITING, Claim, SweepStore, new_worker_id
+from saesweep.sweep.store import (
+    EVALUATE_FROM_ATTR,
+    RETRY_MAX_WAIT_S,
+    RUNNING,
+    WAITING,
+    Claim,
+    SweepStore,
+    new_worker_id,
+)
+from saesweep.sweep.progress_log import PROGRESS_FOLDER, PackProgress
 from saesweep.sweep.urls import redact
 from saesweep.tracking import make_tracker
-from saesweep.training.run import INTERRUPTED, RunResult, finished_result, run_pack
+from saesweep.training.run import INTERRUPTED, EvaluationFailed, RunResult, finished_result, run_pack
 from saesweep.training.trainer import resolve_device
 
 
@@ -200,6 +209,9 @@ class RetryingStore:
     def trial(self, trial_pk: int) -> FrozenTrial:
         return self._call(self.store.trial, trial_pk)
 
+    def unevaluated_checkpoints(self) -> set[str]:
+        return self._call(self.store.unevaluated_checkpoints)
+
     def add_running(self, *args: Any, **kwargs: Any) -> Claim:
         return self._call(self.store.add_running, *args, **kwargs)
 
@@ -262,6 +274,7 @@ class Worker:
         self.objectives = list(info.get("objectives", ["fvu"]))
         self.checkpoint_dir = Path(info.get("checkpoint_dir", "runs/.checkpoints"))
         self.spec = SweepSpec.model_validate(info["spec"]) if "spec" in info else None
+        self._progress = PackProgress(self.checkpoint_dir.parent / PROGRESS_FOLDER, self.worker_id)
         self.tracker = None
         if self.spec is not None:
 
@@ -365,19 +378,31 @@ class Worker:
         if self.spec is not None and self.spec.search.pruner != "none":
 
             should_prune = pruning_callback(self.store, self.spec, claims)
+        progress = self._progress
+        progress.start([c.trial_id for c in claims], configs[0].train.steps, configs[0].train.batch_size)
+        tracker = self.tracker
+
+        def on_log(cfg: ExperimentConfig, record: dict) -> None:
+            progress.log(cfg, record)
+            if tracker is not None:
+                tracker.log(cfg, record)
+
         try:
             results = run_pack(configs, device=self.device, show_progress=self.show_progress, data=self._data_for(configs[0]),
                                checkpoint=ckpt, checkpoint_every_s=self.ex.checkpoint_every_s,
                                checkpoint_min_s=self.ex.checkpoint_floor_s, resume_from=resume,
                                on_checkpoint=beat.checkpoint_written,
-                               on_log=self.tracker.log if self.tracker else None,
+                               on_log=on_log,
                                should_stop=lambda: self.stop.is_set() or beat.all_lost.is_set(),
                                should_prune=should_prune)
         except Exception as e:
             beat.stop()
+            progress.end()
             self.stats.busy_s += time.perf_counter() - t0
             if _is_oom(e):
                 return self._out_of_memory(claims)
+            if isinstance(e, EvaluationFailed):
+                return self._evaluation_failed(claims, e)
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # no trial is at fault: stop here
                 for c in claims:
                     self.store.fail(c, "disk full", retry=True, same_attempt=True,
@@ -396,7 +421,9 @@ class Worker:
             return 0, len(claims)
         except BaseException:
             beat.stop()
+            progress.end()
             raise
+        progress.end()
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.packs += 1
         try:  # the leases are kept alive until every result is recorded (the database may be slow to return)
@@ -404,6 +431,21 @@ class Worker:
         finally:
             beat.stop()
         return done + adopted, failed
+
+    def _evaluation_failed(self, claims: list[Claim], e: EvaluationFailed) -> tuple[int, int]:
+        """Training finished but evaluation raised: the trials fail with the reason, their weights
+        in their run folders and their trained state in the pack's checkpoint, which the next run
+        of the sweep evaluates without training again (:meth:`.SweepStore.requeue_unevaluated`)."""
+        self._last_reason = e.reason
+        extra: dict[str, Any] = {"worker": self.worker_id, "slot": self.slot,
+                                 "traceback": traceback.format_exc()[-4000:]}
+        if e.checkpoint is not None:
+            extra[EVALUATE_FROM_ATTR] = e.checkpoint.name
+        for c in claims:
+            self.store.fail(c, e.reason, retry=False, extra=extra)
+            self._track_finish(c, RunResult(c.trial_id, "failed", c.config.run_dir, c.config, {}, e.reason))
+        self.stats.trials_failed += len(claims)
+        return 0, len(claims)
 
     def _result_attrs(self, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
         """What a trial's record says of where and by whom it was trained."""
@@ -449,13 +491,15 @@ class Worker:
         """Nothing left to run anywhere in the sweep: no checkpoint can be resumed any more."""
         if self.store.trials([WAITING, RUNNING]) or not self.checkpoint_dir.is_dir():
             return
+        keep = self.store.unevaluated_checkpoints()  # trained packs whose evaluation failed
         for f in self.checkpoint_dir.iterdir():  # checkpoints, and temp files of killed writers
-            if f.is_file():
+            if f.is_file() and f.name not in keep:
                 f.unlink(missing_ok=True)
 
     def _drop_if_unused(self, path: Path) -> None:
         """Delete an interrupted pack's checkpoint once no queued or running trial resumes from it."""
-        if not any(t.user_attrs.get("checkpoint") == path.name for t in self.store.trials([WAITING, RUNNING])):
+        if not any(t.user_attrs.get("checkpoint") == path.name for t in self.store.trials([WAITING, RUNNING])) \
+                and path.name not in self.store.unevaluated_checkpoints():
             path.unlink(missing_ok=True)
 
     def _data_for(self, cfg: ExperimentConfig) -> Any:
