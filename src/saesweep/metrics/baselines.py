@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -78,9 +78,46 @@ def _unit_rows(n: int, d: int, g: torch.Generator) -> Tensor:
     return w / w.norm(dim=-1, keepdim=True)
 
 
+#: the most bytes of training batches kept in memory for the baselines' encoders to share
+POOL_BYTES = 2**28
+
+
+class BatchPool:
+    """The training batches of one stream, generated once and shared by every baseline that
+    trains on it (they all read the same stream from its start), up to :data:`POOL_BYTES`;
+    past that each reader generates its own from where the pool ends."""
+
+    def __init__(self, data: Activations, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.kept: list[Tensor] = []
+        self._source: Optional[Iterator[Tensor]] = None
+        self._full = False
+
+    def __iter__(self) -> Iterator[Tensor]:
+        i = 0
+        while True:
+            if i < len(self.kept):
+                yield self.kept[i]
+            elif not self._full:
+                if self._source is None:
+                    self._source = self.data.train_batches(self.batch_size, self.seed, start=len(self.kept))
+                b = next(self._source)
+                if (len(self.kept) + 1) * b.numel() * b.element_size() > POOL_BYTES:
+                    self._full, self._source = True, None
+                    yield b
+                else:
+                    self.kept.append(b)
+                    yield b
+            else:
+                yield from self.data.train_batches(self.batch_size, self.seed, start=i)
+                return
+            i += 1
+
+
 def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0, steps: int = 300,
-          batch_size: int = 1024, lr: float = 3e-3) -> Baseline:
-    """The baseline ``kind`` (:data:`KINDS`) of width ``d_sae`` at L0 ``l0`` on ``data``."""
+          batch_size: int = 1024, lr: float = 3e-3, pool: Optional[BatchPool] = None) -> Baseline:
+    """The baseline ``kind`` (:data:`KINDS`) of width ``d_sae`` at L0 ``l0`` on ``data``
+    (``pool``: the training batches, shared with other baselines of the same ``seed``)."""
     if kind not in KINDS:
         raise ValueError(f"baseline {kind!r}: choose from {', '.join(KINDS)}")
     k = max(1, round(l0))
@@ -92,7 +129,7 @@ def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0,
             raise ValueError("baseline 'true_dictionary': the source has no known true features")
         W_dec = data.ground_truth.float().cpu()
         W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
-        return _train_encoder(kind, data, W_dec, b_dec, k, seed, 3 * steps, batch_size, lr)
+        return _train_encoder(kind, data, W_dec, b_dec, k, seed, 3 * steps, batch_size, lr, pool)
     if kind == "pca":
         x = next(data.train_batches(max(batch_size, 4 * d), seed + 0xBA5E)).float().cpu() - b_dec
         _, _, vt = torch.linalg.svd(x, full_matrices=False)  # rows: principal directions
@@ -100,16 +137,18 @@ def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0,
     W_dec = _unit_rows(d_sae, d, g)
     if kind == "random_firing":
         return Baseline(kind, W_dec, b_dec, k, seed=seed)
-    return _train_encoder(kind, data, W_dec, b_dec, k, seed, steps, batch_size, lr)
+    return _train_encoder(kind, data, W_dec, b_dec, k, seed, steps, batch_size, lr, pool)
 
 
 def _train_encoder(kind: str, data: Activations, W_dec: Tensor, b_dec: Tensor, k: int, seed: int, steps: int,
-                   batch_size: int, lr: float) -> Baseline:
+                   batch_size: int, lr: float, pool: Optional[BatchPool] = None) -> Baseline:
     """A ReLU top-k encoder trained (Adam, MSE) to reconstruct through the fixed decoder ``W_dec``."""
     W_enc = (W_dec.T.clone() * 0.5).requires_grad_()
     b_enc = torch.zeros(W_dec.shape[0], requires_grad=True)
     opt = torch.optim.Adam([W_enc, b_enc], lr=lr)
-    batches = data.train_batches(batch_size, seed + 0xBA5E)
+    if pool is None or pool.batch_size != batch_size or pool.seed != seed + 0xBA5E:
+        pool = BatchPool(data, batch_size, seed + 0xBA5E)
+    batches = iter(pool)
     for _ in range(steps):
         x = next(batches).float().cpu()
         codes = _topk(torch.relu((x - b_dec) @ W_enc + b_enc), k)
@@ -150,15 +189,27 @@ def score(b: Baseline, data: Activations, batch_size: int = 4096, *, downstream:
 
 
 def baselines(data: Activations, d_sae: int, l0s: Sequence[float], kinds: Sequence[str] = tuple(KINDS), *,
-              seed: int = 0, steps: int = 300, downstream: bool = True) -> list[dict]:
+              seed: int = 0, steps: int = 300, downstream: bool = True, done: Sequence[dict] = (),
+              on_row: Optional[Callable[[dict, int, int, float], None]] = None) -> list[dict]:
     """One row per (kind, L0): ``{"baseline", "target_l0", **metrics}`` (``true_dictionary``
-    only where the source knows its true features)."""
-    rows = []
+    only where the source knows its true features). Rows of ``done`` with the same kind and L0
+    are kept instead of computed again; ``on_row(row, i, n, seconds)`` is told of each new one."""
+    import time
+
     kinds = [k for k in kinds if k != "true_dictionary" or data.ground_truth is not None]
-    for l0 in l0s:
-        for kind in kinds:
-            b = build(kind, data, d_sae, l0, seed=seed, steps=steps)
-            rows.append({"baseline": kind, "target_l0": float(l0), **score(b, data, downstream=downstream)})
+    have = {(r.get("baseline"), float(r.get("target_l0", -1))): r for r in done}
+    todo = [(float(l0), kind) for l0 in l0s for kind in kinds]
+    pool = BatchPool(data, 1024, seed + 0xBA5E)
+    rows = []
+    for i, (l0, kind) in enumerate(todo):
+        row = have.get((kind, l0))
+        if row is None:
+            t0 = time.perf_counter()
+            b = build(kind, data, d_sae, l0, seed=seed, steps=steps, pool=pool)
+            row = {"baseline": kind, "target_l0": l0, **score(b, data, downstream=downstream)}
+            if on_row is not None:
+                on_row(row, i + 1, len(todo), time.perf_counter() - t0)
+        rows.append(row)
     return rows
 
 
@@ -182,15 +233,17 @@ def write(folder: Path, rows: list[dict], meta: dict) -> Path:
     return path
 
 
+def _read_file(folder: Path) -> dict:
+    try:
+        saved = json.loads((Path(folder) / FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def read(folder: Path) -> list[dict]:
     """The baseline rows saved in a sweep folder (none when there are none)."""
-    path = Path(folder) / FILE
-    if not path.exists():
-        return []
-    try:
-        return list(json.loads(path.read_text()).get("rows", []))
-    except (OSError, ValueError):
-        return []
+    return list(_read_file(folder).get("rows", []))
 
 
 def lines(rows: list[dict]) -> list[str]:
@@ -208,10 +261,18 @@ def lines(rows: list[dict]) -> list[str]:
     return out
 
 
+#: changes when the baselines' construction changes, so that saved rows are not reused
+VERSION = 1
+
+
 def for_sweep(records, folder: Path, l0s: Optional[Sequence[float]] = None, kinds: Sequence[str] = tuple(KINDS), *,
-              downstream: bool = True) -> list[dict]:
+              downstream: bool = True, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
     """The baselines of a sweep's complete trials, saved in its folder: at the source and the
-    most common width of those trials, at ``l0s`` (default: spread over the trials' L0s)."""
+    most common width of those trials, at ``l0s`` (default: spread over the trials' L0s).
+
+    Each row is written to the folder's :data:`FILE` as soon as it is computed, and rows saved
+    there for the same source, width, seed and construction are reused, never computed again.
+    ``progress(line)`` gets a line before the work and one per baseline (kind, L0, time)."""
     from collections import Counter
 
     from saesweep.config.experiment import read_yaml, stored_config
@@ -237,10 +298,35 @@ def for_sweep(records, folder: Path, l0s: Optional[Sequence[float]] = None, kind
         l0s = default_l0s([v for v in seen if low <= v <= top]) or default_l0s([min(max(v, 1.0), top) for v in seen])
     if not l0s:
         return []
+    meta = {"d_sae": d_sae, "source": cfg.source.model_dump(mode="json"), "seed": cfg.train.seed,
+            "eval_tokens": cfg.eval.tokens, "downstream": downstream, "version": VERSION}
+    saved = _read_file(folder)
+    done = saved.get("rows", []) if {k: saved.get(k) for k in meta} == meta else []
+    wanted = {(k, float(v)) for v in l0s for k in kinds}
+    if wanted <= {(r.get("baseline"), float(r.get("target_l0", -1))) for r in done}:
+        return [r for r in done if (r.get("baseline"), float(r.get("target_l0", -1))) in wanted]
+    new_rows: list[dict] = []
+    if progress is not None:
+        progress(f"Baselines at L0 {', '.join(f'{v:g}' for v in l0s)} (width {d_sae}): {', '.join(kinds)}")
+
+    def on_row(row: dict, i: int, n: int, seconds: float) -> None:
+        new_rows.append(row)
+        write(folder, [*done, *new_rows], meta)  # each result is kept as soon as it exists
+        if progress is not None:
+            extra = "".join(f", {k} {row[k]:.3f}" for k in ("feature_f1", "ce_loss_score") if _finite(row.get(k)))
+            progress(f"  [{i}/{n}] {row['baseline']} at L0 {row['target_l0']:g}: l0 {row['l0']:.2f}, "
+                     f"fvu {row['fvu']:.4f}{extra}  ({seconds:.1f}s)")
+
     data = open_source(cfg)
     try:
-        rows = baselines(data, d_sae, l0s, kinds, seed=cfg.train.seed, downstream=downstream)
+        rows = baselines(data, d_sae, l0s, kinds, seed=cfg.train.seed, downstream=downstream, done=done,
+                         on_row=on_row)
     finally:
         data.close()
-    write(folder, rows, {"d_sae": d_sae, "source": cfg.source.model_dump(mode="json")})
+    keep = {(r["baseline"], float(r["target_l0"])) for r in rows}
+    write(folder, rows + [r for r in done if (r.get("baseline"), float(r.get("target_l0", -1))) not in keep], meta)
     return rows
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
