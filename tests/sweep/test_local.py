@@ -48,7 +48,7 @@ def check_once(store: SweepStore, n: int) -> dict[str, str]:
 
 @pytest.mark.parametrize("policy, source", [("dynamic", "grid"), ("round_robin", "config_dir")])
 def test_policies_run_every_trial_once_on_two_cpu_slots(tmp_path, policy, source):
-    write_spec(tmp_path, name="s", sae_types=["relu"], grids=GRID, execution={"pack_size": 1})
+    write_spec(tmp_path, name="s", sae_types=["relu"], grids=GRID, execution={"pack_size": 1, "progress_every_s": 0.5})
     if source == "config_dir":  # approach 1's folder of configs, run by the device-aware runner
         saesweep("generate", "--output_dir", "sweep_configs", cwd=tmp_path, check=True)
         out = script("run_device_aware_sweep.py", "--config_dir", "sweep_configs", "--devices", "cpu:0,cpu:1", cwd=tmp_path)

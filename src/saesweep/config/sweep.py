@@ -190,6 +190,19 @@ class ExecutionSpec(Strict):
         "how long a worker waits out an unreachable database (retrying with backoff while it trains on) "
         "before it exits; its finished results stay in their run folders and the next worker records them"))] = 600.0
 
+    progress_every_s: Annotated[float, Field(gt=0, description=(
+        "seconds between two progress lines (packs running, trials done, tokens/s, ETA) when the output "
+        "is not a terminal (a log file, a pipe, a batch job); a terminal shows live bars instead"))] = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _heartbeat_for_lease(cls, data: Any) -> Any:
+        """A short lease without a heartbeat of its own beats four times per lease."""
+        if isinstance(data, dict) and "heartbeat_s" not in data and isinstance(data.get("lease_s"), (int, float)) \
+                and not isinstance(data.get("lease_s"), bool) and data["lease_s"] > 0:
+            data = {**data, "heartbeat_s": min(15.0, float(data["lease_s"]) / 4)}
+        return data
+
     @property
     def checkpoint_floor_s(self) -> float:
         """The shortest time between two checkpoints of a pack."""
@@ -200,6 +213,9 @@ class ExecutionSpec(Strict):
         if self.checkpoint_min_s is not None and self.checkpoint_min_s > self.checkpoint_every_s:
             raise ValueError(f"execution.checkpoint_min_s ({self.checkpoint_min_s:g}) must not exceed "
                              f"execution.checkpoint_every_s ({self.checkpoint_every_s:g})")
+        if self.heartbeat_s > self.lease_s / 3:  # a lease must outlive a few missed beats
+            raise ValueError(f"execution.heartbeat_s ({self.heartbeat_s:g}) must be at most a third of "
+                             f"execution.lease_s ({self.lease_s:g}), or live trials' leases expire between beats")
         return self
 
 

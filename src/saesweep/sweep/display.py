@@ -3,16 +3,16 @@ trials bar, or a line per change off a terminal, and the per-device table."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 from saesweep.devices import (
     Slot,
 )
 from saesweep.progress import is_terminal, rich_progress
+from saesweep.sweep.progress_log import slot_of_worker
 from saesweep.sweep.store import SweepStore
 from saesweep.sweep.worker import WorkerStats
 
@@ -48,14 +48,6 @@ def per_slot_totals(store: SweepStore) -> list[dict[str, Any]]:
     return list(totals.values())
 
 
-def slot_of_worker(worker_id: Optional[str]) -> Optional[str]:
-    """The slot in a worker id ``host:pid:slot:suffix`` (slots such as cpu:0 contain a colon)."""
-    if not worker_id:
-        return None
-    parts = worker_id.split(":")
-    return ":".join(parts[2:-1]) or None
-
-
 def _snapshot(store: SweepStore) -> tuple[Counter, Counter, int]:
     recs = store.records()
     states = Counter(r.state for r in recs)
@@ -64,29 +56,15 @@ def _snapshot(store: SweepStore) -> tuple[Counter, Counter, int]:
 
 
 def watch(store: SweepStore, procs, show_progress, stopping: threading.Event, echo) -> None:
-    """Live progress until every worker has exited (or a stop is asked): a bar on a terminal,
-    a line whenever the count of finished trials changes otherwise."""
+    """Wait until every worker has exited (or a stop is asked), with a live bar on a terminal."""
 
     def alive() -> bool:
         return any(p.poll() is None for _, p in procs) and not stopping.is_set()
 
     enabled = is_terminal() if show_progress is None else show_progress
-    t0 = time.time()
-    if not enabled:
-        last = None
+    if not enabled:  # plain lines come from :mod:`.progress_log` when stdout is not a terminal
         while alive():
             stopping.wait(1.0)
-            try:
-                states, per_slot, total = _snapshot(store)
-            except Exception:  # a transient storage error: try again
-                continue
-            key = (states["complete"], states["failed"])
-            if key != last and (states["complete"] or states["failed"]):
-                last = key
-                slots = "  ".join(f"{s} {n}" for s, n in sorted(per_slot.items()))
-                echo(f"[{time.time() - t0:6.0f}s] {states['complete']}/{total} complete, {states['running']} running, "
-                     f"{states['failed']} failed  |  {slots}")
-                sys.stdout.flush()
         return
     with rich_progress("{task.fields[detail]}") as bar:
         task = bar.add_task("trials", total=None, detail="")
@@ -113,3 +91,4 @@ def print_worker_table(workers: list[dict[str, Any]], echo=print) -> None:
         echo(f"  {w.get('slot', '?'):<12} {w.get('trials_done', 0):>5} {w.get('trials_failed', 0):>6} "
              f"{w.get('packs', 0):>5} {w.get('tokens_per_s', 0):>12,.0f} {100 * w.get('busy_fraction', 0):>5.0f}% "
              f"{w.get('wall_s', 0):>7.1f}s")
+

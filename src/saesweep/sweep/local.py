@@ -47,6 +47,7 @@ from saesweep.sweep.display import (
     watch,
 )
 from saesweep.sweep.planning import distribution_lines, round_robin
+from saesweep.sweep.progress_log import log_lines
 from saesweep.sweep.signals import SignalRelay
 from saesweep.sweep.store import SweepStore
 from saesweep.sweep.urls import password_to_env, redact, split_password
@@ -160,11 +161,14 @@ class _InProcess(LocalWorkers):
             print("\nstopping: checkpointing the running pack (Ctrl-C again to abort)", file=sys.stderr)
 
         relay = SignalRelay(on_signal, raise_after=1)  # a second Ctrl-C aborts at once
+        lines = log_lines(store, self.execution.progress_every_s)
         try:
             worker.run()
         except SweepAborted as e:
             aborted = str(e)
         finally:
+            if lines is not None:
+                lines.stop()
             relay.restore()
             save_worker_stats(store, worker.stats, slot, "local")
         return SweepOutcome(store.counts(), [stats_dict(worker.stats, slot, "local")], aborted, interrupted)
@@ -201,6 +205,7 @@ class _Processes(LocalWorkers):
     def __init__(self, store: SweepStore, execution: ExecutionSpec, slots: Sequence[Slot], policy: str,
                  show_progress, echo) -> None:
         self.store, self.slots, self.show_progress, self.echo = store, list(slots), show_progress, echo
+        self.execution = execution
         self.run_id = uuid.uuid4().hex[:8]
         share = len(slots) if policy == "dynamic" else max(Counter(s.base for s in slots).values())
         self.stopping = threading.Event()
@@ -232,7 +237,12 @@ class _Processes(LocalWorkers):
     def _wait(self) -> SweepOutcome:
         store, procs, echo = self.store, self.procs, self.echo
         try:
-            watch(store, procs, self.show_progress, self.stopping, echo)
+            lines = log_lines(store, self.execution.progress_every_s, echo)
+            try:
+                watch(store, procs, self.show_progress, self.stopping, echo)
+            finally:
+                if lines is not None:
+                    lines.stop()
             if self.stopping.is_set():
                 echo("\nstopping workers: they checkpoint their packs and requeue their trials (Ctrl-C again to kill them)")
                 for _, p in procs:
