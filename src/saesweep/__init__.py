@@ -13,7 +13,11 @@ def __getattr__(name: str):
         from saesweep.config import experiment as config
 
         return getattr(config, name)
+    if name in ("load_sae", "load_sae_pack"):
+        from saesweep import export
+
+        return getattr(export, name)
     raise AttributeError(name)
 
 
-__all__ = ["run", "run_pack", "RunResult", "ExperimentConfig", "load_config", "parse_config", "ConfigError", "__version__"]
+__all__ = ["run", "run_pack", "RunResult", "load_sae", "load_sae_pack", "ExperimentConfig", "load_config", "parse_config", "ConfigError", "__version__"]

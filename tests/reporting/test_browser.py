@@ -58,11 +58,11 @@ def test_report_in_a_real_browser(chromium, tmp_path):
                             " ? e.innerText : null})()")
         assert warning and "degenerate" in warning and "relu-dense" in warning and "relu-dead" in warning
         column = """(() => {
-            const th = [...document.querySelectorAll('table.sortable th')].find(h => h.textContent.trim() === 'l0');
+            const th = [...document.querySelectorAll('#trials table.sortable th')].find(h => h.textContent.trim() === 'l0');
             const table = th.closest('table'), idx = [...th.parentNode.children].indexOf(th);
             return [...table.tBodies[0].rows].map(r => parseFloat(r.cells[idx].textContent));
         })()"""
-        click = ("[...document.querySelectorAll('table.sortable th')].find(h => h.textContent.trim() === 'l0')"
+        click = ("[...document.querySelectorAll('#trials table.sortable th')].find(h => h.textContent.trim() === 'l0')"
                  ".click()")
         before = b.eval(s, column)
         assert sorted(before) == sorted(t[1] for t in TRIALS)

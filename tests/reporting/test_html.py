@@ -92,7 +92,9 @@ def test_report_renders_with_the_frontier(handmade, tmp_path):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     page = rep.html.read_text()
-    assert page.count("data:image/png;base64,") == 4  # self-contained: the images are inside
+    # self-contained: the images are inside; importance, insufficient for every type, says why instead
+    assert page.count("data:image/png;base64,") == 3
+    assert "Not computed for any type" in page and "importance needs at least 8" in page
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # and nothing is fetched
     assert "<script>" in page and "sortable" in page
     for tid, *_ in POINTS:
@@ -166,6 +168,13 @@ def test_report_and_importance_cli_on_a_real_sweep(tmp_path):
         assert (folder / name).exists(), name
     imp = json.loads((folder / "importance.json").read_text())
     assert imp["by_type"]["relu"]["status"] == "insufficient"  # 6 trials
+    front = json.loads((folder / "frontier.json").read_text())["l0_fvu"]["all"]
+    from saesweep.reporting.table import degenerate_trials, results_table
+
+    flagged = {t for t, _ in degenerate_trials(results_table(SweepStore(str(tmp_path / "runs" / "rs" / "sweep.journal"),
+                                                                        "rs", create=False)))}
+    assert len(front) <= 6 and not set(front) & flagged  # degenerate SAEs are off the frontier
+    saesweep("report", "rs", "--show_degenerate", cwd=tmp_path, check=True)
     front = json.loads((folder / "frontier.json").read_text())["l0_fvu"]["all"]
     assert 1 <= len(front) <= 6
     out = saesweep("importance", "rs", "--metric", "l0", "--evaluator", "ped-anova", cwd=tmp_path, check=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from saesweep.cli.common import EXIT_OK, flag, parse_overrides, set_flag
-from saesweep.cli.sweep import sweep_ref_args
+from saesweep.cli.sweep import positive_floats, sweep_ref_args
 from saesweep.config.experiment import ConfigError
 from saesweep.reporting.importance import EVALUATORS
 
@@ -18,6 +18,10 @@ def report_args(p) -> None:
     flag(p, "metric", help="metric for hyperparameter importance (default: the sweep's first objective)")
     flag(p, "evaluator", default="auto", choices=EVALUATORS,
          help="importance evaluator (default auto: fanova with scikit-learn, else ped-anova)")
+    flag(p, "at_l0", type=positive_floats,
+         help="comma-separated L0s: pick the best trial of each type near each (by the sweep's objective)")
+    flag(p, "show_degenerate", action="store_true",
+         help="keep degenerate SAEs (dense, far too sparse, mostly dead) on the frontiers")
 
 
 def cmd_report(args) -> int:
@@ -34,7 +38,11 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else folder / "report"
     ensure_folder(out, "--out")
 
-    rep = build_report(store, out, metric=args.metric, evaluator=args.evaluator, baselines=read(folder))
+    from saesweep.metrics.baselines import FILE
+
+    rep = build_report(store, out, metric=args.metric, evaluator=args.evaluator,
+                       baselines=read(folder) if (folder / FILE).exists() else None,
+                       at_l0=args.at_l0 or (), degenerate=args.show_degenerate)
     front = rep.frontier.get("l0_fvu", {}).get("all", [])
     print(f"Report of sweep '{store.name}': {rep.html}")
     for p in rep.pngs:
@@ -43,6 +51,9 @@ def cmd_report(args) -> int:
           f"{rep.importance['evaluator']})")
     if front:
         print(f"  {len(front)} trials on the L0-FVU Pareto frontier: {', '.join(front[:6])}{' ...' if len(front) > 6 else ''}")
+    for p in rep.picks:
+        what = p.get("note") or f"{p['trial_id']} (L0 {p['l0']:.2f}, FVU {p['fvu']:.4f}): {p['why']}"
+        print(f"  pick {p['series']} @ {p['choice']}: {what}")
     return EXIT_OK
 
 

@@ -229,17 +229,28 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     run = run_sweep(spec, configs, plan, from_files=from_files, on_queued=queued,
                     retry_failed=bool(getattr(args, "retry_failed", False)))
     outcome, recs, c = run.outcome, run.records, run.counts
+    from saesweep.sweep.store import count_line, failure_line
+
     if run.retried:
         print(f"Retried {len(run.retried)} trial(s) that had failed")
-    print(f"Done in {time.perf_counter() - t0:.1f}s: {c['complete']} complete, {c['failed']} failed, "
-          f"{c['waiting']} waiting, {c['running']} running  -> {spec.sweep_dir}")
+    if run.reevaluated:
+        print(f"Evaluated again {len(run.reevaluated)} trained trial(s) whose evaluation had failed (not retrained)")
+    train_s = time.perf_counter() - t0
+    print(f"Done in {train_s:.1f}s: {count_line(c)}  -> {spec.sweep_dir}")
     print_worker_table(outcome.workers)
-    _print_failed(recs)
+    ran = [r for r in recs if configs is None or r.trial_id in {cfg.trial_id for cfg in configs}]
+    _print_failed(ran)
+    why = failure_line(ran)
+    if why:
+        print(why, file=sys.stderr)
+    _print_frontier(recs, spec.sweep_dir, baselines=not spec.baselines, objective=spec.search.objectives[0])
     if spec.baselines and not outcome.interrupted and c["complete"]:
         from saesweep.metrics.baselines import for_sweep
 
-        for_sweep(recs, spec.sweep_dir)
-    _print_frontier(recs, spec.sweep_dir)
+        rows = for_sweep(recs, spec.sweep_dir, progress=print)
+        from saesweep.metrics import baselines
+
+        print("\n".join(baselines.lines(rows)))
     if outcome.aborted:
         print(f"stopped: {outcome.aborted}", file=sys.stderr)
     if outcome.interrupted:
@@ -398,6 +409,12 @@ def cmd_status(args) -> int:
     for t, c in by_type.items():
         print(f"  {t:<22}{c['complete']:>9}{c['running']:>9}{c['waiting']:>9}{c['failed']:>8}")
     print(f"  {'all':<22}{total['complete']:>9}{total['running']:>9}{total['waiting']:>9}{total['failed']:>8}")
+    from saesweep.sweep.store import count_line, failure_line, tally
+
+    print(f"  {count_line(tally(recs))}")
+    why = failure_line(recs)
+    if why:
+        print(f"  {why}")
     durations = [r.duration_s for r in recs if r.state == "complete" and r.duration_s]
     left = total["waiting"] + total["running"]
     if durations and left:
@@ -419,7 +436,7 @@ def cmd_status(args) -> int:
     from saesweep.sweep.display import per_slot_totals, print_worker_table
 
     print_worker_table(per_slot_totals(store))
-    _print_frontier(recs, folder)
+    _print_frontier(recs, folder, objective=(store.info.get("objectives") or ["fvu"])[0])
     return EXIT_OK
 
 
@@ -429,8 +446,11 @@ def _print_failed(recs) -> None:
             print(f"  failed {r.trial_id} after {r.attempts} attempt(s): {r.reason}")
 
 
-def _print_frontier(recs, folder) -> None:
-    from saesweep.metrics import baselines
+def _print_frontier(recs, folder, *, baselines: bool = True, objective: str = "fvu") -> None:
+    """The sweep's summary: matched L0s, frontiers, misses, degenerate SAEs, the trial to pick
+    per type, and (``baselines``) the baselines saved in its folder."""
+    from saesweep.metrics import baselines as base
+    from saesweep.reporting.pick import pick_lines
     from saesweep.reporting.table import degenerate_lines, frontier_lines, results_table
 
     from saesweep.reporting.matched import matched_lines, missed_lines
@@ -438,8 +458,10 @@ def _print_frontier(recs, folder) -> None:
     df = results_table(recs)
     lines = matched_lines(df) + frontier_lines(df)
     if lines:
-        print("\n".join(lines + missed_lines(df) + degenerate_lines(df) + baselines.lines(baselines.read(folder))))
+        saved = base.lines(base.read(folder)) if baselines else []
+        print("\n".join(lines + missed_lines(df) + degenerate_lines(df) + pick_lines(df, objective) + saved))
         print(f"Next: saesweep results {folder}   (CSV + Parquet)   saesweep report {folder}   (plots)")
+    sys.stdout.flush()
 
 
 def results_args(p):
@@ -500,7 +522,7 @@ def cmd_baseline(args) -> int:
     if bad:
         raise ConfigError(f"--kinds: unknown baseline {bad[0]!r}; choose from {', '.join(KINDS)}")
     store, folder = open_existing(args)
-    rows = for_sweep(store.records(), folder, args.l0, kinds)
+    rows = for_sweep(store.records(), folder, args.l0, kinds, progress=print)
     if not rows:
         raise ConfigError(f"sweep {args.sweep!r}: no complete trial to take the source and width from; "
                           "run the sweep first")

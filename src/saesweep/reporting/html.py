@@ -37,6 +37,7 @@ from saesweep.metrics import registry as metrics
 from saesweep.reporting.importance import param_importances
 from saesweep.reporting.matched import MISS_TOLERANCE, lead_metric, matched_table, missed_targets, plot_matched
 from saesweep.reporting.frontier import frontier_ids
+from saesweep.reporting.pick import picks as choose, snippet
 from saesweep.reporting.plots import (
     plot_density,
     plot_devices,
@@ -57,11 +58,15 @@ class Report:
     pngs: list[Path] = field(default_factory=list)
     importance: dict[str, Any] = field(default_factory=dict)
     frontier: dict[str, Any] = field(default_factory=dict)
+    picks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, evaluator: str = "auto",
-                 title: Optional[str] = None, baselines: Sequence[dict] = ()) -> Report:
-    """Write the report of the sweep in ``store`` into ``out_dir`` (see the module docstring)."""
+                 title: Optional[str] = None, baselines: Optional[Sequence[dict]] = None,
+                 at_l0: Sequence[float] = (), degenerate: bool = False) -> Report:
+    """Write the report of the sweep in ``store`` into ``out_dir`` (see the module docstring).
+    ``baselines``: the sweep's baseline rows (None: not run); ``at_l0``: L0s at which to pick the
+    best trial of each type; ``degenerate``: keep degenerate SAEs on the frontiers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,18 +80,20 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
 
     figures: list[tuple[str, Path]] = []
     frontier: dict[str, Any] = {}
+    flagged = dict(degenerate_trials(df))
     matched = matched_table(df)
     if len(matched):
         atomic_write_text(out / "matched_l0.json", matched.to_json(orient="records", indent=1))
         figures.append(("Matched L0", plot_matched(matched, out / "matched_l0.png", colors, title=title or store.name)))
     for y in ("feature_f1", "fvu", "ce_loss_score"):  # the truth first, where the source knows it
         if len(df) and y in df and "l0" in df and df[y].notna().any():
-            ids = frontier_ids(df, "l0", y)
-            per = frontier_ids(df, "l0", y, by_type=True)
+            ids = frontier_ids(df, "l0", y, degenerate=degenerate)
+            per = frontier_ids(df, "l0", y, by_type=True, degenerate=degenerate)
             frontier[f"l0_{y}"] = {"x": "l0", "y": y, "directions": ["minimize", metrics.direction(y)],
-                                   "all": ids, "by_type": per}
+                                   "all": ids, "by_type": per, "degenerate_included": degenerate}
             path = out / f"frontier_l0_{y}.png"
-            plot_frontier(df, "l0", y, path, colors, ids, per, title=title or store.name, baselines=baselines)
+            plot_frontier(df, "l0", y, path, colors, ids, per, title=title or store.name, baselines=baselines or (),
+                          flagged=flagged)
             figures.append((f"Sparsity vs {metrics.label(y)}", path))
     rep.frontier = frontier
     atomic_write_json(out / "frontier.json", frontier)
@@ -111,8 +118,14 @@ def build_report(store, out_dir: str | Path, *, metric: Optional[str] = None, ev
         plot_devices(devices, path)
         figures.append(("Per-device performance", path))
     rep.pngs = [p for _, p in figures]
+    objective = metric or (store.info.get("objectives") or ["fvu"])[0]
+    if objective not in df:
+        objective = "fvu"
+    rep.picks = choose(df, objective, at_l0)
+    atomic_write_json(out / "picks.json", rep.picks)
     atomic_write_text(rep.html, render_html(store, df, figures, frontier, imp, devices, colors, title=title,
-                                            baselines=baselines))
+                                            baselines=baselines, picks=rep.picks, objective=objective,
+                                            degenerate=degenerate))
     return rep
 
 
@@ -221,7 +234,8 @@ def _template():
 
 
 def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Optional[str] = None,
-                baselines: Sequence[dict] = ()) -> str:
+                baselines: Optional[Sequence[dict]] = None, picks: Sequence[dict] = (), objective: str = "fvu",
+                degenerate: bool = False) -> str:
     """The report page (``templates/report.html.j2``) for what :func:`build_report` computed."""
     info = store.info
     spec = info.get("spec", {}) or {}
@@ -257,21 +271,37 @@ def render_html(store, df, figures, frontier, imp, devices, colors, *, title: Op
             imp_rows += [[t, p, v, r["n_trials"]] for p, v in sorted(r["importances"].items(), key=lambda kv: -kv[1])]
         else:
             imp_rows.append([t, r.get("reason", r["status"]), None, r["n_trials"]])
+    ok = any(r["status"] == "ok" for r in imp["by_type"].values())
     importance = {**{k: imp[k] for k in ("metric", "direction", "evaluator", "min_trials")},
-                  "img": _img(fig["Hyperparameter importance"]) if "Hyperparameter importance" in fig else None,
-                  "table": _table(["sae_type", "parameter", "importance", "trials"], imp_rows, text_cols=(0, 1))}
+                  "img": _img(fig["Hyperparameter importance"]) if ok and "Hyperparameter importance" in fig else None,
+                  "table": _table(["sae_type", "parameter", "importance", "trials"], imp_rows, text_cols=(0, 1)),
+                  "missing": None if ok else "Not computed for any type: " + "; ".join(
+                      f"{t}: {r.get('reason', r['status'])}" for t, r in imp["by_type"].items())}
     device_block = None
     if devices:
         rows = [[d["slot"], d.get("trials_done"), d.get("trials_failed"), d.get("tokens"), d.get("tokens_per_s"),
                  d.get("busy_s"), d.get("wall_s"), d.get("busy_fraction")] for d in devices]
         device_block = {"img": _img(fig["Per-device performance"]) if "Per-device performance" in fig else None,
-                        "table": _table(["slot", "done", "failed", "SAE-tokens", "SAE-tok/s", "busy s", "wall s",
-                                         "busy fraction"], rows)}
+                        "table": _table(["slot", "trials done", "failed attempts", "SAE-tokens", "SAE-tok/s",
+                                         "busy s", "wall s", "busy fraction"], rows)}
+    lead = next((m for m in ("feature_f1", "ce_loss_score") if any(m in p for p in picks)), None)
+    pick_rows = [[p["series"], p["choice"], p.get("trial_id", ""), p.get("l0"), p.get("fvu"),
+                  *([p.get(lead)] if lead else []), p.get("why") or p.get("note", "")] for p in picks]
+    pick_block = {"objective": objective, "table": _table(["type", "choice", "trial_id", "l0", "fvu",
+                                                           *([lead] if lead else []), "why"], pick_rows,
+                                                          sortable=False, text_cols=(0, 1, 2, 6 if lead else 5),
+                                                          colors={0: swatch}),
+                  "snippets": [(p["series"], p["choice"], snippet(p.get("run_dir"))) for p in picks
+                               if p.get("run_dir")]} if picks else None
+    missing_baselines = None if baselines else (
+        "Not run for this sweep: `saesweep baseline SWEEP` scores them (or `baselines: true` in the spec)."
+        if baselines is None else "None computed: no complete trial to take the width and L0s from.")
     return _template().render(
         name=title or store.name, meta=meta, by_type=by_type,
         degenerate=_degenerate_context(df), missed=_missed_context(df),
         matched=_matched_context(df, fig["Matched L0"], swatch) if "Matched L0" in fig else None,
         frontiers=frontiers, baselines=_baselines_table(baselines) if baselines else None,
+        missing_baselines=missing_baselines, picks=pick_block, degenerate_shown=degenerate,
         density=_img(fig["Feature density"]) if "Feature density" in fig else None,
         importance=importance, devices=device_block, trials=_trials_table(df, frontier, swatch),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -60,7 +60,9 @@ def _log_scale(values: np.ndarray) -> bool:
 
 
 def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: Sequence[str],
-                  per_type: dict[str, list], *, title: str = "", baselines: Sequence[dict] = ()) -> Path:
+                  per_type: dict[str, list], *, title: str = "", baselines: Sequence[dict] = (),
+                  flagged: Optional[dict[str, str]] = None) -> Path:
+    """``flagged``: trial id -> why its SAE is degenerate; those points are crossed out."""
     import matplotlib.pyplot as plt
 
     d = df[(df["state"] == "complete")].copy()
@@ -91,6 +93,10 @@ def plot_frontier(df, x: str, y: str, path: Path, colors: dict[str, str], ids: S
             for t in f["sae_type"].unique():  # frontier points in their type's colour
                 ft = f[f["sae_type"] == t]
                 ax.scatter(ft[x], ft[y], s=30, marker=marker, color=colors.get(t, "#555555"), zorder=6)
+    bad = d[d["trial_id"].isin(list(flagged or {}))]
+    if len(bad):
+        ax.scatter(bad[x], bad[y], s=90, marker="x", color="#d62728", linewidths=1.8, zorder=8,
+                   label=f"degenerate SAE ({len(bad)}; off the frontier)")
     if several and any(len(v) > 1 for v in per_type.values()):
         ax.plot([], [], color="gray", ls="--", lw=1.2, label="frontier of each type")
     from saesweep.metrics.baselines import KINDS

@@ -10,7 +10,7 @@ import pandas as pd
 
 from saesweep.config.sweep import sweepable
 from saesweep.io import atomic_write_bytes, atomic_write_text
-from saesweep.reporting.frontier import HOOK_AXIS, frontier_ids
+from saesweep.reporting.frontier import HOOK_AXIS, degenerate_reason, frontier_ids
 from saesweep.sweep.store import SweepStore, TrialRecord
 
 
@@ -51,37 +51,6 @@ def write_table(df: pd.DataFrame, stem: Path) -> list[Path]:
     df.to_parquet(buf, index=False)
     parquet = atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
     return [csv, parquet]
-
-
-#: an SAE is degenerate (not worth reading as a result) when its codes are dense or most of
-#: its dictionary is dead
-DENSE_L0_FRACTION = 0.5
-DEAD_FRACTION_LIMIT = 0.5
-#: ... or its codes far sparser than the source's true features (a synthetic source knows them)
-SPARSE_L0_FRACTION = 0.25
-
-
-def degenerate_reason(row: "pd.Series | dict") -> str:
-    """Why a complete trial's SAE is degenerate ('' when it is not): L0 above half the
-    dictionary or above d_in (dense codes), L0 below a quarter of a synthetic source's true L0,
-    or more than half of the features dead."""
-    get = row.get
-    l0, dead, d_in, d_sae = get("l0"), get("dead_fraction"), get("d_in"), get("d_sae")
-    reasons = []
-    if _num(l0) and _num(d_sae) and l0 > DENSE_L0_FRACTION * d_sae:
-        reasons.append(f"dense: L0 {l0:.0f} > half of {d_sae:.0f} features")
-    elif _num(l0) and _num(d_in) and l0 > d_in:
-        reasons.append(f"dense: L0 {l0:.0f} > d_in {d_in:.0f}")
-    true_l0 = get("true_l0")
-    if _num(l0) and _num(true_l0) and l0 < SPARSE_L0_FRACTION * true_l0:
-        reasons.append(f"too sparse: L0 {l0:.2g} < a quarter of the source's true L0 {true_l0:.2g}")
-    if _num(dead) and dead > DEAD_FRACTION_LIMIT:
-        reasons.append(f"{dead:.0%} of features dead")
-    return "; ".join(reasons)
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and v == v
 
 
 def complete_trials(df: pd.DataFrame) -> pd.DataFrame:
