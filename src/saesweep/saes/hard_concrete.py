@@ -201,7 +201,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     revision = 1  # 1: the gate logits' learning rate (GATE_LR_SCALE)
     fused = True
     # memory hint: 8 wide tensors measured at the training peak, plus slack (see PackedSAE)
-    train_wide, eval_wide = 10, 8
+    train_wide, eval_wide = 15, 8
     hyperparams = {
         **BETA_PARAMS,
         "input_dependent_gates": HyperParam(
