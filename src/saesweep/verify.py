@@ -91,8 +91,16 @@ def files_to_check(root: Path) -> Iterator[Path]:
             yield p
 
 
+def stray_temporary_files(root: Path) -> list[Path]:
+    """Temporary files of atomic writes (``.NAME.XXXX.tmp``) left by a process that was killed
+    mid-write: never read, safe to delete."""
+    if root.is_file():
+        return []
+    return sorted(p for p in root.rglob("*.tmp") if p.is_file())
+
+
 def verify(root: str | Path) -> tuple[int, list[Problem]]:
-    """(files checked, problems found) under ``root``."""
+    """(files checked, problems found) under ``root``; stray temporary files are problems too."""
     root = Path(root)
     checked, problems = 0, []
     for path in files_to_check(root):
@@ -100,4 +108,7 @@ def verify(root: str | Path) -> tuple[int, list[Problem]]:
         what = CHECKS[path.suffix](path)
         if what:
             problems.append(Problem(path, what))
+    for path in stray_temporary_files(root):
+        problems.append(Problem(path, "a stray temporary file of a write that was cut off (never read; safe to "
+                                      "delete)"))
     return checked, problems

@@ -24,6 +24,12 @@ def setup_files(root: Path) -> None:
     (root / "afile").write_text("not a folder")
     (root / "big.yaml").write_text(yaml.safe_dump({"name": "big", "sae_types": ["relu"], "grids": {"relu": {
         "lr": [1e-3], "dict_size_ratio": [1e12], "sparsity_coeff": [0.1]}}}))
+    (root / "empty.yaml").write_text("")
+    (root / "hb.yaml").write_text(yaml.safe_dump({"name": "hb", "execution": {"lease_s": 5, "heartbeat_s": 60}}))
+    (root / "k.yaml").write_text(yaml.safe_dump({**TINY, "sae_type": "topk", "k": 1000, "dict_size_ratio": 4}))
+    (root / "tera.yaml").write_text(yaml.safe_dump({**TINY, "dict_size_ratio": 1e12}))
+    (root / "bin.yaml").write_bytes(bytes(range(256)))
+    (root / "syntax.yaml").write_text("name: x\nbase: {train: [1, 2}\n")
     shutil.copy(LEGACY, root / "legacy.journal")
     (root / "garbage.journal").write_bytes(bytes(range(256)) * 8)
     lines = LEGACY.read_bytes().split(b"\n")
@@ -56,6 +62,18 @@ CASES = [
     (["report", "legacy", "--storage", "legacy.journal", "--out", "afile"], "--out afile"),
     (["report", "legacy", "--storage", "legacy.journal", "--metric", "bogus"], "--metric bogus"),
     (["verify", "nosuch"], "nosuch"),
+    (["sweep", "--spec", "empty.yaml"], "empty.yaml: empty"),  # not the default sweep
+    (["sweep", "--spec", "hb.yaml", "--dry_run"], "heartbeat_s (60) must be at most a third of execution.lease_s (5)"),
+    (["train", "k.yaml"], "k: 1000 is above the dictionary size 32"),
+    (["train", "tera.yaml"], "dict_size_ratio"),  # the memory plan, as sweep refuses it
+    (["sweep", "--spec", "/dev/zero"], "/dev/zero: larger than 1 MiB"),
+    (["grid", "--spec", "bin.yaml"], "bin.yaml: not a text file"),
+    (["grid", "--spec", "syntax.yaml"], "syntax.yaml: malformed YAML at line 2, column"),
+    (["status", "x", "--storage", "postgresql://u:p@[::1"], "not a valid PostgreSQL URL"),
+    (["sweep", "--sae_types", "relu", "--limit", "1", "--storage", "sqlite:///nosuchdir/x.db"], "no folder nosuchdir"),
+    (["sweep", "--sae_types", "relu", "--limit", "1", "--storage", "sqlite:///nosuchdir/x.db", "--dry_run"],
+     "no folder nosuchdir"),
+    (["sweep", "--sae_types", "relu", "--limit", "1", "--name", "a b", "--dry_run"], "--name 'a b'"),
 ]
 
 
@@ -104,3 +122,74 @@ def test_a_password_typed_in_the_storage_url_is_warned_about(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 0 and "password in --storage is visible" in err and "~/.pgpass" in err
     assert "s3cret" not in err
+
+
+def test_an_unknown_flag_points_at_set(tmp_path, monkeypatch, capsys):
+    setup_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "c.yaml", "--lr", "0.01"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--set lr=0.01" in err, err
+
+
+def test_a_library_error_is_one_line_unless_debug_is_asked(tmp_path, monkeypatch, capsys):
+    from saesweep.cli import sweep as cli_sweep
+
+    def boom(args):
+        raise RuntimeError("deep inside a library\nwith more lines")
+
+    monkeypatch.setattr(cli_sweep, "cmd_grid", boom)
+    from saesweep.cli import app
+
+    monkeypatch.setitem(app.COMMANDS, "grid", app.COMMANDS["grid"]._replace(handler=boom))
+    monkeypatch.chdir(tmp_path)
+    assert main(["grid"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("saesweep grid: error: RuntimeError: deep inside a library (SAESWEEP_DEBUG=1 or --debug shows "
+                   "the traceback)")
+    with pytest.raises(RuntimeError):
+        main(["grid", "--debug"])
+    monkeypatch.setenv("SAESWEEP_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["grid"])
+
+
+def test_read_only_commands_leave_a_torn_journal_as_it_is(tmp_path, monkeypatch, capsys):
+    shutil.copytree(LEGACY.parents[2], tmp_path / "legacy")
+    journal = tmp_path / "legacy" / "runs" / "legacy" / "sweep.journal"
+    journal.write_bytes(journal.read_bytes() + b'{"op_code": 5, "trial')  # a torn final record
+    before = journal.read_bytes()
+    monkeypatch.chdir(tmp_path / "legacy")
+    for argv in (["status", "runs/legacy"], ["results", "runs/legacy", "--output", str(tmp_path / "r")],
+                 ["verify", "runs/legacy"]):
+        main(argv)
+        assert journal.read_bytes() == before, argv
+    out = capsys.readouterr().out
+    assert "partial final record" in out
+
+
+def test_verify_lists_stray_temporary_files(tmp_path, monkeypatch, capsys):
+    shutil.copytree(LEGACY.parents[2], tmp_path / "legacy")
+    trial = next((tmp_path / "legacy" / "runs" / "legacy" / "trials").iterdir())
+    (trial / ".metrics.json.abc123.tmp").write_text("{")
+    assert main(["verify", str(tmp_path / "legacy" / "runs" / "legacy")]) == 1
+    out = capsys.readouterr().out
+    assert ".metrics.json.abc123.tmp: a stray temporary file" in out
+
+
+def test_lm_source_inputs_are_checked_before_any_work(tiny_lm, tiny_tokens_parquet, tmp_path, monkeypatch, capsys):
+    base = {"sae_type": "relu", "source": {"kind": "hf", "model": str(tiny_lm), "dataset": str(tiny_tokens_parquet),
+                                           "hook": "blocks.1.hook_resid_pre", "context_length": 32},
+            "train": {"tokens": 2048}, "eval": {"tokens": 512, "ce_tokens": 0}}
+    cases = [({"context_length": 100000}, "source.context_length: 100000 is above"),
+             ({"text_column": "story"}, "source.text_column:")]
+    monkeypatch.chdir(tmp_path)
+    for extra, names in cases:
+        cfg = {**base, "source": {**base["source"], **extra}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        before = tree(tmp_path)
+        assert main(["train", "c.yaml"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and names in err, err
+        assert tree(tmp_path) == before

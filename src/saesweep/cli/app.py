@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 from saesweep.version import __version__
 from saesweep.cli import launch, report, sweep, train
-from saesweep.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
+from saesweep.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
 from saesweep.config.experiment import ConfigError
 from saesweep.training.allocator import tune_allocator
 
@@ -64,23 +64,32 @@ COMMANDS: dict[str, Command] = {
 def build_parser() -> Parser:
     p = Parser(prog="saesweep", description="Train sparse autoencoders and sweep their hyperparameters.")
     p.add_argument("--version", action="version", version=f"saesweep {__version__}")
+    p.add_argument("--debug", action="store_true", help=f"a traceback instead of one line on an unexpected error "
+                                                        f"(also: {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    p.commands = {}
     for name, cmd in COMMANDS.items():
-        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        sp = p.commands[name] = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_args(sp)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="a traceback instead of one line on an unexpected error")
         sp.set_defaults(handler=cmd.handler)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own parser says it, with its hints
+        parser.commands.get(getattr(args, "command", None) or "", parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
     tune_allocator()
-    _warn_password_in_argv(args)
+    debug = bool(getattr(args, "debug", False) or os.environ.get(DEBUG_ENV))
     try:
+        _warn_password_in_argv(args)
         return int(args.handler(args) or 0)
     except ConfigError as e:
         print(f"saesweep {args.command}: error: {e}", file=sys.stderr)
@@ -88,15 +97,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"saesweep {args.command}: disk full ({e.filename or 'a write'}); nothing partial was kept: free some "
-              "space and run again", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as e:
+        if debug:
+            raise
+        print(f"saesweep {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+#: set (to anything) for a traceback instead of one line when a command fails unexpectedly
+DEBUG_ENV = "SAESWEEP_DEBUG"
+
+
+def one_line(e: BaseException) -> str:
+    """What a failure underneath saesweep (an OS error on a path the user gave, a library's own
+    error) says, in one line: a full disk, the file and the OS's reason, or the error's type and
+    first line, and how to see the traceback."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"disk full ({e.filename or 'a write'}); nothing partial was kept: free some space and run again")
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or type(e).__name__}"
+    text = str(e).strip().splitlines()
+    first = text[0][:300] if text else ""
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        return one_line(cause)
+    return f"{type(e).__name__}: {first} ({DEBUG_ENV}=1 or --debug shows the traceback)"
 
 
 def _warn_password_in_argv(args: argparse.Namespace) -> None:

@@ -16,7 +16,15 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class Parser(argparse.ArgumentParser):
+    commands: dict[str, "Parser"]  # the top-level parser's subcommand parsers
+
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        import re
+
+        unknown = re.match(r"unrecognized arguments: (--?[A-Za-z][\w.-]*)(?:[= ]([^-\s]\S*))?", message)
+        if unknown and any(a.dest == "set" for a in self._actions):
+            field = unknown.group(1).lstrip("-").replace("-", "_")
+            message += f" (a config field is set with --set {field}={unknown.group(2) or 'VALUE'})"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 

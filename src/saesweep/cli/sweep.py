@@ -56,6 +56,15 @@ def run_flags(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace, **extra: Any):
     from saesweep.config.sweep import load_spec
 
+    name = getattr(args, "name", None)
+    if name is not None:
+        import re
+
+        from saesweep.config.sweep import NAME_PATTERN
+
+        if not re.fullmatch(NAME_PATTERN, name) or len(name) > 100:
+            raise ConfigError(f"--name {name[:40]!r}{'...' if len(name) > 40 else ''}: a sweep name has at most 100 "
+                              "characters: letters, digits and . _ + -, starting with a letter or digit")
     if getattr(args, "storage", None) == "":
         raise ConfigError("--storage: empty; give a journal file path, postgresql://... or sqlite:///..., "
                           "or leave the flag out for the sweep folder's journal")
@@ -231,6 +240,9 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     outcome, recs, c = run.outcome, run.records, run.counts
     from saesweep.sweep.store import count_line, failure_line
 
+    if outcome.outage:
+        print(f"stopped: {outcome.aborted}", file=sys.stderr)
+        return outcome.exit_code
     if run.retried:
         print(f"Retried {len(run.retried)} trial(s) that had failed")
     if run.reevaluated:
@@ -374,12 +386,12 @@ def sweep_ref_args(p):
 
 
 def open_existing(args):
-    """(store, sweep folder) for a sweep named on the command line."""
+    """(store, sweep folder) for a sweep named on the command line, opened read-only."""
     from saesweep.sweep.store import SweepStore
 
     ref = Path(args.sweep)
     if args.storage:
-        store = SweepStore(args.storage, args.sweep, create=False)
+        store = SweepStore(args.storage, args.sweep, create=False, read_only=True)
         return store, Path(args.output_dir) / args.sweep
     for folder in (ref, Path(args.output_dir) / args.sweep):
         journal = folder / "sweep.journal"
@@ -388,9 +400,10 @@ def open_existing(args):
 
             from saesweep.sweep.storages import open_backend
 
-            names = [s.study_name for s in optuna.get_all_study_summaries(open_backend(str(journal), create=False).storage)]
+            names = [s.study_name for s in optuna.get_all_study_summaries(
+                open_backend(str(journal), create=False, read_only=True).storage)]
             name = folder.name if folder.name in names else (names[0] if names else folder.name)
-            return SweepStore(str(journal), name, create=False), folder
+            return SweepStore(str(journal), name, create=False, read_only=True), folder
     raise ConfigError(f"sweep {args.sweep!r}: no sweep folder with a sweep.journal at {ref} or {Path(args.output_dir) / args.sweep}; "
                       "give --storage for a database")
 

@@ -405,7 +405,11 @@ class ExperimentConfig(Strict):
         return d_sae
 
     def check_target(self, d_in: int) -> None:
-        """A ConfigError unless ``target_l0`` is reachable: at least 1 and at most the dictionary."""
+        """A ConfigError unless ``target_l0`` (or ``k``) is reachable: at most the dictionary."""
+        k = getattr(self, "k", None) if "k" in saes.declaration(self.sae_type).hyperparams else None
+        if isinstance(k, (int, float)) and self.target_l0 is None and k > self.d_sae(d_in):
+            raise ConfigError(f"k: {k:g} is above the dictionary size {self.d_sae(d_in)} "
+                              f"(dict_size_ratio {self.dict_size_ratio:g} x d_in {d_in}); k is at most the dictionary size")
         if self.target_l0 is None:
             return
         d_sae = self.d_sae(d_in)
@@ -510,17 +514,43 @@ def stored_config(data: Any, *, where: str = "config") -> "ExperimentConfig":
     return parse_config(data, where=where)
 
 
+#: the largest spec or config file read (they are small YAML files)
+MAX_YAML_BYTES = 2**20
+
+
 def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a ConfigError naming the file for anything that is not a small
+    YAML text file (a folder, a device, binary data, more than :data:`MAX_YAML_BYTES`), and
+    the line and column of a syntax error."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; give a YAML file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES // 2**20} MiB; a spec or config is a small YAML text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a spec or config is YAML text") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes); a spec or config is YAML text")
     try:
         return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = e.problem or e.context or "syntax error"
+        raise ConfigError(f"{path}: malformed YAML{where}: {what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path) -> "ExperimentConfig":
-    return parse_config(read_yaml(path), where=str(path))
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path}: empty; an experiment config needs at least sae_type (see examples/experiment.yaml)")
+    return parse_config(data, where=str(path))

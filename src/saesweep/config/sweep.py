@@ -230,10 +230,14 @@ class TrackingSpec(Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
+#: what a sweep name may be (it names a folder and a study)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+
+
 class SweepSpec(Strict):
     """A sweep: a base experiment, per-type grids, the search method, storage and execution."""
 
-    name: str = Field("seed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=100)
+    name: str = Field("seed", pattern=NAME_PATTERN, max_length=100)
     base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig fields shared by every trial")
     sae_types: list[str] = Field(default_factory=classic_types, min_length=1)
     grids: dict[str, dict[str, Any]] = Field(default_factory=default_grids)
@@ -378,7 +382,8 @@ def load_spec(path: Optional[str | os.PathLike] = None, **overrides: Any) -> Swe
     if path is not None:
         loaded = read_yaml(Path(path))
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"{path}: empty; a sweep spec needs at least one field (see examples/demo.yaml), "
+                              "or leave --spec out for the default grids")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sweep fields")
         data, where = loaded, str(path)

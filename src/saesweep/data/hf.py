@@ -74,6 +74,10 @@ def check_source(source: HFSource) -> Any:
             f"source.hook: {source.hook!r} is out of range for {source.model} ({n} blocks); use "
             f"blocks.L.hook_resid_pre with L in 0..{n} or blocks.L.hook_resid_post with L in 0..{n - 1}"
         )
+    longest = max_positions(config)
+    if longest is not None and source.context_length > longest:
+        raise ConfigError(f"source.context_length: {source.context_length} is above {source.model}'s maximum of "
+                          f"{longest} positions; use at most {longest}")
     files = dataset_files(source.dataset)
     if files is not None:
         missing = [str(f) for f in files if not f.is_file()]
@@ -82,11 +86,44 @@ def check_source(source: HFSource) -> Any:
         kinds = {DATA_BUILDERS[f.suffix.lower()] for f in files}
         if len(kinds) > 1:
             raise ConfigError("source.dataset: the files mix formats; list .parquet or .jsonl/.json or .txt files")
+        if "text_column" in source.model_fields_set and "input_ids" in peek_columns(files[0]):
+            raise ConfigError(f"source.text_column: {files[0]} is pre-tokenised (its input_ids column is used as it "
+                              "is), so text_column does not apply; remove it")
     elif looks_local(source.dataset) and not Path(source.dataset).expanduser().is_dir():
         raise ConfigError(f"source.dataset: no such file or folder: {source.dataset}")
     if source.prepend_bos and bos_id(config, None) is None:
         raise ConfigError(f"source.prepend_bos: {source.model} defines no BOS token; set prepend_bos: false")
     return config
+
+
+def peek_columns(path: Path) -> list[str]:
+    """The columns of a local .parquet or .jsonl file, read from its schema or first row ([] when
+    that cannot be told cheaply)."""
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if path.suffix.lower() in (".jsonl", ".json"):
+            import json
+
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(f.readline() or "{}")
+            return list(first) if isinstance(first, dict) else []
+    except (OSError, ValueError, UnicodeDecodeError, ImportError):
+        return []
+    except Exception:  # pyarrow's own errors on a damaged file: the reader reports it later
+        return []
+    return []
+
+
+def max_positions(config: Any) -> Optional[int]:
+    """The longest sequence the model takes (its position table), when its config says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def _first_id(value: Any) -> Optional[int]:

@@ -35,12 +35,12 @@ class SweepRun:
 
 
 def check_targets(configs: Optional[Sequence[ExperimentConfig]]) -> None:
-    """A ConfigError for a target L0 above the dictionary of an hf source's SAE, before anything
+    """A ConfigError for a target L0 (or k) above the dictionary of an hf source's SAE, before anything
     starts (a synthetic source's width is known when its config is read, and checked then)."""
     from saesweep.memory import source_width
 
     for cfg in configs or ():
-        if cfg.target_l0 is not None and cfg.source.kind == "hf":
+        if cfg.source.kind == "hf":
             d_in = source_width(cfg)
             if d_in:
                 cfg.check_target(d_in)
@@ -68,6 +68,7 @@ def plan_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], *, wi
     found = detect(with_free=with_free)
     slots = plan_workers(spec.execution.devices, mp, configs, spec.execution, found=found)
     backend = backend_for(str(spec.storage_url))
+    backend.check(str(spec.storage_url))
     if len(slots) > 1 and not backend.concurrent_workers:
         raise ConfigError(
             f"--storage {redact(spec.storage_url)}: {backend.title} cannot serve {len(slots)} concurrent workers safely "
@@ -103,6 +104,8 @@ def run_sweep(spec: SweepSpec, configs: Optional[list[ExperimentConfig]], plan: 
     reevaluated = store.requeue_unevaluated(Path(store.info.get("checkpoint_dir", spec.sweep_dir / "checkpoints")), ids)
     retried = store.requeue_failed(ids) if retry_failed else []
     outcome = run_workers(store, spec.execution, plan.slots, policy=spec.execution.policy)
+    if outcome.outage:  # the database is away: there is nothing to read until it is back
+        return SweepRun(outcome, [], {}, retried, reevaluated)
     records = store.records()
     # the selected trials only, not the whole store
     counts = tally([r for r in records if ids is None or r.trial_id in ids])

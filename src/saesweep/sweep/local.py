@@ -51,7 +51,7 @@ from saesweep.sweep.progress_log import log_lines
 from saesweep.sweep.signals import SignalRelay
 from saesweep.sweep.store import SweepStore
 from saesweep.sweep.urls import password_to_env, redact, split_password
-from saesweep.sweep.worker import SweepAborted, Worker
+from saesweep.sweep.worker import EXIT_OUTAGE, OutageAborted, SweepAborted, Worker
 
 SLOTS_ATTR = "slots"
 #: debug knob: ``SAESWEEP_SLOW_SLOTS="cpu:1=1.5"`` makes that slot's workers spend 1.5 s more per
@@ -65,11 +65,14 @@ class SweepOutcome:
     workers: list[dict[str, Any]] = field(default_factory=list)
     aborted: Optional[str] = None
     interrupted: bool = False
+    outage: bool = False  # a worker gave up on an unreachable database
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.outage:
+            return EXIT_OUTAGE
         return 0 if self.counts.get("failed", 0) == 0 and self.counts.get("waiting", 0) == 0 and not self.aborted else 1
 
 
@@ -153,6 +156,7 @@ class _InProcess(LocalWorkers):
                         stop=stop, max_pack=slot.max_pack)
         interrupted = False
         aborted = None
+        outage = False
 
         def on_signal(n: int) -> None:
             nonlocal interrupted
@@ -165,12 +169,14 @@ class _InProcess(LocalWorkers):
         try:
             worker.run()
         except SweepAborted as e:
-            aborted = str(e)
+            aborted, outage = str(e), isinstance(e, OutageAborted)
         finally:
             if lines is not None:
                 lines.stop()
             relay.restore()
             save_worker_stats(store, worker.stats, slot, "local")
+        if outage:  # the database is away: nothing more can be read from it
+            return SweepOutcome({}, [stats_dict(worker.stats, slot, "local")], aborted, interrupted, outage=True)
         return SweepOutcome(store.counts(), [stats_dict(worker.stats, slot, "local")], aborted, interrupted)
 
 
@@ -257,10 +263,24 @@ class _Processes(LocalWorkers):
             codes = [p.wait() for _, p in procs]
         finally:
             self._cleanup()
-        info = store.info
+        try:
+            info = store.info
+        except Exception:  # a database that stayed away: the workers said why
+            info = {}
         workers = [v for k, v in info.items() if k.startswith(WORKER_STATS_PREFIX) and v.get("run") == self.run_id]
         aborted = next((w.get("aborted") for w in workers if w.get("aborted")), None)
-        bad = [(s.name, c) for (s, _), c in zip(procs, codes) if c not in (0, 1, 130, -signal.SIGTERM, -signal.SIGKILL)]
+        outage = EXIT_OUTAGE in codes
+        bad = [(s.name, c) for (s, _), c in zip(procs, codes)
+               if c not in (0, 1, 130, EXIT_OUTAGE, -signal.SIGTERM, -signal.SIGKILL)]
         if not aborted and bad and not self.stopping.is_set():
             aborted = f"worker {bad[0][0]} exited with code {bad[0][1]}"
-        return SweepOutcome(store.counts(), workers, aborted, self.stopping.is_set())
+        if outage and not aborted:
+            aborted = "the sweep's database stayed unreachable past execution.outage_budget_s; run the same command " \
+                      "again once it is back"
+        try:
+            counts = store.counts()
+        except Exception:
+            if not outage:
+                raise
+            counts = {}
+        return SweepOutcome(counts, workers, aborted, self.stopping.is_set(), outage=outage)

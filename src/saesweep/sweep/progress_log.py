@@ -37,7 +37,7 @@ class PackProgress:
 
     def start(self, trial_ids: list[str], steps: int, batch_size: int) -> None:
         self.pack = {"worker": self.worker, "trials": trial_ids, "members": len(trial_ids), "steps": steps,
-                     "batch_size": batch_size, "step": 0}
+                     "batch_size": batch_size, "step": 0, "started": time.time()}
         self._write(force=True)
 
     def log(self, config: Any, record: dict) -> None:
@@ -135,6 +135,8 @@ class ProgressLines:
                 self._rates[p["worker"]] = rate_parts[-1]
             elif p["worker"] in self._rates:  # no newer step written since the last line
                 rate_parts.append(self._rates[p["worker"]])
+            elif done and at > float(p.get("started", at)):  # a first look: the pack's rate since it started
+                rate_parts.append(done / (at - float(p["started"])))
             if before is None or at > before[0]:
                 self._seen[p["worker"]] = (at, done)
             left += max(0, int(p.get("steps", 0)) - int(p.get("step", 0))) * int(p.get("batch_size", 0)) \

@@ -118,12 +118,15 @@ class TrialRecord:
 class SweepStore:
     """Trials, states, leases, metrics and artifact paths of one sweep."""
 
-    def __init__(self, url: str, name: str, *, directions: Optional[Sequence[str]] = None, create: bool = True) -> None:
+    def __init__(self, url: str, name: str, *, directions: Optional[Sequence[str]] = None, create: bool = True,
+                 read_only: bool = False) -> None:
+        """``read_only``: for commands that only read (status, results, report, verify): the
+        storage is opened without repairs or writes."""
         # optuna announces every trial it creates; a sweep creates hundreds
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.name = url, name
         self._derived_keys: dict[int, str] = {}  # trial number -> pack key, for trials queued under another rule
-        self.backend = open_backend(url, create=create)
+        self.backend = open_backend(url, create=create and not read_only, read_only=read_only)
         self._held: dict[str, HeldLock] = {}  # liveness locks this process holds, by worker
         if create:
             dirs: Any = list(directions or ["minimize"])  # "minimize" / "maximize"

@@ -53,6 +53,19 @@ from saesweep.training.trainer import resolve_device
 class SweepAborted(RuntimeError):
     """Too many failures in a row, or a full disk: the sweep stops with a clear message."""
 
+    exit_code = 1
+
+
+#: the exit code of a worker that gave up on an unreachable database (BSD's EX_TEMPFAIL: try again later)
+EXIT_OUTAGE = 75
+
+
+class OutageAborted(SweepAborted):
+    """The database stayed unreachable past ``execution.outage_budget_s``: nothing is lost, and
+    running the same command again when it is back carries on."""
+
+    exit_code = EXIT_OUTAGE
+
 
 @dataclass
 class WorkerStats:
@@ -308,16 +321,17 @@ class Worker:
         except Exception as e:
             if not self.store.backend.is_retryable(e):
                 raise
-            msg = (f"database unreachable for more than {self.ex.outage_budget_s:.0f}s "
-                   f"(execution.outage_budget_s): stopping this worker; the trials it finished are saved in their "
-                   f"run folders and recorded by the next worker ({type(e).__name__})")
+            msg = (f"the sweep's database ({redact(self.store.store.url)}) was unreachable for more than "
+                   f"{self.ex.outage_budget_s:.0f}s (execution.outage_budget_s): stopping this worker; the trials it "
+                   f"finished are saved in their run folders, and the same command run again once the database is "
+                   f"back records them and carries on (exit code {EXIT_OUTAGE})")
             self.stats.aborted = msg
-            raise SweepAborted(msg) from None
+            raise OutageAborted(msg) from None
         finally:
             try:
                 self.store.release_lease(self.worker_id)
             except Exception as e:
-                if not self.store.backend.is_retryable(e):
+                if not self.store.backend.is_retryable(e) and not isinstance(sys.exc_info()[1], OutageAborted):
                     raise
             self._drop_data()
             self.stats.wall_s = time.perf_counter() - t0

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from saesweep.sweep.display import save_worker_stats
     from saesweep.sweep.local import SLOW_SLOTS_ENV
     from saesweep.sweep.planning import ASSIGNMENT_ATTR, assigned_to
-    from saesweep.sweep.worker import SweepAborted, Worker
+    from saesweep.sweep.worker import EXIT_OUTAGE, SweepAborted, Worker
 
     kind = "cuda" if args.device.startswith("cuda") else args.device.split(":")[0]
     slot = Slot(args.slot or args.device, args.device, kind, args.threads, max_pack=args.max_pack)
@@ -87,12 +87,12 @@ def main(argv=None) -> int:
         worker.run()
     except SweepAborted as e:
         print(f"saesweep worker {slot.name}: {e}", file=sys.stderr)
-        code = 1
+        code = e.exit_code
     finally:
         try:
             save_worker_stats(store, worker.stats, slot, args.run)
         except Exception as e:  # the database is still away: the stats are only for the report
-            if not store.backend.is_retryable(e):
+            if not store.backend.is_retryable(e) and code != EXIT_OUTAGE:
                 raise
         if worker.tracker is not None:
             worker.tracker.close()

@@ -25,6 +25,6 @@ def backend_for(url: str) -> type[Backend]:
     raise ConfigError(f"--storage {redact(url)}: unknown scheme; use a journal file path, postgresql://... or sqlite:///...")
 
 
-def open_backend(url: str, *, create: bool = True) -> Backend:
+def open_backend(url: str, *, create: bool = True, read_only: bool = False) -> Backend:
     """The opened storage ``url`` names (see :meth:`Backend.open`)."""
-    return backend_for(url).open(url, create=create)
+    return backend_for(url).open(url, create=create, read_only=read_only)

@@ -52,9 +52,15 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True) -> "Backend":
+    def check(cls, url: str) -> None:
+        """A ConfigError naming ``--storage`` when ``url`` cannot work, found without opening
+        anything (a dry run checks this); by default nothing is checked."""
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True, read_only: bool = False) -> "Backend":
         """Open (with ``create``, create) the storage ``url`` names; a ConfigError naming
-        ``--storage`` when it cannot be."""
+        ``--storage`` when it cannot be. With ``read_only`` the opening writes nothing (a
+        command that only reads, such as ``status``, never repairs or changes the storage)."""
         raise NotImplementedError
 
     @contextlib.contextmanager

@@ -36,7 +36,7 @@ class JournalBackend(Backend):
         return url.startswith("journal:") or "://" not in url
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True) -> "JournalBackend":
+    def open(cls, url: str, *, create: bool = True, read_only: bool = False) -> "JournalBackend":
         """With ``create`` false the file must exist already (nothing is created for a sweep
         that is not there)."""
         if url == "":
@@ -54,7 +54,8 @@ class JournalBackend(Backend):
             raise ConfigError(journal_damage(path, ValueError("not a sweep journal")))
         try:
             backend = safe_journal_file()(str(path), lock_obj=JournalFileOpenLock(str(path)))
-            backend.repair()
+            if not read_only:  # a reader skips a torn tail by itself
+                backend.repair()
             storage = JournalStorage(backend)
         except (UnicodeDecodeError, ValueError) as e:  # a damaged line (json.JSONDecodeError is a ValueError)
             raise ConfigError(journal_damage(path, e)) from None

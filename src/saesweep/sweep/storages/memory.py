@@ -20,7 +20,7 @@ class MemoryBackend(Backend):
         return url == ":memory:"
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True) -> "MemoryBackend":
+    def open(cls, url: str, *, create: bool = True, read_only: bool = False) -> "MemoryBackend":
         return cls(url, None, optuna.storages.InMemoryStorage())
 
     @contextlib.contextmanager

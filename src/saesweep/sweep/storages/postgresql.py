@@ -139,7 +139,13 @@ class PostgresBackend(Backend):
         return url.startswith(("postgresql://", "postgresql+", "postgres://"))
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True) -> "PostgresBackend":
+    def check(cls, url: str) -> None:
+        from saesweep.sweep.urls import split_password
+
+        split_password(url)  # a ConfigError for a URL that does not parse
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True, read_only: bool = False) -> "PostgresBackend":
         if url.startswith("postgres://"):
             url = "postgresql://" + url[len("postgres://"):]
         try:

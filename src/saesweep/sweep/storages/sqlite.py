@@ -9,6 +9,7 @@ from typing import Iterator
 
 import optuna
 
+from saesweep.config.experiment import ConfigError
 from saesweep.io import file_lock
 from saesweep.sweep.storages.base import Backend, lock_file
 
@@ -22,8 +23,23 @@ class SQLiteBackend(Backend):
         return url.startswith("sqlite:///")
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True) -> "SQLiteBackend":
-        return cls(url, Path(url[len("sqlite:///"):]), optuna.storages.RDBStorage(url))
+    def check(cls, url: str) -> None:
+        path = Path(url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise ConfigError(f"--storage {url}: no folder {path.parent} for the database file; create it first")
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True, read_only: bool = False) -> "SQLiteBackend":
+        path = Path(url[len("sqlite:///"):])
+        cls.check(url)
+        if not create and not path.is_file():
+            raise ConfigError(f"--storage {url}: no such database file")
+        try:
+            storage = optuna.storages.RDBStorage(url)
+        except Exception as e:  # a file that is not a database, no write permission, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConfigError(f"--storage {url}: cannot open it as an SQLite database ({first})") from None
+        return cls(url, path, storage)
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
