@@ -118,3 +118,40 @@ def test_the_matched_l0_example_report_in_a_real_browser(chromium, tmp_path):
         assert all(images)
     finally:
         b.close()
+
+
+def test_report_fits_1280_px_and_starts_with_a_pick(chromium, tmp_path):
+    """At 1280 px nothing is cut off: the page does not overflow sideways, and a table wider than
+    its place scrolls inside it. The pick names a non-degenerate trial."""
+    store = SweepStore(str(tmp_path / "w" / "sweep.journal"), "w", directions=["minimize"])
+    store.set_info(objectives=["fvu"], spec={"search": {"method": "grid"}})
+    lr = CategoricalDistribution([1e-3, 3e-3])
+    many = {f"extra_metric_{i}": 0.5 + i for i in range(12)}  # a wide trials table
+    for i, (tid, l0, fvu, dead) in enumerate(TRIALS):
+        store.study.add_trial(optuna.trial.create_trial(
+            state=COMPLETE, values=[fvu], params={"lr": [1e-3, 3e-3][i % 2]}, distributions={"lr": lr},
+            user_attrs={"trial_id": tid, "sae_type": "relu", "attempt": 1, "device": "cpu", "run_dir": f"/runs/{tid}",
+                        "reason": "x" * 3000,
+                        "metrics": {"l0": l0, "fvu": fvu, "dead_fraction": dead, "cossim": 0.9, "l2_ratio": 1.0,
+                                    "explained_variance": 1 - fvu, "mse": fvu, "l1": 3.0, **many, **SHAPE}}))
+    page = build_report(store, tmp_path / "report").html
+    b = Browser(chromium, tmp_path / "profile")
+    try:
+        s = b.open(page.resolve().as_uri())
+        b.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1,
+                                                      "mobile": False}, session=s)
+        assert b.eval(s, "window.innerWidth") == 1280
+        assert b.eval(s, "document.documentElement.scrollWidth") <= 1280  # no sideways page overflow
+        cut = b.eval(s, """[...document.querySelectorAll('table')].filter(t => {
+            const r = t.getBoundingClientRect(), style = getComputedStyle(t);
+            const scrolls = ['auto', 'scroll'].includes(style.overflowX);
+            return r.right > window.innerWidth || (t.scrollWidth > t.clientWidth + 1 && !scrolls);
+        }).length""")
+        assert cut == 0
+        wide = b.eval(s, "[...document.querySelectorAll('table')].some(t => t.scrollWidth > t.clientWidth + 1)")
+        assert wide  # the check above saw a table that needs its scroll
+        pick = b.eval(s, "document.getElementById('pick').innerText")
+        assert "relu-dense" not in pick and "relu-dead" not in pick
+        assert any(t in pick for t in ("relu-b", "relu-c", "relu-d")) and "saesweep.load_sae(" in pick
+    finally:
+        b.close()
