@@ -29,7 +29,9 @@ def trained_member_codes(result, x_norm):
     """Codes of the trained model on normalised input (what training saw)."""
     from saesweep.training.trainer import train_pack
 
-    pack = train_pack([result.config], open_source(result.config), show_progress=False)
+    data = open_source(result.config)
+    pack = train_pack([result.config], data, show_progress=False)
+    pack.sae.after_training(data.eval_activations())  # as a run does before it exports (a calibrated threshold)
     return pack.sae.encode(x_norm, train=False)[0]
 
 

@@ -46,6 +46,7 @@ def saelens_cfg(sae: saes.PackedSAE, i: int, config: ExperimentConfig) -> dict[s
         )
     else:
         meta.update(model_name=None, hook_name=None, dataset_path=f"synthetic:{src.model_dump_json()}")
+    meta.update(sae.export_metadata(i))
     return {
         "architecture": type(sae).saelens_architecture,
         "d_in": sae.d_in,

@@ -91,11 +91,12 @@ def _cheap_to_train(cfg: dict) -> bool:
         d = float(cfg["source"]["d_in"])
         m = d * float(cfg["dict_size_ratio"])
         tokens = float(cfg["train"]["tokens"]) + float(cfg["eval"]["tokens"])
+        features = float(cfg["source"]["n_features"])
     except (KeyError, TypeError, ValueError):
         return True  # not a valid shape: refused while reading
-    if not all(math.isfinite(v) for v in (d, m, tokens)):
+    if not all(math.isfinite(v) for v in (d, m, tokens, features)):
         return True
-    return (m <= 4096 and tokens <= 8192 and d <= 64) or m * d > 1e12
+    return (m <= 4096 and tokens <= 8192 and d <= 64 and features <= 4096) or m * d > 1e12
 
 
 def check(argv_of, data: dict, name: str) -> None:

@@ -52,3 +52,31 @@ def test_batch_top_equals_topk_on_the_candidate_path_and_the_fallbacks():
     spiky[1::7] = torch.arange(1, 42_858, dtype=torch.float32)
     vals, idx = batch_top(spiky, 10_000, sorted=True)
     torch.testing.assert_close(vals, spiky.topk(10_000).values)
+
+
+def test_the_threshold_is_calibrated_to_k_on_held_out_tokens_by_hand():
+    sae = identity_sae(k=1)
+    sae.threshold.fill_(0.1)  # a running estimate that lags: L0 3 on these tokens
+    x = torch.tensor([[5.0, 4.0, 0.5], [1.0, 0.2, 3.0]])  # activations 5 4 3 1 .5 .2: k * N = 2 kept
+    rows = sae.after_training(x, batch_size=1)  # one token per chunk: each keeps 4 candidates
+    assert sae.threshold.item() == 3.0  # the 3rd largest: codes above it are exactly 5 and 4
+    import pytest
+
+    assert rows == [{"threshold_calibrated": 3.0, "threshold_running": pytest.approx(0.1),
+                     "threshold_calibration_tokens": 2.0}]
+    assert int((sae.encode(x)[0] != 0).sum()) == 2
+
+
+def test_after_training_the_held_out_l0_of_batchtopk_and_matryoshka_is_k(tmp_path):
+    from saesweep.training.run import run
+
+    for sae_type in ("batchtopk", "matryoshka"):
+        r = run({"sae_type": sae_type, "k": 6, "source": {"kind": "synthetic", "d_in": 16, "n_features": 64},
+                 "train": {"tokens": 20480, "batch_size": 1024}, "eval": {"tokens": 4096},
+                 "output_dir": str(tmp_path)}, show_progress=False)
+        assert abs(r.metrics["l0"] / 6 - 1) < 0.02, (sae_type, r.metrics["l0"], r.metrics["threshold_running"])
+        assert r.metrics["threshold_calibration_tokens"] == 4096
+        import json
+
+        cfg = json.loads((r.run_dir / "cfg.json").read_text())
+        assert cfg["metadata"]["threshold_calibration"]["tokens"] == 4096

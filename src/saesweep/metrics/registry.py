@@ -42,6 +42,7 @@ _RECON = "saesweep.metrics.reconstruction"
 _DOWN = "saesweep.metrics.downstream"
 _RECOV = "saesweep.metrics.recovery"
 _RUN = "saesweep.training.run"
+_THRESH = "saesweep.saes.batchtopk"  # thresholded TopK types only (BatchTopK, Matryoshka)
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     # objectives: pruning follows the training MSE unless the objective is the sparsity itself
@@ -80,6 +81,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("target_l0", None, "the L0 the trial was trained to reach (target_l0)", _RUN, in_table=False),
     Metric("l0_error", None, "held-out L0 / target_l0 - 1", _RUN),
     Metric("final_sparsity_coeff", None, "the sparsity coefficient the L0 controller ended with", _RUN,
+           in_table=False),
+    Metric("threshold_calibrated", None, "inference threshold set so the held-out mean L0 is k", _THRESH,
+           in_table=False),
+    Metric("threshold_running", None, "the training's running estimate of the threshold", _THRESH, in_table=False),
+    Metric("threshold_calibration_tokens", None, "held-out tokens the threshold was calibrated on", _THRESH,
            in_table=False),
     # run statistics
     Metric("tokens_per_s", None, "training tokens per second of this SAE", _RUN),

@@ -375,6 +375,19 @@ class PackedSAE(nn.Module):
         self.normalize_decoder()
 
     @torch.no_grad()
+    def after_training(self, x_held_out: Tensor) -> list[dict[str, float]]:
+        """Called once when training ends, before evaluation, with held-out (normalised)
+        activations ``[N, d_in]``: an architecture that sets inference-time state from data
+        (a threshold) does it here and returns, per member, what it set (recorded in
+        ``metrics.json``). Nothing by default."""
+        return [{} for _ in range(self.n)]
+
+    def export_metadata(self, i: int) -> dict[str, Any]:
+        """What member ``i``'s exported ``cfg.json`` records in its metadata beyond the config
+        (what :meth:`after_training` set, for one); nothing by default."""
+        return {}
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 

@@ -105,6 +105,51 @@ class BatchTopKCodes(AuxK):
         kept = torch.where(torch.isfinite(kept), kept.float(), th)
         th.copy_(torch.where(th < 0, kept, THRESHOLD_MOMENTUM * th + (1 - THRESHOLD_MOMENTUM) * kept))
 
+    @torch.no_grad()
+    def after_training(self: PackedSAE, x_held_out: Tensor, batch_size: int = 4096) -> list[dict[str, float]]:
+        """Calibrate each member's inference threshold so that its mean L0 on ``x_held_out`` is
+        ``k``: the threshold becomes the ``k * N + 1``-th largest activation over the ``N``
+        tokens (the running estimate of training lags the codes at short budgets). Each chunk
+        of tokens keeps its largest ``4 k`` activations per token as candidates; should a
+        chunk hold more above the threshold than it kept, the count is redone with room for all."""
+        out = []
+        running = self.threshold.clone()
+        self.threshold.zero_()  # codes at threshold 0 are ReLU(pre): every candidate
+        N = x_held_out.shape[0]
+        for i in range(self.n):
+            k = float(self.k[i])
+            target = int(round(k * N))
+            room = 4
+            while True:
+                pool, floors = [], []
+                for start in range(0, N, batch_size):
+                    x = x_held_out[start:start + batch_size].to(self.device_, torch.float32)
+                    a = self.encode(x)[i].reshape(-1)
+                    cap = min(a.numel(), int(room * k * x.shape[0]) + 1)
+                    top = a.topk(cap).values
+                    pool.append(top)
+                    floors.append(float(top[-1]) if cap < a.numel() else 0.0)
+                vals = torch.cat(pool)
+                theta = float(vals.topk(target + 1).values[-1]) if target < vals.numel() else 0.0
+                if max(floors) <= theta or room * k >= self.d_sae:
+                    break
+                room *= 4  # a chunk kept too few candidates: count again with more room
+            self.threshold[i] = max(theta, 0.0)
+            out.append({"threshold_calibrated": max(theta, 0.0), "threshold_running": float(running[i]),
+                        "threshold_calibration_tokens": float(N)})
+        self.calibration = out
+        return out
+
+    def export_metadata(self: PackedSAE, i: int) -> dict:
+        done = getattr(self, "calibration", None)
+        if not done:
+            return {}
+        c = done[i]
+        return {"threshold_calibration": {
+            "what": "the inference threshold set after training so that the mean L0 on held-out tokens is k",
+            "k": float(self.k[i]), "tokens": int(c["threshold_calibration_tokens"]),
+            "threshold": c["threshold_calibrated"], "running_estimate": c["threshold_running"]}}
+
     def member_state(self: PackedSAE, i: int, scale: float = 1.0) -> dict[str, Tensor]:
         out = super().member_state(i, scale)
         out["threshold"] = self.threshold[i].clamp_min(0).float().expand(self.d_sae).clone()

@@ -148,6 +148,8 @@ def run_pack(
     # an interrupted pack (Ctrl-C, preemption) has no complete member: nothing to evaluate, so
     # the interruption returns at once and its checkpoint resumes the training later
     finished = any(res.members[i].status == "complete" for i in res.alive)
+    # inference-time state set from held-out data (a calibrated threshold), before export
+    settled = res.sae.after_training(data.eval_activations()) if finished else [{} for _ in res.alive]
     row_of = {m: r for r, m in enumerate(res.alive)}
     for i, member in enumerate(res.members):  # what training made is on disk before evaluation starts
         out = member.config.run_dir
@@ -193,7 +195,7 @@ def run_pack(
         cfg = member.config
         out = cfg.run_dir
         if i in row_of and member.status == "complete":
-            m = {**metrics[row_of[i]], **common, "resampled_features": member.resampled,
+            m = {**metrics[row_of[i]], **common, **settled[row_of[i]], "resampled_features": member.resampled,
                  **target_metrics(cfg, metrics[row_of[i]], res.sae, row_of[i])}
             bad = first_nonfinite(m)
             if bad is None:
