@@ -28,6 +28,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SAESWEEP_SPLICE", "tail", "LM-loss metrics: run only the layers after the hook (tail) or a whole "
             "forward per SAE (full)"),
     Setting("SAESWEEP_MALLOC_TUNE", "1", "0 leaves glibc's allocator settings alone"),
+    Setting("SAESWEEP_DEBUG", None, "set: a command that fails unexpectedly shows its traceback instead of one line "
+                                    "(as --debug does)"),
     Setting("SAESWEEP_SLOW_SLOTS", None, "testing: 'cpu:1=1.5' makes that slot's workers wait 1.5 s more per trial"),
 )
 

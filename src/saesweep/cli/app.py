@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Callable, NamedTuple, Optional, Sequence
 
+from saesweep.settings import env
 from saesweep.version import __version__
 from saesweep.cli import launch, report, sweep, train
 from saesweep.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     tune_allocator()
-    debug = bool(getattr(args, "debug", False) or os.environ.get(DEBUG_ENV))
+    debug = bool(getattr(args, "debug", False) or env(DEBUG_ENV))
     try:
         _warn_password_in_argv(args)
         return int(args.handler(args) or 0)
