@@ -84,7 +84,20 @@ def spec_from_args(args: argparse.Namespace, **extra: Any):
     }
     for k, v in parse_overrides(getattr(args, "set", [])).items():
         overrides[f"base.{k}"] = v
-    return load_spec(getattr(args, "spec", None), **overrides)
+    try:
+        return load_spec(getattr(args, "spec", None), **overrides)
+    except ConfigError as e:  # a value a flag gave is named by its flag, not by the spec file
+        text = str(e)
+        for field, flag_name in FLAG_OF_FIELD.items():
+            if overrides.get(field) is not None and f": {field}:" in text:
+                raise ConfigError(f"--{flag_name} {overrides[field]}:" + text.split(f": {field}:", 1)[1]) from None
+        raise
+
+
+#: the spec fields the run flags set, by flag
+FLAG_OF_FIELD = {"execution.max_parallel": "max_parallel", "execution.pack_size": "pack_size",
+                 "execution.devices": "devices", "execution.policy": "policy", "limit": "limit",
+                 "tracking.project": "wandb_project", "output_dir": "output_dir", "storage": "storage"}
 
 
 def describe_params(cfg: ExperimentConfig, fields: Sequence[str]) -> str:

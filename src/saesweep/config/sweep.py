@@ -172,10 +172,11 @@ class SearchSpec(Strict):
 class ExecutionSpec(Strict):
     """How trials run: parallel workers, devices, packing, retries, leases."""
 
-    max_parallel: Annotated[int, Field(ge=1)] = 1
+    max_parallel: Annotated[int, Field(ge=1, le=4096)] = 1
     devices: str = Field("auto", description="auto, or a list such as cuda:0,cuda:1,cpu or cpu:0,cpu:1")
     policy: Literal["dynamic", "round_robin"] = "dynamic"
-    pack_size: Annotated[int, Field(ge=1, description="most trials trained together in one pack (1 = no packing)")] = 16
+    pack_size: Annotated[int, Field(ge=1, le=65536,
+                                    description="most trials trained together in one pack (1 = no packing)")] = 16
     max_retries: Annotated[int, Field(ge=0)] = 2
     max_consecutive_failures: Annotated[int, Field(ge=1)] = 10
     lease_s: Annotated[float, Field(gt=0)] = 120.0

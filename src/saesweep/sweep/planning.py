@@ -119,7 +119,7 @@ def plan_workers(devices: Optional[str], max_parallel: Optional[int] = None, con
         budget = _budget(s, on_device)
         cap, need = None, None
         if est is not None and budget is not None:
-            cap = max([n for n in range(1, pack_size + 1) if est(n) <= budget] or [1])
+            cap = _largest_fitting(est, pack_size, budget)
             need = est(cap)
             cap = cap if cap < pack_size or need > budget else None
         threads = s.threads
@@ -129,6 +129,21 @@ def plan_workers(devices: Optional[str], max_parallel: Optional[int] = None, con
             name = s.name if j == 0 else f"{s.name}#{j}"
             out.append(replace(s, name=name, threads=threads, env=dict(s.env), max_pack=cap, pack_bytes=need))
     return out
+
+
+def _largest_fitting(est: Callable[[int], int], most: int, budget: float) -> int:
+    """The largest pack size in [1, ``most``] whose estimate fits ``budget`` (1 when none does);
+    the estimate grows with the pack size, so a bisection finds it."""
+    lo, hi = 1, max(1, most)
+    if est(lo) > budget:
+        return 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if est(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def device_names(slots: Sequence[Slot]) -> list[str]:
