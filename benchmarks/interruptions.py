@@ -97,6 +97,9 @@ def sigterm(url: str, work: Path, args) -> None:
     stop_s = time.time() - t0
     at_stop = saved_steps(ckpt_dir)
     done_before = sum(1 for t in store.trials([COMPLETE]))
+    from saesweep.sweep.store import RUNNING
+
+    held = len(store.trials([RUNNING]))  # left under a lease by workers that have exited
     t1 = time.time()
     for p in workers(args.then, url, spec.name, work):
         p.wait()
@@ -110,7 +113,8 @@ def sigterm(url: str, work: Path, args) -> None:
     left = list(ckpt_dir.glob("*")) if ckpt_dir.exists() else []
     print(f"{args.first} workers on PostgreSQL, SIGTERM after {len(at_stop)} trials had checkpoints "
           f"({done_before} complete), then {args.then} workers:")
-    print(f"  exit after SIGTERM: {stop_s:.1f} s for all {args.first} workers; the rest took {finish_s:.0f} s")
+    print(f"  exit after SIGTERM: {stop_s:.1f} s for all {args.first} workers; trials left RUNNING (under a "
+          f"lease) after they exited: {held}; the rest took {finish_s:.0f} s")
     print(f"  trials complete: {len(counts)} of {args.trials}; run twice: {sum(c > 1 for c in counts.values())}; "
           f"lost: {args.trials - len(counts)}")
     print(f"  interrupted trials: {len(at_stop)}; share of their checkpointed steps resumed: "

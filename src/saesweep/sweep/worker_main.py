@@ -132,7 +132,10 @@ def open_store(storage: str, sweep: str, label: str, budget_s: float = 600.0, st
         wait=tenacity.wait_exponential(multiplier=1, min=1, max=RETRY_MAX_WAIT_S),
         stop=tenacity.stop_after_delay(budget_s) | tenacity.stop_when_event_set(event),
         before_sleep=say, sleep=pause, reraise=True)
-    return retrying(opened)
+    store, info = retrying(opened)
+    if state.get("said"):  # it waited out an outage: the workers that trained through it get a lease's
+        store.note_outage_end()  # time to heartbeat again before this one reaps their trials
+    return store, info
 
 
 if __name__ == "__main__":
