@@ -174,3 +174,31 @@ def test_a_disk_that_fills_during_the_cache_build_stops_cleanly_with_no_partial_
         assert "train-00000.npy" in err  # it was the build that ran out, not the dataset copy
         leftovers = [p for p in (fs / "cache" / "activations").rglob("*") if p.is_file() and p.suffix != ".lock"]
         assert leftovers == [], leftovers
+
+
+def test_a_disk_that_fills_while_datasets_converts_the_data_is_one_line(tiny_lm, make_cfg, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The dataset's own conversion (datasets writing its Arrow copy) runs out of disk: one line
+    naming the full disk, no traceback."""
+    import json
+
+    import yaml
+    from sweep_helpers import small_filesystem
+
+    from saesweep.cli.app import main
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"text": f"the little cat {i} saw a big red ball and then ran to the park"}) + "\n")
+    with small_filesystem("256k") as fs:
+        if fs is None:
+            pytest.skip("needs a small filesystem: a tmpfs mount (root on Linux)")
+        cfg = make_cfg(tiny_lm, big, cache_dir=fs / "cache", streaming=False, train={"tokens": 20_000})
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        monkeypatch.setattr(budget, "free_bytes", lambda path: 10**12)
+        rc = main(["train", str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "runs")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and "Traceback" not in err, err
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("activations:")]  # the plan
+        assert len(lines) == 1 and "disk full" in lines[0], err

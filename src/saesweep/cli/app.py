@@ -116,15 +116,20 @@ def one_line(e: BaseException) -> str:
     """What a failure underneath saesweep (an OS error on a path the user gave, a library's own
     error) says, in one line: a full disk, the file and the OS's reason, or the error's type and
     first line, and how to see the traceback."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"disk full ({e.filename or 'a write'}); nothing partial was kept: free some space and run again")
+    chain, seen = [], set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:  # the error and what caused it, innermost last
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    full = next((c for c in chain if isinstance(c, OSError) and c.errno == errno.ENOSPC), None)
+    if full is not None:
+        where = next((c.filename for c in chain if isinstance(c, OSError) and c.filename), None)
+        return f"disk full ({where or 'a write'}); nothing partial was kept: free some space and run again"
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or type(e).__name__}"
     text = str(e).strip().splitlines()
     first = text[0][:300] if text else ""
-    cause = e.__cause__ or e.__context__
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-        return one_line(cause)
     return f"{type(e).__name__}: {first} ({DEBUG_ENV}=1 or --debug shows the traceback)"
 
 
