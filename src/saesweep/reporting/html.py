@@ -323,8 +323,11 @@ def _matched_context(df, png: Path, swatch) -> dict[str, Any]:
     lead = lead_metric(df[df["target_l0"].notna()])
     cols = [c for c in ("l0", "l0_error", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1",
                         "feature_mcc", "absorption") if c in t and t[c].notna().any()]
-    rows = [[r["target_l0"], r["series"], *[r[c] for c in cols], r["trials"], r["trial_id"]] for _, r in t.iterrows()]
-    table = _table(["target_l0", "series", *cols, "trials", "trial_id"], rows, text_cols=(1, len(cols) + 3),
+    flagged = "warning" in t and t["warning"].astype(bool).any()
+    rows = [[r["target_l0"], r["series"], *[r[c] for c in cols], r["trials"], r["trial_id"],
+             *([r["warning"]] if flagged else [])] for _, r in t.iterrows()]
+    table = _table(["target_l0", "series", *cols, "trials", "trial_id", *(["warning"] if flagged else [])], rows,
+                   text_cols=(1, len(cols) + 3, len(cols) + 4),
                    row_classes=["front" if b else "" for b in t["best"]],
                    colors={1: lambda s: swatch(s.split(" @ ")[0])})
     return {"lead": lead, "tolerance": f"{MISS_TOLERANCE:.0%}", "img": _img(png), "table": table}

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from saesweep.metrics import registry as metrics
+from saesweep.reporting.frontier import degenerate_reason
 
 #: |held-out L0 / target - 1| above this is a missed target
 MISS_TOLERANCE = 0.10
@@ -51,7 +52,8 @@ def matched_table(df: pd.DataFrame) -> pd.DataFrame:
     for (target, series), g in d.groupby(["target_l0", "series"], sort=False):
         best = g.sort_values(lead, ascending=asc).iloc[0]
         rows.append({"target_l0": float(target), "series": series, "sae_type": best["sae_type"],
-                     **{c: best.get(c) for c in COLUMNS if c in d}, "trials": len(g), "trial_id": best["trial_id"]})
+                     **{c: best.get(c) for c in COLUMNS if c in d}, "trials": len(g), "trial_id": best["trial_id"],
+                     "warning": degenerate_reason(best)})
     out = pd.DataFrame(rows).sort_values(["target_l0", lead], ascending=[True, asc], kind="stable")
     out["best"] = ~out["target_l0"].duplicated()
     return out.reset_index(drop=True)
@@ -126,13 +128,16 @@ def plot_matched(table: pd.DataFrame, path: Path, colors: dict[str, str], *, tit
                 ax.bar(x, r[col], width * 0.92, color=colors.get(r["sae_type"], "#555555"),
                        edgecolor="black" if float(r[col]) == best else "none", linewidth=1.6,
                        hatch="//" if missed else None)
+                if r.get("warning"):  # a degenerate SAE: crossed out
+                    ax.scatter([x], [r[col]], marker="x", s=70, color="#d62728", linewidths=1.8, zorder=5)
         ax.set_xticks(np.arange(len(targets)), [f"L0 {t:g}" for t in targets])
         ax.set_ylabel(f"{metrics.label(col)}: {'lower' if asc else 'higher'} is better")
         ax.grid(True, axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors.get(table[table["series"] == s]["sae_type"].iloc[0], "#555"))
                for s in series]
     fig.legend(handles, series, loc="upper center", ncol=min(len(series), 5), fontsize=9, frameon=False)
-    fig.suptitle(f"{title}: every architecture at each target L0 (best outlined, missed target hatched)",
+    fig.suptitle(f"{title}: every architecture at each target L0 (best outlined, missed target hatched, "
+                 "degenerate SAE crossed)",
                  y=0.02, va="bottom", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.9))
     fig.savefig(path)
