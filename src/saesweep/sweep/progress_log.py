@@ -115,6 +115,10 @@ class ProgressLines:
         self.t0 = time.time()
         self._seen: dict[str, tuple[float, int]] = {}  # worker -> (time, SAE-tokens of its pack so far)
         self._rates: dict[str, float] = {}
+        try:
+            self.slots = [str(n) for n in (store.info.get("slots") or [])]
+        except Exception:  # a transient storage error: the slots appear with their first trials
+            self.slots = []
 
     def line(self) -> Optional[str]:
         try:
@@ -147,7 +151,8 @@ class ProgressLines:
         left += sum(v or fallback for v in per_trial)
         rate = sum(rate_parts) if rate_parts else None
         total = len(recs)
-        slots = Counter(slot_of_worker(r.worker) or r.device or "?" for r in recs if r.state == "complete")
+        slots = Counter({name: 0 for name in self.slots})  # every slot of this run, from its first line
+        slots.update(slot_of_worker(r.worker) or r.device or "?" for r in recs if r.state == "complete")
         text = (f"[{now - self.t0:6.0f}s] {states['complete']}/{total} complete, {states['running']} running, "
                 f"{states['failed']} failed")
         if slots:
