@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 
 GB = 2**30
 

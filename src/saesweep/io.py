@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError, CorruptFile
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -46,10 +46,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 #: the safetensors metadata key holding the digest of a file's tensors (:func:`tensors_digest`)
 CHECKSUM_KEY = "saesweep.sha256"
-
-
-class CorruptFile(ValueError):
-    """A file whose content does not match its checksum (damaged on disk or in transit)."""
 
 
 def tensors_digest(tensors: Mapping) -> str:

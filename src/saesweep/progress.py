@@ -27,17 +27,19 @@ class _Bar:
         if n:
             self.p.advance(self.task, n)
             done = int(self.p.tasks[0].completed) * self.k
-            self.p.update(self.task, tok=_si(done))
+            self.p.update(self.task, tok=si(done))
 
     def set(self, **fields: Any) -> None:
         self.p.update(self.task, **{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in fields.items()})
 
 
-def _si(n: float) -> str:
+def si(n: float, spec: str = ".1f") -> str:
+    """``n`` with an SI suffix (``1.5M``, ``12.0K``), the mantissa formatted by ``spec``; below a
+    thousand, as it is."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(int(n))
+        if abs(n) >= div:
+            return f"{n / div:{spec}}{unit}"
+    return f"{n:g}" if isinstance(n, float) and not float(n).is_integer() else str(int(n))
 
 
 @contextlib.contextmanager

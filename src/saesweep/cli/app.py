@@ -18,7 +18,7 @@ from saesweep.settings import env
 from saesweep.version import __version__
 from saesweep.cli import launch, report, sweep, train
 from saesweep.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.training.allocator import tune_allocator
 
 

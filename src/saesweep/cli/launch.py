@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from saesweep.cli.common import EXIT_OK, count_by_type, count_int, flag, positive_int
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 
 
 def _minutes(value: str) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from saesweep.cli.common import EXIT_OK, flag, parse_overrides, set_flag
 from saesweep.cli.sweep import positive_floats, sweep_ref_args
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.reporting.importance import EVALUATORS
 
 

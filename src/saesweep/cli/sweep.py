@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from saesweep.cli.common import EXIT_OK, count_by_type, flag, parse_overrides, positive_int, set_flag
-from saesweep.config.experiment import ConfigError, ExperimentConfig, load_config
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig, load_config
 from saesweep.io import atomic_write_text, ensure_folder
 from saesweep.sweep.urls import redact
 

@@ -31,10 +31,7 @@ from pydantic import (
 )
 
 from saesweep import saes
-
-
-class ConfigError(ValueError):
-    """A bad config or flag. The message names the field and what is allowed."""
+from saesweep.errors import ConfigError  # noqa: F401  (re-exported: saesweep.ConfigError, plugins)
 
 
 class Strict(BaseModel):

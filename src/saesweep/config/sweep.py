@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from saesweep import saes
+from saesweep.errors import ConfigError
 from saesweep.config.experiment import (
-    ConfigError,
     ExperimentConfig,
     Strict,
     format_validation_error,

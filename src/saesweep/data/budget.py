@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig, HFSource
 from saesweep.data import cache, hf, lm
 
 #: ``cache_dtype: auto`` switches to bfloat16 above this many float32 bytes of training activations

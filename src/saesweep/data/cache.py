@@ -56,7 +56,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from saesweep.settings import cache_root
-from saesweep.config.experiment import ConfigError, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import HFSource
 from saesweep.data.hf import dataset_files, is_local_dataset, is_local_model
 from saesweep.io import file_lock, sha256_file
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from saesweep.settings import env
-from saesweep.config.experiment import ConfigError, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import HFSource
 from saesweep.data.cache import (
     FORMAT,
     MODES,

@@ -32,7 +32,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from saesweep.config.experiment import ConfigError, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import HFSource
 from saesweep.data.hf import (
     DATA_BUILDERS,
     bos_id,

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 
-from saesweep.config.experiment import ConfigError, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import HFSource
 
 
 DATA_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}

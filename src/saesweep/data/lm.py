@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig, HFSource
 from saesweep.data.corpus import token_rows
 from saesweep.data.hf import check_source, load_tokenizer, model_path, num_layers, quiet_hf
 

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from saesweep.settings import env
-from saesweep.config.experiment import ConfigError, ExperimentConfig, HFSource
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig, HFSource
 from saesweep.data import budget, cache, cache_build, corpus, lm
 from saesweep.data.base import Activations, Reconstructor
 from saesweep.metrics.downstream import spliced_metrics

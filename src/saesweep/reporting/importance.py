@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.metrics import registry as metrics
 
 MIN_TRIALS = 8

@@ -11,6 +11,7 @@ import numpy as np
 
 from saesweep import saes
 from saesweep.metrics import registry as metrics
+from saesweep.progress import si
 from saesweep.reporting.frontier import rows_by_hook, series_of
 
 #: colours of the SAE types (matplotlib's tab10, in the registry's order)
@@ -158,13 +159,6 @@ def plot_importance(imp: dict[str, Any], path: Path, colors: dict[str, str]) -> 
     return path
 
 
-def _si(v: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:g}{unit}"
-    return f"{v:g}"
-
-
 def _wrap(text: str, width: int) -> str:
     import textwrap
 
@@ -181,7 +175,7 @@ def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
     tps = [float(r.get("tokens_per_s") or 0) for r in rows]
     a.barh(y, tps, height=0.6, color="#1f77b4")
     a.set_xlim(0, max(tps + [1.0]) * 1.25)
-    a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: si(v, "g")))
     a.set_xlabel("SAE-tokens per second while busy (summed over the SAEs trained at once)")
     a.set_title("Throughput per device slot")
     for i, v in enumerate(tps):

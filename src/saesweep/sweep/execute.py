@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from saesweep.config.experiment import ConfigError, ExperimentConfig
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import SweepSpec
 from saesweep.sweep.store import tally
 from saesweep.sweep.urls import redact

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 from saesweep import packing
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.config.sweep import ExecutionSpec
 from saesweep.devices import GB, Slot, cpu_slots, detect, parse_devices
 from saesweep.memory import estimate_pack_bytes, fmt_bytes

@@ -44,7 +44,8 @@ from optuna.distributions import (
 )
 
 from saesweep import packing
-from saesweep.config.experiment import ConfigError, ExperimentConfig
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import Range, SweepSpec, sweepable, swept_params
 from saesweep.metrics import registry as metrics
 from saesweep.sweep.store import COMPLETE, PRUNED, RUNNING, WAITING

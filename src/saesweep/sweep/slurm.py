@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.sweep.launcher import Launched, Launcher
 from saesweep.sweep.urls import PASSWORD_ENV, password_to_env, redact, split_password
 

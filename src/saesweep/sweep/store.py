@@ -52,7 +52,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from saesweep import packing
-from saesweep.config.experiment import ConfigError, ExperimentConfig, stored_config
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig, stored_config
 from saesweep.io import HeldLock, is_held
 from saesweep.metrics.registry import current_names
 from saesweep.sweep.storages import open_backend

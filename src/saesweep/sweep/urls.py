@@ -7,7 +7,7 @@ import os
 import re
 from typing import Optional
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 
 _QUERY_SECRET = re.compile(r"([?&](?:ssl)?pass(?:word|wd)=)[^&#]*", re.IGNORECASE)
 

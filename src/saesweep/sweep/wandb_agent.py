@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, cast
 
 import yaml
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.config.sweep import Range, SweepSpec, sweepable
 from saesweep.metrics import registry as metrics
 

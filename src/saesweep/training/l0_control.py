@@ -128,11 +128,6 @@ class L0Controller:
         new = (coeff * torch.exp(step)).clamp(MIN_COEFF, MAX_COEFF)
         coeff.copy_(torch.where(self.steered, new, coeff))
 
-    def l0_ema(self) -> list[Optional[float]]:
-        """Each member's moving-average L0 (None before the first measurement, or without a target)."""
-        return [None if not s or math.isnan(v) else math.exp(v)
-                for s, v in zip(self.steered.tolist(), self.ema.tolist())]
-
     # ------------------------------------------------------------ pack changes, checkpoints
     def select(self, keep: Sequence[int]) -> None:
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.log_target.device)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Iterable, Sequence
 
-from saesweep.config.experiment import ConfigError, ExperimentConfig
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig
 
 #: what each part of a trial imports: (module, pip requirement, what needs it)
 _SYNTHETIC = (("scipy.optimize", "scipy>=1.10", "the recovery metrics of a synthetic source (Hungarian matching)"),)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from saesweep import packing
 from saesweep.version import __version__
+from saesweep.errors import ConfigError
 from saesweep.config.experiment import (
-    ConfigError,
     ExperimentConfig,
     load_config,
     parse_config,

@@ -38,10 +38,12 @@ import torch
 from torch import Tensor
 
 from saesweep import packing, saes
-from saesweep.config.experiment import ConfigError, ExperimentConfig
+from saesweep.errors import ConfigError
+from saesweep.config.experiment import ExperimentConfig
 from saesweep.data.base import Activations
 from saesweep.devices import resolve_dtype
-from saesweep.io import CorruptFile, atomic_save_tensors, load_tensors
+from saesweep.errors import CorruptFile
+from saesweep.io import atomic_save_tensors, load_tensors
 from saesweep.progress import progress_bar
 from saesweep.saes.kernels import plan_for
 from saesweep.training.l0_control import L0Controller

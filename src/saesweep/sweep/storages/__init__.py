@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.sweep.storages.base import Backend
 from saesweep.sweep.storages.journal import JournalBackend
 from saesweep.sweep.storages.memory import MemoryBackend

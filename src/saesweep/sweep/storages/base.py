@@ -23,7 +23,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 
 
 class Backend:

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.io import ensure_folder, file_lock
 from saesweep.sweep.storages.base import Backend, lock_file
 from saesweep.sweep.urls import redact

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional
 
 import optuna
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.sweep.storages.base import Backend, Unreachable
 from saesweep.sweep.urls import PASSWORD_ENV, redact, redact_text
 

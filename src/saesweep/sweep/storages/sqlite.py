@@ -9,7 +9,7 @@ from typing import Iterator
 
 import optuna
 
-from saesweep.config.experiment import ConfigError
+from saesweep.errors import ConfigError
 from saesweep.io import file_lock
 from saesweep.sweep.storages.base import Backend, lock_file
 
