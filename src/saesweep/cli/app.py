@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 from saesweep.settings import env
 from saesweep.version import __version__
-from saesweep.cli import launch, report, sweep, train
+from saesweep.cli import cache, launch, report, results, sweep, train
 from saesweep.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser
 from saesweep.errors import ConfigError
 from saesweep.training.allocator import tune_allocator
@@ -39,14 +39,14 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command("run the sweep in memory: expand the grids and train (approach 3)",
                      sweep.sweep_args, sweep.cmd_sweep),
     "worker": Command("join a sweep from this host: claim and run its trials", sweep.worker_args, sweep.cmd_worker),
-    "status": Command("summarise a sweep's progress", sweep.sweep_ref_args, sweep.cmd_status),
+    "status": Command("summarise a sweep's progress", results.sweep_ref_args, results.cmd_status),
     "results": Command("export every trial's params and metrics as CSV and Parquet",
-                       sweep.results_args, sweep.cmd_results),
+                       results.results_args, results.cmd_results),
     "baseline": Command("score random baselines (random decoder, random firing, PCA) beside the sweep's trials",
-                        sweep.baseline_args, sweep.cmd_baseline),
-    "devices": Command("list the devices saesweep can use", sweep.devices_args, sweep.cmd_devices),
+                        results.baseline_args, results.cmd_baseline),
+    "devices": Command("list the devices saesweep can use", cache.devices_args, cache.cmd_devices),
     "cache": Command("list, verify, remove or warm (build ahead) cached activations",
-                     sweep.cache_args, sweep.cmd_cache),
+                     cache.cache_args, cache.cmd_cache),
     "report": Command("write the sweep's HTML report and PNGs: Pareto frontier, importance, devices, trials",
                       report.report_args, report.cmd_report),
     "importance": Command("hyperparameter importance per SAE type for a metric, as JSON",

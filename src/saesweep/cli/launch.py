@@ -35,7 +35,7 @@ def _key_value(value: str) -> tuple[str, str]:
 
 
 def launch_args(p: argparse.ArgumentParser) -> None:
-    from saesweep.cli.sweep import spec_flags
+    from saesweep.cli.common import spec_flags
 
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--slurm", dest="cluster", action="store_const", const="slurm",
@@ -81,7 +81,7 @@ def cmd_launch(args) -> int:
     spec = None
     uses_spec = bool(args.spec or args.sae_types or args.limit or args.set)
     if uses_spec:
-        from saesweep.cli.sweep import spec_from_args
+        from saesweep.cli.common import spec_from_args
 
         spec = spec_from_args(args, name=args.sweep, storage=args.storage,
                               **{"execution.devices": None, "execution.max_parallel": None})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saesweep.cli.common import EXIT_OK, flag, parse_overrides, set_flag
-from saesweep.cli.sweep import positive_floats, sweep_ref_args
+from saesweep.cli.common import EXIT_OK, flag, parse_overrides, positive_floats, set_flag
+from saesweep.cli.results import sweep_ref_args
 from saesweep.errors import ConfigError
 from saesweep.reporting.importance import EVALUATORS
 
@@ -25,7 +25,7 @@ def report_args(p) -> None:
 
 
 def cmd_report(args) -> int:
-    from saesweep.cli.sweep import open_existing
+    from saesweep.cli.results import open_existing
     from saesweep.reporting.html import build_report
 
     from saesweep.io import ensure_folder
@@ -66,7 +66,7 @@ def importance_args(p) -> None:
 
 
 def cmd_importance(args) -> int:
-    from saesweep.cli.sweep import open_existing
+    from saesweep.cli.results import open_existing
     from saesweep.io import atomic_write_json
     from saesweep.reporting.importance import param_importances
 
@@ -88,7 +88,7 @@ def dashboard_args(p) -> None:
 def cmd_dashboard(args) -> int:
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    from saesweep.cli.sweep import open_existing
+    from saesweep.cli.results import open_existing
 
     try:
         from optuna_dashboard import wsgi
