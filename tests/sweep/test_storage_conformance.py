@@ -50,6 +50,11 @@ def test_every_url_has_one_backend_and_each_states_its_contract():
         assert cls.kind == kind and [c for c in BACKENDS if c.accepts(u)][0] is cls
         assert isinstance(cls.concurrent_workers, bool) and isinstance(cls.server_clock, bool)
     assert backend_for("postgresql://h/db").secret_env == "PGPASSWORD"
+    from saesweep.sweep.storages import split_secret
+
+    assert split_secret("postgresql://u:s3cret@h/db") == ("postgresql://u@h/db", {"PGPASSWORD": "s3cret"})
+    assert split_secret("postgresql://u@h/db") == ("postgresql://u@h/db", {})
+    assert split_secret("runs/s/sweep.journal") == ("runs/s/sweep.journal", {})  # a path holds no secret
     assert not backend_for("sqlite:///s.db").concurrent_workers
 
 

@@ -136,10 +136,10 @@ def one_line(e: BaseException) -> str:
 def _warn_password_in_argv(args: argparse.Namespace) -> None:
     """A password typed in --storage stays readable in this process's command line (``ps``) for as
     long as it runs; the processes saesweep starts get it through PGPASSWORD, never on theirs."""
-    from saesweep.sweep.urls import split_password
+    from saesweep.sweep.storages import split_secret
 
     storage = getattr(args, "storage", None)
-    if isinstance(storage, str) and split_password(storage)[1] is not None:
+    if isinstance(storage, str) and storage and split_secret(storage)[1]:
         print("saesweep: warning: the password in --storage is visible in this command's line to every user of "
               "this host (ps) while it runs; keep it in ~/.pgpass or the PGPASSWORD environment variable and leave "
               "it out of the URL", file=sys.stderr)

@@ -301,11 +301,11 @@ def cmd_worker(args) -> int:
     from saesweep.sweep.local import run_workers
     from saesweep.sweep.planning import plan_workers
     from saesweep.sweep.store import WAITING, SweepStore
-    from saesweep.sweep.urls import password_to_env
+    from saesweep.sweep.storages import secret_to_env
 
     # a password in the URL moves to PGPASSWORD (read by libpq): the worker processes then get
     # the URL without it on their command lines, which every user of the host can read
-    args.storage = password_to_env(args.storage)
+    args.storage = secret_to_env(args.storage)
     found = detect(with_free=False)
     parse_devices_first = plan_workers(args.devices, args.max_parallel, None, None, found=found)  # bad --devices: exit 2 now
     store = SweepStore(args.storage, args.sweep, create=False)

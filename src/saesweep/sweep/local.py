@@ -50,7 +50,8 @@ from saesweep.sweep.planning import distribution_lines, round_robin
 from saesweep.sweep.progress_log import log_lines
 from saesweep.sweep.signals import SignalRelay
 from saesweep.sweep.store import SweepStore
-from saesweep.sweep.urls import password_to_env, redact, split_password
+from saesweep.sweep.storages import secret_to_env, split_secret
+from saesweep.sweep.urls import redact
 from saesweep.sweep.worker import EXIT_OUTAGE, OutageAborted, SweepAborted, Worker
 
 SLOTS_ATTR = "slots"
@@ -182,7 +183,7 @@ class _InProcess(LocalWorkers):
 
 def _worker_command(store: SweepStore, slot: Slot, policy: str, share: int, run_id: str) -> list[str]:
     # the password (if any) travels in the environment (worker_env), never on a command line
-    cmd = [sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", split_password(store.url)[0], "--sweep", store.name,
+    cmd = [sys.executable, "-m", "saesweep.sweep.worker_main", "--storage", split_secret(store.url)[0], "--sweep", store.name,
            "--device", slot.device, "--slot", slot.name, "--share", str(share), "--run", run_id]
     if slot.threads:
         cmd += ["--threads", str(slot.threads)]
@@ -198,7 +199,7 @@ def worker_env(slot: Slot, store: Optional[SweepStore] = None) -> dict[str, str]
     and the storage password as PGPASSWORD (kept off the command line)."""
     env = {**os.environ, **slot.env}
     if store is not None:
-        password_to_env(store.url, env)
+        secret_to_env(store.url, env)
     if slot.threads:
         env.update(OMP_NUM_THREADS=str(slot.threads), MKL_NUM_THREADS=str(slot.threads))
     return env

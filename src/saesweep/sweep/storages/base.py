@@ -11,8 +11,9 @@ and asks the backend, never the URL, for everything that differs between kinds:
 * :meth:`Backend.is_retryable` -- which errors are a lost connection that a worker waits out
   rather than dies of;
 * :attr:`Backend.concurrent_workers` -- whether several workers may claim from it at once;
-* :attr:`Backend.secret_env` -- the environment variable that carries its password, kept off
-  command lines.
+* :meth:`Backend.split_secret` -- the URL without its secret and the environment variables that
+  carry it (:attr:`Backend.secret_env` names the one a password goes in): local workers, Slurm
+  jobs and child processes get those, never the secret on a command line.
 
 ``tests/sweep/test_storage_conformance.py`` runs the same checks over every backend.
 """
@@ -50,6 +51,13 @@ class Backend:
     def accepts(cls, url: str) -> bool:
         """Whether ``url`` names a storage of this kind."""
         raise NotImplementedError
+
+    @classmethod
+    def split_secret(cls, url: str) -> tuple[str, dict[str, str]]:
+        """``(url without its secret, {environment variable: secret})``: what worker processes
+        and jobs get instead of the full URL, so that no secret is on a command line (where every
+        user of the host can read it). By default a URL holds no secret."""
+        return url, {}
 
     @classmethod
     def check(cls, url: str) -> None:

@@ -139,6 +139,13 @@ class PostgresBackend(Backend):
         return url.startswith(("postgresql://", "postgresql+", "postgres://"))
 
     @classmethod
+    def split_secret(cls, url: str) -> tuple[str, dict[str, str]]:
+        from saesweep.sweep.urls import split_password
+
+        bare, password = split_password(url)
+        return bare, ({} if password is None else {cls.secret_env: password})
+
+    @classmethod
     def check(cls, url: str) -> None:
         from saesweep.sweep.urls import split_password
 
