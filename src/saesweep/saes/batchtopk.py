@@ -106,7 +106,7 @@ class BatchTopKCodes(AuxK):
         th.copy_(torch.where(th < 0, kept, THRESHOLD_MOMENTUM * th + (1 - THRESHOLD_MOMENTUM) * kept))
 
     @torch.no_grad()
-    def after_training(self: PackedSAE, x_held_out: Tensor, batch_size: int = 4096) -> list[dict[str, float]]:
+    def after_training(self: PackedSAE, x_held_out: Tensor, batch_size: Optional[int] = None) -> list[dict[str, float]]:
         """Calibrate each member's inference threshold so that its mean L0 on ``x_held_out`` is
         ``k``: the threshold becomes the ``k * N + 1``-th largest activation over the ``N``
         tokens (the running estimate of training lags the codes at short budgets). Each chunk
@@ -116,7 +116,10 @@ class BatchTopKCodes(AuxK):
         running = self.threshold.clone()
         self.threshold.zero_()  # codes at threshold 0 are ReLU(pre): every candidate
         N = x_held_out.shape[0]
+        if batch_size is None:  # a chunk's activations stay within 2^24 values (64 MB)
+            batch_size = max(1, 2**24 // self.d_sae)
         for i in range(self.n):
+            view = self.member(i)  # one member at a time: a pack's codes would be n times larger
             k = float(self.k[i])
             target = int(round(k * N))
             room = 4
@@ -124,7 +127,7 @@ class BatchTopKCodes(AuxK):
                 pool, floors = [], []
                 for start in range(0, N, batch_size):
                     x = x_held_out[start:start + batch_size].to(self.device_, torch.float32)
-                    a = self.encode(x)[i].reshape(-1)
+                    a = view.encode(x)[0].reshape(-1)
                     cap = min(a.numel(), int(room * k * x.shape[0]) + 1)
                     top = a.topk(cap).values
                     pool.append(top)
