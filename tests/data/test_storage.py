@@ -3,6 +3,7 @@ and the disk budget checked before any work."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
@@ -152,23 +153,30 @@ def test_the_sweep_refuses_before_any_work_when_the_disk_is_too_small(tiny_lm, t
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def test_a_disk_that_fills_during_the_cache_build_stops_cleanly_with_no_partial_entry(
-        tiny_lm, tiny_text_jsonl, make_cfg, tmp_path, monkeypatch, capsys):
-    """The free-space check passed (something else filled the disk after it): the build's plain
-    file writes fail with ENOSPC, one line says so, and no entry, complete or partial, is left."""
+@contextlib.contextmanager
+def _train_on_a_small_disk(size, tiny_lm, dataset, make_cfg, tmp_path, monkeypatch, capsys):
+    """``saesweep train`` with its cache on a tmpfs of ``size`` whose free-space check passed
+    (something else filled the disk after it); yields (exit code, stderr, the filesystem)."""
     import yaml
     from sweep_helpers import small_filesystem
 
     from saesweep.cli.app import main
 
-    with small_filesystem("1m") as fs:
+    with small_filesystem(size) as fs:
         if fs is None:
             pytest.skip("needs a small filesystem: a tmpfs mount (root on Linux)")
-        cfg = make_cfg(tiny_lm, tiny_text_jsonl, cache_dir=fs / "cache", streaming=False, train={"tokens": 20_000})
+        cfg = make_cfg(tiny_lm, dataset, cache_dir=fs / "cache", streaming=False, train={"tokens": 20_000})
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
         monkeypatch.setattr(budget, "free_bytes", lambda path: 10**12)
         rc = main(["train", str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "runs")])
-        err = capsys.readouterr().err
+        yield rc, capsys.readouterr().err.strip(), fs
+
+
+def test_a_disk_that_fills_during_the_cache_build_stops_cleanly_with_no_partial_entry(
+        tiny_lm, tiny_text_jsonl, make_cfg, tmp_path, monkeypatch, capsys):
+    """The build's plain file writes fail with ENOSPC, one line says so, and no entry, complete or
+    partial, is left."""
+    with _train_on_a_small_disk("1m", tiny_lm, tiny_text_jsonl, make_cfg, tmp_path, monkeypatch, capsys) as (rc, err, fs):
         assert rc == 1 and "disk full" in err and "Traceback" not in err, err
         assert cache.list_entries(fs / "cache") == []
         assert "train-00000.npy" in err  # it was the build that ran out, not the dataset copy
@@ -182,23 +190,11 @@ def test_a_disk_that_fills_while_datasets_converts_the_data_is_one_line(tiny_lm,
     naming the full disk, no traceback."""
     import json
 
-    import yaml
-    from sweep_helpers import small_filesystem
-
-    from saesweep.cli.app import main
-
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
         for i in range(20_000):
             f.write(json.dumps({"text": f"the little cat {i} saw a big red ball and then ran to the park"}) + "\n")
-    with small_filesystem("256k") as fs:
-        if fs is None:
-            pytest.skip("needs a small filesystem: a tmpfs mount (root on Linux)")
-        cfg = make_cfg(tiny_lm, big, cache_dir=fs / "cache", streaming=False, train={"tokens": 20_000})
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-        monkeypatch.setattr(budget, "free_bytes", lambda path: 10**12)
-        rc = main(["train", str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "runs")])
-        err = capsys.readouterr().err.strip()
+    with _train_on_a_small_disk("256k", tiny_lm, big, make_cfg, tmp_path, monkeypatch, capsys) as (rc, err, _):
         assert rc == 1 and "Traceback" not in err, err
         lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("activations:")]  # the plan
         assert len(lines) == 1 and "disk full" in lines[0], err
