@@ -196,7 +196,8 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
     print_worker_table(outcome.workers)
     from saesweep.cli.results import print_failed, print_frontier
 
-    ran = [r for r in recs if configs is None or r.trial_id in {cfg.trial_id for cfg in configs}]
+    asked = None if configs is None else {cfg.trial_id for cfg in configs}
+    ran = [r for r in recs if asked is None or r.trial_id in asked]
     print_failed(ran)
     why = failure_line(ran)
     if why:

@@ -101,7 +101,7 @@ def pick_lines(df: pd.DataFrame, objective: str = "fvu", at_l0: Sequence[float] 
     rows = picks(df, objective, at_l0)
     if not rows:
         return []
-    lead = lead_of(_usable(df))
+    lead = next((m for m in ("feature_f1", "ce_loss_score") if any(m in r for r in rows)), None)  # as picks chose
     out = ["Pick (per type, degenerate SAEs left out; `saesweep report` shows the frontier around it):"]
     for r in rows:
         if "note" in r:
