@@ -216,8 +216,9 @@ def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, h
     ident, zero, noise = acts.downstream_metrics([lambda x: x.clone(), torch.zeros_like, noisy])
     assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == pytest.approx(0, abs=1e-6)
     assert ident["ce_loss_score"] == 1.0 and ident["kl_div_score"] == pytest.approx(1.0)
-    assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_score"] == 0.0 and zero["kl"] > 0
-    assert zero["kl"] == pytest.approx(zero["kl_zero"]) and zero["kl_div_score"] == pytest.approx(0, abs=1e-6)
+    # an SAE that outputs zeros leaves the BOS position as it was; the ablation zeroes it too
+    # (SAELens's run_evals), so the two need not score the same
+    assert zero["kl"] > 0 and all(math.isfinite(v) for v in zero.values())
     assert noise["kl"] > 0 and all(math.isfinite(v) for v in noise.values())
     assert set(ident) == {"ce_clean", "ce_sae", "ce_zero", "ce_loss_score", "kl", "kl_zero", "kl_div_score",
                           "ce_tokens"}
@@ -231,7 +232,7 @@ def test_bfloat16_lm(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, lm_dtype="bfloat16"))
     assert next(acts.train_batches(32, seed=0)).dtype == torch.float32
     ident, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
-    assert ident["ce_sae"] == ident["ce_clean"] and zero["ce_sae"] == zero["ce_zero"]
+    assert ident["ce_sae"] == ident["ce_clean"] and zero["kl"] > 0
     assert acts.entry.key != lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl)).entry.key
 
 
@@ -239,8 +240,8 @@ def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
     seen = []
     acts.downstream_metrics([lambda x: seen.append(x.clone()) or x])
-    # one row, every position spliced (SAELens's convention): the BOS residual, then the 15
-    # raw residuals of the first held-out row that the cache holds
+    # one row, every position through the reconstruction (the BOS one is put back after): the BOS
+    # residual, then the 15 raw residuals of the first held-out row that the cache holds
     assert seen[0].shape == (16, 32)
     np.testing.assert_allclose(seen[0][1:].numpy(), acts.entry.heldout_activations(15), rtol=1e-5, atol=1e-5)
 
@@ -279,6 +280,6 @@ def test_stories260k_end_to_end(stories260k, make_cfg):
     clean, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
     assert all(math.isfinite(v) for v in {**clean, **zero}.values())
     assert clean["ce_clean"] < clean["ce_zero"] and clean["ce_clean"] < 3.0
-    assert clean["ce_loss_score"] == 1.0 and zero["ce_loss_score"] == 0.0
+    assert clean["ce_loss_score"] == 1.0 and zero["ce_loss_score"] < 0.5  # (zeros after an intact BOS)
     manifest = json.loads((acts.entry.path / "manifest.json").read_text())
     assert manifest["source"]["hook"] == "blocks.2.hook_resid_pre"

@@ -21,31 +21,44 @@ def _target_cfg(tiny_cfg, target, **kw):
     return parse_config({**cfg, "target_l0": target})
 
 
-def test_one_pi_step_moves_log_c_by_the_gains_times_the_lr_factor():
+def test_one_pi_step_moves_log_c_by_the_gains_times_the_root_of_the_lr_factor():
     ctl = L0Controller([4.0, None], total_steps=100, warmup_frac=0.0, hold_frac=0.2, device=torch.device("cpu"))
     coeff = torch.tensor([0.1, 0.3])
-    ctl.update(coeff, torch.tensor([8.0, 50.0]), lr_factor=1.0)  # first measurement: no derivative yet
+    ctl.update(coeff, torch.tensor([8.0, 50.0]), lr_factor=1.0, step=0)  # first measurement: no derivative yet
     assert coeff[0].item() == pytest.approx(0.1 * math.exp(KI * math.log(2)), rel=1e-5)
     assert coeff[1].item() == pytest.approx(0.3)  # no target: untouched
-    ctl.update(coeff, torch.tensor([8.0, 50.0]), lr_factor=0.5)  # the EMA is still log 8; no change in error
+    ctl.update(coeff, torch.tensor([8.0, 50.0]), lr_factor=0.25, step=5)  # the EMA is still log 8
     assert coeff[0].item() == pytest.approx(0.1 * math.exp(1.5 * KI * math.log(2)), rel=1e-5)
-    ctl.update(coeff, torch.tensor([2.0, 50.0]), lr_factor=1.0)  # L0 fell: the proportional term pulls back
-    ema = math.log(8) + 0.3 * (math.log(2) - math.log(8))
-    err, prev = ema - math.log(4), math.log(2)
-    want = 0.1 * math.exp(1.5 * KI * math.log(2) + KI * err + KP * (err - prev))
-    assert coeff[0].item() == pytest.approx(want, rel=1e-5)
     assert ctl.due(0) and not ctl.due(1) and not ctl.due(80)  # the last 20 % holds the coefficient
+
+
+def test_the_pi_rule_waits_while_the_l0_is_on_its_way_to_the_target():
+    ctl = L0Controller([4.0], total_steps=100, warmup_frac=0.0, hold_frac=0.2, device=torch.device("cpu"))
+    coeff = torch.tensor([0.1])
+    ctl.update(coeff, torch.tensor([8.0]), lr_factor=1.0, step=0)
+    c1 = coeff.item()
+    # the L0 falls towards 4, fast enough to get there in the 14 measurements left: no push
+    ctl.update(coeff, torch.tensor([2.0]), lr_factor=1.0, step=10)
+    assert coeff.item() == pytest.approx(c1)
+    # the same fall with one measurement left would not arrive in time: the PI step applies
+    late = L0Controller([4.0], total_steps=100, warmup_frac=0.0, hold_frac=0.2, device=torch.device("cpu"))
+    coeff = torch.tensor([0.1])
+    late.update(coeff, torch.tensor([8.0]), lr_factor=1.0, step=0)
+    late.update(coeff, torch.tensor([6.0]), lr_factor=1.0, step=78)
+    ema = math.log(8) + 0.3 * (math.log(6) - math.log(8))
+    err, prev = ema - math.log(4), math.log(2)
+    assert coeff.item() == pytest.approx(c1 * math.exp(KI * err + KP * (err - prev)), rel=1e-5)
 
 
 def test_the_quadratic_rule_sets_the_penalty_gradient_within_its_bounds():
     ctl = L0Controller([10.0, 10.0, 10.0, None], total_steps=100, warmup_frac=0.0, hold_frac=0.2,
                        device=torch.device("cpu"), rule="quadratic", stiffness=[0.5, 0.5, 0.5, 0.5])
     coeff = torch.tensor([0.5, 0.5, 0.5, 0.2])
-    ctl.update(coeff, torch.tensor([12.0, 9.0, 1000.0, 3.0]), lr_factor=0.5)
+    ctl.update(coeff, torch.tensor([12.0, 9.0, 1000.0, 3.0]), lr_factor=0.5, step=0)
     pull = torch.tensor([2 * (1.2 - 1), 2 * (0.9 - 1), QUAD_HIGH])  # far above: the push stops growing
     assert coeff[:3].tolist() == pytest.approx((0.5 * pull).tolist(), rel=1e-5)
     assert coeff[3].item() == pytest.approx(0.2)  # no target: untouched
-    ctl.update(coeff, torch.tensor([0.0, 10.0, 12.0, 3.0]), lr_factor=1.0)
+    ctl.update(coeff, torch.tensor([0.0, 10.0, 12.0, 3.0]), lr_factor=1.0, step=5)
     # the rule has no memory: the same L0 gives the same coefficient
     assert coeff[:3].tolist() == pytest.approx([0.5 * QUAD_LOW, 0.0, 0.5 * 0.4], abs=1e-6)
     assert coeff[0].item() < 0  # far below the target: negative, reopening latents
@@ -69,6 +82,8 @@ def test_the_controller_reaches_each_members_target_on_the_synthetic_source(tiny
     # a pack of two members with different targets, each steering its own coefficient
     targets = (3.0, 8.0)
     cfgs = [_target_cfg(tiny_cfg, t, sae_type=sae_type, train={"tokens": 300_000}) for t in targets]
+    if sae_type == "hard_concrete":  # its default start suits real activations, 100x below this world's
+        cfgs = [c.with_updates(initial_coeff=0.1) for c in cfgs]
     results = saesweep.run_pack(cfgs)
     for t, r in zip(targets, results):
         assert r.ok, r.reason

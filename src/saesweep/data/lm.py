@@ -235,8 +235,9 @@ def tokens_per_row(source: HFSource) -> int:
 
 
 def predictions_per_row(source: HFSource) -> int:
-    """Scored next-token predictions per row in the CE/KL metrics (every position but the last)."""
-    return source.context_length - 1
+    """Scored next-token predictions per row in the CE/KL metrics (every position but the last,
+    and but the BOS one with ``prepend_bos``)."""
+    return source.context_length - (2 if source.prepend_bos else 1)
 
 
 class ActivationProducer:

@@ -98,7 +98,7 @@ class HFActivations(Activations):
         out, self._baseline = spliced_metrics(
             self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
             shortcut=env("SAESWEEP_SPLICE") != "full",  # full: a whole forward per SAE
-            budget_s=budget_s,
+            budget_s=budget_s, skip_first=self.source.prepend_bos,
         )
         return out
 

@@ -20,6 +20,13 @@ _LOGIT_ELEMENTS = 2**25  # bound on batch * context * vocab when computing CE/KL
 FIRST_ROWS = 4  # rows of the first batch, which times the rest
 
 
+def kl_sum(lp_clean: Tensor, lp: Tensor, first: int = 0, p_clean: Optional[Tensor] = None) -> float:
+    """Sum over rows and positions ``first..`` of KL(p_clean || p) = sum_v p_clean (log p_clean - log p),
+    from log-probabilities ``[rows, ctx, vocab]`` (``p_clean``: ``lp_clean.exp()``, when already at hand)."""
+    p = lp_clean.exp() if p_clean is None else p_clean
+    return (p[:, first:] * (lp_clean[:, first:] - lp[:, first:])).sum().item()
+
+
 #: what the clean and zero-ablated passes give for one batch of rows (reused by later calls)
 BatchBaseline = dict[str, float]
 
@@ -33,12 +40,14 @@ def spliced_metrics(
     baseline: Optional[list[BatchBaseline]] = None,
     shortcut: bool = True,
     budget_s: Optional[float] = None,
+    skip_first: bool = False,
 ) -> tuple[list[dict[str, float]], list[BatchBaseline]]:
-    """SAEBench core's downstream metrics per reconstructor, with SAELens's convention
-    (``sae_lens.evals.get_recons_loss``): every position of the hooked residual, the BOS one
-    included, is replaced by the reconstruction (or by zeros for the ablation); CE is the mean
-    next-token loss over every prediction of the rows, KL(p_clean || p_edited) the mean over
-    every position.
+    """SAEBench core's downstream metrics per reconstructor, in the convention of SAELens's
+    ``run_evals`` (``sae_lens.evals.get_recons_loss`` with its special tokens excluded): with
+    ``skip_first`` (rows that start with BOS) the reconstruction replaces every position of the
+    hooked residual but the first, the zero ablation every position, and the first position's
+    prediction and its KL are left out of the means; CE is the mean next-token loss over the
+    predictions scored, KL(p_clean || p_edited) the mean over the positions scored (:func:`kl_sum`).
 
     * ``ce_clean``, ``ce_sae``, ``ce_zero``; ``ce_loss_score`` = (ce_zero - ce_sae) / (ce_zero - ce_clean);
     * ``kl`` (with the SAE), ``kl_zero`` (zero-ablated); ``kl_div_score`` = (kl_zero - kl) / kl_zero;
@@ -59,22 +68,25 @@ def spliced_metrics(
     batch_rows = max(1, min(batch_rows, _LOGIT_ELEMENTS // (ctx * vocab)))
     k = len(reconstructors)
     base = list(baseline or [])
-    ce_sae_sum, kl_sum = [0.0] * k, [0.0] * k
+    ce_sae_sum, kl_sums = [0.0] * k, [0.0] * k
+
+    first = 1 if skip_first else 0
 
     def splice(f: Optional[Reconstructor]) -> Callable[[Tensor], Tensor]:
         def edit(h: Tensor) -> Tensor:
             if f is None:
                 return torch.zeros_like(h)
-            return f(h.reshape(-1, h.shape[-1]).float()).reshape(h.shape).to(device=h.device, dtype=h.dtype)
+            out = f(h.reshape(-1, h.shape[-1]).float()).reshape(h.shape).to(device=h.device, dtype=h.dtype)
+            return torch.cat([h[:, :first], out[:, first:]], 1) if first else out
 
         return edit
 
     def ce_and_logprobs(logits: Tensor, targets: Tensor) -> tuple[float, Tensor]:
         lp = logits.float().log_softmax(-1)
-        return -lp[:, :-1].gather(-1, targets).sum().item(), lp
+        return -lp[:, first:-1].gather(-1, targets).sum().item(), lp
 
     def kl(lp_clean: Tensor, p_clean: Tensor, lp: Tensor) -> float:
-        return (p_clean * (lp_clean - lp)).sum().item()
+        return kl_sum(lp_clean, lp, first, p_clean)
 
     t0 = time.perf_counter()
     used = 0
@@ -86,7 +98,7 @@ def spliced_metrics(
         if budget_s is not None and b and (time.perf_counter() - t0) * (1 + (j - i) / i) > budget_s:
             break
         ids = torch.from_numpy(np.ascontiguousarray(rows[i:j])).to(device)
-        targets = ids[:, 1:].unsqueeze(-1)
+        targets = ids[:, first + 1:].unsqueeze(-1)
         clean, tail = lm.clean_and_tail(ids) if shortcut else (lm.logits(ids), None)
 
         def edited(f: Optional[Reconstructor]) -> Tensor:
@@ -99,18 +111,18 @@ def spliced_metrics(
         if b >= len(base):
             ce_zero, lp = ce_and_logprobs(edited(None), targets)
             base.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl(lp_clean, p_clean, lp),
-                         "n_pred": targets.numel(), "n_pos": ids.numel()})
+                         "n_pred": targets.numel(), "n_pos": ids[:, first:].numel()})
         for j, f in enumerate(reconstructors):
             ce, lp = ce_and_logprobs(edited(f), targets)
             ce_sae_sum[j] += ce
-            kl_sum[j] += kl(lp_clean, p_clean, lp)
+            kl_sums[j] += kl(lp_clean, p_clean, lp)
         used = b + 1
     sums = {key: sum(x[key] for x in base[:used]) for key in ("ce_clean", "ce_zero", "kl_zero", "n_pred", "n_pos")}
     n_pred, n_pos = max(sums["n_pred"], 1), max(sums["n_pos"], 1)
     ce_clean, ce_zero, kl_zero = sums["ce_clean"] / n_pred, sums["ce_zero"] / n_pred, sums["kl_zero"] / n_pos
     out = []
     for j in range(k):
-        ce_sae, kl_sae = ce_sae_sum[j] / n_pred, kl_sum[j] / n_pos
+        ce_sae, kl_sae = ce_sae_sum[j] / n_pred, kl_sums[j] / n_pos
         denom = ce_zero - ce_clean
         out.append({
             "ce_clean": ce_clean,

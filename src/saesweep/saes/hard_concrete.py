@@ -194,6 +194,9 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     classic, order = True, 1
     grid = {"initial_beta": [0.1, 0.5, 1.0], "input_dependent_gates": [True, False]}
     saelens_architecture = "hard_concrete"
+    #: target_l0 starts at the dense end of the useful range: coming from above, the count
+    #: penalty closes gates faster than the L0 shows it, and closed gates train poorly after
+    initial_coeff = 0.01
     encoder_weights = ("W_gate", "W_mag")
     #: input-dependent gates only: shared logits (input_dependent_gates false) keep lr, since at
     #: 30x every one of them shut (stories260K, c = 0.1 / 0.3: 100 % dead; at 1x L0 476, FVU 0.9)

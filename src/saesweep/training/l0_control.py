@@ -11,12 +11,18 @@ right. With ``target_l0`` the trainer sets the coefficient itself:
 * by the architecture's ``l0_rule``, either
 
   - ``pi`` (ReLU, Gated, hard concrete): it moves ``log c`` by a PI step on the error
-    ``e = log(L0_ema / target)``: ``dlog c = gain * lr_factor * (KI * e + KP * (e - e_prev))``,
-    each step at most :data:`MAX_STEP`. The L0 follows a new coefficient only as fast as the
-    optimiser moves the encoder, so the gain is scaled by the learning-rate schedule's factor:
-    the loop keeps its damping while the learning rate decays. The loop stops for the final ``train.target_l0_hold_frac`` of
-    training, which runs with the coefficient it reached: the SAE finishes under one stationary
-    objective, like an SAE trained at that coefficient from the start;
+    ``e = log(L0_ema / target)``: ``dlog c = gain * sqrt(lr_factor) * (KI * e + KP * (e - e_prev))``,
+    each step at most :data:`MAX_STEP`. The L0 follows a new coefficient only some tens of steps
+    later (the optimiser has to move the encoder), and early in training it falls from the dense
+    start whatever the coefficient: a loop that pushed on through that lag would wind the
+    coefficient far past its goal and collapse the codes, which a short run never recovers from.
+    So the step is skipped while the L0 is already moving towards the target fast enough to
+    reach it before the loop stops (its trend, a moving average of the change of ``L0_ema`` per
+    measurement, projected over the measurements left). The gain follows the square root of the
+    learning-rate schedule's factor: the loop keeps its damping while the learning rate decays
+    and can still finish the approach in a short run. The loop stops for the final
+    ``train.target_l0_hold_frac`` of training, which runs with the coefficient it reached: the SAE
+    finishes under one stationary objective, like an SAE trained at that coefficient from the start;
   - ``quadratic`` (JumpReLU, gated hard concrete): the coefficient is the gradient factor of the
     penalty ``c0 * target * (L0 / target - 1)^2`` (``c0`` = ``initial_coeff``), as SAELens's
     target-L0 penalty for JumpReLU: ``c = c0 * 2 (L0 / target - 1)``, the factor kept within
@@ -49,6 +55,8 @@ MAX_TOKENS = 1024
 #: integral and proportional gains of the PI step on log c, per measurement
 KI = 0.3
 KP = 0.6
+#: weight of a new change of ``L0_ema`` in its trend (the speed the L0 approaches the target at)
+TREND = 0.5
 #: the most ``log c`` moves in one measurement
 MAX_STEP = 0.25
 #: weight of a new measurement in the moving average of log L0
@@ -80,6 +88,7 @@ class L0Controller:
         self.steered = ~torch.isnan(self.log_target)
         self.ema = torch.full_like(self.log_target, math.nan)
         self.prev_err = torch.zeros_like(self.log_target)
+        self.trend = torch.zeros_like(self.log_target)
         self.stiffness = torch.tensor(list(stiffness) if stiffness is not None else [1.0] * len(targets),
                                       device=device, dtype=torch.float32)
         self.start = int(round(warmup_frac * total_steps))
@@ -109,12 +118,15 @@ class L0Controller:
         return (f != 0).float().sum(-1).mean(-1)
 
     @torch.no_grad()
-    def update(self, coeff: Tensor, l0: Tensor, lr_factor: float) -> None:
+    def update(self, coeff: Tensor, l0: Tensor, lr_factor: float, step: int) -> None:
         """One control step on ``coeff`` (the SAE's per-member ``sparsity_coeff``, in place) from
-        the measured ``l0``."""
+        the ``l0`` measured at training step ``step``."""
         log_l0 = l0.float().clamp_min(MIN_L0).log()
         first = torch.isnan(self.ema)
-        self.ema = torch.where(first, log_l0, self.ema + EMA * (log_l0 - self.ema))
+        ema = torch.where(first, log_l0, self.ema + EMA * (log_l0 - self.ema))
+        moved = torch.where(first, torch.zeros_like(ema), ema - self.ema)
+        self.trend = torch.where(first, moved, self.trend + TREND * (moved - self.trend))
+        self.ema = ema
         if self.rule == "quadratic":
             pull = (2 * ((log_l0 - self.log_target).exp() - 1)).clamp(QUAD_LOW, QUAD_HIGH)
             new = self.stiffness * pull
@@ -122,20 +134,24 @@ class L0Controller:
             return
         err = self.ema - self.log_target
         change = torch.where(first, torch.zeros_like(err), err - self.prev_err)
-        step = self.gain * lr_factor * (KI * err + KP * change)
-        step = step.clamp(-MAX_STEP, MAX_STEP)
+        move = (self.gain * math.sqrt(max(lr_factor, 0.0)) * (KI * err + KP * change)).clamp(-MAX_STEP, MAX_STEP)
+        # the codes are on their way: the L0 reaches the target before the loop stops
+        left = max(1.0, (self.stop - step) / EVERY)
+        arriving = (err * self.trend < 0) & (err.abs() < self.trend.abs() * left)
+        move = torch.where(arriving, torch.zeros_like(move), move)
         self.prev_err = err
-        new = (coeff * torch.exp(step)).clamp(MIN_COEFF, MAX_COEFF)
+        new = (coeff * torch.exp(move)).clamp(MIN_COEFF, MAX_COEFF)
         coeff.copy_(torch.where(self.steered, new, coeff))
 
     # ------------------------------------------------------------ pack changes, checkpoints
     def select(self, keep: Sequence[int]) -> None:
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.log_target.device)
-        for name in ("log_target", "steered", "ema", "prev_err", "stiffness"):
+        for name in ("log_target", "steered", "ema", "prev_err", "trend", "stiffness"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone()}
+        return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone(),
+                "l0_control.trend": self.trend.clone()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], rows: Sequence[int]) -> None:
         """Restore the moving average of the saved pack's ``rows`` (the members resumed here)."""
@@ -144,3 +160,5 @@ class L0Controller:
         idx = torch.tensor(list(rows), dtype=torch.long, device=self.ema.device)
         self.ema = tensors["l0_control.ema"].to(self.ema).index_select(0, idx)
         self.prev_err = tensors["l0_control.prev_err"].to(self.ema).index_select(0, idx)
+        if "l0_control.trend" in tensors:
+            self.trend = tensors["l0_control.trend"].to(self.ema).index_select(0, idx)

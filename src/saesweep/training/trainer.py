@@ -236,7 +236,7 @@ def train_pack(
             opt.step(lrf)
             sae.after_step()
             if control is not None and control.due(step):
-                control.update(sae.sparsity_coeff, control.measure(sae, x), lrf)
+                control.update(sae.sparsity_coeff, control.measure(sae, x), lrf, step)
             if resampler is not None:
                 resampler.observe(x)
                 if resampler.due(step):
