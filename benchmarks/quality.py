@@ -81,23 +81,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "auto", world: Optional[dict] = None) -> dict:
+def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "auto", world: Optional[dict] = None,
+                hook: str = "blocks.2.hook_resid_pre", batch: Optional[int] = None, ratio: Optional[float] = None) -> dict:
     from saesweep.config.experiment import TrainConfig
 
     # stories260K-sampled holds 1.97M training tokens: its runs take 1.9M unless told otherwise
     default = TrainConfig().tokens if source == "synthetic" else min(TrainConfig().tokens, STORIES_TOKENS)
-    train: dict[str, Any] = {"tokens": tokens or default, "dtype": dtype}
+    train: dict[str, Any] = {"tokens": tokens or default, "dtype": dtype, **({"batch_size": batch} if batch else {})}
     cfg: dict[str, Any] = {"lr": 1e-3, "dict_size_ratio": 16, "train": train, "output_dir": str(out / "runs"),
                            "cache_dir": str(out.parent / "cache")}
     if source == "stories260k":
         cfg["source"] = {"kind": "hf", "model": str(MODEL), "dataset": str(DATA), "split": "train",
-                         "eval_split": "validation", "context_length": 256, "hook": "blocks.2.hook_resid_pre"}
+                         "eval_split": "validation", "context_length": 256, "hook": hook}
         cfg["eval"] = {"tokens": 65_536, "ce_tokens": 16_384}
     else:
         w = world or WORLD
         cfg["source"] = {"kind": "synthetic", "n_features": w["n_features"], "d_in": w["d_in"],
                          "sparsity": w["true_l0"] / w["n_features"]}
         cfg["dict_size_ratio"] = w["n_features"] / 4 / w["d_in"]
+    if ratio:
+        cfg["dict_size_ratio"] = ratio
     return cfg
 
 
@@ -127,17 +130,46 @@ def run_saesweep(sae_type: str, base: dict, coeffs: list[float], ks: list[int]) 
     return rows
 
 
-def run_saelens(base: dict, coeffs: list[float]) -> list[dict]:
-    """SAELens's standard SAE and trainer on saesweep's activation stream, evaluated by saesweep."""
-    from sae_lens import (
-        LoggingConfig,
-        SAETrainer,
-        StandardTrainingSAE,
-        StandardTrainingSAEConfig,
-    )
+#: saesweep's type -> SAELens's training architecture that is its peer (the knob: l1 or k)
+PEERS = {"relu": "standard", "topk": "topk"}
+
+
+def _saelens_sae(arch: str, d: int, m: int, value: float, warmup: int):
+    import sae_lens
+
+    if arch == "standard":
+        return sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(
+            d_in=d, d_sae=m, l1_coefficient=value, l1_warm_up_steps=warmup, dtype="float32", device="cpu"))
+    if arch == "topk":
+        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(
+            d_in=d, d_sae=m, k=int(value), dtype="float32", device="cpu"))
+    raise ValueError(f"no SAELens peer {arch!r}")
+
+
+def _copy_into_ours(arch: str, sae, d: int, m: int, value: float):
+    """A saesweep SAE computing the same function as SAELens's ``sae`` (for saesweep's metric code)."""
+    from saesweep import saes
+
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if arch == "standard":
+        ours = saes.get("relu")(d, m, [{"sparsity_coeff": value}], [0])
+    else:
+        ours = saes.get("topk")(d, m, [{"k": int(value)}], [0])
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # fold the decoder norm, as its export does
+            norm = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * norm, b_enc * norm, W_dec / norm[:, None]
+    with torch.no_grad():
+        for name, v in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+            getattr(ours, name).copy_(v[None])
+    return ours
+
+
+def run_saelens(base: dict, coeffs: list[float], arch: str = "standard") -> list[dict]:
+    """SAELens's ``arch`` SAE and its own trainer on saesweep's activation stream (the same batches,
+    lr schedule and Adam), evaluated by saesweep's metric code; ``coeffs`` are l1 coefficients or ks."""
+    from sae_lens import LoggingConfig, SAETrainer
     from sae_lens.config import SAETrainerConfig
 
-    from saesweep import saes
     from saesweep.config.experiment import parse_config
     from saesweep.data import open_source
     from saesweep.metrics.reconstruction import evaluate
@@ -150,9 +182,7 @@ def run_saelens(base: dict, coeffs: list[float]) -> list[dict]:
     steps = tc.steps
     rows = []
     for c in coeffs:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
-            d_in=d, d_sae=m, l1_coefficient=c, l1_warm_up_steps=int(tc.sparsity_warmup_frac * steps),
-            dtype="float32", device="cpu"))
+        sae = _saelens_sae(arch, d, m, c, int(tc.sparsity_warmup_frac * steps))
         trainer = SAETrainer(SAETrainerConfig(
             total_training_samples=steps * tc.batch_size, train_batch_size_samples=tc.batch_size, lr=cfg.lr,
             lr_scheduler_name="cosineannealing", lr_warm_up_steps=max(1, int(tc.lr_warmup_frac * steps)),
@@ -162,13 +192,10 @@ def run_saelens(base: dict, coeffs: list[float]) -> list[dict]:
         t = time.perf_counter()
         trainer.fit()
         wall = time.perf_counter() - t
-        ours = saes.get("relu")(d, m, [{"sparsity_coeff": c}], [0])
-        with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(ours, name).copy_(getattr(sae, name).detach()[None])
+        ours = _copy_into_ours(arch, sae, d, m, c)
         metrics = evaluate(ours, data, cfg.eval.batch_size)[0]
-        rows.append(row_of("saelens_standard", c, metrics, wall))
-        log(f"saelens l1={c}: L0 {metrics['l0']:.1f} FVU {metrics['fvu']:.3f} dead {metrics['dead_fraction']:.2f}")
+        rows.append(row_of(f"saelens_{arch}", c, metrics, wall))
+        log(f"saelens {arch} {c}: L0 {metrics['l0']:.1f} FVU {metrics['fvu']:.3f} dead {metrics['dead_fraction']:.2f}")
     data.close()
     return rows
 
@@ -202,10 +229,14 @@ def compare(rows: list[dict], kind: str, peer: str = "saelens_standard") -> dict
     grid = np.exp(np.linspace(math.log(L0_RANGE[0]), math.log(L0_RANGE[1]), 15))
     diffs = [(float(x), fa, fb) for x in grid
              if (fa := interp(a, float(x))) is not None and (fb := interp(b, float(x))) is not None]
+    def dead(k: str) -> float:
+        v = [r["dead_fraction"] for r in rows if r["trainer"] == k and _ok(r.get("dead_fraction"))]
+        return max(v) if v else math.nan
+
     if not diffs:
-        return {"kind": kind, "points": 0}
+        return {"kind": kind, "peer": peer, "points": 0, "dead": dead(kind), "peer_dead": dead(peer)}
     delta = [fa - fb for _, fa, fb in diffs]
-    return {"kind": kind, "points": len(diffs), "l0_from": diffs[0][0], "l0_to": diffs[-1][0],
+    return {"kind": kind, "peer": peer, "points": len(diffs), "dead": dead(kind), "peer_dead": dead(peer), "l0_from": diffs[0][0], "l0_to": diffs[-1][0],
             "mean_delta_fvu": float(np.mean(delta)), "max_delta_fvu": float(np.max(delta)),
             "mean_ratio": float(np.mean([fa / fb for _, fa, fb in diffs]))}
 
@@ -354,14 +385,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def conditions_table(comps: list[tuple[str, dict]]) -> str:
+    """One row per (condition, type, peer): the mean FVU ratio at equal L0 and both sides' dead fractions."""
+    out = ["| condition | type | SAELens peer | mean FVU ratio | dead, saesweep / SAELens |", "|---|---|---|---|---|"]
+    for label, c in comps:
+        peer = c.get("peer", "saelens_standard").removeprefix("saelens_")
+        ratio = f"{c['mean_ratio']:.3f}" if c.get("points") else "no L0 overlap"
+        out.append(f"| {label} | {c['kind']} | {peer} | {ratio} | {c.get('dead', math.nan):.3f} / "
+                   f"{c.get('peer_dead', math.nan):.3f} |")
+    return "\n".join(out)
+
+
 def summary(comparisons: list[dict]) -> str:
-    out = ["| type | L0 range compared | mean FVU - SAELens FVU | max | mean FVU ratio |", "|---|---|---|---|---|"]
+    out = ["| type | SAELens peer | L0 range compared | mean FVU - peer FVU | max | mean FVU ratio | dead (ours) |",
+           "|---|---|---|---|---|---|---|"]
     for c in comparisons:
+        peer = c.get("peer", "saelens_standard").removeprefix("saelens_")
         if not c.get("points"):
-            out.append(f"| {c['kind']} | (frontiers do not overlap in L0 {L0_RANGE[0]:g}-{L0_RANGE[1]:g}) | | | |")
+            out.append(f"| {c['kind']} | {peer} | (frontiers do not overlap in L0 {L0_RANGE[0]:g}-{L0_RANGE[1]:g}) | | | | |")
             continue
-        out.append(f"| {c['kind']} | {c['l0_from']:.1f}-{c['l0_to']:.1f} | {c['mean_delta_fvu']:+.4f} | "
-                   f"{c['max_delta_fvu']:+.4f} | {c['mean_ratio']:.3f} |")
+        out.append(f"| {c['kind']} | {peer} | {c['l0_from']:.1f}-{c['l0_to']:.1f} | {c['mean_delta_fvu']:+.4f} | "
+                   f"{c['max_delta_fvu']:+.4f} | {c['mean_ratio']:.3f} | {c.get('dead', float('nan')):.3f} |")
     return "\n".join(out)
 
 
@@ -380,6 +424,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="saesweep's training dtype (default auto, as a user gets; SAELens trains in float32)")
     p.add_argument("--world", default=None, help="synthetic world as FEATURES,D_IN,TRUE_L0 (default "
                    f"{WORLD['n_features']},{WORLD['d_in']},{WORLD['true_l0']:g}; SynthSAEBench's is 16384,768,25)")
+    p.add_argument("--hook", default="blocks.2.hook_resid_pre", help="stories260K hook point")
+    p.add_argument("--batch", type=int, default=None, help="train.batch_size (default: the config default)")
+    p.add_argument("--ratio", type=float, default=None, help="dict_size_ratio (default 16; the world's own on synthetic)")
+    p.add_argument("--conditions", default=None, help="comma-separated HOOK@BATCH@TOKENS: stories260K under "
+                   "each (e.g. blocks.3.hook_resid_post@4096@1000000,blocks.3.hook_resid_post@512@1900000)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/quality-<time>)")
     args = p.parse_args(argv)
     world = dict(WORLD)
@@ -409,17 +458,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"coeffs": coeffs, "ks": ks, "types": types, "tokens": tokens, "sources": {}}
     text = [f"# SAE quality: saesweep vs SAELens ({time.strftime('%Y-%m-%d %H:%M')})", "",
             f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace("  ", " "), ""]
-    for source in sources:
+    runs = [(s, s, args.hook, args.batch, tokens) for s in sources]
+    if args.conditions:  # stories260K under each (hook, batch, tokens)
+        runs = []
+        for c in args.conditions.split(","):
+            try:
+                hook, batch, n = c.split("@")
+                runs.append((f"stories260k {hook} batch {batch} {int(n):,} tokens", "stories260k", hook, int(batch),
+                             int(n)))
+            except ValueError:
+                p.error(f"--conditions: expected HOOK@BATCH@TOKENS, got {c!r}")
+    everywhere: list[tuple[str, dict]] = []
+    for label, source, hook, batch, n_tokens in runs:
         if source == "stories260k" and not (MODEL.is_dir() and DATA.is_dir()):
             log(f"skipping stories260k: {MODEL} or {DATA} not found")
             continue
-        base = base_config(source, tokens, out / source, args.dtype, world)
+        folder = out / (source if label == source else f"{hook}-{batch}-{n_tokens}")
+        base = base_config(source, n_tokens, folder, args.dtype, world, hook, batch, args.ratio)
         if args.targets:
             targets = [float(x) for x in args.targets.split(",")]
             steered = [t for t in types if saes.get(t).uses_sparsity_coeff]
             rows = [r for t in steered for r in run_targets(t, base, targets)]
-            result["sources"][source] = {"target_rows": rows}
-            text += [f"## {source}: target_l0 against the fixed-coefficient frontier", "", target_table(rows, steered), ""]
+            result["sources"][label] = {"target_rows": rows}
+            text += [f"## {label}: target_l0 against the fixed-coefficient frontier", "", target_table(rows, steered), ""]
             (out / "quality.json").write_text(json.dumps(result, indent=1))
             (out / "table.md").write_text("\n".join(text))
             continue
@@ -429,19 +490,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.no_peer:
             try:
                 rows += run_saelens(base, coeffs)
+                if "topk" in types:
+                    rows += run_saelens(base, ks, "topk")
             except ImportError as e:
                 log(f"SAELens not installed ({e}); pip install 'saesweep[bench]'")
         comps = [compare(rows, t) for t in types]
+        if any(r["trainer"] == "saelens_topk" for r in rows):
+            comps.append(compare(rows, "topk", "saelens_topk"))
         extra: list[str] = []
         if source == "synthetic":
             base_rows = synthetic_baselines(base, world["true_l0"])
             result.setdefault("baselines", base_rows)
             extra = [ranking(rows, world["true_l0"], base_rows), ""]
-        plot(rows, out / f"frontier_{source}.png", f"{source}: L0 vs FVU, ratio 16, lr 1e-3")
-        result["sources"][source] = {"rows": rows, "vs_saelens": comps}
-        text += [f"## {source}", "", table(rows), "", "Frontier vs SAELens standard (negative: saesweep better):", "",
-                 summary(comps), "", *extra, f"![frontier](frontier_{source}.png)", ""]
+        png = f"frontier_{folder.name}.png"
+        plot(rows, out / png, f"{label}: L0 vs FVU, ratio {base['dict_size_ratio']:g}, lr 1e-3")
+        result["sources"][label] = {"rows": rows, "vs_saelens": comps}
+        everywhere += [(label, c) for c in comps]
+        text += [f"## {label}", "", table(rows), "", "Frontier vs SAELens (negative: saesweep better):", "",
+                 summary(comps), "", *extra, f"![frontier]({png})", ""]
         (out / "quality.json").write_text(json.dumps(result, indent=1))
+        (out / "table.md").write_text("\n".join(text))
+    if len(runs) > 1 and everywhere:
+        text += ["## Every condition", "", conditions_table(everywhere), ""]
         (out / "table.md").write_text("\n".join(text))
     print("\n".join(text))
     log(f"wrote {out}")
