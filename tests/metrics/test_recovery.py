@@ -62,8 +62,41 @@ def test_greedy_matching_lets_two_features_share_a_latent():
 def test_a_narrower_sae_is_scored_over_its_latents():
     fires = TRUTH[:, :1]  # one latent, exactly feature 0
     row, = recovery_metrics([fires], TRUTH, [GT[:1]], GT)
-    assert row["feature_f1"] == 1.0  # over latents (SynthSAEBench's way)
+    assert row["feature_f1"] == 1.0  # over latents
     assert row["frac_f1_50"] == pytest.approx(1 / 3)  # over true features
+
+
+def test_synthsaebench_scores_duplicated_latents_that_the_one_to_one_match_does_not():
+    # six latents, each true feature's direction twice (one with flipped sign), firing exactly with it
+    dec = torch.cat([GT, -GT])
+    fires = torch.cat([TRUTH, TRUTH], 1)
+    row, = recovery_metrics([fires], TRUTH, [dec], GT)
+    assert row["synthsaebench_f1"] == row["synthsaebench_precision"] == row["synthsaebench_recall"] == 1.0
+    assert row["synthsaebench_uniqueness"] == 0.5
+    # one to one: three latents matched at signed cosine 1 and F1 1, the three duplicates left out
+    assert row["feature_f1"] == 1.0 and row["feature_f1_greedy"] == 1.0
+    # a latent that never fires counts 0 in the mean over latents
+    silent = fires.clone()
+    silent[:, 5] = False
+    row, = recovery_metrics([silent], TRUTH, [dec], GT)
+    assert row["synthsaebench_f1"] == pytest.approx(5 / 6)
+
+
+def test_synthsaebench_metrics_equal_sae_lens_compute_classification_metrics():
+    evals = pytest.importorskip("sae_lens.synthetic.evals")
+    g = torch.Generator().manual_seed(0)
+    n, F, m, d = 2000, 24, 16, 12
+    gt = torch.randn(F, d, generator=g)
+    dec = gt[torch.randint(0, F, (m,), generator=g)] + 0.5 * torch.randn(m, d, generator=g)
+    truth = torch.rand(n, F, generator=g) < 0.1
+    codes = torch.relu(torch.randn(n, m, generator=g) - 1.0)  # real-valued codes, some latents rarely on
+    codes[:, 3] = 0  # a dead latent
+    row, = recovery_metrics([codes], truth, [dec], gt)
+    ref = evals.compute_classification_metrics(codes, truth.float(), dec, gt)
+    assert row["synthsaebench_f1"] == pytest.approx(ref.f1_score, abs=1e-6)
+    assert row["synthsaebench_precision"] == pytest.approx(ref.precision, abs=1e-6)
+    assert row["synthsaebench_recall"] == pytest.approx(ref.recall, abs=1e-6)
+    assert row["synthsaebench_uniqueness"] == pytest.approx(evals.feature_uniqueness(dec, gt))
 
 
 def test_absorption_counts_a_parent_latent_silent_where_a_child_fires():

@@ -13,13 +13,22 @@ against "f is active":
 
 ``feature_f1`` is the mean F1 over true features when the SAE is at least as wide as the true
 dictionary (an unmatched feature scores 0), and over latents when it is narrower (each latent's
-matched feature; SynthSAEBench's way). ``feature_f1_greedy`` is the same with greedy matching,
+one-to-one matched feature). ``feature_f1_greedy`` is the same with greedy matching,
 ``feature_mcc`` the mean MCC over matched pairs, ``frac_f1_50`` the share of true features
 whose matched latent reaches F1 >= 0.5. ``absorption``: over the world's hierarchies, how often
 a parent's latent stays silent on tokens where one of its children is active (and so is the
 parent), averaged over parents. The decoder-only figures keep names that say so:
 ``decoder_mmcs`` (mean over true features of the best cosine with a decoder row) and
 ``decoder_frac_cos90`` (share of true features with a decoder row at cosine > 0.9).
+
+SynthSAEBench's own classification metrics are reported beside these, under their own names
+(``sae_lens.synthetic.evals.compute_classification_metrics`` and ``feature_uniqueness``, tested
+equal): each latent is scored against its best ``|cosine|`` true feature, duplicates allowed, and
+the means are over all latents (one that never fires scores 0): ``synthsaebench_f1``,
+``synthsaebench_precision``, ``synthsaebench_recall``; ``synthsaebench_uniqueness`` is the number
+of distinct best features over the number of latents. Published SynthSAEBench F1s compare with
+``synthsaebench_f1``, not with ``feature_f1``: an SAE whose latents duplicate each other scores
+high on the first and is penalised on the second.
 
 ``probe_f1`` is the ceiling a supervised linear probe reaches on the same world (a logistic
 probe per feature, trained on labelled activations): an SAE's ``feature_f1`` reads against it.
@@ -101,6 +110,8 @@ def recovery_metrics(
         per_feature = torch.zeros(F, dtype=torch.float64)
         per_feature[f_t] = f1
         feature_f1 = float(per_feature.mean()) if m >= F else float(f1.mean())
+        latent_best = cos.abs().argmax(dim=0)  # [m]: SynthSAEBench's match, duplicates allowed
+        s_prec, s_rec, s_f1 = _f1(co[torch.arange(m), latent_best], fire_n, active_n[latent_best])
         g_tp = co[best.indices, torch.arange(F)]
         _, _, g_f1 = _f1(g_tp, fire_n[best.indices], active_n)
         row = {
@@ -110,6 +121,10 @@ def recovery_metrics(
             "frac_f1_50": float((per_feature >= GOOD_F1).double().mean()),
             "decoder_mmcs": float(best.values.mean()),
             "decoder_frac_cos90": float((best.values > RECOVERED_COSINE).double().mean()),
+            "synthsaebench_f1": float(s_f1.mean()),
+            "synthsaebench_precision": float(s_prec.mean()),
+            "synthsaebench_recall": float(s_rec.mean()),
+            "synthsaebench_uniqueness": len(latent_best.unique()) / m,
         }
         if hierarchy:
             latent_of = {int(f): int(ll) for f, ll in zip(f_ids, l_ids)}

@@ -61,6 +61,14 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("frac_f1_50", "maximize", "true features with F1 >= 0.5 (share)", _RECOV, intermediate="mse"),
     Metric("feature_f1_greedy", "maximize", "feature F1, greedy best-cosine matching", _RECOV, in_table=False,
            intermediate="mse"),
+    Metric("synthsaebench_f1", "maximize", "SynthSAEBench classification F1 (each latent vs its best |cos| "
+           "feature, mean over latents)", _RECOV, intermediate="mse"),
+    Metric("synthsaebench_precision", "maximize", "SynthSAEBench classification precision", _RECOV, in_table=False,
+           intermediate="mse"),
+    Metric("synthsaebench_recall", "maximize", "SynthSAEBench classification recall", _RECOV, in_table=False,
+           intermediate="mse"),
+    Metric("synthsaebench_uniqueness", "maximize", "SynthSAEBench feature uniqueness (distinct best features / "
+           "latents)", _RECOV, in_table=False, intermediate="mse"),
     Metric("decoder_mmcs", "maximize", "decoder MMCS (best cosine per true feature)", _RECOV, in_table=False,
            intermediate="mse"),
     Metric("decoder_frac_cos90", "maximize", "true features with a decoder row at cosine > 0.9", _RECOV,
