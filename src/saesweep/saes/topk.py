@@ -20,6 +20,9 @@ buffer, and AuxK's products only when a member has dead latents. Measured agains
 step (``benchmarks/run.py --sections types``: packs of 4, d 64, batch 4096, a 2-core AMX Xeon,
 2026-12-02): 1.56x (fp32) / 1.86x (bf16) at m 1024, 1.80x / 2.06x at m 4096. The per-token
 ``topk`` itself is most of what is left (18 ms of a 4096 x 1024 step on this machine).
+
+Decoder learning rate: the decoder rows are kept at unit norm and step ``DECODER_LR_SCALE`` (4) times
+the learning rate; benchmarks/README.md ("TopK against SAELens's TopK") has the measurements.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ from saesweep.saes.base import HyperParam, PackedSAE, Step
 from saesweep.saes.kernels import bmm, bmm_acc, chunks, threshold_backward
 from saesweep.saes.registry import register
 
+#: factor on the learning rate of TopK's decoder rows. Adam moves every weight by about the learning
+#: rate per step whatever its size, so the speed at which a unit-norm decoder row turns depends on
+#: the norm it is kept at: SAELens's TopK keeps rows at their initial norm 0.1 and rescales the
+#: codes by it, which turns them ten times faster than unit rows at the same lr.
+DECODER_LR_SCALE = 4.0
 K_PARAM = {"k": HyperParam(int, 32, "active latents per token (members of a pack may differ)")}
 AUXK_PARAMS = {
     "auxk_coeff": HyperParam(float, 1 / 32, "weight of the AuxK loss that trains dead latents (0: off)"),
@@ -224,6 +232,9 @@ class TopKSAE(AuxK, PackedSAE):
     grid = {"k": [8, 16, 32, 64]}
     saelens_architecture = "topk"
     hyperparams = {**K_PARAM, **AUXK_PARAMS}
+    #: the decoder directions step DECODER_LR_SCALE times the lr (see the module doc)
+    lr_scale = {"W_dec": DECODER_LR_SCALE}
+    revision = 1  # 1: the decoder's learning rate (DECODER_LR_SCALE)
 
     def _init_parameters(self) -> None:
         self._init_encoder()
