@@ -85,9 +85,6 @@ def spliced_metrics(
         lp = logits.float().log_softmax(-1)
         return -lp[:, first:-1].gather(-1, targets).sum().item(), lp
 
-    def kl(lp_clean: Tensor, p_clean: Tensor, lp: Tensor) -> float:
-        return kl_sum(lp_clean, lp, first, p_clean)
-
     t0 = time.perf_counter()
     used = 0
     # a small first batch times the work cheaply; then full batches (the same cuts every call)
@@ -110,12 +107,12 @@ def spliced_metrics(
         p_clean = lp_clean.exp()
         if b >= len(base):
             ce_zero, lp = ce_and_logprobs(edited(None), targets)
-            base.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl(lp_clean, p_clean, lp),
+            base.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl_sum(lp_clean, lp, first, p_clean),
                          "n_pred": targets.numel(), "n_pos": ids[:, first:].numel()})
         for j, f in enumerate(reconstructors):
             ce, lp = ce_and_logprobs(edited(f), targets)
             ce_sae_sum[j] += ce
-            kl_sums[j] += kl(lp_clean, p_clean, lp)
+            kl_sums[j] += kl_sum(lp_clean, lp, first, p_clean)
         used = b + 1
     sums = {key: sum(x[key] for x in base[:used]) for key in ("ce_clean", "ce_zero", "kl_zero", "n_pred", "n_pos")}
     n_pred, n_pos = max(sums["n_pred"], 1), max(sums["n_pos"], 1)
