@@ -15,12 +15,17 @@ synthetic source, the spliced CE/KL on a language-model source):
   them), each token coded by its ``k`` largest-magnitude components (the best linear
   dictionary of that L0 without sparse structure).
 
-On a synthetic source one reference from above joins them:
+On a synthetic source two references from above join them, both width ``m`` like the SAEs they
+are set beside (the ``m`` most frequent true features, or all of them where ``m`` is wider), so
+their recovery metrics average over the same number of latents:
 
-* ``true_dictionary``: the world's true feature directions as the decoder (whatever the
-  width), with a top-k encoder trained to reconstruct through them: what an SAE that found
-  every direction reaches with a top-k code (a reference, not a bound: its encoder trains
-  for only a few hundred steps).
+* ``true_dictionary``: those true directions as the decoder, with a top-k encoder trained to
+  reconstruct through them: what an SAE that found them reaches with a top-k code (a
+  reference, not a bound: its encoder trains for only a few hundred steps).
+* ``oracle``: the same directions, each latent firing exactly where its feature is active with
+  the feature's true magnitude (the true support; its L0 is the world's over those features,
+  not ``k``): the best recovery scores a width-``m`` dictionary can have (not the best FVU:
+  a trained code also projects the features its directions leave out).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from saesweep.data.base import Activations
 from saesweep.metrics.registry import BASELINES
 
 KINDS = BASELINES
+#: the baselines that need a source's true features
+TRUTH_KINDS = ("true_dictionary", "oracle")
 FILE = "baselines.json"
 
 
@@ -44,14 +51,18 @@ class Baseline:
     """A fixed dictionary ``W_dec [m, d]`` with a way to choose each token's ``k`` codes."""
 
     def __init__(self, kind: str, W_dec: Tensor, b_dec: Tensor, k: int, W_enc: Optional[Tensor] = None,
-                 b_enc: Optional[Tensor] = None, seed: int = 0) -> None:
+                 b_enc: Optional[Tensor] = None, seed: int = 0, eval_codes: Optional[Tensor] = None) -> None:
         self.kind, self.W_dec, self.b_dec, self.k = kind, W_dec, b_dec, k
         self.W_enc, self.b_enc = W_enc, b_enc
+        #: the oracle's codes on the held-out tokens (it reads the truth, not the activations)
+        self.eval_codes = eval_codes
         self._g = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Codes ``[N, m]`` of normalised activations ``x [N, d]`` (zero where a latent does not fire)."""
+        if self.eval_codes is not None:
+            raise ValueError("the oracle codes the held-out tokens from the truth, not from activations")
         if self.W_enc is not None:  # a trained encoder
             return _topk(torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc), self.k)
         proj = (x - self.b_dec) @ self.W_dec.T  # [N, m]
@@ -124,12 +135,16 @@ def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0,
     g = torch.Generator().manual_seed(seed + 0xBA5E)
     d = data.d_in
     b_dec = data.mean().float().cpu()
-    if kind == "true_dictionary":
-        if data.ground_truth is None:
-            raise ValueError("baseline 'true_dictionary': the source has no known true features")
-        W_dec = data.ground_truth.float().cpu()
-        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
-        return _train_encoder(kind, data, W_dec, b_dec, k, seed, 3 * steps, batch_size, lr, pool)
+    if kind in ("true_dictionary", "oracle"):
+        if data.ground_truth is None or not hasattr(data, "feature_frequency"):
+            raise ValueError(f"baseline {kind!r}: the source has no known true features")
+        chosen = data.feature_frequency().argsort(descending=True, stable=True)[:d_sae].sort().values
+        W_dec = data.ground_truth.float().cpu()[chosen]
+        norm = W_dec.norm(dim=-1, keepdim=True)
+        if kind == "oracle":  # true magnitudes on the true support; the mean is part of the truth
+            return Baseline(kind, W_dec / norm, torch.zeros(d), k,
+                            eval_codes=data.eval_codes()[:, chosen] * norm.T * data.scale)
+        return _train_encoder(kind, data, W_dec / norm, b_dec, k, seed, 3 * steps, batch_size, lr, pool)
     if kind == "pca":
         x = next(data.train_batches(max(batch_size, 4 * d), seed + 0xBA5E)).float().cpu() - b_dec
         _, _, vt = torch.linalg.svd(x, full_matrices=False)  # rows: principal directions
@@ -164,7 +179,10 @@ def score(b: Baseline, data: Activations, batch_size: int = 4096, *, downstream:
     """The trial metrics that apply to a fixed dictionary: FVU, L0, dead features, and the
     recovery (synthetic) or spliced (LM) metrics of the source."""
     x = data.eval_activations().float().cpu()
-    codes = torch.cat([b.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    if b.eval_codes is not None:
+        codes, downstream = b.eval_codes, False
+    else:
+        codes = torch.cat([b.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     x_hat = b.decode(codes)
     x64 = x.double()
     sst = float(x64.pow(2).sum() - x64.sum(0).pow(2).sum() / len(x))
@@ -196,7 +214,7 @@ def baselines(data: Activations, d_sae: int, l0s: Sequence[float], kinds: Sequen
     are kept instead of computed again; ``on_row(row, i, n, seconds)`` is told of each new one."""
     import time
 
-    kinds = [k for k in kinds if k != "true_dictionary" or data.ground_truth is not None]
+    kinds = [k for k in kinds if k not in TRUTH_KINDS or data.ground_truth is not None]
     have = {(r.get("baseline"), float(r.get("target_l0", -1))): r for r in done}
     todo = [(float(l0), kind) for l0 in l0s for kind in kinds]
     pool = BatchPool(data, 1024, seed + 0xBA5E)
@@ -252,8 +270,8 @@ def lines(rows: list[dict]) -> list[str]:
         return []
     extra = [k for k in ("feature_f1", "absorption", "ce_loss_score") if any(k in r for r in rows)]
     out = ["Random baselines (what the metrics are without learning; an SAE should beat them at its L0)"
-           + (" and the true dictionary (what finding every true direction gives):" if any(
-               r["baseline"] == "true_dictionary" for r in rows) else ":")]
+           + (" and the true-dictionary references at the same width:" if any(
+               r["baseline"] in TRUTH_KINDS for r in rows) else ":")]
     for r in rows:
         cols = [f"{KINDS.get(r['baseline'], r['baseline']):34s}", f"l0 {r['l0']:8.2f}", f"fvu {r['fvu']:.4f}"]
         cols += [f"{k} {r[k]:.3f}" for k in extra if k in r and r[k] is not None and math.isfinite(r[k])]
@@ -262,7 +280,7 @@ def lines(rows: list[dict]) -> list[str]:
 
 
 #: changes when the baselines' construction changes, so that saved rows are not reused
-VERSION = 1
+VERSION = 2
 
 
 def for_sweep(records, folder: Path, l0s: Optional[Sequence[float]] = None, kinds: Sequence[str] = tuple(KINDS), *,

@@ -118,6 +118,7 @@ BASELINES = {
     "random_firing": "random firing at the same L0",
     "pca": "PCA dictionary, top-k components",
     "true_dictionary": "true dictionary, trained encoder",
+    "oracle": "true dictionary, true support",
 }
 
 

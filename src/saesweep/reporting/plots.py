@@ -19,7 +19,7 @@ TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
 #: in a sweep over hooks, each hook's points and frontiers get a marker and a line style
 HOOK_MARKERS = ["o", "s", "^", "D", "v", "P"]
 HOOK_LINES = ["-", ":", "-.", (0, (5, 2, 1, 2))]
-BASELINE_MARKERS = {"random_decoder": "X", "random_firing": "P", "pca": "D", "true_dictionary": "*"}
+BASELINE_MARKERS = {"random_decoder": "X", "random_firing": "P", "pca": "D", "true_dictionary": "*", "oracle": "p"}
 
 
 def type_colors(types: Sequence[str]) -> dict[str, str]:
