@@ -20,9 +20,12 @@ sparsity coefficients (the TopK types, which take none, across ``k``: their ``co
 holds k); SAELens's ``StandardTrainingSAE`` + ``SAETrainer`` trains on exactly the
 same stream of normalised activations (saesweep's source, unit mean squared norm) with the same
 lr schedule, across the same coefficients (its loss, SSE + l1 * sum_i |f_i| ||W_dec,i||, has the
-form of saesweep's ReLU loss). Every SAE, the peer's included, is evaluated by saesweep's own
-metric code on the same held-out activations and tokens (SAELens's weights are copied into a
-saesweep ReLU SAE without renormalising, which computes the same function).
+form of saesweep's ReLU loss). Each type with a SAELens counterpart is also compared with it
+(``PEERS``: gated, TopK, BatchTopK, Matryoshka BatchTopK, and JumpReLU both as SAELens defaults and
+with its straight-through estimator reaching the encoder), trained the same way. Every SAE, the
+peers' included, is evaluated by saesweep's own metric code on the same held-out activations and
+tokens (SAELens's inference weights are loaded into the saesweep type with the same inference
+function).
 
 Writes ``benchmarks/results/quality-<time>/``: ``table.md`` (L0, FVU, ce_loss_score,
 kl_div_score, dead fraction, frac_recovered, per trial), ``quality.json``, and
@@ -68,6 +71,9 @@ COEFFS = [0.01, 0.03, 0.06, 0.1, 0.17, 0.3, 0.5]
 QUICK_COEFFS = [0.03, 0.1, 0.3]
 #: the fixed-coefficient frontier a quadratic-rule type's target-L0 SAEs are compared with
 FRONTIER_COEFFS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
+#: SAELens's JumpReLU l0_coefficients per variant (its loss: SSE + l0_coefficient * L0 on the same
+#: normalised inputs; with the straight-through estimator reaching the encoder the same L0 takes ~100x less)
+L0_COEFFS = {"jumprelu": [0.1, 0.3, 1.0, 3.0], "jumprelu_ste": [0.0005, 0.001, 0.002, 0.004]}
 L0_RANGE = (5.0, 40.0)
 STORIES_TOKENS = 1_900_000
 #: the synthetic world of the ranking: SynthSAEBench's shape (16K features in d 768, L0 about 25,
@@ -106,7 +112,7 @@ def base_config(source: str, tokens: Optional[int], out: Path, dtype: str = "aut
 
 def row_of(kind: str, coeff: float, m: dict, wall: float) -> dict:
     keys = ("l0", "fvu", "ce_loss_score", "kl_div_score", "dead_fraction", "feature_f1", "feature_mcc", "absorption",
-            "frac_f1_50", "decoder_frac_cos90", "probe_f1", "true_l0")
+            "frac_f1_50", "decoder_frac_cos90", "probe_f1", "true_l0", "synthsaebench_f1", "synthsaebench_uniqueness")
     return {"trainer": kind, "coeff": coeff, **{k: m.get(k) for k in keys}, "train_s": wall}
 
 
@@ -130,43 +136,65 @@ def run_saesweep(sae_type: str, base: dict, coeffs: list[float], ks: list[int]) 
     return rows
 
 
-#: saesweep's type -> SAELens's training architecture that is its peer (the knob: l1 or k)
-PEERS = {"relu": "standard", "topk": "topk"}
+#: saesweep's type -> the SAELens training architectures that are its peers (the knob: l1, l0 or k)
+PEERS = {"relu": ["standard"], "gated": ["gated"], "topk": ["topk"], "batchtopk": ["batchtopk"],
+         "jumprelu": ["jumprelu", "jumprelu_ste"], "matryoshka": ["matryoshka_batchtopk"]}
+#: the SAELens architectures that take k (the others take a coefficient)
+K_PEERS = ("topk", "batchtopk", "matryoshka_batchtopk")
+#: the SAELens architectures that take an L0 (count) coefficient, on the quadratic-rule coefficients
+L0_PEERS = ("jumprelu", "jumprelu_ste")
+#: a SAELens peer's state loads into this saesweep type (same inference function)
+PEER_TYPE = {"standard": "relu", "gated": "gated", "topk": "topk", "batchtopk": "batchtopk",
+             "jumprelu": "jumprelu", "jumprelu_ste": "jumprelu", "matryoshka_batchtopk": "matryoshka"}
 
 
 def _saelens_sae(arch: str, d: int, m: int, value: float, warmup: int):
+    """SAELens's training SAE ``arch`` at coefficient or k ``value``: its defaults but the knob, except
+    ``jumprelu_ste`` (its straight-through estimator also reaching the encoder's input weights) and
+    Matryoshka's prefixes, which end where saesweep's default ``group_fractions`` do."""
     import sae_lens
 
+    common = {"d_in": d, "d_sae": m, "dtype": "float32", "device": "cpu"}
     if arch == "standard":
         return sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(
-            d_in=d, d_sae=m, l1_coefficient=value, l1_warm_up_steps=warmup, dtype="float32", device="cpu"))
+            **common, l1_coefficient=value, l1_warm_up_steps=warmup))
+    if arch == "gated":
+        return sae_lens.GatedTrainingSAE(sae_lens.GatedTrainingSAEConfig(
+            **common, l1_coefficient=value, l1_warm_up_steps=warmup))
+    if arch in L0_PEERS:
+        return sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
+            **common, l0_coefficient=value, l0_warm_up_steps=warmup, jumprelu_ste_to_input=arch == "jumprelu_ste"))
     if arch == "topk":
-        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(
-            d_in=d, d_sae=m, k=int(value), dtype="float32", device="cpu"))
+        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common, k=int(value)))
+    if arch == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common, k=int(value)))
+    if arch == "matryoshka_batchtopk":
+        widths = sorted({max(1, round(f * m)) for f in (0.0625, 0.125, 0.25, 0.5, 1.0)})
+        return sae_lens.MatryoshkaBatchTopKTrainingSAE(sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+            **common, k=int(value), matryoshka_widths=widths))
     raise ValueError(f"no SAELens peer {arch!r}")
 
 
 def _copy_into_ours(arch: str, sae, d: int, m: int, value: float):
-    """A saesweep SAE computing the same function as SAELens's ``sae`` (for saesweep's metric code)."""
+    """A saesweep SAE computing the same inference function as SAELens's ``sae`` (for saesweep's metric
+    code): SAELens's own inference state (decoder norms folded, BatchTopK's threshold as JumpReLU's)
+    loaded into the saesweep type that shares its inference form."""
     from saesweep import saes
 
-    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    if arch == "standard":
-        ours = saes.get("relu")(d, m, [{"sparsity_coeff": value}], [0])
-    else:
-        ours = saes.get("topk")(d, m, [{"k": int(value)}], [0])
-        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # fold the decoder norm, as its export does
-            norm = W_dec.norm(dim=-1)
-            W_enc, b_enc, W_dec = W_enc * norm, b_enc * norm, W_dec / norm[:, None]
-    with torch.no_grad():
-        for name, v in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
-            getattr(ours, name).copy_(v[None])
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)
+    kind = PEER_TYPE[arch]
+    hp = {"k": int(value)} if arch in K_PEERS else {"sparsity_coeff": value}
+    ours = saes.get(kind)(d, m, [hp], [0])
+    ours.load_member_state(state)
     return ours
 
 
-def run_saelens(base: dict, coeffs: list[float], arch: str = "standard") -> list[dict]:
+def run_saelens(base: dict, coeffs: list[float], arch: str = "standard", scaled_windows: bool = False) -> list[dict]:
     """SAELens's ``arch`` SAE and its own trainer on saesweep's activation stream (the same batches,
-    lr schedule and Adam), evaluated by saesweep's metric code; ``coeffs`` are l1 coefficients or ks."""
+    lr schedule and Adam), evaluated by saesweep's metric code; ``coeffs`` are its l1 or l0 coefficients, or ks.
+    ``scaled_windows``: its dead-latent and feature-sampling windows a 20th and a 10th of the run (at
+    most its defaults, 1,000 and 2,000 steps, which are made for runs of 100M samples)."""
     from sae_lens import LoggingConfig, SAETrainer
     from sae_lens.config import SAETrainerConfig
 
@@ -187,7 +215,9 @@ def run_saelens(base: dict, coeffs: list[float], arch: str = "standard") -> list
             total_training_samples=steps * tc.batch_size, train_batch_size_samples=tc.batch_size, lr=cfg.lr,
             lr_scheduler_name="cosineannealing", lr_warm_up_steps=max(1, int(tc.lr_warmup_frac * steps)),
             lr_end=cfg.lr * tc.min_lr_factor, adam_beta1=tc.adam_beta1, adam_beta2=tc.adam_beta2, device="cpu",
-            autocast=False, logger=LoggingConfig(log_to_wandb=False), save_final_checkpoint=False, n_checkpoints=0),
+            autocast=False, logger=LoggingConfig(log_to_wandb=False), save_final_checkpoint=False, n_checkpoints=0,
+            **({"dead_feature_window": min(1000, max(10, steps // 20)),
+                "feature_sampling_window": min(2000, max(20, steps // 10))} if scaled_windows else {})),
             sae, data.train_batches(tc.batch_size, tc.seed))
         t = time.perf_counter()
         trainer.fit()
@@ -292,6 +322,111 @@ def synthetic_baselines(base: dict, l0: float) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------- ranking at convergence
+#: the last doubling of the budget must move F1 by less than this (relative) for a rank to be stated
+CONVERGED = 0.02
+RANKING_TYPES = ("relu", "jumprelu", "batchtopk", "matryoshka")
+RANKING_METRICS = ("synthsaebench_f1", "feature_f1")
+
+
+def run_ranking(base: dict, types: list[str], budgets: list[int], l0: float, peers: bool) -> list[dict]:
+    """Each type trained once per budget at the world's true L0 (``k`` for the TopK types,
+    ``target_l0`` for the others), and SAELens's TopK-family peers (k = the true L0, their windows
+    scaled to the run) at the same budgets on the same stream."""
+    from saesweep import saes
+    from saesweep.config.experiment import parse_config
+    from saesweep.training.run import run_pack
+
+    rows = []
+    for t in types:
+        for n in budgets:
+            knob = {"k": round(l0)} if "k" in saes.get(t).hyperparams else {"target_l0": l0}
+            cfg = parse_config({**base, "sae_type": t, **knob, "train": {**base["train"], "tokens": n}})
+            t0 = time.perf_counter()
+            r = run_pack([cfg], show_progress=False)[0]
+            row = {**row_of(t, round(l0), r.metrics if r.ok else {}, time.perf_counter() - t0), "tokens": n,
+                   **{k: r.metrics.get(k) for k in RANKING_METRICS}}
+            rows.append(row)
+            log(f"ranking {t} {n:,} tokens: {r.status} L0 {r.metrics.get('l0', float('nan')):.1f} "
+                f"F1 {r.metrics.get('synthsaebench_f1', float('nan')):.3f} / {r.metrics.get('feature_f1', float('nan')):.3f}")
+        for arch in PEERS.get(t, []) if peers else []:
+            if arch not in K_PEERS:
+                continue
+            for n in budgets:
+                b = {**base, "train": {**base["train"], "tokens": n}}
+                got = run_saelens(b, [round(l0)], arch, scaled_windows=True)[0]
+                rows.append({**got, "tokens": n})
+    return rows
+
+
+def convergence(rows: list[dict], metric: str = "synthsaebench_f1") -> list[dict]:
+    """Per trainer: its metric at each budget, the last doubling's relative change, and whether it
+    has converged (that change below :data:`CONVERGED`)."""
+    out = []
+    for k in dict.fromkeys(r["trainer"] for r in rows):
+        pts = sorted((r["tokens"], r.get(metric)) for r in rows if r["trainer"] == k and _ok(r.get(metric)))
+        if not pts:
+            continue
+        last = pts[-1][1]
+        change = (last - pts[-2][1]) / abs(pts[-2][1]) if len(pts) > 1 and pts[-2][1] else math.nan
+        out.append({"trainer": k, "points": pts, "last": last, "tokens": pts[-1][0], "change": change,
+                    "converged": _ok(change) and abs(change) < CONVERGED})
+    return out
+
+
+def ranking_table(rows: list[dict], budgets: list[int]) -> str:
+    conv = convergence(rows)
+    head = " | ".join(f"{n / 1e6:g}M" for n in budgets)
+    out = [f"SynthSAEBench's classification F1 (one-to-one feature_f1 in brackets) at each budget; a rank is "
+           f"stated only where the last doubling moved F1 by less than {CONVERGED:.0%}:", "",
+           f"| trainer | {head} | last doubling | rank |", "|---|" + "---|" * len(budgets) + "---|---|"]
+    order = sorted((c for c in conv if c["converged"]), key=lambda c: -c["last"])
+    rank = {c["trainer"]: i for i, c in enumerate(order, 1)}
+    for c in conv:
+        cells = []
+        for n in budgets:
+            r = next((r for r in rows if r["trainer"] == c["trainer"] and r["tokens"] == n), None)
+            f1, one = (r or {}).get("synthsaebench_f1"), (r or {}).get("feature_f1")
+            cells.append("–" if not _ok(f1) else f"{f1:.3f}" + (f" ({one:.3f})" if _ok(one) else ""))
+        verdict = rank.get(c["trainer"], f"not converged at {c['tokens'] / 1e6:g}M tokens")
+        out.append(f"| {c['trainer']} | {' | '.join(cells)} | {c['change']:+.1%} | {verdict} |")
+    if len(order) > 1:
+        out += ["", f"Order among converged trainers: {' > '.join(c['trainer'] for c in order)}."]
+    return "\n".join(out)
+
+
+def plot_ranking(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saesweep.reporting.plots import TYPE_COLORS
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    kinds = list(dict.fromkeys(r["trainer"] for r in rows))
+    ours = [k for k in kinds if not k.startswith("saelens_")]
+    for ax, metric in zip(axes, RANKING_METRICS):
+        for k in kinds:
+            pts = sorted((r["tokens"], r[metric]) for r in rows if r["trainer"] == k and _ok(r.get(metric)))
+            if not pts:
+                continue
+            arch = k.removeprefix("saelens_")
+            twin = PEER_TYPE.get(arch, k) if arch != k else k
+            c = TYPE_COLORS[ours.index(twin) % len(TYPE_COLORS)] if twin in ours else "black"
+            ax.plot(*zip(*pts), marker="s" if arch != k else "o", color=c, ls="--" if arch != k else "-",
+                    label=f"SAELens {arch}" if arch != k else k)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------- output
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
@@ -303,17 +438,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     kinds = list(dict.fromkeys(r["trainer"] for r in rows))
-    for i, k in enumerate(kinds):
+    ours = [k for k in kinds if not k.startswith("saelens_")]
+    for k in kinds:
         pts = [(r["l0"], r["fvu"]) for r in rows if r["trainer"] == k and _ok(r.get("l0")) and _ok(r.get("fvu"))]
         if not pts:
             continue
-        peer = k.startswith("saelens")
-        c = "black" if peer else TYPE_COLORS[i % len(TYPE_COLORS)]
+        arch = k.removeprefix("saelens_")
+        peer = arch != k
+        # a peer is drawn dashed in its saesweep type's colour (SAELens's standard SAE in black)
+        twin = PEER_TYPE.get(arch, "") if peer and arch != "standard" else k
+        c = TYPE_COLORS[ours.index(twin) % len(TYPE_COLORS)] if twin in ours else "black"
         ax.scatter(*zip(*pts), color=c, s=28, alpha=0.6, marker="s" if peer else "o")
         f = frontier([r for r in rows if r["trainer"] == k])
         if f:
             ax.plot(*zip(*f), color=c, lw=2.2 if peer else 1.6, ls="--" if peer else "-",
-                    label=("SAELens standard (peer)" if peer else k))
+                    label=(f"SAELens {arch} (peer)" if peer else k))
     ax.axvspan(*L0_RANGE, color="#eee", zorder=0, label=f"compared L0 range {L0_RANGE[0]:g}-{L0_RANGE[1]:g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -429,6 +568,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ratio", type=float, default=None, help="dict_size_ratio (default 16; the world's own on synthetic)")
     p.add_argument("--conditions", default=None, help="comma-separated HOOK@BATCH@TOKENS: stories260K under "
                    "each (e.g. blocks.3.hook_resid_post@4096@1000000,blocks.3.hook_resid_post@512@1900000)")
+    p.add_argument("--ranking", default=None, help="comma-separated token budgets (e.g. 3000000,6000000,12000000): "
+                   "rank the types on the synthetic world at convergence (default types: " + ",".join(RANKING_TYPES) + ")")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/quality-<time>)")
     args = p.parse_args(argv)
     world = dict(WORLD)
@@ -458,6 +599,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"coeffs": coeffs, "ks": ks, "types": types, "tokens": tokens, "sources": {}}
     text = [f"# SAE quality: saesweep vs SAELens ({time.strftime('%Y-%m-%d %H:%M')})", "",
             f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace("  ", " "), ""]
+    if args.ranking:
+        try:
+            budgets = sorted(int(float(b)) for b in args.ranking.split(","))
+        except ValueError:
+            p.error(f"--ranking: expected comma-separated token counts, got {args.ranking!r}")
+        kinds = types if args.types != ",".join(TYPES) else list(RANKING_TYPES)
+        base = base_config("synthetic", budgets[0], out / "synthetic", args.dtype, world, batch=args.batch)
+        rows = run_ranking(base, kinds, budgets, world["true_l0"], not args.no_peer)
+        result["ranking"] = rows
+        label = f"{world['n_features']:,} features in d {world['d_in']}, true L0 {world['true_l0']:g}, width {int(base['dict_size_ratio'] * world['d_in'])}"
+        plot_ranking(rows, out / "ranking.png", f"F1 against training tokens: {label}")
+        text += [f"## Ranking at convergence: {label}", "", ranking_table(rows, budgets), "", "![ranking](ranking.png)", ""]
+        (out / "quality.json").write_text(json.dumps(result, indent=1))
+        (out / "table.md").write_text("\n".join(text))
+        print("\n".join(text))
+        log(f"wrote {out}")
+        return 0
     runs = [(s, s, args.hook, args.batch, tokens) for s in sources]
     if args.conditions:  # stories260K under each (hook, batch, tokens)
         runs = []
@@ -489,14 +647,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows += run_saesweep(t, base, coeffs, ks)
         if not args.no_peer:
             try:
-                rows += run_saelens(base, coeffs)
-                if "topk" in types:
-                    rows += run_saelens(base, ks, "topk")
+                for arch in ["standard", *(a for t in types for a in PEERS.get(t, []) if a != "standard")]:
+                    values = ks if arch in K_PEERS else L0_COEFFS[arch] if arch in L0_PEERS else coeffs
+                    rows += run_saelens(base, values, arch)
             except ImportError as e:
                 log(f"SAELens not installed ({e}); pip install 'saesweep[bench]'")
         comps = [compare(rows, t) for t in types]
-        if any(r["trainer"] == "saelens_topk" for r in rows):
-            comps.append(compare(rows, "topk", "saelens_topk"))
+        comps += [compare(rows, t, f"saelens_{a}") for t in types for a in PEERS.get(t, [])
+                  if a != "standard" and any(r["trainer"] == f"saelens_{a}" for r in rows)]
         extra: list[str] = []
         if source == "synthetic":
             base_rows = synthetic_baselines(base, world["true_l0"])
