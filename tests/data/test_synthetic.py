@@ -62,3 +62,12 @@ def test_the_training_stream_and_the_codes_draw_the_same_activations():
     x, codes = data._raw_and_codes(500, 3, 2)
     assert torch.allclose(data._raw(500, 3, 2), x, atol=1e-5)
     assert (codes > 0).sum(-1).float().mean() > 0
+
+
+def test_the_held_out_truth_and_codes_are_the_held_out_activations():
+    data = SyntheticActivations(SyntheticSource(d_in=16, n_features=64), eval_tokens=2000)
+    codes = data.eval_codes()
+    assert torch.equal(codes > 0, data.eval_truth())
+    assert torch.allclose(codes @ data.ground_truth * data.scale, data.eval_activations(), atol=1e-5)
+    some = torch.tensor([3, 10, 40])
+    assert torch.equal(data.eval_codes(some), codes[:, some])

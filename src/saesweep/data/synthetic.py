@@ -182,7 +182,7 @@ class SyntheticActivations(Activations):
         return self._codes(n, seed, k)[0]
 
     def _codes(self, n: int, seed: int, k: int) -> tuple[Tensor, torch.Generator]:
-        g = torch.Generator().manual_seed(hash((self.cfg.seed, seed, k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        g = self._generator(seed, k)
         return self._draw(n, g), g
 
     def _draw(self, n: int, g: torch.Generator) -> Tensor:
@@ -241,18 +241,25 @@ class SyntheticActivations(Activations):
             out.append((rows, cols, w.mean_magnitude.index_select(0, cols) * spread))
         return out
 
+    def _generator(self, seed: int, k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.cfg.seed, seed, k)) & 0x7FFF_FFFF_FFFF_FFFF)
+
     def _raw(self, n: int, seed: int, k: int) -> Tensor:
         if self.world is None:
             return self._raw_and_codes(n, seed, k)[0]
-        g = torch.Generator().manual_seed(hash((self.cfg.seed, seed, k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        g = self._generator(seed, k)
+        return self._noisy(self._activations(n, self._events(n, g)), g)
+
+    def _activations(self, n: int, groups: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        """``codes @ ground_truth`` from the codes' (token, feature, magnitude) groups."""
         x = torch.zeros(n, self.d_in)
-        for rows, cols, values in self._events(n, g):
+        for rows, cols, values in groups:
             crow = torch.zeros(n + 1, dtype=torch.long)
             crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
             with warnings.catch_warnings():  # torch calls sparse CSR support beta
                 warnings.simplefilter("ignore")
                 x += torch.sparse_csr_tensor(crow, cols, values, (n, self.cfg.n_features)) @ self.ground_truth
-        return self._noisy(x, g)
+        return x
 
     def _raw_and_codes(self, n: int, seed: int, k: int) -> tuple[Tensor, Tensor]:
         codes, g = self._codes(n, seed, k)
@@ -285,17 +292,38 @@ class SyntheticActivations(Activations):
     def _held_out(self) -> tuple[Tensor, Tensor]:
         """The held-out activations and which features are active on them, generated once."""
         if self._eval is None:
-            x, codes = self._raw_and_codes(self.eval_tokens, _EVAL_STREAM, 0)
-            self._eval = (x * self.scale, codes > 0)
+            n = self.eval_tokens
+            if self.world is None:
+                x, codes = self._raw_and_codes(n, _EVAL_STREAM, 0)
+                self._eval = (x * self.scale, codes > 0)
+            else:  # no dense codes: the truth is n x n_features booleans, a quarter of their floats
+                g = self._generator(_EVAL_STREAM, 0)
+                groups = self._events(n, g)
+                truth = torch.zeros(n, self.cfg.n_features, dtype=torch.bool)
+                for rows, cols, _ in groups:
+                    truth[rows, cols] = True
+                self._eval = (self._noisy(self._activations(n, groups), g) * self.scale, truth)
         return self._eval
 
     def eval_activations(self) -> Tensor:
         return self._held_out()[0]
 
-    def eval_codes(self) -> Tensor:
-        """The true feature magnitudes on the held-out tokens ``[N, n_features]`` (raw scale, before
-        normalisation), aligned with :meth:`eval_activations`; drawn again on each call."""
-        return self._raw_and_codes(self.eval_tokens, _EVAL_STREAM, 0)[1]
+    def eval_codes(self, features: Optional[Tensor] = None) -> Tensor:
+        """The true magnitudes of ``features`` (default: all) on the held-out tokens ``[N, len]``
+        (raw scale, before normalisation), aligned with :meth:`eval_activations`; drawn again on
+        each call."""
+        n = self.eval_tokens
+        if self.world is None:
+            codes = self._raw_and_codes(n, _EVAL_STREAM, 0)[1]
+            return codes if features is None else codes[:, features]
+        features = torch.arange(self.cfg.n_features) if features is None else features
+        column = torch.full((self.cfg.n_features,), -1, dtype=torch.long)
+        column[features] = torch.arange(len(features))
+        out = torch.zeros(n, len(features))
+        for rows, cols, values in self._events(n, self._generator(_EVAL_STREAM, 0)):
+            keep = column[cols] >= 0
+            out[rows[keep], column[cols[keep]]] = values[keep]
+        return out
 
     def feature_frequency(self) -> Tensor:
         """Each true feature's firing probability ``[n_features]``."""

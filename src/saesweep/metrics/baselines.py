@@ -143,7 +143,7 @@ def build(kind: str, data: Activations, d_sae: int, l0: float, *, seed: int = 0,
         norm = W_dec.norm(dim=-1, keepdim=True)
         if kind == "oracle":  # true magnitudes on the true support; the mean is part of the truth
             return Baseline(kind, W_dec / norm, torch.zeros(d), k,
-                            eval_codes=data.eval_codes()[:, chosen] * norm.T * data.scale)
+                            eval_codes=data.eval_codes(chosen) * norm.T * data.scale)
         return _train_encoder(kind, data, W_dec / norm, b_dec, k, seed, 3 * steps, batch_size, lr, pool)
     if kind == "pca":
         x = next(data.train_batches(max(batch_size, 4 * d), seed + 0xBA5E)).float().cpu() - b_dec
