@@ -29,13 +29,10 @@ right. With ``target_l0`` the trainer sets the coefficient itself:
     ``[QUAD_LOW, QUAD_HIGH]``. Below the target it is negative and reopens latents, which
     these architectures need: a JumpReLU threshold pushed past all its inputs, or a gate the
     penalty closed, gets no gradient back from a smaller positive coefficient, and the gated
-    hard-concrete SAE's auxiliary term alone holds it sparser than many targets. Alone, the
-    penalty settles the L0 off the target by as much as the coefficient the reconstruction asks
-    for there (far at small targets, whose coefficient is large). So a slow integral of the
-    error is added to the coefficient, but only while the L0 is within :data:`QUAD_WINDOW` of
-    the target: far from it the codes still lag the coefficient, and an integral gathered there
-    would wind up and tip the SAE into a dense mode it does not leave. It is bounded like the
-    factor and runs to the end, with the learning-rate factor's square root in its gain;
+    hard-concrete SAE's auxiliary term alone holds it sparser than many targets. The rule keeps
+    no state (an integral of the error would wind up while these codes lag the coefficient, and
+    tip the SAE into a dense mode it does not leave), so the L0 settles a little off the target,
+    on the side the reconstruction pulls; the objective is stationary, so it runs to the end;
 
 * it starts when the sparsity warm-up ends.
 
@@ -73,9 +70,6 @@ RULES = ("pi", "quadratic")
 #: the quadratic rule's factor 2 (L0 / target - 1) is kept within these bounds: below the target
 #: the coefficient turns negative and reopens latents, far above it the push stops growing
 QUAD_LOW, QUAD_HIGH = -0.25, 2.0
-#: the quadratic rule's integral: its gain per measurement (times c0), and how near the target
-#: (relative error of the L0's moving average) the L0 must be for it to gather
-QUAD_KI, QUAD_WINDOW = 0.15, 0.5
 #: L0 below this counts as this (log 0 is not an error the loop can use)
 MIN_L0 = 0.05
 
@@ -95,7 +89,6 @@ class L0Controller:
         self.ema = torch.full_like(self.log_target, math.nan)
         self.prev_err = torch.zeros_like(self.log_target)
         self.trend = torch.zeros_like(self.log_target)
-        self.integral = torch.zeros_like(self.log_target)
         self.stiffness = torch.tensor(list(stiffness) if stiffness is not None else [1.0] * len(targets),
                                       device=device, dtype=torch.float32)
         self.start = int(round(warmup_frac * total_steps))
@@ -136,11 +129,7 @@ class L0Controller:
         self.ema = ema
         if self.rule == "quadratic":
             pull = (2 * ((log_l0 - self.log_target).exp() - 1)).clamp(QUAD_LOW, QUAD_HIGH)
-            rel = (self.ema - self.log_target).exp() - 1
-            near = self.steered & (rel.abs() < QUAD_WINDOW)
-            gathered = self.integral + QUAD_KI * math.sqrt(max(lr_factor, 0.0)) * rel
-            self.integral = torch.where(near, gathered.clamp(QUAD_LOW, QUAD_HIGH), self.integral)
-            new = self.stiffness * (pull + self.integral)
+            new = self.stiffness * pull
             coeff.copy_(torch.where(self.steered, new, coeff))
             return
         err = self.ema - self.log_target
@@ -157,12 +146,12 @@ class L0Controller:
     # ------------------------------------------------------------ pack changes, checkpoints
     def select(self, keep: Sequence[int]) -> None:
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.log_target.device)
-        for name in ("log_target", "steered", "ema", "prev_err", "trend", "integral", "stiffness"):
+        for name in ("log_target", "steered", "ema", "prev_err", "trend", "stiffness"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {"l0_control.ema": self.ema.clone(), "l0_control.prev_err": self.prev_err.clone(),
-                "l0_control.trend": self.trend.clone(), "l0_control.integral": self.integral.clone()}
+                "l0_control.trend": self.trend.clone()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], rows: Sequence[int]) -> None:
         """Restore the moving average of the saved pack's ``rows`` (the members resumed here)."""
@@ -173,5 +162,3 @@ class L0Controller:
         self.prev_err = tensors["l0_control.prev_err"].to(self.ema).index_select(0, idx)
         if "l0_control.trend" in tensors:
             self.trend = tensors["l0_control.trend"].to(self.ema).index_select(0, idx)
-        if "l0_control.integral" in tensors:
-            self.integral = tensors["l0_control.integral"].to(self.ema).index_select(0, idx)
