@@ -329,10 +329,12 @@ RANKING_TYPES = ("relu", "jumprelu", "batchtopk", "matryoshka")
 RANKING_METRICS = ("synthsaebench_f1", "feature_f1")
 
 
-def run_ranking(base: dict, types: list[str], budgets: list[int], l0: float, peers: bool) -> list[dict]:
+def run_ranking(base: dict, types: list[str], budgets: list[int], l0: float, peers: bool,
+                save: Optional[Path] = None) -> list[dict]:
     """Each type trained once per budget at the world's true L0 (``k`` for the TopK types,
     ``target_l0`` for the others), and SAELens's TopK-family peers (k = the true L0, their windows
-    scaled to the run) at the same budgets on the same stream."""
+    scaled to the run) at the same budgets on the same stream; the rows so far are written to
+    ``save`` after each run."""
     from saesweep import saes
     from saesweep.config.experiment import parse_config
     from saesweep.training.run import run_pack
@@ -347,6 +349,8 @@ def run_ranking(base: dict, types: list[str], budgets: list[int], l0: float, pee
             row = {**row_of(t, round(l0), r.metrics if r.ok else {}, time.perf_counter() - t0), "tokens": n,
                    **{k: r.metrics.get(k) for k in RANKING_METRICS}}
             rows.append(row)
+            if save is not None:
+                save.write_text(json.dumps(rows, indent=1))
             log(f"ranking {t} {n:,} tokens: {r.status} L0 {r.metrics.get('l0', float('nan')):.1f} "
                 f"F1 {r.metrics.get('synthsaebench_f1', float('nan')):.3f} / {r.metrics.get('feature_f1', float('nan')):.3f}")
         for arch in PEERS.get(t, []) if peers else []:
@@ -356,6 +360,8 @@ def run_ranking(base: dict, types: list[str], budgets: list[int], l0: float, pee
                 b = {**base, "train": {**base["train"], "tokens": n}}
                 got = run_saelens(b, [round(l0)], arch, scaled_windows=True)[0]
                 rows.append({**got, "tokens": n})
+                if save is not None:
+                    save.write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -606,7 +612,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"--ranking: expected comma-separated token counts, got {args.ranking!r}")
         kinds = types if args.types != ",".join(TYPES) else list(RANKING_TYPES)
         base = base_config("synthetic", budgets[0], out / "synthetic", args.dtype, world, batch=args.batch)
-        rows = run_ranking(base, kinds, budgets, world["true_l0"], not args.no_peer)
+        rows = run_ranking(base, kinds, budgets, world["true_l0"], not args.no_peer, out / "ranking_rows.json")
         result["ranking"] = rows
         label = f"{world['n_features']:,} features in d {world['d_in']}, true L0 {world['true_l0']:g}, width {int(base['dict_size_ratio'] * world['d_in'])}"
         plot_ranking(rows, out / "ranking.png", f"F1 against training tokens: {label}")
