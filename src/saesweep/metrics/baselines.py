@@ -209,14 +209,15 @@ def score(b: Baseline, data: Activations, batch_size: int = 4096, *, downstream:
 def baselines(data: Activations, d_sae: int, l0s: Sequence[float], kinds: Sequence[str] = tuple(KINDS), *,
               seed: int = 0, steps: int = 300, downstream: bool = True, done: Sequence[dict] = (),
               on_row: Optional[Callable[[dict, int, int, float], None]] = None) -> list[dict]:
-    """One row per (kind, L0): ``{"baseline", "target_l0", **metrics}`` (``true_dictionary``
+    """One row per (kind, L0), the oracle's only at the first L0: ``{"baseline", "target_l0", **metrics}`` (``true_dictionary``
     only where the source knows its true features). Rows of ``done`` with the same kind and L0
     are kept instead of computed again; ``on_row(row, i, n, seconds)`` is told of each new one."""
     import time
 
     kinds = [k for k in kinds if k not in TRUTH_KINDS or data.ground_truth is not None]
     have = {(r.get("baseline"), float(r.get("target_l0", -1))): r for r in done}
-    todo = [(float(l0), kind) for l0 in l0s for kind in kinds]
+    # the oracle's codes are the truth's whatever the L0: one row, at the first L0
+    todo = [(float(l0), kind) for i, l0 in enumerate(l0s) for kind in kinds if kind != "oracle" or i == 0]
     pool = BatchPool(data, 1024, seed + 0xBA5E)
     rows = []
     for i, (l0, kind) in enumerate(todo):
