@@ -407,7 +407,6 @@ def plot_ranking(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saesweep.reporting.plots import TYPE_COLORS
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
     kinds = list(dict.fromkeys(r["trainer"] for r in rows))
@@ -418,8 +417,7 @@ def plot_ranking(rows: list[dict], path: Path, title: str) -> None:
             if not pts:
                 continue
             arch = k.removeprefix("saelens_")
-            twin = PEER_TYPE.get(arch, k) if arch != k else k
-            c = TYPE_COLORS[ours.index(twin) % len(TYPE_COLORS)] if twin in ours else "black"
+            c = _colour(k, ours)
             ax.plot(*zip(*pts), marker="s" if arch != k else "o", color=c, ls="--" if arch != k else "-",
                     label=f"SAELens {arch}" if arch != k else k)
         ax.set_xscale("log")
@@ -434,13 +432,22 @@ def plot_ranking(rows: list[dict], path: Path, title: str) -> None:
 
 
 # --------------------------------------------------------------------- output
+def _colour(trainer: str, ours: list[str]) -> str:
+    """A saesweep type's colour; a SAELens peer takes its saesweep type's (drawn dashed), and
+    SAELens's standard SAE, every type's common peer, is black."""
+    from saesweep.reporting.plots import TYPE_COLORS
+
+    arch = trainer.removeprefix("saelens_")
+    twin = trainer if arch == trainer else PEER_TYPE.get(arch, "") if arch != "standard" else ""
+    return TYPE_COLORS[ours.index(twin) % len(TYPE_COLORS)] if twin in ours else "black"
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saesweep.reporting.plots import TYPE_COLORS
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     kinds = list(dict.fromkeys(r["trainer"] for r in rows))
@@ -451,9 +458,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             continue
         arch = k.removeprefix("saelens_")
         peer = arch != k
-        # a peer is drawn dashed in its saesweep type's colour (SAELens's standard SAE in black)
-        twin = PEER_TYPE.get(arch, "") if peer and arch != "standard" else k
-        c = TYPE_COLORS[ours.index(twin) % len(TYPE_COLORS)] if twin in ours else "black"
+        c = _colour(k, ours)
         ax.scatter(*zip(*pts), color=c, s=28, alpha=0.6, marker="s" if peer else "o")
         f = frontier([r for r in rows if r["trainer"] == k])
         if f:

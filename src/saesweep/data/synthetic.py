@@ -71,14 +71,12 @@ class World:
     """The parts of a realistic world that are fixed by its seed."""
 
     frequency: Tensor  # [F] marginal firing probability of each feature
-    threshold: Tensor  # [F] drive threshold below which a (non-child) feature fires
     factors: Tensor  # [F, r] unit correlation loadings (zeros for children)
     mean_magnitude: Tensor  # [F]
     parents: Tensor  # [P] feature ids
     children: Tensor  # [P, C] feature ids of each parent's children
     child_weights: Tensor  # [P, C] probability of each child given that one fires
     child_cumulative: Tensor  # [P, C] their cumulative sums
-    contexts: Tensor  # [K, r] the points the correlation factor z takes
     rate: Tensor  # [K] total arrival rate of a context's features (float64)
     cumulative: Tensor  # [K, F] cumulative share of each feature in its context's rate (float64)
     guide: Tensor  # [K, F + 1] first feature whose cumulative share reaches j / F (the guide table)
@@ -130,8 +128,8 @@ def make_world(cfg: SyntheticSource) -> World:
     cumulative[:, -1] = 1.0
     grid = torch.arange(F + 1, dtype=torch.float64).expand(len(contexts), F + 1) / F
     guide = torch.searchsorted(cumulative, grid.contiguous()).clamp(max=F - 1)
-    return World(freq.float(), threshold.float(), factors.float(), mags.float(), parents, children, child_w.float(),
-                 child_w.cumsum(-1).float(), contexts.float(), total, cumulative, guide, slot)
+    return World(freq.float(), factors.float(), mags.float(), parents, children, child_w.float(),
+                 child_w.cumsum(-1).float(), total, cumulative, guide, slot)
 
 
 def _calibrated(freq: Tensor, shared: Tensor, own: float, iters: int = 40) -> Tensor:
@@ -203,7 +201,7 @@ class SyntheticActivations(Activations):
         of the active parents (see the module's notes on the sparse draw)."""
         w, F = self.world, self.cfg.n_features
         assert w is not None
-        ctx = torch.randint(len(w.contexts), (n,), generator=g)
+        ctx = torch.randint(len(w.rate), (n,), generator=g)
         arrivals = torch.poisson(w.rate.index_select(0, ctx), generator=g).long()
         tok = torch.repeat_interleave(torch.arange(n), arrivals)
         k = ctx.index_select(0, tok)
