@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -55,7 +56,7 @@ SHARED = REPO.parent / "shared"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories260K-sampled"
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("peak", "flops", "modes", "alloc", "types", "sweep", "efficiency", "saelens", "share", "eval", "scale")
+SECTIONS = ("peak", "flops", "modes", "chunks", "alloc", "types", "sweep", "efficiency", "saelens", "share", "eval", "scale")
 BATCH = 4096
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,11 +152,14 @@ def timed(fn: Callable[[], Any], reps: int, dev: torch.device, warmup: int = 2) 
 def matrix_peak(dev: torch.device, quick: bool) -> dict:
     """Best GFLOP/s of a large square matmul (the machine's practical matrix peak)."""
     wait_quiet("the matrix peak")
+    from saesweep.devices import native_bf16
+
     out = {}
     sizes = (1024, 2048) if quick else (1024, 2048, 4096)
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         best, per = 0.0, {}
-        for n in sizes:
+        # an emulated bf16 product can be hundreds of times slower: one small size says so
+        for n in sizes if name == "float32" or native_bf16(dev.type) else (512,):
             a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
             c = torch.empty(n, n, device=dev, dtype=dt)
             ts = timed(lambda: torch.mm(a, b, out=c), 5 if quick else 9, dev)
@@ -190,7 +194,7 @@ def step_rate(sae_type: str, d: int, m: int, n: int, dev: torch.device, *, dtype
     from saesweep.training.optim import clip_grad_norm_per_member
 
     sae, opt = make_pack(sae_type, d, m, n, dev, extra)
-    rule = plan_for(dev, n, m, BATCH)
+    rule = plan_for(dev, n, d, m, BATCH)
     plan = StepPlan(kernel, mode or rule.mode, rule.chunk if chunk == "rule" else chunk)
     x = torch.randn(BATCH, d, device=dev)
 
@@ -274,6 +278,44 @@ def modes_section(dev: torch.device, quick: bool) -> dict:
         stacked = max((r for r in sub if r["mode"] == "stacked"), key=lambda r: r["tok_sae_per_s"])
         best[m] = {"best_mode": b["mode"], "best_chunk": b["chunk"], "loop_over_stacked": loop["tok_sae_per_s"] / stacked["tok_sae_per_s"]}
     return {"rows": rows, "best": best, "pack": n}
+
+
+def chunks_section(dev: torch.device, peak: dict, quick: bool) -> dict:
+    """The CPU token chunk at d >= 512: one SAE's step at the rule's chunk and at fixed ones,
+    as % of the six-matmul floor (12*d*m flops per token at the dtype's matrix peak). bf16 only
+    where the CPU multiplies it natively."""
+    from saesweep.devices import native_bf16
+
+    shapes = [(768, 6144)] if quick else [(64, 4096), (512, 16384), (768, 6144), (768, 24576)]
+    dtypes = ["float32"] + (["bfloat16"] if native_bf16(dev.type) else [])
+    rows = []
+    for (d, m), dtype in itertools.product(shapes, dtypes):
+        wait_quiet(f"chunks d={d} m={m} {dtype}")
+        row: dict[str, Any] = {"d": d, "m": m, "dtype": dtype, "by_chunk": {}}
+        for chunk in ("rule", 170, 1024, 2048, None):
+            r = step_rate("relu", d, m, 1, dev, dtype=dtype, chunk=chunk, steps=3 if quick else 5)
+            got = r["plan"]["chunk"] or BATCH
+            pct = 100 * r["gflops"] / peak[dtype]["gflops"]
+            if chunk == "rule":
+                row["rule_chunk"], row["rule_pct"] = got, pct
+            else:
+                row["by_chunk"][got] = pct
+        old = max(MIN_OLD_CHUNK, 2**22 // m)
+        row["old_rule_chunk"] = old if old < BATCH else BATCH
+        rows.append(row)
+        log(f"chunks d={d} m={m} {dtype}: rule chunk {row['rule_chunk']} {row['rule_pct']:.0f}% of floor; "
+            + ", ".join(f"{c}: {v:.0f}%" for c, v in row["by_chunk"].items()))
+    widths: dict = {}
+    for dtype in dtypes:  # width exponent of the rule's step time per token, d = 768
+        w = [r for r in rows if r["d"] == 768 and r["dtype"] == dtype]
+        if len(w) == 2:
+            a, b = sorted(w, key=lambda r: r["m"])
+            widths[dtype] = math.log((b["m"] / a["m"]) * a["rule_pct"] / b["rule_pct"]) / math.log(b["m"] / a["m"])
+    return {"rows": rows, "width_exponent": widths, "batch": BATCH}
+
+
+#: the chunk rule before the d-dependent floor (elements only), for the report's comparison
+MIN_OLD_CHUNK = 128
 
 
 def child_step(args: list[str]) -> None:
@@ -712,6 +754,15 @@ def report(res: dict) -> str:
             gf = f"{r['gflops_best']:.0f} ({r['gflops']:.0f})"
             lines.append(f"  {r['d']:>4} {r['m']:>5} {r['dtype']:9} {r['kernel']:9} {r['step_s_min'] * 1e3:8.1f} "
                          f"{gf:>15} {r['pct_of_peak_best']:6.0f}% {sp:>9}  {tgt}")
+    if "chunks" in res:
+        ch = res["chunks"]
+        lines.append(f"\nToken chunks (ReLU, one SAE, batch {ch['batch']}): median step as % of the six-matmul floor")
+        for r in ch["rows"]:
+            alt = ", ".join(f"{c}: {v:.0f}%" for c, v in sorted(r["by_chunk"].items()))
+            lines.append(f"  d {r['d']:>4} m {r['m']:>5} {r['dtype']:9} rule {r['rule_chunk']:>5}: {r['rule_pct']:4.0f}%"
+                         f"  (old rule {r['old_rule_chunk']}; {alt})")
+        for dtype, e in ch["width_exponent"].items():
+            lines.append(f"  width exponent of the step per token, d 768, m 6144 -> 24576, {dtype}: {e:.2f}")
     if "modes" in res:
         mo = res["modes"]
         lines.append(f"\nPacks of {mo['pack']} (ReLU d=64): K tokens*SAE/s by mode and chunk")
@@ -867,6 +918,9 @@ def main() -> int:
             res["flops"] = flops_section(dev, res["peak"], quick)
         if "modes" in sections:
             res["modes"] = modes_section(dev, quick)
+        if "chunks" in sections:
+            res.setdefault("peak", matrix_peak(dev, quick))
+            res["chunks"] = chunks_section(dev, res["peak"], quick)
         if "alloc" in sections and dev.type == "cpu":
             res["alloc"] = alloc_section(quick)
         if "types" in sections:

@@ -199,19 +199,24 @@ def test_noise_does_not_depend_on_chunks_or_threads():
 def test_plan_rule_and_overrides(monkeypatch):
     for var in ("SAESWEEP_STEP", "SAESWEEP_PACK_MODE", "SAESWEEP_CHUNK"):
         monkeypatch.delenv(var, raising=False)
-    cpu = plan_for(torch.device("cpu"), 16, 4096, 4096)
+    cpu = plan_for(torch.device("cpu"), 16, 64, 4096, 4096)
     assert (cpu.kernel, cpu.mode, cpu.chunk) == ("fused", "loop", 1024)
-    assert plan_for(torch.device("cpu"), 16, 1024, 4096).chunk is None  # 4096 tokens fit the budget
-    gpu = plan_for(torch.device("cuda"), 16, 4096, 4096)
+    assert plan_for(torch.device("cpu"), 16, 64, 1024, 4096).chunk is None  # 4096 tokens fit the budget
+    assert plan_for(torch.device("cpu"), 1, 64, 32768, 4096).chunk == 128
+    # at d >= 512 a chunk holds at least 2d tokens, rounded up to a power of two
+    assert plan_for(torch.device("cpu"), 1, 512, 16384, 4096).chunk == 1024
+    assert plan_for(torch.device("cpu"), 1, 768, 24576, 4096).chunk == 2048
+    assert plan_for(torch.device("cpu"), 1, 768, 6144, 2048).chunk is None
+    gpu = plan_for(torch.device("cuda"), 16, 768, 4096, 4096)
     assert (gpu.mode, gpu.chunk) == ("stacked", None)
-    assert plan_for(torch.device("cuda"), 64, 32768, 4096).chunk == 128
+    assert plan_for(torch.device("cuda"), 64, 768, 32768, 4096).chunk == 128
     monkeypatch.setenv("SAESWEEP_PACK_MODE", "stacked")
     monkeypatch.setenv("SAESWEEP_CHUNK", "100")
     monkeypatch.setenv("SAESWEEP_STEP", "autograd")
-    assert plan_for(torch.device("cpu"), 2, 64, 256) == StepPlan("autograd", "stacked", 100)
+    assert plan_for(torch.device("cpu"), 2, 16, 64, 256) == StepPlan("autograd", "stacked", 100)
     monkeypatch.setenv("SAESWEEP_PACK_MODE", "sideways")
     with pytest.raises(ValueError, match="SAESWEEP_PACK_MODE"):
-        plan_for(torch.device("cpu"), 2, 64, 256)
+        plan_for(torch.device("cpu"), 2, 16, 64, 256)
 
 
 def test_fused_adam_equals_the_plain_update():

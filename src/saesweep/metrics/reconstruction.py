@@ -48,7 +48,7 @@ def reconstruction_metrics(sae: PackedSAE, x_eval: Tensor, batch_size: int = 409
     densities). Sums are accumulated in float64.
     """
     n, dev, m = sae.n, sae.device_, sae.d_sae
-    plan = plan_for(dev, n, m, batch_size)
+    plan = plan_for(dev, n, sae.d_in, m, batch_size)
     chunk = min(batch_size, plan.chunk or batch_size)
     sse, l1, cos, ratio = (torch.zeros(n, dtype=torch.float64, device=dev) for _ in range(4))
     fires = torch.zeros(n, m, dtype=torch.float64, device=dev)

@@ -51,6 +51,12 @@ from saesweep.settings import env
 #: 1024 tokens at m = 4096, the whole batch at m <= 1024) was the best or within a few % of it
 #: for every width; 2^20 - 2^21 were 5-10 % slower at m = 4096 and the whole batch 10-15 %.
 CPU_CHUNK_ELEMENTS = 2**22
+#: on CPU a chunk also has at least ``CPU_CHUNK_PER_D * d`` tokens (rounded up to a power of
+#: two): a chunk's token count is the inner dimension of the two weight-gradient products, and
+#: at d >= 512 the products lose more to a short inner dimension (and to one accumulation per
+#: chunk) than the cache gains. Measured in benchmarks/README.md ("Token chunks at d >= 512").
+#: At d = 64 the floor is below the element rule at every width, which stays as it was.
+CPU_CHUNK_PER_D = 2
 #: on GPUs the whole batch is one chunk unless the stacked intermediates would exceed this
 GPU_CHUNK_ELEMENTS = 2**28
 MIN_CHUNK = 128
@@ -65,8 +71,9 @@ class StepPlan:
     chunk: Optional[int] = None  # tokens per chunk (None: the whole batch)
 
 
-def plan_for(device: torch.device, n: int, d_sae: int, batch_size: int) -> StepPlan:
-    """The step plan for a pack on ``device`` (rule from benchmarks/; env vars override)."""
+def plan_for(device: torch.device, n: int, d_in: int, d_sae: int, batch_size: int) -> StepPlan:
+    """The step plan for a pack of ``n`` SAEs ``d_in -> d_sae`` on ``device`` (rule from
+    benchmarks/; env vars override)."""
     kernel = env("SAESWEEP_STEP")
     if kernel not in ("fused", "autograd"):
         raise ValueError(f"SAESWEEP_STEP must be 'fused' or 'autograd', not {kernel!r}")
@@ -80,6 +87,8 @@ def plan_for(device: torch.device, n: int, d_sae: int, batch_size: int) -> StepP
         rows = 1 if mode == "loop" else n
         budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
         chunk = max(MIN_CHUNK, budget // max(1, rows * d_sae))
+        if device.type == "cpu":
+            chunk = max(chunk, 1 << max(0, CPU_CHUNK_PER_D * d_in - 1).bit_length())
     chunk = None if chunk >= batch_size else chunk
     return StepPlan(kernel, mode, chunk)
 

@@ -192,7 +192,7 @@ def train_pack(
         control = L0Controller.for_pack(configs, total, device, type(sae))
 
     batches = data.train_batches(tc.batch_size, tc.seed, start=start)
-    plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+    plan = plan_for(device, sae.n, sae.d_in, sae.d_sae, tc.batch_size)
     dtype = resolve_dtype(tc.dtype, str(device))
     resampler = Resampler(total, tc.resample_every, tc.resample_until, tc.batch_size) if tc.resample_every > 0 else None
     t0 = time.perf_counter()
@@ -228,7 +228,7 @@ def train_pack(
                 if not keep:
                     break
                 losses = _select_losses(losses, keep)
-                plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+                plan = plan_for(device, sae.n, sae.d_in, sae.d_sae, tc.batch_size)
             sae.remove_parallel_decoder_grad()
             if tc.grad_clip is not None:
                 clip_grad_norm_per_member(sae.parameters(), tc.grad_clip)
@@ -251,7 +251,7 @@ def train_pack(
                     alive = _prune(should_prune, step, sae, opt, members, alive, control)
                     if not alive:
                         break
-                    plan = plan_for(device, sae.n, sae.d_sae, tc.batch_size)
+                    plan = plan_for(device, sae.n, sae.d_in, sae.d_sae, tc.batch_size)
             bar.advance(1)
             if checkpoint is not None and time.perf_counter() - last_ckpt > interval:
                 save(step + 1)
