@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from saesweep.devices import GB
 
@@ -45,22 +45,28 @@ def param_count(cfg, d_in: int, d_sae: int) -> int:
     return int(a * d_in * d_sae + b * d_sae + c * d_in + e)
 
 
+def _local_config(src: dict) -> Any:
+    """The AutoConfig of an HF source's model from its config.json when it is on this machine (a
+    local folder, or the Hugging Face cache: planning never downloads)."""
+    from transformers import AutoConfig
+
+    from saesweep.data.hf import is_local_model
+
+    name = src["model"]
+    path = str(Path(name).expanduser()) if is_local_model(name) else name
+    kw = {"revision": src["revision"]} if src.get("revision") else {}
+    return AutoConfig.from_pretrained(path, local_files_only=True, **kw)
+
+
 @functools.lru_cache(maxsize=32)
 def _hf_shape(source_json: str) -> Optional[tuple[int, int, int]]:
-    """(d_model, layers, vocabulary) of an HF source's model from its config.json when it is on
-    this machine (a local folder, or the Hugging Face cache: planning never downloads)."""
+    """(d_model, layers, vocabulary) of an HF source's model, when its config is on this machine."""
     try:
-        from transformers import AutoConfig
+        from saesweep.data.hf import d_model
+        from saesweep.data.hooks import num_layers
 
-        from saesweep.data.hf import is_local_model, num_layers
-
-        src = json.loads(source_json)
-        name = src["model"]
-        path = str(Path(name).expanduser()) if is_local_model(name) else name
-        kw = {"revision": src["revision"]} if src.get("revision") else {}
-        conf = AutoConfig.from_pretrained(path, local_files_only=True, **kw)
-        d = getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None) or getattr(conf, "d_model", None)
-        return int(d), int(num_layers(conf)), int(getattr(conf, "vocab_size", 0) or 0)
+        conf = _local_config(json.loads(source_json))
+        return d_model(conf), int(num_layers(conf)), int(getattr(conf, "vocab_size", 0) or 0)
     except Exception:
         return None
 
@@ -69,8 +75,23 @@ def source_width(cfg) -> Optional[int]:
     """d_in of ``cfg``'s activations without loading them (None when it cannot be known here)."""
     if cfg.source.kind == "synthetic":
         return cfg.source.d_in
+    if not isinstance(cfg.source.site, int):
+        return _hook_width(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True))
     shape = _hf_shape(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True))
     return shape[0] if shape else None
+
+
+@functools.lru_cache(maxsize=32)
+def _hook_width(source_json: str) -> Optional[int]:
+    """The width at a hook other than the residual stream (:func:`saesweep.data.hf.site_width`),
+    when the model's config is on this machine."""
+    try:
+        from saesweep.data.hf import site_width
+
+        src = json.loads(source_json)
+        return site_width(_local_config(src), src["hook"])
+    except Exception:
+        return None
 
 
 def _lm_bytes(cfg) -> int:

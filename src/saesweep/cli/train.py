@@ -29,10 +29,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.with_updates(**updates)
     if cfg.source.kind == "hf":  # before anything is built or written
         from saesweep.data.budget import plan_activations
-        from saesweep.data.hf import check_source, d_model
+        from saesweep.data.hf import check_source, hook_width
 
         model_config = check_source(cfg.source)
-        cfg.d_sae(d_model(model_config))
+        cfg.d_sae(hook_width(cfg.source, model_config))
         plan = plan_activations(cfg, model_config=model_config)  # refuses what the disk cannot hold
         print(f"activations: {plan.describe()}", file=sys.stderr)
     from saesweep.devices import detect

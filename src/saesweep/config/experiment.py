@@ -45,7 +45,13 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 #: trial ids; a pack shares them)
 DELIVERY_FIELDS = ("cache_dtype", "streaming", "cache_max_gb", "stream_buffer_tokens")
 
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+#: TransformerLens-style hook names of a block (see :mod:`saesweep.data.hooks` for where each
+#: sits in an HF model) and module paths with the side read (``model.layers.6.mlp:out``)
+BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_in", "mlp_out", "attn_out", "z")
+BLOCK_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(BLOCK_HOOKS) + r")$")
+MODULE_HOOK_RE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*:(in|out)$")
+HOOK_HELP = ("blocks.L.hook_<name> with <name> one of " + ", ".join(BLOCK_HOOKS)
+             + ", or a module path of the model with the side read, e.g. model.layers.6.mlp:out or :in")
 
 
 class SyntheticSource(Strict):
@@ -137,7 +143,10 @@ class HFSource(Strict):
     context_length: Annotated[int, Field(ge=2)] = 128
     hook: str = Field(
         "blocks.4.hook_resid_pre",
-        description="blocks.L.hook_resid_pre (residual stream entering block L) or blocks.L.hook_resid_post",
+        description="where activations are read: blocks.L.hook_resid_pre (the residual stream entering "
+        "block L), hook_resid_mid (after its attention), hook_resid_post, hook_mlp_in (the MLP's input, "
+        "after its norm), hook_mlp_out, hook_attn_out, hook_z (the heads' outputs before the output "
+        "projection, concatenated); or any module by its path, input or output: model.layers.6.mlp:out",
     )
     prepend_bos: bool = True
     lm_batch_size: PosInt = 32
@@ -164,19 +173,28 @@ class HFSource(Strict):
     @field_validator("hook")
     @classmethod
     def _check_hook(cls, hook: str) -> str:
-        if not HOOK_RE.match(hook):
-            raise ValueError(
-                f"{hook!r} is not a known hook point; use blocks.L.hook_resid_pre "
-                "or blocks.L.hook_resid_post with L a block index"
-            )
+        if not (BLOCK_HOOK_RE.match(hook) or MODULE_HOOK_RE.match(hook)):
+            raise ValueError(f"{hook!r} is not a hook point; use {HOOK_HELP}")
         return hook
 
     @property
-    def layer(self) -> int:
-        """Index of the block whose *input* is hooked (resid_post of L = resid_pre of L+1)."""
-        m = HOOK_RE.match(self.hook)
-        assert m is not None
-        return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
+    def site(self) -> Union[int, str]:
+        """Where the hook reads: for the residual stream between blocks, the index of the block
+        whose *input* it is (resid_post of L = resid_pre of L+1, n_layers = the last block's
+        output); any other hook is its own name."""
+        m = BLOCK_HOOK_RE.match(self.hook)
+        if m and m.group(2) in ("resid_pre", "resid_post"):
+            return int(m.group(1)) + (1 if m.group(2) == "resid_post" else 0)
+        return self.hook
+
+    @property
+    def layer(self) -> Optional[int]:
+        """The block a ``blocks.L.*`` hook belongs to (the one whose input a residual hook is), or
+        None for a module path."""
+        m = BLOCK_HOOK_RE.match(self.hook)
+        if m is None:
+            return None
+        return int(m.group(1)) + (1 if m.group(2) == "resid_post" else 0)
 
 
 def _source_kind(v: Any) -> str:

@@ -92,7 +92,7 @@ def plan_activations(cfg: ExperimentConfig, *, model_config: Any = None) -> Acti
     if not isinstance(source, HFSource):
         raise ConfigError(f"source.kind: activation plans are for hf sources, got {source.kind!r}")
     config = model_config if model_config is not None else hf.check_source(source)
-    d = hf.d_model(config)
+    d = hf.hook_width(source, config)
     train_rows, heldout_rows = lm.needed_rows(cfg)
     per = lm.tokens_per_row(source)
     dtype = resolve_dtype(source, train_rows * per, d)

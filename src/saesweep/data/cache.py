@@ -129,7 +129,8 @@ def key_fields(source: HFSource) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "model": model,
-        "layer": source.layer,
+        # residual hooks by the block whose input they are (resid_post of L = resid_pre of L+1)
+        **({"layer": source.site} if isinstance(source.site, int) else {"hook": source.site}),
         "dataset": dataset,
         "split": source.split,
         "eval_split": source.eval_split,

@@ -158,7 +158,7 @@ def _build(
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             tmps.append(tmp)
         source = targets[0][0]
-        layers = [t[0].layer for t in targets]
+        sites = [t[0].site for t in targets]
         producer = ActivationProducer(source, train_rows, heldout_rows, device=device, datasets_cache=root / "datasets")
         per = tokens_per_row(source)
         ids_infos = []
@@ -169,12 +169,13 @@ def _build(
         hooks = ", ".join(t[0].hook for t in targets)
         with _progress(progress, heldout_rows + train_rows, f"activations {hooks}") as advance:
             held = [_Writer(tmp, iter(["heldout.npy"]), [heldout_rows * per]) for tmp in tmps]
-            for acts in producer.activations_by_layer(producer.rows.heldout, layers):
-                for w, layer in zip(held, layers):
-                    w.write(acts[layer])
-                advance(acts[layers[0]].shape[0] // per)
+            for acts in producer.activations_by_site(producer.rows.heldout, sites):
+                for w, site in zip(held, sites):
+                    w.write(acts[site])
+                advance(acts[sites[0]].shape[0] // per)
             held_infos = [w.finish()[0] for w in held]
-            d = int(np.load(tmps[0] / "heldout.npy", mmap_mode="r").shape[1])
+            widths = [int(np.load(tmp / "heldout.npy", mmap_mode="r").shape[1]) for tmp in tmps]
+            d = max(widths)  # hooks of one pass may differ in width (shards are sized by the widest)
 
             dtype = source.cache_dtype if source.cache_dtype in STORAGE else "float32"
             shard_rows = max(1, shard_bytes // (per * d * STORAGE[dtype].itemsize))
@@ -195,13 +196,14 @@ def _build(
             trains = [_Writer(tmp, (f"train-{i:05d}.npy" for i in itertools.count(len(reused))), sizes, dtype)
                       for tmp in tmps]
             rows = _advancing(itertools.islice(producer.rows.train, skip, None), advance)
-            for acts in producer.activations_by_layer(rows, layers):
-                for w, layer in zip(trains, layers):
-                    w.write(acts[layer])
+            for acts in producer.activations_by_site(rows, sites):
+                for w, site in zip(trains, sites):
+                    w.write(acts[site])
             all_shards = [reused + w.finish() for w in trains]
         seconds = round(time.time() - t0, 3)
         out = []
-        for (src, key, _), tmp, held_info, ids_info, shards in zip(targets, tmps, held_infos, ids_infos, all_shards):
+        for (src, key, _), tmp, width, held_info, ids_info, shards in zip(targets, tmps, widths, held_infos, ids_infos,
+                                                                          all_shards):
             arrays = [np.load(tmp / s["file"], mmap_mode="r") for s in shards]
             n_stats = min(train_rows * per, NORM_TOKENS)
             scale, mean = norm_stats(arrays, n_stats, dtype)
@@ -211,7 +213,7 @@ def _build(
                 "key": key,
                 "key_fields": key_fields(src),
                 "source": src.model_dump(mode="json", exclude={"lm_batch_size"}),
-                "d_in": d,
+                "d_in": width,
                 "dtype": dtype,
                 "context_length": src.context_length,
                 "tokens_per_row": per,
@@ -422,8 +424,8 @@ def open_entries(sources: Sequence[HFSource], root: Path, train_rows: int, heldo
 
 
 def pass_group(source: HFSource) -> str:
-    """What the entries one LM pass can fill share: every key field but the layer."""
-    fields = {k: v for k, v in key_fields(source).items() if k != "layer"}
+    """What the entries one LM pass can fill share: every key field but the hook point."""
+    fields = {k: v for k, v in key_fields(source).items() if k not in ("layer", "hook")}
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 
 from saesweep.errors import ConfigError
@@ -36,20 +36,23 @@ def is_local_model(name: str) -> bool:
     return looks_local(name)
 
 
-def num_layers(config: Any) -> int:
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        n = getattr(config, attr, None)
-        if isinstance(n, int):
-            return n
-    raise ConfigError(f"source.model: cannot tell how many blocks {type(config).__name__} has")
-
-
 def d_model(config: Any) -> int:
     """The residual-stream width of a model config (``hidden_size``, or GPT-2's ``n_embd``)."""
     for key in ("hidden_size", "d_model", "n_embd"):
         if isinstance(getattr(config, key, None), int):
             return int(getattr(config, key))
     raise ConfigError(f"source.model: cannot tell the residual width of {type(config).__name__}")
+
+
+def hook_width(source: HFSource, config: Any) -> int:
+    """The width of the activations ``source.hook`` reads (the residual width for residual hooks;
+    otherwise from the model's structure, :func:`site_width`)."""
+    if isinstance(source.site, int):
+        return d_model(config)
+    try:
+        return site_width(config, source.site)
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({source.model})") from None
 
 
 def lm_config(source: HFSource) -> Any:
@@ -68,13 +71,16 @@ def lm_config(source: HFSource) -> Any:
 
 def check_source(source: HFSource) -> Any:
     """Cheap checks before any work; returns the model config. Raises :class:`ConfigError`."""
+    from saesweep.data.hooks import num_layers
+
     config = lm_config(source)
     n = num_layers(config)
-    if not 0 <= source.layer <= n:
+    if isinstance(source.site, int) and not 0 <= source.site <= n:
         raise ConfigError(
             f"source.hook: {source.hook!r} is out of range for {source.model} ({n} blocks); use "
             f"blocks.L.hook_resid_pre with L in 0..{n} or blocks.L.hook_resid_post with L in 0..{n - 1}"
         )
+    hook_width(source, config)  # a hook the model does not have is refused with the ones it has
     longest = max_positions(config)
     if longest is not None and source.context_length > longest:
         raise ConfigError(f"source.context_length: {source.context_length} is above {source.model}'s maximum of "
@@ -184,3 +190,35 @@ def quiet_hf() -> Iterator[None]:
         if tf_on:
             tf_logging.enable_progress_bar()
 
+
+_META: dict[str, Any] = {}
+
+
+def meta_model(config: Any) -> Any:
+    """The model of ``config`` with no weights (on the meta device): its modules and the shapes
+    of its forward pass, at no cost in memory or time (the last few are kept)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    key = config.to_json_string(use_diff=False)
+    if key not in _META:
+        with quiet_hf(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config).eval()
+        while len(_META) >= 4:
+            _META.pop(next(iter(_META)))
+        _META[key] = model
+    return _META[key]
+
+
+def site_width(config: Any, hook: Union[int, str]) -> int:
+    """The width of the tensor at ``hook`` (a ConfigError naming what the model has when it has
+    no such hook), from a forward pass of two tokens on the meta device."""
+    import torch
+
+    from saesweep.data.hooks import capture_sites, resolve
+
+    model = meta_model(config)
+    site = resolve(model, hook)
+    ids = torch.zeros(1, 2, dtype=torch.long, device="meta")
+    with torch.inference_mode():  # with a cache, no mask inference that reads values
+        return int(capture_sites(model, ids, [site], use_cache=True)[site.hook].shape[-1])

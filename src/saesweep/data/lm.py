@@ -1,11 +1,13 @@
-"""Residual-stream activations of a Hugging Face causal language model.
+"""Activations of a Hugging Face causal language model at a hook point, and the model with an
+SAE's reconstruction spliced in there.
 
 Conventions (they hold for training, held-out and spliced metrics alike):
 
-* **Hook point.** ``source.layer`` is the index of the block whose *input* is read
-  (``blocks.L.hook_resid_pre`` -> L, ``blocks.L.hook_resid_post`` -> L+1). L = n_layers means
-  the output of the last block, i.e. the input of the final norm. Capturing stops the forward
-  pass there (a hook raises :class:`_Stop`): later blocks and the LM head never run.
+* **Hook point.** :mod:`.hooks` says where each ``source.hook`` reads. On the residual stream
+  between blocks (:attr:`HFSource.site` an int) it is the input of that block
+  (``blocks.L.hook_resid_pre`` -> L, ``blocks.L.hook_resid_post`` -> L+1; L = n_layers is the
+  last block's output). Capturing stops the forward pass once every hook asked for is read (a
+  hook raises ``_Stop``): later blocks and the LM head never run.
 * **Token rows, held-out rows, data sources**: :mod:`.corpus`; the model's config, tokenizer
   and the checks before any work: :mod:`.hf`.
 * **BOS position.** With ``prepend_bos`` position 0 is left out everywhere: it is not a
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,11 +31,8 @@ from torch import Tensor, nn
 from saesweep.errors import ConfigError
 from saesweep.config.experiment import ExperimentConfig, HFSource
 from saesweep.data.corpus import token_rows
-from saesweep.data.hf import check_source, load_tokenizer, model_path, num_layers, quiet_hf
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end the forward pass at the hook point."""
+from saesweep.data.hf import check_source, load_tokenizer, model_path, quiet_hf
+from saesweep.data.hooks import capture_sites, find_blocks, first_tensor, output_tensor, resolve
 
 
 # ----------------------------------------------------------------------------- model
@@ -51,15 +50,6 @@ def load_lm(source: HFSource, device: str | torch.device = "cpu", *, tokenizer: 
         raise ConfigError(f"source.model: cannot load {source.model!r} ({e})") from None
     model.eval().requires_grad_(False).to(device)
     return model, (load_tokenizer(source) if tokenizer else None)
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks: the outermost ModuleList of n_layers modules."""
-    n = num_layers(model.config)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ConfigError(f"source.model: found no list of {n} blocks in {type(model).__name__}")
 
 
 class Tail:
@@ -81,21 +71,42 @@ class Tail:
 
 
 class HookedLM:
-    """A causal LM with its residual stream at ``layer`` readable and replaceable."""
+    """A causal LM with the tensor at one hook point readable and replaceable
+    (:mod:`saesweep.data.hooks`: ``site`` is a residual layer index or a hook name)."""
 
-    def __init__(self, model: nn.Module, layer: int) -> None:
+    def __init__(self, model: nn.Module, site: Union[int, str]) -> None:
         self.model = model
         self.blocks = find_blocks(model)
         self.n_layers = len(self.blocks)
-        if not 0 <= layer <= self.n_layers:
-            raise ConfigError(f"source.hook: layer {layer} is not in 0..{self.n_layers}")
-        self.layer = layer
+        self.site = resolve(model, site)
+        #: the block whose input is the hook point, for residual hooks (the tail shortcut)
+        self.layer: Optional[int] = site if isinstance(site, int) else None
         self._tail_ok: Optional[bool] = None  # whether clean_and_tail's shortcut reproduces the model
 
     @contextlib.contextmanager
     def _hooked(self, fn: Callable[[Tensor], Optional[Tensor]]) -> Iterator[None]:
-        """Apply ``fn`` to the residual at the hook point (it may replace it or raise)."""
-        if self.layer < self.n_layers:
+        """Replace the tensor at the hook point by ``fn`` of it (``fn`` may return None: keep it)."""
+        site = self.site
+        handles = []
+        if site.addend is not None:  # the mid residual: shift what is added to the block's input
+            assert site.block is not None
+            box: dict[str, Tensor] = {}
+
+            def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                box["pre"] = first_tensor(args, kwargs)
+
+            def shift(module: nn.Module, args: tuple, out: Any) -> Any:
+                h = output_tensor(out)
+                mid = box["pre"] + h
+                new = fn(mid)
+                if new is None:
+                    return None
+                h = h + (new - mid)
+                return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+            handles.append(site.block.register_forward_pre_hook(keep_input, with_kwargs=True))
+            handles.append(site.addend.register_forward_hook(shift))
+        elif site.side == "in":
 
             def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
                 if args:
@@ -104,64 +115,34 @@ class HookedLM:
                 new = fn(kwargs["hidden_states"])
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-            handle = self.blocks[self.layer].register_forward_pre_hook(pre, with_kwargs=True)
+            handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
         else:
 
             def post(module: nn.Module, args: tuple, out: Any) -> Any:
-                h = out[0] if isinstance(out, tuple) else out
-                new = fn(h)
+                new = fn(output_tensor(out))
                 if new is None:
                     return None
                 return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
-            handle = self.blocks[-1].register_forward_hook(post)
+            handles.append(site.module.register_forward_hook(post))
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     @torch.inference_mode()
     def capture(self, ids: Tensor) -> Tensor:
-        """Residual ``[batch, ctx, d]`` at the hook point; nothing after it is computed."""
-        return self.capture_layers(ids, [self.layer])[self.layer]
+        """The tensor ``[batch, ctx, d]`` at the hook point; nothing after it is computed."""
+        return capture_sites(self.model, ids, [self.site])[self.site.hook]
 
     @torch.inference_mode()
-    def capture_layers(self, ids: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
-        """The residual entering each block in ``layers`` (``n_layers``: the last block's output),
-        all from one forward pass that stops after the deepest of them."""
-        want = sorted(set(layers))
-        for layer in want:
-            if not 0 <= layer <= self.n_layers:
-                raise ConfigError(f"source.hook: layer {layer} is not in 0..{self.n_layers}")
-        box: dict[int, Tensor] = {}
-        handles = []
-
-        def grab(layer: int, h: Tensor) -> None:
-            box[layer] = h
-            if layer == want[-1]:
-                raise _Stop
-
-        for layer in want:
-            if layer < self.n_layers:
-                def pre(module: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
-                    grab(layer, args[0] if args else kwargs["hidden_states"])
-
-                handles.append(self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(module: nn.Module, args: tuple, out: Any) -> None:
-                    grab(self.n_layers, out[0] if isinstance(out, tuple) else out)
-
-                handles.append(self.blocks[-1].register_forward_hook(post))
-        try:
-            self.model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        if len(box) != len(want):
-            raise RuntimeError("the hook point was never reached in the forward pass")
-        return box
+    def capture_layers(self, ids: Tensor, sites: Sequence[Union[int, str]]) -> dict[Union[int, str], Tensor]:
+        """The tensor at each of ``sites`` (as :attr:`HFSource.site` gives them), all from one
+        forward pass that stops once the last of them is read."""
+        resolved = {key: resolve(self.model, key) for key in dict.fromkeys(sites)}
+        got = capture_sites(self.model, ids, list(resolved.values()))
+        return {key: got[site.hook] for key, site in resolved.items()}
 
     @torch.inference_mode()
     def clean_and_tail(self, ids: Tensor) -> tuple[Tensor, Optional[Tail]]:
@@ -175,6 +156,8 @@ class HookedLM:
         residual it must give the clean logits (else, e.g. for a model that post-processes its
         logits, every edit falls back to a full forward).
         """
+        if self.layer is None:  # not the residual stream: every edit is a full forward
+            return self.model(input_ids=ids, use_cache=False).logits, None
         calls: list[tuple[tuple, dict]] = []
         seen: dict[nn.Module, tuple[Any, Any]] = {}
         handles = []
@@ -260,16 +243,18 @@ class ActivationProducer:
         )
         self.device = torch.device(device)
         model, _ = load_lm(source, self.device, tokenizer=False)
-        self.lm = HookedLM(model, source.layer)
+        self.lm = HookedLM(model, source.site)
         self.start = 1 if source.prepend_bos else 0
 
     def activations(self, rows: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """float32 ``[rows_in_batch * tokens_per_row, d]`` per LM batch of ``lm_batch_size`` rows."""
-        for acts in self.activations_by_layer(rows, [self.source.layer]):
-            yield acts[self.source.layer]
+        for acts in self.activations_by_site(rows, [self.source.site]):
+            yield acts[self.source.site]
 
-    def activations_by_layer(self, rows: Iterable[np.ndarray], layers: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
-        """The same for several layers at once, from one forward pass per LM batch."""
+    def activations_by_site(self, rows: Iterable[np.ndarray],
+                            sites: Sequence[Union[int, str]]) -> Iterator[dict[Union[int, str], np.ndarray]]:
+        """The same for several hook sites at once (:attr:`HFSource.site`), from one forward pass
+        per LM batch."""
         it = iter(rows)
         while True:
             batch = list(itertools.islice(it, self.source.lm_batch_size))
@@ -277,9 +262,9 @@ class ActivationProducer:
                 return
             ids = torch.from_numpy(np.stack(batch)).to(self.device)
             out = {}
-            for layer, h in self.lm.capture_layers(ids, layers).items():
+            for site, h in self.lm.capture_layers(ids, sites).items():
                 h = h[:, self.start :]
-                out[layer] = h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+                out[site] = h.reshape(-1, h.shape[-1]).float().cpu().numpy()
             yield out
 
 

@@ -93,7 +93,7 @@ class HFActivations(Activations):
             return [{} for _ in reconstructors]
         if self._lm is None:
             model, _ = lm.load_lm(self.source, self.device, tokenizer=False)
-            self._lm = lm.HookedLM(model, self.source.layer)
+            self._lm = lm.HookedLM(model, self.source.site)
         rows = self.entry.heldout_token_ids(self.ce_rows)
         out, self._baseline = spliced_metrics(
             self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
