@@ -89,6 +89,27 @@ def test_a_resampled_hard_concrete_gate_opens_on_the_inputs_along_its_direction(
     assert ((la > 0).float().mean(0) - 0.05).abs().max() < 0.01
 
 
+@pytest.mark.parametrize("sae_type", ["hard_concrete", "gated_hard_concrete"])
+def test_features_resampled_together_share_their_magnitude(sae_type):
+    """100 features resampled at once, each open on 5 % of the inputs: about 5 open per token,
+    so each magnitude is the projection over sqrt(5) (2 at once: the full projection)."""
+    d, m = 4, 128
+    sae = saes.get(sae_type)(d, m, [{"sparsity_coeff": 0.1, **HP[sae_type]}], [0])
+    x = torch.randn(20_000, d, generator=torch.Generator().manual_seed(1))
+    dirs = torch.nn.functional.normalize(torch.randn(100, d, generator=torch.Generator().manual_seed(2)), dim=-1)
+    idx = torch.arange(100)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.reinit_features(0, idx, dirs, x)
+        sae.reinit_features(0, idx[:2], dirs[:2], x)  # two at once: the full projection
+    if sae_type == "hard_concrete":  # magnitude = relu(W_mag . x + b_mag)
+        magnitude = sae.W_mag[0][:, idx]
+    else:  # magnitude = exp(r_mag) W_enc . x + b_mag
+        magnitude = sae.W_enc[0][:, idx] * sae.r_mag[0, idx].exp()
+    torch.testing.assert_close(magnitude[:, 2:], dirs[2:].T / 5 ** 0.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(magnitude[:, :2], dirs[:2].T, rtol=1e-5, atol=1e-6)
+
+
 def test_schedule():
     r = Resampler(total_steps=100, every=0.1, until=0.5, batch_size=1024)
     assert [s for s in range(100) if r.due(s)] == [9, 19, 29, 39, 49]

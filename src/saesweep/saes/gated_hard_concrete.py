@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,7 @@ from saesweep.saes.hard_concrete import (
     fused_gate_backward,
     fused_gates,
     fused_penalty,
+    resampled_share,
     gates,
     selective_gate,
 )
@@ -40,7 +43,7 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     #: the gate logit W_enc (x - b_dec) + b_gate learns fast (see GATE_LR_SCALE); the magnitudes
     #: share W_enc, their own scale exp(r_mag) and b_mag learn at lr
     lr_scale = {"W_enc": GATE_LR_SCALE, "b_gate": GATE_LR_SCALE}
-    revision = 1  # 1: the gate logits' learning rate (GATE_LR_SCALE)
+    revision = 2  # 1: the gate logits' learning rate (GATE_LR_SCALE); 2: resampled magnitudes shared
     fused = True
     # with target_l0: the auxiliary term alone holds this architecture sparser than many targets,
     # and closed gates stay closed under a positive coefficient; the quadratic rule's coefficient
@@ -57,12 +60,13 @@ class GatedHardConcreteSAE(HardConcreteGates, GatedEncoder, PackedSAE):
     def reinit_features(self, row: int, idx: Tensor, dirs: Tensor, window: Tensor) -> None:
         """As the hard-concrete SAE's (:func:`.hard_concrete.selective_gate`: a gate that opens on
         the top 5 % of the recent inputs along the new direction; a magnitude equal to the
-        projection), through the shared encoder column: W_enc = dirs * slope, b_gate =
-        -slope * cut, exp(r_mag) = 1 / slope."""
+        projection, scaled by :func:`.hard_concrete.resampled_share`), through the shared
+        encoder column: W_enc = dirs * slope, b_gate =
+        -slope * cut, exp(r_mag) = share / slope."""
         slope, open_at = selective_gate(window - self.b_dec[row], dirs)
         self.W_enc.data[row][:, idx] = dirs.T * slope
         self.b_gate.data[row, idx] = -slope * open_at
-        self.r_mag.data[row, idx] = -torch.log(slope)
+        self.r_mag.data[row, idx] = -torch.log(slope) + math.log(resampled_share(idx.numel()))
         self.b_mag.data[row, idx] = 0
 
     def aux_weight(self) -> Tensor:

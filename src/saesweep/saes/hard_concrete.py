@@ -70,6 +70,17 @@ def selective_gate(xc: Tensor, dirs: Tensor) -> tuple[Tensor, Tensor]:
     return RESAMPLE_GATE_SLOPE / sample.std(0).clamp_min(1e-6), cut
 
 
+def resampled_share(n_new: int) -> float:
+    """The factor on the magnitudes of ``n_new`` features resampled together: each opens on
+    :data:`RESAMPLE_OPEN_FRACTION` of the inputs, so about ``k = n_new * RESAMPLE_OPEN_FRACTION``
+    of them are open on a token, and at full size (the input's projection on each, along
+    directions drawn from the same few high-error inputs) their sum overshoots the input many
+    times over when most features are resampled at once (a sparse member with most features
+    dead). ``1 / sqrt(k)``, not ``1 / k``: magnitudes that small could not grow back within a
+    short run (measured in benchmarks/README.md, "Hard concrete at the sparse end")."""
+    return max(1.0, n_new * RESAMPLE_OPEN_FRACTION) ** -0.5
+
+
 BETA_PARAMS = {
     "initial_beta": HyperParam(float, 0.5, "hard-concrete temperature at the start of training"),
     "final_beta": HyperParam(
@@ -201,7 +212,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     #: input-dependent gates only: shared logits (input_dependent_gates false) keep lr, since at
     #: 30x every one of them shut (stories260K, c = 0.1 / 0.3: 100 % dead; at 1x L0 476, FVU 0.9)
     lr_scale = {"W_gate": GATE_LR_SCALE, "b_gate": GATE_LR_SCALE}
-    revision = 1  # 1: the gate logits' learning rate (GATE_LR_SCALE)
+    revision = 2  # 1: the gate logits' learning rate (GATE_LR_SCALE); 2: resampled magnitudes shared
     fused = True
     # memory hint: 8 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 15, 8
@@ -239,14 +250,15 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
         dead at the end). Here the gate opens only on the top :data:`RESAMPLE_OPEN_FRACTION` of
         the recent inputs along the new direction (the ones it can help), and the magnitude is
         the input's projection on it (a unit decoder row), so what the feature adds is worth
-        its cost from the first step (measured: 24 % dead at c = 0.1, FVU 0.222 -> 0.18).
+        its cost from the first step (measured: 24 % dead at c = 0.1, FVU 0.222 -> 0.18),
+        scaled by :func:`resampled_share` when many features are resampled together.
         """
         if not self.input_dependent:
             return
         slope, open_at = selective_gate(window - self.b_dec[row], dirs)
         self.W_gate.data[row][:, idx] = dirs.T * slope
         self.b_gate.data[row, idx] = -slope * open_at
-        self.W_mag.data[row][:, idx] = dirs.T
+        self.W_mag.data[row][:, idx] = dirs.T * resampled_share(idx.numel())
 
     def log_alpha_of(self, xc: Tensor) -> Tensor:
         if self.input_dependent:
