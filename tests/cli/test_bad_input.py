@@ -193,3 +193,24 @@ def test_lm_source_inputs_are_checked_before_any_work(tiny_lm, tiny_tokens_parqu
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and names in err, err
         assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_hook_the_model_lacks_is_refused_before_any_work(tiny_lm, tiny_tokens_parquet, tmp_path, monkeypatch,
+                                                           capsys, dry):
+    """In a source.hook grid axis, a missing module or a block out of range: exit 2 naming the hook
+    and what the model has, dry run or not, nothing written."""
+    base = {"source": {"kind": "hf", "model": str(tiny_lm), "dataset": str(tiny_tokens_parquet),
+                       "hook": "blocks.1.hook_resid_pre", "context_length": 32},
+            "train": {"tokens": 2048}, "eval": {"tokens": 512, "ce_tokens": 0}, "output_dir": "runs"}
+    monkeypatch.chdir(tmp_path)
+    for bad, names in (("model.layers.1.mlpp:out", "no module 'model.layers.1.mlpp'"),
+                       ("blocks.7.hook_resid_pre", "out of range")):
+        spec = {"name": "hooks", "base": base,
+                "grids": {"relu": {"source.hook": ["blocks.1.hook_mlp_out", bad], "sparsity_coeff": [0.1]}}}
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+        before = tree(tmp_path)
+        assert main(["sweep", "--spec", "s.yaml", "--sae_types", "relu", *(["--dry_run"] if dry else [])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "source.hook" in err and names in err, err
+        assert tree(tmp_path) == before

@@ -163,12 +163,11 @@ def execute(args, spec, configs: Optional[list[ExperimentConfig]], *, from_files
 
         return cmd_devices(args)
     plan = plan_sweep(spec, configs, with_free=bool(args.dry_run))
+    if configs is not None:  # before anything is written: models, hooks, and the disk the activations need
+        print_activation_plans(configs, spec.execution.pack_size)
     if args.dry_run:
         return dry_run(spec, configs, plan.slots, plan.found)
     from saesweep.sweep.display import print_worker_table
-
-    if configs is not None:  # before anything is written: the activations must fit on the disk
-        print_activation_plans(configs, spec.execution.pack_size)
     t0 = time.perf_counter()
 
     def queued(added: int, done: int) -> None:

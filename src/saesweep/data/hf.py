@@ -46,8 +46,17 @@ def d_model(config: Any) -> int:
 
 def hook_width(source: HFSource, config: Any) -> int:
     """The width of the activations ``source.hook`` reads (the residual width for residual hooks;
-    otherwise from the model's structure, :func:`site_width`)."""
+    otherwise from the model's structure, :func:`site_width`); a ConfigError when the model has
+    no such hook."""
     if isinstance(source.site, int):
+        from saesweep.data.hooks import num_layers
+
+        n = num_layers(config)
+        if not 0 <= source.site <= n:
+            raise ConfigError(
+                f"source.hook: {source.hook!r} is out of range for {source.model} ({n} blocks); use "
+                f"blocks.L.hook_resid_pre with L in 0..{n} or blocks.L.hook_resid_post with L in 0..{n - 1}"
+            )
         return d_model(config)
     try:
         return site_width(config, source.site)
@@ -71,15 +80,7 @@ def lm_config(source: HFSource) -> Any:
 
 def check_source(source: HFSource) -> Any:
     """Cheap checks before any work; returns the model config. Raises :class:`ConfigError`."""
-    from saesweep.data.hooks import num_layers
-
     config = lm_config(source)
-    n = num_layers(config)
-    if isinstance(source.site, int) and not 0 <= source.site <= n:
-        raise ConfigError(
-            f"source.hook: {source.hook!r} is out of range for {source.model} ({n} blocks); use "
-            f"blocks.L.hook_resid_pre with L in 0..{n} or blocks.L.hook_resid_post with L in 0..{n - 1}"
-        )
     hook_width(source, config)  # a hook the model does not have is refused with the ones it has
     longest = max_positions(config)
     if longest is not None and source.context_length > longest:
