@@ -264,10 +264,11 @@ def _malloc_in_use():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2 measures the peak")
 @pytest.mark.parametrize("step", ["autograd", "fused-stacked", "fused"])
 def test_memory_estimate_bounds_the_measured_peak(step, monkeypatch):
-    """Train and evaluate real packs on the CPU, sampling the C heap after every torch op: the
+    """Train and evaluate real packs on the CPU, sampling the C heap after every torch op: the CPU
     estimate is above the measured peak for every way the trainer may compute a step (the
     autograd reference, the fused step stacked over the whole batch as on a GPU, the default CPU
-    plan), and not wildly above it for the largest, the autograd step."""
+    plan), within 1.3x of it for the default CPU plan and not wildly above it for the autograd
+    step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from saesweep.data.base import Activations
@@ -323,10 +324,12 @@ def test_memory_estimate_bounds_the_measured_peak(step, monkeypatch):
                 res = train_pack(cfgs, data, device="cpu", show_progress=False)
                 evaluate(res.sae, data, 1024)
             measured = p.peak - base
-            est = estimate_pack_bytes(cfgs[0], n)
+            est = estimate_pack_bytes(cfgs[0], n, device="cpu")
             assert measured < est, (step, sae_type, n, measured, est)
             if step == "autograd":
                 assert est < 2.5 * measured, (step, sae_type, n, measured, est)
+            if step == "fused":  # the CPU's own plan, what the planner sizes CPU packs by
+                assert est < 1.3 * measured, (step, sae_type, n, measured, est)
     finally:
         torch.set_num_threads(threads)
 

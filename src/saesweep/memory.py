@@ -108,15 +108,20 @@ def _lm_bytes(cfg) -> int:
     return params * weight + logits
 
 
-def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int]:
-    """Device memory (bytes) to train and evaluate a pack of ``n`` trials shaped like ``cfg``;
-    None when the activation width is unknown (an HF model whose config cannot be read here).
+def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None, device: str = "cuda") -> Optional[int]:
+    """Device memory (bytes) to train and evaluate a pack of ``n`` trials shaped like ``cfg`` on a
+    ``device`` of that kind (cpu, cuda, mps); None when the activation width is unknown (an HF
+    model whose config cannot be read here).
 
     parameters + gradients + two Adam moments (4 x P per member), optimiser and gradient-clipping
     temporaries (2 x the largest parameter), plus the larger of: the training step's
-    activations (the architecture's ``train_wide`` tensors of ``[n, batch, d_sae]`` and ``NARROW`` of
-    ``[n, batch, d_in]``, the batch itself) and evaluation's (its ``eval_wide`` of
-    ``[n, eval_batch, d_sae]``, the fired-feature masks, the dictionary-recovery cosines).
+    activations (the architecture's ``train_wide`` tensors of ``[rows, tokens, d_sae]`` and
+    ``NARROW`` of ``[rows, tokens, d_in]``, the batch itself) and evaluation's (its ``eval_wide``
+    of the same shape at the eval batch, the fired-feature masks, the dictionary-recovery
+    cosines). ``rows`` and ``tokens`` follow the step plan the trainer will use
+    (:func:`saesweep.saes.kernels.plan_for`): on a CPU the fused step runs one member at a time,
+    a token chunk at a time; the autograd step (an architecture without a fused one, or
+    ``SAESWEEP_STEP=autograd``) and accelerators hold the whole pack's batch.
     """
     d = d_in or source_width(cfg)
     if not d:
@@ -129,9 +134,22 @@ def estimate_pack_bytes(cfg, n: int, d_in: Optional[int] = None) -> Optional[int
     from saesweep import saes
 
     arch = saes.get(cfg.sae_type)
-    train = n * b * (arch.train_wide * m + NARROW * d) + 2 * b * d
+    rows, tok, rows_e, tok_e, wide = n, b, n, be, arch.train_wide
+    if device.split(":")[0] == "cpu":
+        import torch
+
+        from saesweep.saes.kernels import plan_for
+
+        cpu = torch.device("cpu")
+        plan = plan_for(cpu, n, d, m, b)
+        if plan.kernel == "fused" and arch.fused:
+            rows, tok = (1 if plan.mode == "loop" else n), min(b, plan.chunk or b)
+            wide = arch.fused_wide or arch.train_wide
+        ev = plan_for(cpu, n, d, m, be)  # evaluation: per member on CPU, chunked like training
+        rows_e, tok_e = (1 if ev.mode == "loop" else n), min(be, ev.chunk or be)
+    train = rows * tok * (wide * m + NARROW * d) + 2 * b * d
     recovery = 2 * cfg.source.n_features * m if cfg.source.kind == "synthetic" else 0
-    evals = n * be * (arch.eval_wide * m + NARROW * d) + 2 * be * d + n * m + recovery
+    evals = rows_e * tok_e * (arch.eval_wide * m + NARROW * d) + 2 * be * d + 2 * n * m + recovery
     return FLOAT * (state + max(train, evals)) + _lm_bytes(cfg)
 
 

@@ -137,6 +137,9 @@ class PackedSAE(nn.Module):
     #: masks, their sums). A new architecture that keeps the defaults is planned generously.
     train_wide: ClassVar[int] = 12
     eval_wide: ClassVar[int] = 6
+    #: the same for the fused step on a CPU, one member and one token chunk at a time (its
+    #: workspaces, gradients and noise); None: ``train_wide``
+    fused_wide: ClassVar[Optional[int]] = None
 
     def __init__(
         self,

@@ -216,6 +216,7 @@ class HardConcreteSAE(HardConcreteGates, PackedSAE):
     fused = True
     # memory hint: 8 wide tensors measured at the training peak, plus slack (see PackedSAE)
     train_wide, eval_wide = 15, 8
+    fused_wide = 20  # measured as train_wide is, for the CPU's fused step
     hyperparams = {
         **BETA_PARAMS,
         "input_dependent_gates": HyperParam(

@@ -3,6 +3,7 @@ trials are dealt to devices (round robin) or taken as they come (dynamic)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from dataclasses import replace
@@ -31,9 +32,10 @@ WORKERS_PER_GPU = 2
 
 
 # ----------------------------------------------------------------------- planning
-def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[[int], int]]:
-    """``est(n)``: estimated bytes of the largest pack of at most ``n`` trials among ``configs``
-    (one shape per pack group), or None when nothing can be estimated."""
+def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[..., int]]:
+    """``est(n, kind)``: estimated bytes of the largest pack of at most ``n`` trials among
+    ``configs`` (one shape per pack group) on a device of ``kind`` (cpu, cuda, mps), or None when
+    nothing can be estimated."""
     if not configs:
         return None
 
@@ -41,8 +43,8 @@ def pack_estimator(configs: Optional[Sequence[Any]]) -> Optional[Callable[[int],
     if all(estimate_pack_bytes(c, 1) is None for c, _ in shapes):
         return None
 
-    def est(n: int) -> int:
-        return max((estimate_pack_bytes(cfg, min(n, size)) or 0) for cfg, size in shapes)
+    def est(n: int, kind: str = "cuda") -> int:
+        return max((estimate_pack_bytes(cfg, min(n, size), device=kind) or 0) for cfg, size in shapes)
 
     return est
 
@@ -59,7 +61,7 @@ def check_fits(configs: Optional[Sequence[Any]], devices: Sequence[Any]) -> None
     room = (largest.total_bytes or 0) * MEMORY_SAFETY
     for group in packing.groups(configs).values():
         cfg = group[0]
-        need = estimate_pack_bytes(cfg, 1)
+        need = estimate_pack_bytes(cfg, 1, device=largest.kind)
         if need is not None and need > room:
             raise ConfigError(
                 f"dict_size_ratio {cfg.dict_size_ratio:g} (sae_type {cfg.sae_type}, train.batch_size "
@@ -119,8 +121,8 @@ def plan_workers(devices: Optional[str], max_parallel: Optional[int] = None, con
         budget = _budget(s, on_device)
         cap, need = None, None
         if est is not None and budget is not None:
-            cap = _largest_fitting(est, pack_size, budget)
-            need = est(cap)
+            cap = _largest_fitting(functools.partial(est, kind=s.kind), pack_size, budget)
+            need = est(cap, s.kind)
             cap = cap if cap < pack_size or need > budget else None
         threads = s.threads
         if s.kind != "cpu":  # accelerator workers still feed data from the CPU: share the cores
