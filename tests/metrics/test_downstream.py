@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from saesweep.metrics import registry
+from saesweep import metric_registry as registry
 import torch
 
 from saesweep import saes

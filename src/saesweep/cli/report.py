@@ -29,7 +29,7 @@ def cmd_report(args) -> int:
     from saesweep.reporting.html import build_report
 
     from saesweep.io import ensure_folder
-    from saesweep.metrics import registry as metrics
+    from saesweep import metric_registry as metrics
     from saesweep.metrics.baselines import read
 
     if args.metric is not None and args.metric not in metrics.objectives():  # before anything is written

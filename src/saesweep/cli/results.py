@@ -141,7 +141,7 @@ def cmd_results(args) -> int:
 
 
 def baseline_args(p):
-    from saesweep.metrics.registry import BASELINES as KINDS
+    from saesweep.metric_registry import BASELINES as KINDS
 
     sweep_ref_args(p)
     flag(p, "l0", type=positive_floats, help="comma-separated L0s to compare at (default: three spread over the "

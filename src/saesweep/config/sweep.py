@@ -27,7 +27,7 @@ from saesweep.config.experiment import (
     read_yaml,
     set_dotted,
 )
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 
 # ---------------------------------------------------------------- the default grids
 #: the axes every architecture's default grid has (``sparsity_coeff`` where it applies); each

@@ -1,2 +1,2 @@
-"""Metrics: :mod:`.registry` (names, directions, labels; torch-free), :mod:`.reconstruction`
+"""Metrics: :mod:`.reconstruction`
 (held-out activations), :mod:`.downstream` (the LM with the SAE spliced in)."""

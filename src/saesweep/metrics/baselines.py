@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from saesweep.data.base import Activations
-from saesweep.metrics.registry import BASELINES
+from saesweep.metric_registry import BASELINES
 
 KINDS = BASELINES
 #: the baselines that need a source's true features

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 
 #: the results column of a sweep over hooks: activations of different layers are not compared
 HOOK_AXIS = "source.hook"

@@ -33,7 +33,7 @@ import numpy as np
 
 from saesweep.config.sweep import sweepable
 from saesweep.io import atomic_write_json, atomic_write_text
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 from saesweep.reporting.importance import param_importances
 from saesweep.reporting.matched import MISS_TOLERANCE, lead_metric, matched_table, missed_targets, plot_matched
 from saesweep.reporting.frontier import frontier_ids

@@ -19,7 +19,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from saesweep.errors import ConfigError
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 
 MIN_TRIALS = 8
 EVALUATORS = ("auto", "ped-anova", "fanova", "mdi")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 from saesweep.reporting.frontier import degenerate_reason
 
 #: |held-out L0 / target - 1| above this is a missed target

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 from saesweep.reporting.frontier import degenerate_reason, frontier_ids, series_of
 
 #: a trial is "at" an asked L0 when its held-out L0 is within this factor of it

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from saesweep import saes
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 from saesweep.progress import si
 from saesweep.reporting.frontier import rows_by_hook, series_of
 

@@ -47,7 +47,7 @@ from saesweep import packing
 from saesweep.errors import ConfigError
 from saesweep.config.experiment import ExperimentConfig
 from saesweep.config.sweep import Range, SweepSpec, sweepable, swept_params
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 from saesweep.sweep.store import COMPLETE, PRUNED, RUNNING, WAITING
 
 

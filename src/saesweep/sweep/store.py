@@ -55,7 +55,7 @@ from saesweep import packing
 from saesweep.errors import ConfigError
 from saesweep.config.experiment import ExperimentConfig, stored_config
 from saesweep.io import HeldLock, is_held
-from saesweep.metrics.registry import current_names
+from saesweep.metric_registry import current_names
 from saesweep.sweep.storages import open_backend
 from saesweep.sweep.urls import redact
 

@@ -27,7 +27,7 @@ import yaml
 
 from saesweep.errors import ConfigError
 from saesweep.config.sweep import Range, SweepSpec, sweepable
-from saesweep.metrics import registry as metrics
+from saesweep import metric_registry as metrics
 
 METHODS = {"grid": "grid", "frontier": "grid", "random": "random", "tpe": "bayes"}
 AGENT_FILE = "sweep_agent_{sae_type}.py"
