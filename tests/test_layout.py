@@ -97,6 +97,17 @@ def test_no_import_cycles(deep):
     assert not cycles, f"import cycles: {cycles}"
 
 
+def test_folders_import_one_way():
+    """Activation sources offer ports and know nothing of the metrics computed on them; the
+    configs know nothing of the metrics' computation (the names table sits below both)."""
+    files = sorted(PKG.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    for folder, below in (("data", "saesweep.metrics"), ("config", "saesweep.metrics")):
+        for f in sorted((PKG / folder).rglob("*.py")):
+            up = sorted(m for m in module_level_imports(f, modules, True) if m.startswith(below))
+            assert not up, f"{module_name(f)} imports {up}"
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     """The check above can fail: two modules importing each other are reported."""
     pkg = tmp_path / "saesweep"

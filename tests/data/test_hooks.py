@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.data import hf, hooks, lm, lm_activations
-from saesweep.metrics.downstream import spliced_metrics
+from saesweep.metrics.downstream import downstream_metrics, spliced_metrics
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_in", "mlp_out", "attn_out", "z")
 
@@ -186,5 +186,5 @@ def test_hf_source_at_a_hook_end_to_end(tiny_lm, tiny_text_jsonl, make_cfg, tmp_
     rows = acts.entry.heldout_token_ids(2)
     z = lm.HookedLM(model, "blocks.1.hook_z").capture(torch.from_numpy(rows))[:, 1:].reshape(-1, 32)
     torch.testing.assert_close(torch.from_numpy(acts.entry.heldout_activations(30)), z, rtol=1e-5, atol=1e-5)
-    ident, zero = acts.downstream_metrics([lambda x: x.clone(), torch.zeros_like])
+    ident, zero = downstream_metrics(acts, [lambda x: x.clone(), torch.zeros_like])
     assert ident["ce_sae"] == ident["ce_clean"] and zero["kl"] > 0

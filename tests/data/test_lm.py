@@ -13,7 +13,7 @@ from fixtures_lm import *  # noqa: F401,F403  (until tests/conftest.py imports i
 
 from saesweep.config.experiment import ConfigError, HFSource
 from saesweep.data import corpus, hf, lm, lm_activations
-from saesweep.metrics.downstream import spliced_metrics
+from saesweep.metrics.downstream import downstream_metrics, spliced_metrics
 
 
 def ref_rows(docs_ids: list[list[int]], ctx: int, bos: int | None) -> list[list[int]]:
@@ -213,7 +213,7 @@ def test_normalisation_and_mean(tiny_lm, tiny_text_jsonl, make_cfg):
 def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, hook):
     acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, hook=hook))
     noisy = lambda x: x + 0.3 * torch.randn_like(x)  # noqa: E731
-    ident, zero, noise = acts.downstream_metrics([lambda x: x.clone(), torch.zeros_like, noisy])
+    ident, zero, noise = downstream_metrics(acts, [lambda x: x.clone(), torch.zeros_like, noisy])
     assert ident["ce_sae"] == ident["ce_clean"] and ident["kl"] == pytest.approx(0, abs=1e-6)
     assert ident["ce_loss_score"] == 1.0 and ident["kl_div_score"] == pytest.approx(1.0)
     # an SAE that outputs zeros leaves the BOS position as it was; the ablation zeroes it too
@@ -224,14 +224,14 @@ def test_spliced_metrics_identity_and_zero(tiny_lm, tiny_text_jsonl, make_cfg, h
                           "ce_tokens"}
     assert ident["ce_clean"] == zero["ce_clean"] == noise["ce_clean"]
     # a second evaluation reuses the zero-ablated baseline and agrees
-    again = acts.downstream_metrics([lambda x: x.clone()])[0]
+    again = downstream_metrics(acts, [lambda x: x.clone()])[0]
     assert again == ident
 
 
 def test_bfloat16_lm(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, lm_dtype="bfloat16"))
     assert next(acts.train_batches(32, seed=0)).dtype == torch.float32
-    ident, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
+    ident, zero = downstream_metrics(acts, [lambda x: x, torch.zeros_like])
     assert ident["ce_sae"] == ident["ce_clean"] and zero["kl"] > 0
     assert acts.entry.key != lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl)).entry.key
 
@@ -239,7 +239,7 @@ def test_bfloat16_lm(tiny_lm, tiny_text_jsonl, make_cfg):
 def test_reconstructor_sees_raw_activations(tiny_lm, tiny_text_jsonl, make_cfg):
     acts = lm_activations.open_hf(make_cfg(tiny_lm, tiny_text_jsonl, eval={"ce_tokens": 14}))
     seen = []
-    acts.downstream_metrics([lambda x: seen.append(x.clone()) or x])
+    downstream_metrics(acts, [lambda x: seen.append(x.clone()) or x])
     # one row, every position through the reconstruction (the BOS one is put back after): the BOS
     # residual, then the 15 raw residuals of the first held-out row that the cache holds
     assert seen[0].shape == (16, 32)
@@ -277,7 +277,7 @@ def test_stories260k_end_to_end(stories260k, make_cfg):
                    lm_batch_size=32, train={"tokens": 4096}, eval={"tokens": 1024, "ce_tokens": 2048})
     acts = lm_activations.open_hf(cfg)
     assert acts.d_in == 64 and acts.describe()["heldout_from"] == "split 'validation'"
-    clean, zero = acts.downstream_metrics([lambda x: x, torch.zeros_like])
+    clean, zero = downstream_metrics(acts, [lambda x: x, torch.zeros_like])
     assert all(math.isfinite(v) for v in {**clean, **zero}.values())
     assert clean["ce_clean"] < clean["ce_zero"] and clean["ce_clean"] < 3.0
     assert clean["ce_loss_score"] == 1.0 and zero["ce_loss_score"] < 0.5  # (zeros after an intact BOS)

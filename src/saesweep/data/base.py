@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
+import numpy as np
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from saesweep.data.lm import HookedLM
 
 #: a function from raw activations ``[N, d]`` to their reconstruction ``[N, d]``
 Reconstructor = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SplicePort:
+    """What a language-model source offers the spliced CE/KL metrics: the model with its hook
+    point (loaded on first use), the held-out token rows, the rows per LM batch, whether the
+    rows start with BOS (its position is left out), and the clean and zero-ablated figures per
+    batch that an earlier evaluation on the same rows measured (kept here between calls)."""
+
+    load: Callable[[], "HookedLM"]
+    rows: np.ndarray
+    batch_rows: int
+    skip_first: bool
+    baseline: Optional[list[dict[str, float]]] = None
+    _lm: Optional["HookedLM"] = field(default=None, repr=False)
+
+    @property
+    def lm(self) -> "HookedLM":
+        if self._lm is None:
+            self._lm = self.load()
+        return self._lm
+
+    def close(self) -> None:
+        self._lm = None
 
 
 def unit_scale(mean_sq_norm: float) -> float:
@@ -47,11 +76,10 @@ class Activations:
         """Mean of a sample of normalised training activations (initial decoder bias)."""
         raise NotImplementedError
 
-    def downstream_metrics(self, reconstructors: Sequence[Reconstructor], *,
-                           budget_s: Optional[float] = None) -> list[dict[str, float]]:
-        """Spliced language-model metrics per reconstructor, within about ``budget_s`` seconds
-        when given; empty dicts when not an LM source."""
-        return [{} for _ in reconstructors]
+    def splice_port(self) -> Optional[SplicePort]:
+        """The language model to splice reconstructions into, and its held-out rows; None when
+        this is not an LM source or its spliced metrics are off."""
+        return None
 
     def describe(self) -> dict:
         return {"d_in": self.d_in, "scale": self.scale}

@@ -11,12 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saesweep.settings import env
 from saesweep.errors import ConfigError
 from saesweep.config.experiment import ExperimentConfig, HFSource
 from saesweep.data import budget, cache, cache_build, corpus, lm
-from saesweep.data.base import Activations, Reconstructor
-from saesweep.metrics.downstream import spliced_metrics
+from saesweep.data.base import Activations, SplicePort
 
 
 # ----------------------------------------------------------------------------- Activations
@@ -47,8 +45,7 @@ class HFActivations(Activations):
         self.d_in = entry.d_in
         self.scale, raw_mean = entry.stats(self.n_train)
         self._mean = torch.from_numpy(np.asarray(raw_mean, dtype=np.float64) * self.scale).float()
-        self._lm: Optional[lm.HookedLM] = None
-        self._baseline: Optional[list[dict[str, float]]] = None  # clean and zero-ablated CE/KL per batch
+        self._port: Optional[SplicePort] = None
 
     # ---------------------------------------------------------------- training stream
 
@@ -80,27 +77,19 @@ class HFActivations(Activations):
         return self._mean.clone()
 
     # ---------------------------------------------------------------- spliced metrics
-    def downstream_metrics(self, reconstructors: Sequence[Reconstructor], *,
-                           budget_s: Optional[float] = None) -> list[dict[str, float]]:
-        """:func:`~saesweep.metrics.downstream.spliced_metrics` per reconstructor on held-out rows.
-
-        Reconstructors map raw activations ``[N, d]`` (float32, on the LM's device) to raw
-        reconstructions. The LM is loaded on first use.
-        """
-        if not reconstructors:
-            return []
+    def splice_port(self) -> Optional[SplicePort]:
+        """The LM at this source's hook and the held-out rows for the spliced CE/KL metrics
+        (:func:`saesweep.metrics.downstream.downstream_metrics`); the LM is loaded on first use."""
         if self.ce_rows == 0:
-            return [{} for _ in reconstructors]
-        if self._lm is None:
-            model, _ = lm.load_lm(self.source, self.device, tokenizer=False)
-            self._lm = lm.HookedLM(model, self.source.site)
-        rows = self.entry.heldout_token_ids(self.ce_rows)
-        out, self._baseline = spliced_metrics(
-            self._lm, rows, reconstructors, batch_rows=self.source.lm_batch_size, baseline=self._baseline,
-            shortcut=env("SAESWEEP_SPLICE") != "full",  # full: a whole forward per SAE
-            budget_s=budget_s, skip_first=self.source.prepend_bos,
-        )
-        return out
+            return None
+        if self._port is None:
+            def load() -> lm.HookedLM:
+                model, _ = lm.load_lm(self.source, self.device, tokenizer=False)
+                return lm.HookedLM(model, self.source.site)
+
+            self._port = SplicePort(load, self.entry.heldout_token_ids(self.ce_rows), self.source.lm_batch_size,
+                                    self.source.prepend_bos)
+        return self._port
 
     def describe(self) -> dict:
         return {
@@ -119,7 +108,8 @@ class HFActivations(Activations):
         }
 
     def close(self) -> None:
-        self._lm = None
+        if self._port is not None:
+            self._port.close()
         self.entry.close()
 
 

@@ -59,7 +59,6 @@ _EVAL_STREAM = 2**31 - 1  # the held-out stream's seed; training seeds are small
 _DICTIONARY_STREAM = 0x5EED_D1C7
 _WORLD_STREAM = 0x0A11_CE5E  # the realistic world's frequencies, correlations, hierarchy, magnitudes
 _ZIPF_OFFSET = 10.0
-_PROBES: dict[tuple[str, int], float] = {}  # probe ceiling per world (and held-out size), per process
 #: the realistic world's correlation factor ``z`` takes one of this many points per token
 CONTEXTS = 1024
 #: training streams are drawn in chunks of this many tokens (batch k is a slice of them)
@@ -334,18 +333,17 @@ class SyntheticActivations(Activations):
         aligned with :meth:`eval_activations`."""
         return self._held_out()[1]
 
-    def probe_f1(self, n_train: int = 32_768) -> float:
-        """The world's supervised ceiling (:func:`saesweep.metrics.recovery.probe_f1`): logistic
-        probes trained on ``n_train`` labelled tokens of a stream of their own, scored on the
-        held-out tokens. Computed once per world and process."""
-        from saesweep.metrics.recovery import probe_f1
+    def probe_training_set(self, n_train: int = 32_768) -> tuple[Tensor, Tensor]:
+        """``(activations [n_train, d_in], which true features are active [n_train, n_features])``
+        from a stream of their own, for the supervised probe that is the world's ceiling
+        (:func:`saesweep.metrics.recovery.world_probe_f1`)."""
+        codes = self.codes(n_train, _EVAL_STREAM - 2, 0)
+        return (codes @ self.ground_truth) * self.scale, codes > 0
 
-        key = (self.cfg.model_dump_json(), self.eval_tokens)
-        if key not in _PROBES:
-            codes = self.codes(n_train, _EVAL_STREAM - 2, 0)
-            x = (codes @ self.ground_truth) * self.scale
-            _PROBES[key] = probe_f1(x, codes > 0, self.eval_activations(), self.eval_truth())
-        return _PROBES[key]
+    @property
+    def world_key(self) -> tuple[str, int]:
+        """What fixes this world and its held-out set (a key for results computed once per world)."""
+        return self.cfg.model_dump_json(), self.eval_tokens
 
     @property
     def hierarchy(self) -> list[tuple[int, list[int]]]:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from saesweep.data.base import Activations
+from saesweep.metrics.downstream import downstream_metrics
 from saesweep.metric_registry import BASELINES
 
 KINDS = BASELINES
@@ -202,7 +203,7 @@ def score(b: Baseline, data: Activations, batch_size: int = 4096, *, downstream:
             xs = x_raw.reshape(-1, shape[-1]).float().cpu() * scale
             return (b.decode(b.encode(xs)) / scale).reshape(shape).to(x_raw.device, dtype)
 
-        row.update(data.downstream_metrics([recon])[0])
+        row.update(downstream_metrics(data, [recon])[0])
     return row
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saesweep.data.base import Reconstructor
+from saesweep.data.base import Activations, Reconstructor
+from saesweep.settings import env
 
 if TYPE_CHECKING:
     from saesweep.data.lm import HookedLM
@@ -132,3 +133,23 @@ def spliced_metrics(
             "ce_tokens": int(sums["n_pred"]),
         })
     return out, base
+
+
+def downstream_metrics(data: Activations, reconstructors: Sequence[Reconstructor], *,
+                       budget_s: Optional[float] = None) -> list[dict[str, float]]:
+    """:func:`spliced_metrics` per reconstructor on ``data``'s held-out LM rows
+    (:meth:`~saesweep.data.base.Activations.splice_port`), within about ``budget_s`` seconds when
+    given; empty dicts when ``data`` is not an LM source. Reconstructors map raw activations
+    ``[N, d]`` (float32, on the LM's device) to raw reconstructions. The clean and zero-ablated
+    figures of a first call are reused by later ones on the same source."""
+    if not reconstructors:
+        return []
+    port = data.splice_port()
+    if port is None:
+        return [{} for _ in reconstructors]
+    out, port.baseline = spliced_metrics(
+        port.lm, port.rows, reconstructors, batch_rows=port.batch_rows, baseline=port.baseline,
+        shortcut=env("SAESWEEP_SPLICE") != "full",  # full: a whole forward per SAE
+        budget_s=budget_s, skip_first=port.skip_first,
+    )
+    return out

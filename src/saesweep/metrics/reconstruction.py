@@ -32,6 +32,7 @@ from torch import Tensor
 
 from saesweep.data.base import Activations
 from saesweep.saes import PackedSAE
+from saesweep.metrics.downstream import downstream_metrics
 from saesweep.saes.kernels import plan_for
 
 
@@ -122,14 +123,14 @@ def evaluate(sae: PackedSAE, data: Activations, batch_size: int = 4096, *, downs
     t0 = time.perf_counter()
     results = reconstruction_metrics(sae, data.eval_activations(), batch_size)
     if data.ground_truth is not None and hasattr(data, "eval_truth"):
-        from saesweep.metrics.recovery import world_recovery
+        from saesweep.metrics.recovery import world_probe_f1, world_recovery
 
-        for r, extra in zip(results, world_recovery(sae, data, batch_size, probe=data.probe_f1())):
+        for r, extra in zip(results, world_recovery(sae, data, batch_size, probe=world_probe_f1(data))):
             r.update(extra)
     if downstream:
         recon = [raw_reconstructor(sae.member(i), data.scale) for i in range(sae.n)]
         left = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - t0))
-        for r, extra in zip(results, data.downstream_metrics(recon, budget_s=left)):
+        for r, extra in zip(results, downstream_metrics(data, recon, budget_s=left)):
             r.update(extra)
     return results
 

@@ -183,6 +183,20 @@ def latent_codes(sae, x_eval: Tensor, member: int, batch_size: int = 4096) -> Te
     return torch.cat(parts)
 
 
+_PROBES: dict[tuple[str, int], float] = {}  # probe ceiling per world (and held-out size), per process
+
+
+def world_probe_f1(data) -> float:
+    """The supervised ceiling of a synthetic source ``data`` (:func:`probe_f1`): logistic probes
+    trained on labelled tokens of a stream of their own, scored on the held-out tokens.
+    Computed once per world and process."""
+    key = data.world_key
+    if key not in _PROBES:
+        x, truth = data.probe_training_set()
+        _PROBES[key] = probe_f1(x, truth, data.eval_activations(), data.eval_truth())
+    return _PROBES[key]
+
+
 def world_recovery(sae, data, batch_size: int = 4096, probe: Optional[float] = None) -> list[dict[str, float]]:
     """:func:`recovery_metrics` of every member of ``sae`` on a synthetic source ``data``."""
     x = data.eval_activations()
