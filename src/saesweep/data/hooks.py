@@ -134,8 +134,9 @@ def resolve(model: nn.Module, hook: Union[int, str]) -> Site:
     if isinstance(hook, int):
         if not 0 <= hook <= n:
             raise ConfigError(f"source.hook: layer {hook} is not in 0..{n}")
-        return Site(f"blocks.{hook}.hook_resid_pre", blocks[hook], "in") if hook < n else \
-            Site(f"blocks.{n - 1}.hook_resid_post", blocks[-1], "out")
+        if hook < n:
+            return block_hooks(model, hook)[f"blocks.{hook}.hook_resid_pre"]
+        return block_hooks(model, n - 1)[f"blocks.{n - 1}.hook_resid_post"]
     m = BLOCK_HOOK_RE.match(hook)
     if m is not None:
         layer = int(m.group(1))
@@ -172,6 +173,18 @@ def first_tensor(args: tuple, kwargs: dict) -> Any:
 def output_tensor(out: Any) -> Any:
     """The tensor a forward hook reads: the output, or its first element."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def with_input(args: tuple, kwargs: dict, new: Any) -> tuple[tuple, dict]:
+    """A pre-hook's ``(args, kwargs)`` with :func:`first_tensor` replaced by ``new``."""
+    if args:
+        return (new,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+def with_output(out: Any, new: Any) -> Any:
+    """A forward hook's output with :func:`output_tensor` replaced by ``new``."""
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
 class _Stop(Exception):

@@ -32,7 +32,16 @@ from saesweep.errors import ConfigError
 from saesweep.config.experiment import ExperimentConfig, HFSource
 from saesweep.data.corpus import token_rows
 from saesweep.data.hf import check_source, load_tokenizer, model_path, quiet_hf
-from saesweep.data.hooks import capture_sites, find_blocks, first_tensor, output_tensor, resolve
+from saesweep.data.hooks import (
+    Site,
+    capture_sites,
+    find_blocks,
+    first_tensor,
+    output_tensor,
+    resolve,
+    with_input,
+    with_output,
+)
 
 
 # ----------------------------------------------------------------------------- model
@@ -63,8 +72,8 @@ class Tail:
     @torch.inference_mode()
     def __call__(self, h: Tensor) -> Tensor:
         for block, (args, kwargs) in zip(self.blocks, self.calls):
-            out = block(h, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": h})
-            h = out[0] if isinstance(out, tuple) else out
+            a, k = with_input(args, kwargs, h)
+            h = output_tensor(block(*a, **k))
         if self.final is not None:
             h = self.final(h)
         return self.head(h)
@@ -82,6 +91,7 @@ class HookedLM:
         #: the block whose input is the hook point, for residual hooks (the tail shortcut)
         self.layer: Optional[int] = site if isinstance(site, int) else None
         self._tail_ok: Optional[bool] = None  # whether clean_and_tail's shortcut reproduces the model
+        self._resolved: dict[Union[int, str], Site] = {}
 
     @contextlib.contextmanager
     def _hooked(self, fn: Callable[[Tensor], Optional[Tensor]]) -> Iterator[None]:
@@ -99,30 +109,22 @@ class HookedLM:
                 h = output_tensor(out)
                 mid = box["pre"] + h
                 new = fn(mid)
-                if new is None:
-                    return None
-                h = h + (new - mid)
-                return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+                return None if new is None else with_output(out, h + (new - mid))
 
             handles.append(site.block.register_forward_pre_hook(keep_input, with_kwargs=True))
             handles.append(site.addend.register_forward_hook(shift))
         elif site.side == "in":
 
             def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-                if args:
-                    new = fn(args[0])
-                    return None if new is None else ((new,) + tuple(args[1:]), kwargs)
-                new = fn(kwargs["hidden_states"])
-                return None if new is None else (args, {**kwargs, "hidden_states": new})
+                new = fn(first_tensor(args, kwargs))
+                return None if new is None else with_input(args, kwargs, new)
 
             handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
         else:
 
             def post(module: nn.Module, args: tuple, out: Any) -> Any:
                 new = fn(output_tensor(out))
-                if new is None:
-                    return None
-                return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+                return None if new is None else with_output(out, new)
 
             handles.append(site.module.register_forward_hook(post))
         try:
@@ -140,7 +142,10 @@ class HookedLM:
     def capture_layers(self, ids: Tensor, sites: Sequence[Union[int, str]]) -> dict[Union[int, str], Tensor]:
         """The tensor at each of ``sites`` (as :attr:`HFSource.site` gives them), all from one
         forward pass that stops once the last of them is read."""
-        resolved = {key: resolve(self.model, key) for key in dict.fromkeys(sites)}
+        for key in sites:  # resolved once per HookedLM, not per LM batch
+            if key not in self._resolved:
+                self._resolved[key] = resolve(self.model, key)
+        resolved = {key: self._resolved[key] for key in dict.fromkeys(sites)}
         got = capture_sites(self.model, ids, list(resolved.values()))
         return {key: got[site.hook] for key, site in resolved.items()}
 
@@ -195,7 +200,7 @@ class HookedLM:
                 return logits, None
         if calls:
             args, kwargs = calls[0]
-            residual = args[0] if args else kwargs["hidden_states"]
+            residual = first_tensor(args, kwargs)
         else:
             residual = last_out[0]
         tail = Tail(list(self.blocks)[self.layer:], calls, final, head, residual)
